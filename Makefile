@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The main job: the paper's story end to end (full fine-tuning vs LoRA, merge, mixed batch).
+demo: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[plot]'
+	$(BIN)/minilora demo
+
+# The whole suite, hypothesis profile "ci" (fixed example counts, no deadline).
+test: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pytest -q --hypothesis-profile=ci
+
+lint: $(BIN)/python
+	$(BIN)/ruff check minilora tests
+
+bench: $(BIN)/python
+	$(BIN)/python -m minilora.bench --compare-torch
+
+clean:
+	rm -rf $(VENV) build *.egg-info minilora-out .pytest_cache .hypothesis

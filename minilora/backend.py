@@ -1,0 +1,250 @@
+"""The array backend: NumPy by default, CuPy by one switch.
+
+This is the ONLY module that imports CuPy. Everything else asks for the array
+module of its inputs (``get_array_module``) or of the current backend (``xp()``),
+so the same op code runs on host and device arrays. The NumPy/CuPy gaps
+(scatter-add, random numbers, host transfer) are filled here and nowhere else.
+
+    ml.set_backend("cupy")            # or env MINILORA_BACKEND=cupy
+    with ml.backend.use("cupy"): ...  # temporarily
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+
+__all__ = [
+    "BackendUnavailableError",
+    "BackendMismatchError",
+    "set_backend",
+    "get_backend",
+    "use",
+    "xp",
+    "module_for",
+    "get_array_module",
+    "backend_of",
+    "to_numpy",
+    "asarray",
+    "manual_seed",
+    "rng",
+    "scatter_add",
+    "available_backends",
+    "cupy_available",
+]
+
+BACKENDS = ("numpy", "cupy")
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend is asked for but cannot run on this machine."""
+
+
+class BackendMismatchError(TypeError):
+    """Raised when one operation receives arrays that live on two backends."""
+
+
+_cupy = None  # the cupy module once imported and checked
+_cupy_error: str | None = None
+
+
+def _load_cupy():
+    """Import CuPy and check that a GPU is visible; raise a helpful error otherwise."""
+    global _cupy, _cupy_error
+    if _cupy is not None:
+        return _cupy
+    if _cupy_error is not None:
+        raise BackendUnavailableError(_cupy_error)
+    try:
+        import cupy  # noqa: PLC0415  (the one place cupy is imported)
+    except Exception as exc:  # ImportError, or a broken CUDA install
+        _cupy_error = (
+            f"the 'cupy' backend needs the CuPy package, which could not be imported ({exc}). "
+            "Install it with `pip install minilora[gpu]` (or a cupy-cudaXXx wheel matching your "
+            "CUDA version), or stay on the default backend with ml.set_backend('numpy')."
+        )
+        raise BackendUnavailableError(_cupy_error) from None
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        n_gpus, detail = 0, f" ({exc})"
+    else:
+        detail = ""
+    if n_gpus < 1:
+        _cupy_error = (
+            f"the 'cupy' backend needs an NVIDIA GPU, but CuPy found none{detail}. "
+            "Run on a machine with a GPU and a CUDA driver, or use ml.set_backend('numpy')."
+        )
+        raise BackendUnavailableError(_cupy_error)
+    _cupy = cupy
+    return cupy
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees at least one GPU."""
+    try:
+        _load_cupy()
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backends that can run here: ('numpy',) or ('numpy', 'cupy')."""
+    return BACKENDS if cupy_available() else ("numpy",)
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    return name
+
+
+_current = "numpy"
+
+
+def set_backend(name: str) -> None:
+    """Select the backend new tensors and parameters are created on."""
+    global _current
+    if _check_name(name) == "cupy":
+        _load_cupy()
+    _current = name
+
+
+def get_backend() -> str:
+    return _current
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """``with ml.backend.use("cupy"): ...`` selects a backend inside the block only."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def module_for(name: str):
+    """The array module (numpy or cupy) of a backend name."""
+    return _load_cupy() if _check_name(name) == "cupy" else np
+
+
+def xp():
+    """The array module of the current backend."""
+    return np if _current == "numpy" else _load_cupy()
+
+
+def _is_cupy_array(a) -> bool:
+    return _cupy is not None and isinstance(a, _cupy.ndarray)
+
+
+def backend_of(a) -> str:
+    """'numpy' or 'cupy' for an array (anything not a CuPy array counts as host data)."""
+    return "cupy" if _is_cupy_array(a) else "numpy"
+
+
+def get_array_module(*arrays):
+    """The array module shared by ``arrays`` (None entries are ignored).
+
+    Raises BackendMismatchError when host and device arrays are mixed: an op
+    cannot add a NumPy array to a CuPy array without an explicit transfer.
+    """
+    if _cupy is None:  # fast path: CuPy never loaded, everything is NumPy
+        return np
+    kinds = {backend_of(a) for a in arrays if a is not None and hasattr(a, "shape")}
+    if len(kinds) > 1:
+        shapes = ", ".join(f"{backend_of(a)}{tuple(a.shape)}" for a in arrays if hasattr(a, "shape"))
+        raise BackendMismatchError(
+            f"an operation received arrays on two backends ({shapes}); move them to one first, "
+            "e.g. model.to(backend='cupy') or ml.tensor(x) under the same backend"
+        )
+    return _cupy if kinds == {"cupy"} else np
+
+
+def to_numpy(a) -> np.ndarray:
+    """A host NumPy array for a NumPy/CuPy array or a Tensor."""
+    a = getattr(a, "data", a) if not isinstance(a, np.ndarray) else a
+    if _is_cupy_array(a):
+        return _cupy.asnumpy(a)
+    return np.asarray(a)
+
+
+def asarray(data, dtype=None, backend: str | None = None):
+    """``data`` as an array of ``backend`` (default: the current one), copying across devices."""
+    module = module_for(backend or _current)
+    if module is np:
+        return np.asarray(to_numpy(data) if _is_cupy_array(data) else data, dtype=dtype)
+    return module.asarray(data, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- randomness
+_seed = 0
+_generators: dict[str, object] = {}
+
+
+def manual_seed(seed: int) -> None:
+    """Seed the random generators of every backend (NumPy now, CuPy when first used)."""
+    global _seed
+    _seed = int(seed)
+    _generators.clear()
+    if _cupy is not None:
+        _cupy.random.seed(_seed)
+
+
+def rng(backend: str | None = None):
+    """The seeded generator of a backend (``numpy.random.Generator`` or CuPy's)."""
+    name = backend or _current
+    gen = _generators.get(name)
+    if gen is None:
+        if name == "numpy":
+            gen = np.random.default_rng(_seed)
+        else:
+            cupy = _load_cupy()
+            gen = cupy.random.default_rng(_seed) if hasattr(cupy.random, "default_rng") else cupy.random.RandomState(_seed)
+        _generators[name] = gen
+    return gen
+
+
+def random_uniform(shape, dtype, backend: str | None = None, low=0.0, high=1.0):
+    """Uniform samples in [low, high) of ``dtype`` on a backend (the RNG gap lives here)."""
+    name = backend or _current
+    gen = rng(name)
+    if name == "numpy":
+        return gen.uniform(low, high, size=shape).astype(dtype, copy=False)
+    return (gen.random(shape, dtype=np.float64) * (high - low) + low).astype(dtype, copy=False)
+
+
+def random_normal(shape, dtype, backend: str | None = None, std=1.0):
+    """Gaussian samples N(0, std²) of ``dtype`` on a backend."""
+    name = backend or _current
+    gen = rng(name)
+    if name == "numpy":
+        return (gen.standard_normal(size=shape) * std).astype(dtype, copy=False)
+    return (gen.standard_normal(shape, dtype=np.float64) * std).astype(dtype, copy=False)
+
+
+# ----------------------------------------------------------------------------- gaps
+def scatter_add(target, indices, values) -> None:
+    """``target[indices] += values`` with repeated indices accumulated (in place).
+
+    NumPy spells it ``np.add.at``; CuPy ``cupyx.scatter_add``.
+    """
+    if _is_cupy_array(target):
+        import cupyx  # noqa: PLC0415
+
+        cupyx.scatter_add(target, indices, values)
+    else:
+        np.add.at(target, indices, values)
+
+
+def _init_from_env() -> None:
+    name = os.environ.get("MINILORA_BACKEND", "").strip().lower()
+    if name:
+        set_backend(name)
+
+
+_init_from_env()

@@ -1,0 +1,105 @@
+"""gradcheck: compare a backward pass with float64 central differences.
+
+Modelled on Chainer's ``check_backward``: the upstream gradient is random (an
+all-ones gradient hides transposed or swapped backward formulas), every element
+of every input that requires grad is checked, inputs that do not require grad
+must receive no gradient, and a failure names the input, the worst element, the
+two values and the tolerances.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend as B
+from .tensor import Tensor, no_grad
+
+__all__ = ["gradcheck", "GradcheckError"]
+
+
+class GradcheckError(AssertionError):
+    """The analytic gradient disagrees with finite differences (or a rule was broken)."""
+
+
+def _outputs(fn, inputs):
+    out = fn(*inputs)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    for o in outs:
+        if not isinstance(o, Tensor):
+            raise GradcheckError(f"gradcheck: fn must return a Tensor or a tuple of Tensors, got {type(o).__name__}")
+    return outs
+
+
+def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 1e-5, seed: int = 0) -> bool:
+    """Check ``fn``'s backward against central differences; True, or raise GradcheckError.
+
+    fn: callable taking ``inputs`` (Tensors) and returning a Tensor (or tuple of Tensors).
+    The scalar checked is L = Σ_outputs Σ (output ⊙ g) with g ~ N(0, 1) fixed per call,
+    so dL/dx = the vector-Jacobian product the backward pass computes. Numeric:
+    (L(x + eps·e_i) - L(x - eps·e_i)) / (2 eps) for every element i.
+    Passes when |analytic - numeric| <= atol + rtol·|numeric| everywhere.
+    """
+    inputs = list(inputs)
+    for i, x in enumerate(inputs):
+        if isinstance(x, Tensor) and x.requires_grad and x.dtype != np.float64:
+            raise GradcheckError(
+                f"gradcheck: input {i} has dtype {x.dtype}; finite differences need float64 "
+                "(make the input with dtype='float64' or model.to(dtype='float64'))"
+            )
+    checked = [i for i, x in enumerate(inputs) if isinstance(x, Tensor) and x.requires_grad]
+    if not checked:
+        raise GradcheckError("gradcheck: no input requires grad, so there is nothing to check")
+
+    saved_grads = [x.grad if isinstance(x, Tensor) else None for x in inputs]
+    for x in inputs:
+        if isinstance(x, Tensor):
+            x.grad = None
+    try:
+        outs = _outputs(fn, inputs)
+        rng = np.random.default_rng(seed)
+        upstream = [B.asarray(rng.standard_normal(o.shape), dtype=o.dtype, backend=o.backend) for o in outs]
+        for o, g in zip(outs, upstream):
+            if o.requires_grad:
+                o.backward(g)
+        analytic = {i: inputs[i].grad for i in checked}
+        for i, x in enumerate(inputs):
+            if isinstance(x, Tensor) and not x.requires_grad and x.grad is not None:
+                raise GradcheckError(f"gradcheck: input {i} does not require grad but received a gradient")
+
+        def loss() -> float:
+            with no_grad():
+                return sum(float((B.to_numpy(o.data).astype(np.float64) * B.to_numpy(g)).sum())
+                           for o, g in zip(_outputs(fn, inputs), upstream))
+
+        for i in checked:
+            x = inputs[i]
+            grad = analytic[i]
+            grad = np.zeros(x.shape) if grad is None else B.to_numpy(grad)
+            numeric = np.zeros(x.shape)
+            flat = x.data.reshape(-1)  # a view: writing into it perturbs the input in place
+            if x.data.size and not np.shares_memory(B.to_numpy(flat), B.to_numpy(x.data)) and x.backend == "numpy":
+                raise GradcheckError(f"gradcheck: input {i} is not contiguous; pass a contiguous copy")
+            num_flat = numeric.reshape(-1)
+            for j in range(flat.size):
+                original = flat[j].item()
+                flat[j] = original + eps
+                plus = loss()
+                flat[j] = original - eps
+                minus = loss()
+                flat[j] = original
+                num_flat[j] = (plus - minus) / (2 * eps)
+            error = np.abs(grad - numeric)
+            bound = atol + rtol * np.abs(numeric)
+            if (error > bound).any() or not np.isfinite(grad).all():
+                worst = np.unravel_index(int(np.argmax(np.where(np.isfinite(error), error - bound, np.inf))), x.shape)
+                raise GradcheckError(
+                    f"gradcheck failed for input {i} (shape {tuple(x.shape)}): at index {tuple(int(k) for k in worst)} "
+                    f"the analytic gradient is {grad[worst]!r} but central differences give {numeric[worst]!r} "
+                    f"(|difference| {error[worst]:.3g} > atol {atol:g} + rtol {rtol:g} * |numeric|); "
+                    f"{int((error > bound).sum())} of {error.size} elements are off"
+                )
+    finally:
+        for x, g in zip(inputs, saved_grads):
+            if isinstance(x, Tensor):
+                x.grad = g
+    return True
