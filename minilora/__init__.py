@@ -11,7 +11,7 @@ from .backend import BackendUnavailableError, manual_seed, set_backend, get_back
 from .tensor import Tensor, tensor, no_grad, enable_grad, is_grad_enabled
 from .function import Function
 from .gradcheck import gradcheck, GradcheckError
-from . import ops
+from . import ops, functional, nn
 from .ops import (
     add, sub, mul, div, neg, pow, exp, log, tanh, sqrt, maximum, relu, matmul, where, masked_fill,
     reshape, transpose, swapaxes, broadcast_to, concatenate, stack, split, astype,

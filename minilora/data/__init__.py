@@ -1,0 +1,28 @@
+"""The restaurant world: offline, seeded data for the paper's experiments in miniature.
+
+    from minilora.data import Tokenizer, load_task, collate, task_metric
+    tok = Tokenizer.default()                     # closed word vocabulary, <= VOCAB_SIZE = 96
+    train = load_task("e2e", "train")             # list[Example(prompt, target, mr)]
+    batch = collate(train[:16], tok)              # Batch(idx, targets, mask), mask on y only (eq. 2)
+    task_metric("e2e", generated_texts, test)     # ("slot_accuracy", 0.93)
+
+Pure Python + NumPy; nothing here depends on the autograd engine.
+"""
+
+from .batching import Batch, batch_iterator, collate, encode_example, lm_collate, num_batches, prompt_ids
+from .metrics import TASK_METRICS, accuracy, exact_match, slot_error_rate, slot_errors, task_metric
+from .tasks import LABELS, SPLIT_SIZES, SPLITS, TASKS, Example, load_task, pretrain_corpus
+from .tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, Tokenizer
+from .world import (
+    MAX_SEQUENCE_TOKENS, SLOTS, VALUES, Rng, describe, find_slot_values, linearise, parse_mr,
+    random_mr, split_of,
+)
+
+__all__ = [
+    "Batch", "batch_iterator", "collate", "encode_example", "lm_collate", "num_batches", "prompt_ids",
+    "TASK_METRICS", "accuracy", "exact_match", "slot_error_rate", "slot_errors", "task_metric",
+    "LABELS", "SPLIT_SIZES", "SPLITS", "TASKS", "Example", "load_task", "pretrain_corpus",
+    "SPECIAL_TOKENS", "VOCAB_SIZE", "Tokenizer",
+    "MAX_SEQUENCE_TOKENS", "SLOTS", "VALUES", "Rng", "describe", "find_slot_values", "linearise",
+    "parse_mr", "random_mr", "split_of",
+]

@@ -1,0 +1,159 @@
+"""The downstream tasks and the pretraining corpus of the restaurant world.
+
+Three tasks stand in for the paper's benchmarks (Hu et al. 2021, Sec. 5), one per kind:
+
+    task       kind                analogue of            prompt x             target y
+    e2e        data-to-text        E2E NLG (Sec. 5.5)     MR linearisation     a description
+    parse      text-to-structure   WikiSQL (Sec. 5.4)     a description        the MR linearisation
+    classify   3-way inference     MNLI (Sec. 5.2/5.4)    description + question   yes / no / maybe
+
+`classify` is natural language inference: the premise is a description, the hypothesis is a
+question about one slot ("does it serve french food?"), and the label says whether the description
+entails it ("yes"), contradicts it ("no") or says nothing about that slot ("maybe" = neutral).
+The three labels are drawn with equal probability.
+
+Splits: an MR belongs to train, val or test by a hash of its linearisation (`world.split_of`), so
+splits never share a restaurant, within a task or across tasks, and the pretraining corpus only
+uses train restaurants. Inside a split an MR appears at most once. Each (task, split) has its own
+fixed seed; asking for `n` examples gives the first `n` of one deterministic stream, so a smaller
+`n` is always a prefix of a larger one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Mapping
+
+from .world import (
+    ANSWERS, OPTIONAL_SLOTS, VALUES, Rng, answer, describe, linearise, question, random_mr, split_of,
+)
+
+TASKS = ("e2e", "parse", "classify")
+SPLITS = ("train", "val", "test")
+SPLIT_SIZES = {"train": 2000, "val": 200, "test": 200}
+LABELS = ANSWERS  # classify: ("yes", "no", "maybe") = entailment, contradiction, neutral
+
+# One fixed seed per (task, split): task seed + split offset.
+_TASK_SEEDS = {"e2e": 1000, "parse": 2000, "classify": 3000}
+_SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One (x, y) pair of a task: the model reads `prompt`, then `=>`, and must write `target`.
+
+    `mr` is the restaurant behind the example, as (slot, value) pairs in canonical slot order.
+    """
+
+    prompt: str
+    target: str
+    mr: tuple[tuple[str, str], ...]
+
+    @property
+    def mr_dict(self) -> dict[str, str]:
+        return dict(self.mr)
+
+    @property
+    def text(self) -> str:
+        """The whole sequence as text (without <bos>/<eos>): `prompt => target`."""
+        return f"{self.prompt} => {self.target}"
+
+
+def _check_task_and_split(name: str, split: str) -> None:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; the tasks are {list(TASKS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; the splits are {list(SPLITS)}")
+
+
+def _random_mr_in(split: str, rng: Rng) -> dict[str, str]:
+    """Draw restaurants until one belongs to `split`."""
+    while True:
+        mr = random_mr(rng)
+        if split_of(mr) == split:
+            return mr
+
+
+def _classify_pair(mr: Mapping[str, str], rng: Rng) -> tuple[str, str] | None:
+    """A (question, label) about `mr` with a uniformly drawn label, or None if that label is
+    impossible for this restaurant (e.g. "maybe" when every slot is filled)."""
+    label = rng.choice(LABELS)
+    candidates = []  # (slot, value asked about)
+    for slot in OPTIONAL_SLOTS:
+        values = ["yes"] if slot == "familyFriendly" else [v for v in VALUES[slot] if v != mr["name"]]
+        candidates.extend((slot, v) for v in values if answer(mr, slot, v) == label)
+    if not candidates:
+        return None
+    slot, value = rng.choice(candidates)
+    return question(slot, value), label
+
+
+def _make_example(task: str, mr: dict[str, str], rng: Rng) -> Example | None:
+    description = describe(mr, rng)
+    pairs = tuple(mr.items())
+    if task == "e2e":
+        return Example(prompt=linearise(mr), target=description, mr=pairs)
+    if task == "parse":
+        return Example(prompt=description, target=linearise(mr), mr=pairs)
+    qa = _classify_pair(mr, rng)
+    if qa is None:
+        return None
+    return Example(prompt=f"{description} {qa[0]}", target=qa[1], mr=pairs)
+
+
+@lru_cache(maxsize=32)
+def _generate(name: str, split: str, n: int) -> tuple[Example, ...]:
+    rng = Rng(_TASK_SEEDS[name] + _SPLIT_OFFSETS[split])
+    examples: list[Example] = []
+    seen: set[str] = set()
+    while len(examples) < n:
+        mr = _random_mr_in(split, rng)
+        key = linearise(mr)
+        if key in seen:
+            continue
+        example = _make_example(name, mr, rng)
+        if example is not None:
+            seen.add(key)
+            examples.append(example)
+    return tuple(examples)
+
+
+def load_task(name: str, split: str, n: int | None = None) -> list[Example]:
+    """The examples of task `name` ("e2e", "parse", "classify") in `split` ("train", "val", "test").
+
+    `n` defaults to SPLIT_SIZES[split] (2000 / 200 / 200); any `n` gives the first `n` examples
+    of the split's fixed stream.
+    """
+    _check_task_and_split(name, split)
+    n = SPLIT_SIZES[split] if n is None else n
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    return list(_generate(name, split, n))
+
+
+def pretrain_corpus(n: int, seed: int = 0) -> list[str]:
+    """`n` lines of text for pretraining the base language model, from train restaurants only.
+
+    Like GPT-2's pretraining, the corpus teaches the language, not the tasks: 70 % of the lines
+    are descriptions, 20 % bare MR linearisations (so the MR syntax is not new at fine-tuning
+    time) and 10 % a description followed by a question. No line contains "=>", a description
+    next to its MR, or an answer: the (x, y) pairs of the tasks are only seen during fine-tuning.
+    """
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    rng = Rng(seed)
+    lines = []
+    for _ in range(n):
+        mr = _random_mr_in("train", rng)
+        kind = rng.below(10)
+        if kind < 7:
+            lines.append(describe(mr, rng))
+        elif kind < 9:
+            lines.append(linearise(mr))
+        else:
+            slot = rng.choice(OPTIONAL_SLOTS)
+            value = "yes" if slot == "familyFriendly" else rng.choice(
+                [v for v in VALUES[slot] if v != mr["name"]])
+            lines.append(f"{describe(mr, rng)} {question(slot, value)}")
+    return lines

@@ -1,0 +1,498 @@
+"""Composite ops with fused, hand-written backward passes.
+
+Each could be written with the primitives of ``minilora.ops`` and autograd would
+differentiate it; here each is ONE Function whose backward is derived by hand
+(the derivation is in the docstring), which is both faster (fewer temporaries,
+fewer graph nodes) and what a student should be able to write. The tests check
+every one against autograd through the primitives and against finite differences.
+
+Shapes: ``x`` may have any number of leading batch dimensions; the last axis is
+the feature axis. Linear weights are (out, in): y = x Wᵀ + b, so W ∈ R^{d×k} as in
+the paper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend as B
+from .backend import get_array_module
+from .function import Function
+from .tensor import Tensor
+
+__all__ = [
+    "linear",
+    "lora_linear",
+    "gelu",
+    "layer_norm",
+    "softmax",
+    "log_softmax",
+    "cross_entropy",
+    "embedding",
+    "dropout",
+    "dropout_mask",
+    "scaled_dot_product_attention",
+]
+
+
+def _rows(a):
+    """View (..., n) as (N, n): one BLAS call instead of a batch of small ones."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _check_features(name, x, weight, axis_name="in_features"):
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{name}: input has {x.shape[-1]} features (shape {tuple(x.shape)}) but the weight of shape "
+            f"{tuple(weight.shape)} expects {weight.shape[1]} ({axis_name}); weights are (out_features, in_features)"
+        )
+
+
+# ----------------------------------------------------------------------------- linear
+class Linear(Function):
+    """y = x Wᵀ + b.   dx = g W,   dW = gᵀ x,   db = Σ_rows g."""
+
+    def forward(self, x, weight, bias=None):
+        _check_features("linear", x, weight)
+        self.save_for_backward(x, weight)
+        y = _rows(x) @ weight.T
+        if bias is not None:
+            y += bias
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    def backward(self, grad):
+        x, weight = self.saved
+        need_x, need_w, need_b = self.needs_input_grad
+        g = _rows(grad)
+        dx = (g @ weight).reshape(x.shape) if need_x else None
+        dw = g.T @ _rows(x) if need_w else None
+        db = g.sum(axis=0) if need_b else None
+        return dx, dw, db
+
+
+def linear(x, weight, bias=None):
+    """y = x Wᵀ + b with W of shape (out_features, in_features)."""
+    return Linear.apply(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------- LoRA
+def dropout_mask(shape, p: float, dtype, backend: str | None = None):
+    """Inverted-dropout mask: 0 with probability p, else 1/(1-p) (so E[mask] = 1)."""
+    keep = B.random_uniform(shape, dtype, backend=backend) >= p
+    return keep.astype(dtype) * (1.0 / (1.0 - p))
+
+
+class LoRALinear(Function):
+    """h = W₀x + b + s·B A drop(x), with s = α/r (Hu et al. 2021, eq. 3 / Sec. 4.1).
+
+    Forward keeps the rank-r bottleneck u = drop(x) Aᵀ (N × r) for the backward.
+    With g = ∂L/∂h (N × d) and gB = g B (N × r), the chain rule gives
+
+        ∂L/∂x  = g W₀ + s · (gB A) ⊙ mask     (mask: the dropout mask, 1 without dropout)
+        ∂L/∂A  = s · gBᵀ drop(x)                (r × k)
+        ∂L/∂B  = s · gᵀ u                       (d × r)
+        ∂L/∂W₀ = gᵀ x,  ∂L/∂b = Σ g             only when W₀ / b require grad.
+
+    For a frozen W₀ (the point of LoRA) the d × k product gᵀx is never formed: the
+    backward costs O(N·r·(d + k)) plus the dx product, not O(N·d·k) more.
+    """
+
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling=1.0, dropout=0.0, training=False):
+        _check_features("lora_linear", x, weight)
+        r = lora_A.shape[0]
+        if lora_A.shape != (r, weight.shape[1]) or lora_B.shape != (weight.shape[0], r):
+            raise ValueError(
+                f"lora_linear: for a weight of shape {tuple(weight.shape)} (d, k) lora_A must be (r, k) and lora_B (d, r), "
+                f"got lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}"
+            )
+        x2 = _rows(x)
+        mask = None
+        if training and dropout > 0.0:
+            mask = dropout_mask(x2.shape, dropout, x2.dtype, backend=B.backend_of(x2))
+            x_dropped = x2 * mask
+        else:
+            x_dropped = x2
+        u = x_dropped @ lora_A.T  # (N, r): the low-rank bottleneck
+        h = x2 @ weight.T  # (N, d): the frozen path
+        if bias is not None:
+            h += bias
+        h += (u @ lora_B.T) * scaling  # the product is N × d; multiplying it once by s keeps one pass
+        self.scaling = float(scaling)
+        self.save_for_backward(x2, x_dropped, mask, weight, lora_A, lora_B, u)
+        self.in_shape = x.shape
+        return h.reshape(*x.shape[:-1], weight.shape[0])
+
+    def backward(self, grad):
+        x2, x_dropped, mask, weight, lora_A, lora_B, u = self.saved
+        need_x, need_w, need_b, need_a, need_bb = self.needs_input_grad
+        s = self.scaling
+        g = _rows(grad)  # (N, d)
+        g_B = g @ lora_B if (need_x or need_a) else None  # (N, r)
+        dx = dw = db = dA = dB = None
+        if need_x:
+            low_rank = g_B @ lora_A  # (N, k)
+            if mask is not None:
+                low_rank *= mask
+            low_rank *= s
+            dx = g @ weight
+            dx += low_rank
+            dx = dx.reshape(self.in_shape)
+        if need_a:
+            dA = (g_B.T @ x_dropped) * s  # (r, k)
+        if need_bb:
+            dB = (g.T @ u) * s  # (d, r)
+        if need_w:
+            dw = g.T @ x2  # (d, k): only for a trainable W0 (full fine-tuning)
+        if need_b:
+            db = g.sum(axis=0)
+        return dx, dw, db, dA, dB
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout=0.0, training=False):
+    """h = x W₀ᵀ + b + scaling · drop(x) Aᵀ Bᵀ — the LoRA layer in one fused op (eq. 3)."""
+    return LoRALinear.apply(x, weight, bias, lora_A, lora_B, scaling=scaling, dropout=dropout, training=training)
+
+
+# ----------------------------------------------------------------------------- GELU
+_GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: keeps float32 arrays float32
+_GELU_A = 0.044715
+
+
+class GELU(Function):
+    """GPT-2's GELU, tanh form: y = ½ x (1 + tanh(c (x + a x³))), c = √(2/π), a = 0.044715.
+
+    With t = tanh(c (x + a x³)):  dy/dx = ½ (1 + t) + ½ x (1 − t²) c (1 + 3 a x²).
+    Written with in-place passes on one buffer (4.2 ms → 1.6 ms on this machine).
+    """
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        t = x * x
+        t *= _GELU_A * _GELU_C
+        t += _GELU_C
+        t *= x  # c (x + a x³)
+        xp.tanh(t, out=t)
+        y = t + 1.0
+        y *= x
+        y *= 0.5
+        self.save_for_backward(x, t)
+        return y
+
+    def backward(self, grad):
+        x, t = self.saved
+        d = x * x
+        d *= 3.0 * _GELU_A * _GELU_C
+        d += _GELU_C  # c (1 + 3 a x²)
+        d *= x
+        d *= 1.0 - t * t  # x (1 − t²) c (1 + 3 a x²)
+        d += 1.0
+        d += t
+        d *= 0.5
+        d *= grad
+        return d
+
+
+def gelu(x):
+    return GELU.apply(x)
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+class LayerNorm(Function):
+    """y = x̂ w + b,  x̂ = (x − μ) / √(σ² + eps) over the last axis.
+
+    With ĝ = g w (the gradient reaching x̂) and mean over the feature axis:
+        dx = (ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)) / √(σ² + eps)
+        dw = Σ_rows g x̂,   db = Σ_rows g.
+    """
+
+    def forward(self, x, weight, bias, eps=1e-5):
+        if weight is not None and weight.shape != x.shape[-1:]:
+            raise ValueError(f"layer_norm: weight of shape {tuple(weight.shape)} does not match the last axis of input {tuple(x.shape)}")
+        xp = get_array_module(x)
+        mu = x.mean(axis=-1, keepdims=True)
+        xc = x - mu
+        var = (xc * xc).mean(axis=-1, keepdims=True)
+        rstd = 1.0 / xp.sqrt(var + eps)
+        xhat = xc
+        xhat *= rstd
+        self.save_for_backward(xhat, rstd, weight)
+        y = xhat * weight if weight is not None else xhat.copy()
+        if bias is not None:
+            y += bias
+        return y
+
+    def backward(self, grad):
+        xhat, rstd, weight = self.saved
+        need_x, need_w, need_b = self.needs_input_grad
+        dx = dw = db = None
+        if need_x:
+            g_hat = grad * weight if weight is not None else grad
+            dx = g_hat - g_hat.mean(axis=-1, keepdims=True)
+            dx -= xhat * (g_hat * xhat).mean(axis=-1, keepdims=True)
+            dx *= rstd
+        if need_w:
+            dw = _rows(grad * xhat).sum(axis=0)
+        if need_b:
+            db = _rows(grad).sum(axis=0)
+        return dx, dw, db
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+# ----------------------------------------------------------------------------- softmax
+def _softmax(x, axis):
+    xp = get_array_module(x)
+    e = x - x.max(axis=axis, keepdims=True)  # stable: the largest logit becomes 0
+    xp.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def _log_softmax(x, axis):
+    xp = get_array_module(x)
+    shifted = x - x.max(axis=axis, keepdims=True)
+    shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted
+
+
+class Softmax(Function):
+    """y = exp(x − max) / Σ exp(x − max);  dx = y ⊙ (g − Σ g y)."""
+
+    def forward(self, x, axis=-1):
+        self.axis = axis
+        y = _softmax(x, axis)
+        self.save_for_backward(y)
+        return y
+
+    def backward(self, grad):
+        (y,) = self.saved
+        dx = grad - (grad * y).sum(axis=self.axis, keepdims=True)
+        dx *= y
+        return dx
+
+
+class LogSoftmax(Function):
+    """y = x − logsumexp(x);  dx = g − softmax(x) Σ g."""
+
+    def forward(self, x, axis=-1):
+        self.axis = axis
+        y = _log_softmax(x, axis)
+        self.save_for_backward(y)
+        return y
+
+    def backward(self, grad):
+        (y,) = self.saved
+        xp = get_array_module(y)
+        return grad - xp.exp(y) * grad.sum(axis=self.axis, keepdims=True)
+
+
+def softmax(x, axis=-1):
+    return Softmax.apply(x, axis=axis)
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax.apply(x, axis=axis)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+class CrossEntropy(Function):
+    """Mean token NLL over counted positions (eq. 1/2 of the paper: the loss of the y tokens).
+
+    For a counted row with log-probabilities ℓ = log_softmax(z) and target t, the
+    smoothed target is q = (1 − ε) onehot(t) + ε/V and the loss is −Σ_v q_v ℓ_v.
+    The mean is over counted rows (weight w_i: the mask, 0 for prompt/padding).
+    Backward: dz_i = w_i (softmax(z_i) − q_i) / Σ w.
+    """
+
+    def forward(self, logits, targets, weights, label_smoothing=0.0):
+        xp = get_array_module(logits)
+        V = logits.shape[-1]
+        z = _rows(logits)
+        t = targets.reshape(-1)
+        w = weights.reshape(-1)
+        total = w.sum()
+        if float(total) <= 0:
+            raise ValueError("cross_entropy: no token is counted (the mask / ignore_index removes every position)")
+        logp = _log_softmax(z, axis=-1)
+        rows = xp.arange(t.shape[0])
+        t_safe = xp.where(w != 0, t, 0)  # ignored positions may hold any id (e.g. -100)
+        nll = -logp[rows, t_safe]
+        if label_smoothing:
+            nll *= 1.0 - label_smoothing
+            nll -= (label_smoothing / V) * logp.sum(axis=-1)
+        loss = (nll * w).sum() / total
+        self.save_for_backward(logp, t_safe, w)
+        self.total, self.smoothing, self.in_shape = total, label_smoothing, logits.shape
+        return xp.asarray(loss, dtype=logits.dtype)
+
+    def backward(self, grad):
+        logp, t, w = self.saved
+        xp = get_array_module(logp)
+        dz = xp.exp(logp)  # softmax
+        if self.smoothing:
+            dz -= self.smoothing / logp.shape[-1]
+        dz[xp.arange(t.shape[0]), t] -= 1.0 - self.smoothing
+        dz *= (w * (grad / self.total))[:, None]
+        return dz.reshape(self.in_shape), None, None
+
+
+def cross_entropy(logits, targets, mask=None, ignore_index=None, label_smoothing=0.0):
+    """Mean NLL of integer ``targets`` under ``logits`` (..., V) over counted positions.
+
+    mask: 1 (or a weight) where the token counts — the y tokens of eq. 2 — and 0 on
+    prompt and padding; ignore_index: a target id that never counts (e.g. -100).
+    """
+    data = logits.data if isinstance(logits, Tensor) else logits
+    xp = get_array_module(data)
+    targets = targets.data if isinstance(targets, Tensor) else xp.asarray(targets)
+    V = data.shape[-1]
+    if targets.shape != data.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets of shape {tuple(targets.shape)} do not match logits {tuple(data.shape)} minus the class axis")
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise TypeError(f"cross_entropy: targets must be integer class ids, got dtype {targets.dtype}")
+    if mask is None:
+        weights = xp.ones(targets.shape, dtype=data.dtype)
+    else:
+        mask = mask.data if isinstance(mask, Tensor) else xp.asarray(mask)
+        if mask.shape != targets.shape:
+            raise ValueError(f"cross_entropy: mask of shape {tuple(mask.shape)} does not match targets {tuple(targets.shape)}")
+        weights = mask.astype(data.dtype)
+    if ignore_index is not None:
+        weights = weights * (targets != ignore_index)
+    counted = targets[weights != 0]
+    if counted.size and (int(counted.min()) < 0 or int(counted.max()) >= V):
+        bad = int(counted.max()) if int(counted.max()) >= V else int(counted.min())
+        raise ValueError(
+            f"cross_entropy: target id {bad} is outside the {V} classes of the logits (valid ids 0..{V - 1}); "
+            "check the tokenizer's vocab_size against the model's vocab_size"
+        )
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
+    return CrossEntropy.apply(logits, targets, weights, label_smoothing=float(label_smoothing))
+
+
+# ----------------------------------------------------------------------------- embedding
+_ONE_HOT_MAX_VOCAB = 4096  # below this a one-hot matmul beats a scatter-add (5.7x at V=96)
+
+
+class Embedding(Function):
+    """out = W[ids];  dW[v] = Σ_{i: ids_i = v} g_i (repeated ids accumulate)."""
+
+    def forward(self, ids, weight):
+        self.save_for_backward(ids)
+        self.weight_shape = weight.shape
+        return weight[ids]
+
+    def backward(self, grad):
+        (ids,) = self.saved
+        xp = get_array_module(grad)
+        V, D = self.weight_shape
+        flat_ids, g = ids.reshape(-1), grad.reshape(-1, D)
+        if V <= _ONE_HOT_MAX_VOCAB:
+            one_hot = xp.zeros((flat_ids.shape[0], V), dtype=grad.dtype)
+            one_hot[xp.arange(flat_ids.shape[0]), flat_ids] = 1.0
+            return None, one_hot.T @ g
+        dw = xp.zeros(self.weight_shape, dtype=grad.dtype)
+        B.scatter_add(dw, flat_ids, g)
+        return None, dw
+
+
+def embedding(ids, weight):
+    """Rows of ``weight`` (V, D) picked by integer ``ids`` of any shape -> (..., D)."""
+    w = weight.data if isinstance(weight, Tensor) else weight
+    ids = ids.data if isinstance(ids, Tensor) else get_array_module(w).asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= w.shape[0]):
+        raise ValueError(f"embedding: id {int(ids.max()) if int(ids.max()) >= w.shape[0] else int(ids.min())} is outside the table of {w.shape[0]} rows")
+    return Embedding.apply(ids, weight)
+
+
+# ----------------------------------------------------------------------------- dropout
+class Dropout(Function):
+    def forward(self, x, p):
+        self.mask = dropout_mask(x.shape, p, x.dtype, backend=B.backend_of(x))
+        return x * self.mask
+
+    def backward(self, grad):
+        return grad * self.mask
+
+
+def dropout(x, p: float, training: bool):
+    """Inverted dropout: zero each element with probability p and scale the rest by 1/(1-p).
+
+    Identity (the same tensor, no graph node) when not training or p == 0; the mask
+    comes from the backend's seeded RNG, so ``ml.manual_seed`` makes it reproducible.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    return Dropout.apply(x, p=p)
+
+
+# ----------------------------------------------------------------------------- attention
+_mask_cache: dict = {}
+
+
+def causal_mask(t_query: int, t_key: int, dtype, xp):
+    """Additive mask (t_query, t_key): 0 where query i may see key j, −inf elsewhere.
+
+    Queries are the LAST t_query positions of the t_key keys (t_query < t_key during
+    cached generation), so query i sits at absolute position t_key − t_query + i.
+    Adding a precomputed mask is 4.5x faster than boolean assignment.
+    """
+    key = (t_query, t_key, np.dtype(dtype).str, xp.__name__)
+    mask = _mask_cache.get(key)
+    if mask is None:
+        offset = t_key - t_query
+        allowed = xp.arange(t_key)[None, :] <= (xp.arange(t_query)[:, None] + offset)
+        mask = xp.where(allowed, 0.0, -np.inf).astype(dtype)
+        _mask_cache[key] = mask
+    return mask
+
+
+class ScaledDotProductAttention(Function):
+    """o = softmax(q kᵀ / √d + M) v  (M: the causal mask), per batch and head.
+
+    Backward, with P the attention weights and g = ∂L/∂o:
+        dv = Pᵀ g,   dP = g vᵀ,   dS = P ⊙ (dP − Σ_j dP P),   dq = dS k / √d,   dk = dSᵀ q / √d.
+    """
+
+    def forward(self, q, k, v, causal=True):
+        xp = get_array_module(q, k, v)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = q @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk)
+        scores *= scale
+        if causal:
+            scores += causal_mask(q.shape[-2], k.shape[-2], scores.dtype, xp)
+        attn = _softmax(scores, axis=-1)
+        self.save_for_backward(q, k, v, attn)
+        self.scale = scale
+        return attn @ v  # (B, H, Tq, Dh)
+
+    def backward(self, grad):
+        q, k, v, attn = self.saved
+        need_q, need_k, need_v = self.needs_input_grad
+        dv = attn.swapaxes(-1, -2) @ grad if need_v else None
+        d_scores = grad @ v.swapaxes(-1, -2)  # dP
+        d_scores -= (d_scores * attn).sum(axis=-1, keepdims=True)
+        d_scores *= attn  # dS
+        d_scores *= self.scale
+        dq = d_scores @ k if need_q else None
+        dk = d_scores.swapaxes(-1, -2) @ q if need_k else None
+        return dq, dk, dv
+
+
+def scaled_dot_product_attention(q, k, v, causal=True):
+    """Attention over (..., T, head_dim) tensors; causal masks future keys."""
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"scaled_dot_product_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+            "(q and k need the same head_dim, k and v the same length)"
+        )
+    return ScaledDotProductAttention.apply(q, k, v, causal=causal)

@@ -1,0 +1,3 @@
+"""Models: the tiny GPT-2."""
+
+from .gpt import GPT, GPTConfig, KVCache  # noqa: F401

@@ -1,0 +1,59 @@
+"""Shared test setup: hypothesis profiles and the backend fixture every spec runs under."""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import minilora as ml
+from minilora import backend as B
+
+# `make test` runs with --hypothesis-profile=ci: a fixed example count, no deadline (shared CI machines).
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "dev", max_examples=10, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "thorough", max_examples=300, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _backend_params():
+    params = [pytest.param("numpy", id="numpy")]
+    if B.cupy_available():
+        params.append(pytest.param("cupy", id="cupy"))
+    else:
+        params.append(pytest.param("cupy", id="cupy", marks=pytest.mark.skip(reason="CuPy backend: no CuPy or no GPU here")))
+    return params
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request):
+    """Run the test under each available backend (CuPy skipped with a reason when absent)."""
+    with B.use(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_restore_backend():
+    ml.manual_seed(0)
+    previous = B.get_backend()
+    yield
+    B.set_backend(previous)
+
+
+def to_np(x):
+    return B.to_numpy(x)
+
+
+def assert_close(actual, expected, rtol=1e-7, atol=1e-9, what=""):
+    np.testing.assert_allclose(to_np(actual), to_np(expected), rtol=rtol, atol=atol, err_msg=what)
