@@ -11,8 +11,9 @@ tokens and the final <eos>), and 0.0 on the prompt, the separator and the paddin
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 

@@ -8,14 +8,21 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from .tasks import TASKS, Example
 from .text import split_words
 from .world import OPTIONAL_SLOTS, find_slot_values, parse_mr
 
-__all__ = ["exact_match", "accuracy", "slot_errors", "slot_error_rate", "task_metric", "parse_mr",
-           "TASK_METRICS"]
+__all__ = [
+    "TASK_METRICS",
+    "accuracy",
+    "exact_match",
+    "parse_mr",
+    "slot_error_rate",
+    "slot_errors",
+    "task_metric",
+]
 
 TASK_METRICS = {"e2e": "slot_accuracy", "parse": "exact_match", "classify": "accuracy"}
 

@@ -21,12 +21,21 @@ fixed seed; asking for `n` examples gives the first `n` of one deterministic str
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping
 
 from .world import (
-    ANSWERS, OPTIONAL_SLOTS, VALUES, Rng, answer, describe, linearise, question, random_mr, split_of,
+    ANSWERS,
+    OPTIONAL_SLOTS,
+    VALUES,
+    Rng,
+    answer,
+    describe,
+    linearise,
+    question,
+    random_mr,
+    split_of_linearisation,
 )
 
 TASKS = ("e2e", "parse", "classify")
@@ -67,39 +76,25 @@ def _check_task_and_split(name: str, split: str) -> None:
         raise ValueError(f"unknown split {split!r}; the splits are {list(SPLITS)}")
 
 
-def _random_mr_in(split: str, rng: Rng) -> dict[str, str]:
-    """Draw restaurants until one belongs to `split`."""
+def _random_mr_in(split: str, rng: Rng) -> tuple[dict[str, str], str]:
+    """Draw restaurants until one belongs to `split`; returns it and its linearisation."""
     while True:
         mr = random_mr(rng)
-        if split_of(mr) == split:
-            return mr
+        key = linearise(mr)
+        if split_of_linearisation(key) == split:
+            return mr, key
 
 
-def _classify_pair(mr: Mapping[str, str], rng: Rng) -> tuple[str, str] | None:
-    """A (question, label) about `mr` with a uniformly drawn label, or None if that label is
-    impossible for this restaurant (e.g. "maybe" when every slot is filled)."""
-    label = rng.choice(LABELS)
+def _classify_question(mr: Mapping[str, str], label: str, rng: Rng) -> str | None:
+    """A question about `mr` whose answer is `label`, or None if there is none (e.g. "maybe"
+    when every slot is filled)."""
     candidates = []  # (slot, value asked about)
     for slot in OPTIONAL_SLOTS:
         values = ["yes"] if slot == "familyFriendly" else [v for v in VALUES[slot] if v != mr["name"]]
         candidates.extend((slot, v) for v in values if answer(mr, slot, v) == label)
     if not candidates:
         return None
-    slot, value = rng.choice(candidates)
-    return question(slot, value), label
-
-
-def _make_example(task: str, mr: dict[str, str], rng: Rng) -> Example | None:
-    description = describe(mr, rng)
-    pairs = tuple(mr.items())
-    if task == "e2e":
-        return Example(prompt=linearise(mr), target=description, mr=pairs)
-    if task == "parse":
-        return Example(prompt=description, target=linearise(mr), mr=pairs)
-    qa = _classify_pair(mr, rng)
-    if qa is None:
-        return None
-    return Example(prompt=f"{description} {qa[0]}", target=qa[1], mr=pairs)
+    return question(*rng.choice(candidates))
 
 
 @lru_cache(maxsize=32)
@@ -108,14 +103,23 @@ def _generate(name: str, split: str, n: int) -> tuple[Example, ...]:
     examples: list[Example] = []
     seen: set[str] = set()
     while len(examples) < n:
-        mr = _random_mr_in(split, rng)
-        key = linearise(mr)
-        if key in seen:
-            continue
-        example = _make_example(name, mr, rng)
-        if example is not None:
-            seen.add(key)
-            examples.append(example)
+        label = rng.choice(LABELS) if name == "classify" else None  # drawn first: balanced labels
+        while True:
+            mr, linearisation = _random_mr_in(split, rng)
+            if linearisation in seen:
+                continue
+            asked = _classify_question(mr, label, rng) if label is not None else None
+            if label is None or asked is not None:
+                break
+        seen.add(linearisation)
+        description = describe(mr, rng)
+        pairs = tuple(mr.items())
+        if name == "e2e":
+            examples.append(Example(prompt=linearisation, target=description, mr=pairs))
+        elif name == "parse":
+            examples.append(Example(prompt=description, target=linearisation, mr=pairs))
+        else:
+            examples.append(Example(prompt=f"{description} {asked}", target=label, mr=pairs))
     return tuple(examples)
 
 
@@ -145,12 +149,12 @@ def pretrain_corpus(n: int, seed: int = 0) -> list[str]:
     rng = Rng(seed)
     lines = []
     for _ in range(n):
-        mr = _random_mr_in("train", rng)
+        mr, linearisation = _random_mr_in("train", rng)
         kind = rng.below(10)
         if kind < 7:
             lines.append(describe(mr, rng))
         elif kind < 9:
-            lines.append(linearise(mr))
+            lines.append(linearisation)
         else:
             slot = rng.choice(OPTIONAL_SLOTS)
             value = "yes" if slot == "familyFriendly" else rng.choice(

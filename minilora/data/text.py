@@ -17,7 +17,7 @@ Rules of the canonical form:
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 # Order matters: specials ("<bos>"), the separator "=>", slot openers ("food[") before plain words.
 WORD_PATTERN = re.compile(r"<\w+>|=>|\w+\[|\w+|[^\w\s]")

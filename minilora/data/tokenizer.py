@@ -9,8 +9,8 @@ A word outside the vocabulary is an error, never a silent <unk>.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 from .text import join_words, split_words
 from .world import world_words
@@ -49,7 +49,7 @@ class Tokenizer:
         self.sep_id = self.token_to_id[SEP]  # "=>", between prompt x and target y
 
     @classmethod
-    def default(cls) -> "Tokenizer":
+    def default(cls) -> Tokenizer:
         """The restaurant world's tokenizer: specials first (<pad> = 0), then the world's words."""
         return _default_tokenizer()
 
