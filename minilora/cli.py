@@ -1,0 +1,159 @@
+"""The command line: ``minilora demo | pretrain | finetune | generate | experiment | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(fast=args.fast, json_path=args.json, out_dir=args.out, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
+    from .recipes import pretrain
+
+    weights = os.path.join(args.out, "base.safetensors") if args.out else BASE_WEIGHTS
+    config = os.path.join(args.out, "base.json") if args.out else BASE_CONFIG
+    _, history, held_out = pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                    out_weights=weights, out_config=config, progress=not args.no_progress)
+    print(f"pretrained {args.steps} steps in {history.seconds:.1f} s; final train loss {history.losses[-1]:.4f}, "
+          f"held-out LM loss {held_out:.4f}")
+    print(f"wrote {weights} ({os.path.getsize(weights) / 1e6:.2f} MB) and {config}")
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from . import lora
+    from .models import save_model
+    from .recipes import finetune
+
+    targets = tuple(t for t in args.targets.split(",") if t)
+    run = finetune(args.task, args.method, r=args.r, alpha=args.alpha, targets=targets, steps=args.steps,
+                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress)
+    os.makedirs(args.out, exist_ok=True)
+    if args.method == "lora":
+        path = os.path.join(args.out, f"{args.task}.safetensors")
+        lora.save_adapter(path, run.model, adapter_name=args.task)
+    else:
+        path = os.path.join(args.out, f"{args.task}-full.safetensors")
+        save_model(run.model, path, os.path.join(args.out, f"{args.task}-full.json"), {"task": args.task})
+    share = 100.0 * run.trainable_params / run.total_params
+    print(f"{args.task}/{args.method}: {run.metric_name} = {run.metric:.3f} on the test split; trainable "
+          f"{run.trainable_params:,} of {run.total_params:,} ({share:.2f} %); {run.train_seconds:.1f} s")
+    print(f"wrote {path} ({os.path.getsize(path) / 1e3:.1f} kB)")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from . import lora
+    from .data import Tokenizer, prompt_ids
+    from .models import load_base
+
+    tokenizer = Tokenizer.default()
+    model = load_base()
+    adapter_ids = None
+    if args.adapter:
+        name = lora.load_adapter(args.adapter, model)
+        adapter_ids = [name]
+    model.eval()
+    out = model.generate([prompt_ids(tokenizer, args.prompt)], max_new_tokens=args.max_new_tokens,
+                         eos_id=tokenizer.eos_id, method=args.method, num_beams=args.beams,
+                         temperature=args.temperature, top_k=args.top_k, seed=args.seed, adapter_ids=adapter_ids)
+    print(tokenizer.decode(out[0], skip_special=True))
+    return 0
+
+
+def _cmd_experiment(args) -> int:
+    from .experiments import run_experiment
+
+    run_experiment(args.name, out_dir=args.out, fast=args.fast)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minilora",
+        description="Learn LoRA (Hu et al. 2021) by building it: demo, pretraining, fine-tuning, generation, "
+                    "the paper's experiments in miniature, and benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job: full fine-tuning vs LoRA on 3 tasks, merge, mixed-task batch")
+    p.add_argument("--fast", action="store_true", help="a short run (for tests, ~30 s)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--out", default="minilora-out", help="folder for PNGs and adapters (default: ./minilora-out)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("pretrain", help="train the base GPT on the free-description corpus (the shipped asset)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder to write to (default: minilora/assets/)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="adapt the base model to one task (LoRA or full fine-tuning)")
+    p.add_argument("--task", required=True, choices=("e2e", "parse", "classify"))
+    p.add_argument("--method", default="lora", choices=("lora", "full"))
+    p.add_argument("--r", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--targets", default="q,v", help="comma-separated module names to adapt (default q,v)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="minilora-out", help="folder for the adapter / model file")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("generate", help="continue a prompt with the base model (and an adapter file)")
+    p.add_argument("prompt", help='e.g. "name[the eagle] food[french]"')
+    p.add_argument("--adapter", help="a LoRA adapter file written by `minilora finetune`")
+    p.add_argument("--method", default="greedy", choices=("greedy", "sample", "beam"))
+    p.add_argument("--beams", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("experiment", help="the paper's experiments in miniature (tables + PNGs)")
+    p.add_argument("name", choices=("baselines", "targets", "rank", "subspace", "amplification", "latency", "all"))
+    p.add_argument("--out", default="minilora-out/experiments")
+    p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
+    p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("bench", help="benchmarks (JSON lines), optionally side by side with PyTorch",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of `python -m minilora.bench` (see --help)")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

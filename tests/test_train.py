@@ -1,0 +1,119 @@
+"""The fit loop: bit-identical resume, atomic checkpoints, the NaN guard, deterministic batches."""
+
+import functools
+import os
+
+import numpy as np
+import pytest
+
+import minilora as ml
+from minilora import optim
+from minilora.data import Tokenizer, load_task
+from minilora.io import FileFormatError, atomic_write, load_arrays, save_arrays
+from minilora.models import GPT, GPTConfig
+from minilora.recipes import task_batches
+from minilora.train import TrainingDivergedError, epoch_batches, fit, load_checkpoint
+
+TINY = GPTConfig(vocab_size=96, block_size=64, n_layer=1, n_head=2, d_model=16, dropout=0.1)
+
+
+def _setup(seed=0):
+    ml.manual_seed(seed)
+    model = GPT(TINY)
+    opt = optim.AdamW(model.parameters(), lr=3e-3)
+    sched = optim.LRScheduler(opt, functools.partial(optim.warmup_cosine, total=12, warmup=2))
+    examples = load_task("classify", "train", 64)
+    return model, opt, sched, task_batches(examples, Tokenizer.default(), 8, seed, TINY.block_size)
+
+
+def test_epoch_batches_are_a_pure_function_of_the_step():
+    rows = epoch_batches(10, 3, seed=7)
+    again = epoch_batches(10, 3, seed=7)
+    assert [list(rows(s)) for s in range(9)] == [list(again(s)) for s in reversed(range(9))][::-1]
+    first_epoch = np.concatenate([rows(s) for s in range(3)])
+    assert len(set(first_epoch.tolist())) == 9  # no repeats inside an epoch
+    assert not np.array_equal(rows(0), rows(3))  # a fresh permutation next epoch
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    model, opt, sched, get_batch = _setup()
+    straight = fit(model, opt, get_batch, 12, scheduler=sched, progress=False)
+    final = {n: p.data.copy() for n, p in model.named_parameters()}
+
+    model, opt, sched, get_batch = _setup()
+    fit(model, opt, get_batch, 5, scheduler=sched, progress=False, checkpoint_dir=tmp_path, save_every=5)
+    # a fresh process: new model, optimizer and scheduler, all state from the checkpoint (dropout RNG included)
+    ml.manual_seed(123)
+    model, opt, sched, get_batch = _setup(seed=0)
+    ml.manual_seed(999)  # the checkpoint must restore the RNG, not this seed
+    resumed = fit(model, opt, get_batch, 12, scheduler=sched, progress=False, checkpoint_dir=tmp_path,
+                  save_every=5, resume=True)
+    assert resumed.losses == straight.losses
+    assert resumed.steps == list(range(12))
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(p.data, final[name], err_msg=name)
+
+
+def test_a_write_killed_half_way_leaves_the_previous_file(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    save_arrays(path, {"w": np.arange(4.0)}, {"step": 1})
+    before = path.read_bytes()
+
+    def dies_half_way(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"\x00" * 10)
+        raise KeyboardInterrupt  # the process is killed in the middle of writing
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, dies_half_way)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.safetensors"]  # no temporary file left behind
+    arrays, meta = load_arrays(path)
+    assert meta == {"step": 1} and arrays["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    save_arrays(path, {"w": np.arange(100.0)})
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(FileFormatError, match="ckpt.safetensors"):
+        load_arrays(path)
+
+
+def test_nan_guard_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    model, opt, sched, get_batch = _setup()
+
+    def poisoned(step):
+        idx, targets, mask = get_batch(step)
+        if step == 7:
+            model.wte.weight.data[...] = np.nan  # something blew up
+        return idx, targets, mask
+
+    with pytest.raises(TrainingDivergedError, match="at step 7") as err:
+        fit(model, opt, poisoned, 12, scheduler=sched, progress=False, checkpoint_dir=tmp_path, save_every=5)
+    assert "last.safetensors" in str(err.value)
+    fresh, fresh_opt, _, _ = _setup()
+    step, history, _ = load_checkpoint(tmp_path / "last.safetensors", fresh, fresh_opt)
+    assert step == 5 and len(history.losses) == 5
+    assert all(np.isfinite(p.data).all() for p in fresh.parameters())
+
+
+def test_eval_and_best_checkpoint(tmp_path):
+    model, opt, sched, get_batch = _setup()
+    scores = iter([0.2, 0.9, 0.5])
+    history = fit(model, opt, get_batch, 9, scheduler=sched, progress=False, eval_fn=lambda m: {"acc": next(scores)},
+                  eval_every=3, best_key="acc", checkpoint_dir=tmp_path)
+    assert [s for s, _ in history.evals] == [3, 6, 9]
+    assert history.best == {"step": 6, "value": 0.9, "key": "acc"}
+    assert (tmp_path / "best.safetensors").exists()
+
+
+def test_only_trainable_parameters_are_checkpointed(tmp_path):
+    model, opt, sched, get_batch = _setup()
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("blocks.0.attn")
+    opt = optim.AdamW(model.parameters(trainable_only=True), lr=1e-3)
+    fit(model, opt, get_batch, 2, progress=False, checkpoint_dir=tmp_path, save_every=2)
+    arrays, _ = load_arrays(tmp_path / "last.safetensors")
+    saved = {k[len("param/"):] for k in arrays if k.startswith("param/")}
+    assert saved == {n for n, p in model.named_parameters() if p.requires_grad}
