@@ -244,7 +244,10 @@ def scatter_add(target, indices, values) -> None:
 def _init_from_env() -> None:
     name = os.environ.get("MINILORA_BACKEND", "").strip().lower()
     if name:
-        set_backend(name)
+        try:
+            set_backend(name)
+        except (ValueError, BackendUnavailableError) as exc:  # say where the bad name came from
+            raise type(exc)(f"environment variable MINILORA_BACKEND={name!r}: {exc}") from None
 
 
 _init_from_env()

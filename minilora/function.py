@@ -20,6 +20,8 @@ arrays only: the graph is built by ``Function.apply``, never inside an op.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .tensor import Tensor, is_grad_enabled
 
 __all__ = ["Function", "unbroadcast"]
@@ -42,6 +44,8 @@ class Function:
         record = is_grad_enabled() and any(needs)
         fn.needs_input_grad = needs if record else (False,) * len(inputs)
         out = fn.forward(*[x.data if isinstance(x, Tensor) else x for x in inputs], **params)
+        if isinstance(out, np.generic):  # NumPy reductions of 0-d arrays return scalars; keep arrays
+            out = np.asarray(out)
         result = Tensor._from_op(out, record)
         if record:
             fn.inputs = inputs

@@ -59,7 +59,7 @@ class Tensor:
         if dtype is None and not hasattr(data, "dtype"):
             probe = np.asarray(data)  # Python lists/scalars: floats become float32, as in PyTorch
             dtype = np.float32 if _is_float(probe.dtype) else probe.dtype
-        self.data = B.asarray(data, dtype=dtype, backend=backend or (B.backend_of(data) if hasattr(data, "dtype") else None))
+        self.data = B.asarray(data, dtype=dtype, backend=backend)  # backend None: the current one
         if requires_grad and not _is_float(self.data.dtype):
             raise TypeError(f"only floating tensors can require grad, got dtype {self.data.dtype}")
         self.grad = None

@@ -32,6 +32,7 @@ def operands(a, b):
             b = _data(b).astype(da)
         elif _is_float(db):
             a = _data(a).astype(db)
+    B.get_array_module(_data(a), _data(b))  # raises BackendMismatchError for host + device operands
     return a, b
 
 
@@ -44,6 +45,8 @@ def _data(x):
 
 
 def _operand(x, ref: Tensor):
+    if isinstance(x, np.generic):  # a NumPy scalar (np.float64(0.5)) counts as a plain number
+        x = x.item()
     if isinstance(x, Tensor) or hasattr(x, "shape"):
         return x  # tensors and arrays as they are (mixing backends is caught by the op)
     xp = B.module_for(ref.backend)

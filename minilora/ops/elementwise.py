@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import get_array_module
 from ..function import Function, unbroadcast
+from ..tensor import Tensor
 from ._util import operands
 
 
@@ -92,6 +95,8 @@ class Pow(Function):
     def backward(self, grad):
         (x,) = self.saved
         p = self.exponent
+        if p == 0:  # x ** 0 is constant; 0 * x ** -1 would be NaN at x = 0
+            return get_array_module(grad).zeros_like(grad)
         return grad * (p * _power(x, p - 1))
 
 
@@ -247,6 +252,9 @@ def relu(x):
 
 
 def astype(x, dtype):
+    """Cast to ``dtype``; a cast to an integer or boolean dtype leaves the graph (no gradient)."""
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        return Tensor._from_op(x.data.astype(dtype), False)
     return AsType.apply(x, dtype=dtype)
 
 

@@ -32,6 +32,13 @@ class MatMul(Function):
                 f"left operand ({k_a}) must equal the {'second-to-last' if b.ndim > 1 else 'only'} dimension "
                 f"of the right operand ({k_b})"
             )
+        batch_a, batch_b = a.shape[:-2], b.shape[:-2]
+        for n_a, n_b in zip(reversed(batch_a), reversed(batch_b)):
+            if n_a != n_b and 1 not in (n_a, n_b):
+                raise ValueError(
+                    f"matmul shape mismatch: {tuple(a.shape)} @ {tuple(b.shape)}; the batch dimensions "
+                    f"{tuple(batch_a)} and {tuple(batch_b)} do not broadcast together"
+                )
         self.shapes = (a.shape, b.shape)
         # 1-D operands behave as in NumPy: a vector is a (1, k) row on the left, a (k, 1) column on the right.
         a2 = a[None, :] if a.ndim == 1 else a
@@ -43,10 +50,12 @@ class MatMul(Function):
         a, b = self.saved
         shape_a, shape_b = self.shapes
         need_a, need_b = self.needs_input_grad
-        if len(shape_a) == 1:
-            grad = grad[..., None, :]
+        # restore the axes the 1-D operands dropped: b's column axis (last) first, then a's row
+        # axis (second to last), so vector @ vector (a 0-d output) becomes (1, 1)
         if len(shape_b) == 1:
             grad = grad[..., None]
+        if len(shape_a) == 1:
+            grad = grad[..., None, :]
         grad_a = grad_b = None
         if need_a:
             grad_a = unbroadcast(_mm(grad, b.swapaxes(-1, -2)), a.shape).reshape(shape_a)

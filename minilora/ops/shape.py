@@ -130,10 +130,21 @@ def getitem(x, key):
     return GetItem.apply(x, key=_raw_key(key, x.backend))
 
 
+def _same_dtype(op, tensors):
+    """Joining float32 with float64 would upcast silently (and break the float32 backward)."""
+    dtypes = sorted({str(t.dtype) for t in tensors})
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"{op}: dtype mismatch: {' and '.join(dtypes)}; minilora never upcasts silently, convert "
+            "them to one dtype first (tensor.astype(...))"
+        )
+
+
 def concatenate(tensors, axis=0):
     tensors = list(tensors)
     if not tensors:
         raise ValueError("concatenate needs at least one tensor")
+    _same_dtype("concatenate", tensors)
     return Concatenate.apply(*tensors, axis=axis)
 
 
@@ -141,6 +152,7 @@ def stack(tensors, axis=0):
     tensors = list(tensors)
     if not tensors:
         raise ValueError("stack needs at least one tensor")
+    _same_dtype("stack", tensors)
     return Stack.apply(*tensors, axis=axis)
 
 
