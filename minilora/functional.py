@@ -114,35 +114,37 @@ class LoRALinear(Function):
             x_dropped = x2 * mask
         else:
             x_dropped = x2
-        u = x_dropped @ lora_A.T  # (N, r): the low-rank bottleneck
+        u_s = x_dropped @ lora_A.T  # (N, r): the low-rank bottleneck
+        u_s *= scaling  # s multiplies the thin (N, r) factor, never an (N, d) product: one pass fewer
         h = x2 @ weight.T  # (N, d): the frozen path
         if bias is not None:
             h += bias
-        h += (u @ lora_B.T) * scaling  # the product is N × d; multiplying it once by s keeps one pass
+        h += u_s @ lora_B.T
         self.scaling = float(scaling)
-        self.save_for_backward(x2, x_dropped, mask, weight, lora_A, lora_B, u)
+        self.save_for_backward(x2, x_dropped, mask, weight, lora_A, lora_B, u_s)
         self.in_shape = x.shape
         return h.reshape(*x.shape[:-1], weight.shape[0])
 
     def backward(self, grad):
-        x2, x_dropped, mask, weight, lora_A, lora_B, u = self.saved
+        x2, x_dropped, mask, weight, lora_A, lora_B, u_s = self.saved
         need_x, need_w, need_b, need_a, need_bb = self.needs_input_grad
-        s = self.scaling
         g = _rows(grad)  # (N, d)
-        g_B = g @ lora_B if (need_x or need_a) else None  # (N, r)
+        g_Bs = None
+        if need_x or need_a:
+            g_Bs = g @ lora_B  # (N, r)
+            g_Bs *= self.scaling  # s · g B: scaled while it is thin
         dx = dw = db = dA = dB = None
         if need_x:
-            low_rank = g_B @ lora_A  # (N, k)
+            low_rank = g_Bs @ lora_A  # (N, k)
             if mask is not None:
                 low_rank *= mask
-            low_rank *= s
             dx = g @ weight
             dx += low_rank
             dx = dx.reshape(self.in_shape)
         if need_a:
-            dA = (g_B.T @ x_dropped) * s  # (r, k)
+            dA = g_Bs.T @ x_dropped  # (r, k)
         if need_bb:
-            dB = (g.T @ u) * s  # (d, r)
+            dB = g.T @ u_s  # (d, r): s · gᵀ u
         if need_w:
             dw = g.T @ x2  # (d, k): only for a trainable W0 (full fine-tuning)
         if need_b:

@@ -1,0 +1,40 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685): h = W₀x + (α/r)·B A x with W₀ frozen.
+
+    from minilora import lora
+    cfg = lora.LoRAConfig(r=4, alpha=32, target_modules=("q", "v"))
+    lora.apply_lora(model, cfg, adapter_name="e2e")   # q and v of every block become LoRALinear
+    lora.mark_only_lora_as_trainable(model)           # only A and B train (eq. 2)
+    print(lora.trainable_summary(model))              # |Θ| = 2 × L̂ × d_model × r
+    lora.merge(model); lora.unmerge(model)            # W0 + BA for serving, and back, bit-exact
+    lora.save_adapter("e2e.safetensors", model, "e2e"); lora.load_adapter("e2e.safetensors", base)
+    model(idx, adapter_ids=["e2e", "parse", "__base__"])   # one adapter per row: a mixed-task batch
+
+Files: ``config`` (LoRAConfig), ``layer`` (LoRALinear and its adapters), ``mixed`` (the
+mixed-task batch Function), ``model`` (apply, freeze, count, merge), ``files`` (adapter files).
+The fused single-adapter op itself is ``minilora.functional.lora_linear``.
+"""
+
+from .config import BASE_ADAPTER, BIAS_MODES, INIT_MODES, LoRAConfig  # noqa: F401
+from .files import AdapterFileError, adapter_nbytes, load_adapter, save_adapter  # noqa: F401
+from .layer import AdapterDict, LoRALinear  # noqa: F401
+from .mixed import MixedLoRALinear, RowGroups, group_rows, mixed_lora_linear  # noqa: F401
+from .model import (  # noqa: F401
+    MergeWarning,
+    TrainableSummary,
+    apply_lora,
+    delete_adapter,
+    disable_adapters,
+    get_adapter_config,
+    list_adapters,
+    load_base_state_dict,
+    lora_layers,
+    lora_parameter_names,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge,
+    merge_and_unload,
+    resolve_targets,
+    set_adapter,
+    trainable_summary,
+    unmerge,
+)

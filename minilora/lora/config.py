@@ -1,0 +1,128 @@
+"""LoRAConfig: what to adapt, at which rank, with which scaling — plain, validated data.
+
+    cfg = LoRAConfig(r=4, alpha=32, target_modules=("q", "v"))
+    cfg.scaling            # alpha / r = 8.0   (alpha / sqrt(r) with use_rslora=True)
+
+The paper (Hu et al. 2021, Sec. 4.1) scales ΔW x by α/r so that changing r needs
+little re-tuning of the learning rate; rsLoRA (Kalajdzievski 2023, arXiv 2312.03732)
+argues for α/√r so that larger ranks keep learning.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass, fields
+
+__all__ = ["BASE_ADAPTER", "BIAS_MODES", "INIT_MODES", "LoRAConfig", "check_adapter_name"]
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("kaiming", "gaussian")
+
+# The name a mixed-task batch uses for "no adapter: the base model" (``model(x, adapter_ids=[...])``).
+BASE_ADAPTER = "__base__"
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+
+
+def check_adapter_name(name) -> str:
+    """Adapter names become parameter-name components (``blocks.0.attn.q.lora_A.<name>``)."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.match(name) or name == BASE_ADAPTER:
+        raise ValueError(
+            f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' (no dots, it becomes part of "
+            f"parameter names like 'blocks.0.attn.q.lora_A.<name>'), and not {BASE_ADAPTER!r}, which a mixed batch "
+            "uses for the base model"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """The hyper-parameters of one adapter.
+
+    r: the rank of ΔW = B A (B ∈ R^{d×r}, A ∈ R^{r×k}); 1 <= r <= min(d, k) of every target
+       (checked by ``apply_lora``, which knows the shapes).
+    alpha: ΔW x is scaled by alpha / r (the paper sets alpha to the first r it tries and does not tune it).
+    target_modules: Linear layers to adapt, by the last component of their path ("q" matches
+       ``blocks.0.attn.q``) or by a dotted suffix / full path ("blocks.0.attn.q").
+    dropout: dropout on the adapter's input x (the base path W0 x is not dropped), as in loralib.
+    bias: which biases ``mark_only_lora_as_trainable`` trains: "none", "all", or "lora_only"
+       (those of adapted layers). Trained biases are saved with the adapter.
+    init: how A starts (B always starts at 0, so the adapted model starts equal to the base):
+       "kaiming" — U(-1/√k, 1/√k), loralib's ``kaiming_uniform_(A, a=√5)`` (and PEFT's default);
+       "gaussian" — N(0, σ²) with σ = 1/r, PEFT's ``init_lora_weights="gaussian"``; the paper
+       (Sec. 4.1) says only "a random Gaussian initialization for A".
+    use_rslora: scale by alpha / √r instead of alpha / r (rank-stabilised LoRA).
+    """
+
+    r: int
+    alpha: float
+    target_modules: tuple
+    dropout: float = 0.0
+    bias: str = "none"
+    init: str = "kaiming"
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        r = self.r
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+            raise ValueError(f"LoRAConfig: r must be an integer >= 1 (the rank of ΔW = B A), got {r!r}")
+        object.__setattr__(self, "r", int(r))
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(
+                f"LoRAConfig: alpha must be a finite number > 0 (ΔW x is scaled by alpha / r), got {alpha!r}"
+            )
+        object.__setattr__(self, "alpha", float(alpha))
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = (targets,)
+        try:
+            targets = tuple(targets)
+        except TypeError:
+            raise ValueError(
+                f"LoRAConfig: target_modules must be a name or a sequence of names such as ('q', 'v'), got {targets!r}"
+            ) from None
+        if not targets or not all(isinstance(t, str) and t and not t.startswith(".") and not t.endswith(".")
+                                  for t in targets):
+            raise ValueError(
+                f"LoRAConfig: target_modules must be a non-empty sequence of layer names such as ('q', 'v'), "
+                f"got {self.target_modules!r}"
+            )
+        object.__setattr__(self, "target_modules", tuple(dict.fromkeys(targets)))  # drop repeats, keep order
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRAConfig: dropout must be in [0, 1), got {dropout!r}")
+        object.__setattr__(self, "dropout", float(dropout))
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"LoRAConfig: bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init not in INIT_MODES:
+            raise ValueError(
+                f"LoRAConfig: init must be one of {INIT_MODES} ('kaiming' as loralib, 'gaussian' as the paper), "
+                f"got {self.init!r}"
+            )
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoRAConfig: use_rslora must be True or False, got {self.use_rslora!r}")  # noqa: TRY004
+
+    @property
+    def scaling(self) -> float:
+        """s in h = W0 x + s·B A x: alpha / r (paper, Sec. 4.1), or alpha / √r with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: stored in adapter files' metadata."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoRAConfig:
+        """The inverse of ``to_dict``; keys this version does not know are ignored (newer files)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"LoRAConfig.from_dict needs a dict, got {type(d).__name__}")  # noqa: TRY004
+        missing = [name for name in ("r", "alpha", "target_modules") if name not in d]
+        if missing:
+            raise ValueError(f"LoRAConfig.from_dict: missing {missing} in {d!r}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
