@@ -112,3 +112,50 @@ def test_torch_gpt_plugs_lora_branch():
     merged = dict(state)
     merged["blocks.0.attn.v.weight"] = state["blocks.0.attn.v.weight"] + s * B_rand @ A
     assert rel_error(lora(idx).detach().numpy(), build_torch_gpt(cfg, merged)(idx).detach().numpy()) <= 1e-12
+
+
+@pytest.mark.parametrize("cfg_kwargs, batch", CONFIGS)
+def test_whole_model_with_lora_on_q_v_matches_torch(backend, cfg_kwargs, batch):
+    """Eq. 2 end to end: LoRA (r = 2) on Wq and Wv of every block, W0 frozen; the loss and every
+    LoRA gradient equal the PyTorch model with the same low-rank branches."""
+    from minilora import lora
+
+    rng = np.random.default_rng(100 + sum(cfg_kwargs.values()))
+    cfg = GPTConfig(**cfg_kwargs)
+    model = GPT(cfg).to(dtype="float64")
+    randomize(model, rng)
+    base_state = {n: B.to_numpy(a).copy() for n, a in model.state_dict().items()}
+    config = lora.LoRAConfig(r=2, alpha=3.0, target_modules=("q", "v"))
+    lora.apply_lora(model, config, adapter_name="task")
+    lora.mark_only_lora_as_trainable(model)
+    params = dict(model.named_parameters())
+    branches = {}
+    for name in params:
+        if name.endswith(".lora_A.task"):
+            module = name[: -len(".lora_A.task")]
+            params[name].data[...] = rng.standard_normal(params[name].shape) * 0.5
+            params[f"{module}.lora_B.task"].data[...] = rng.standard_normal(params[f"{module}.lora_B.task"].shape) * 0.5
+            branches[module] = (B.to_numpy(params[name].data), B.to_numpy(params[f"{module}.lora_B.task"].data), config.scaling)
+    assert len(branches) == 2 * cfg.n_layer
+    reference = build_torch_gpt(cfg, base_state, lora=branches)
+    for n, p in reference.named_parameters():
+        p.requires_grad_("lora_" in n)
+
+    T, V = cfg.block_size, cfg.vocab_size
+    idx, targets = rng.integers(0, V, size=(batch, T)), rng.integers(0, V, size=(batch, T))
+    mask = (rng.random((batch, T)) < 0.6).astype(np.int64)
+    mask[0, -1] = 1
+    loss = model.loss(idx, targets, mask=mask)
+    loss.backward()
+    ref_loss = reference.loss(idx, targets, mask)
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= RTOL * abs(ref_loss.item())
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, f"frozen {name} received a gradient"
+            continue
+        module, kind = name.rsplit(".lora_", 1)
+        expected = ref_params[f"{module}.lora_{kind.split('.')[0]}"].grad.numpy()
+        err = rel_error(B.to_numpy(p.grad), expected)
+        assert err <= RTOL, f"gradient of {name}: relative error {err:.3g} > {RTOL:g}"

@@ -1,0 +1,50 @@
+"""The command line: every command is listed, and the main job runs end to end (fast mode)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minilora.cli import build_parser
+
+COMMANDS = ("demo", "pretrain", "finetune", "generate", "experiment", "bench")
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "minilora.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in COMMANDS:
+        assert command in out
+
+
+def test_unknown_task_is_rejected_by_the_parser():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--task", "sql"])
+
+
+@pytest.mark.slow
+def test_demo_fast_runs_end_to_end(tmp_path):
+    """`minilora demo --fast`: the table, merged == unmerged, adapter files, the mixed batch, the PNG, the JSON."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "minilora.cli", "demo", "--fast", "--no-progress", "--out", str(out),
+         "--json", str(tmp_path / "demo.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixed batch == one adapter at a time: True" in result.stdout
+    results = json.loads((tmp_path / "demo.json").read_text())
+    for task in ("e2e", "parse", "classify"):
+        cells = results["tasks"][task]
+        for method in ("full", "lora"):
+            cell = cells[method]
+            assert set(cell) >= {"trainable_params", "total_params", "metric_name", "metric", "train_seconds",
+                                 "optimizer_state_bytes"}
+            assert 0.0 <= cell["metric"] <= 1.0
+        # LoRA trains ~1 % of the weights, and its AdamW state is 2 floats per trainable weight
+        assert cells["lora"]["trainable_params"] <= 0.02 * cells["full"]["trainable_params"]
+        assert cells["lora"]["optimizer_state_bytes"] == 2 * 4 * cells["lora"]["trainable_params"]
+        assert results["merge"][task]["max_abs_logit_diff"] < 1e-4
+        assert (out / f"{task}.safetensors").stat().st_size < results["full_checkpoint_bytes"] / 20
+    png = (out / "loss_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
