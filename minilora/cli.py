@@ -78,12 +78,6 @@ def _cmd_experiment(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minilora",
@@ -139,14 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
     p.set_defaults(func=_cmd_experiment)
 
-    p = sub.add_parser("bench", help="benchmarks (JSON lines), optionally side by side with PyTorch",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of `python -m minilora.bench` (see --help)")
-    p.set_defaults(func=_cmd_bench)
+    # `minilora bench ...` is forwarded to `python -m minilora.bench ...` by main(); listed here for --help
+    sub.add_parser("bench", help="benchmarks (JSON lines), optionally side by side with PyTorch; "
+                                 "see `minilora bench --help`")
     return parser
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every option after `bench` belongs to `python -m minilora.bench`
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -468,11 +468,14 @@ class ScaledDotProductAttention(Function):
     def forward(self, q, k, v, causal=True):
         xp = get_array_module(q, k, v)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = q @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk)
-        scores *= scale
+        scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk); scaling q is the smaller pass
         if causal:
             scores += causal_mask(q.shape[-2], k.shape[-2], scores.dtype, xp)
-        attn = _softmax(scores, axis=-1)
+        # softmax in place on the one (B, H, Tq, Tk) buffer: no temporaries of that size
+        scores -= scores.max(axis=-1, keepdims=True)
+        xp.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        attn = scores
         self.save_for_backward(q, k, v, attn)
         self.scale = scale
         return attn @ v  # (B, H, Tq, Dh)
@@ -483,10 +486,14 @@ class ScaledDotProductAttention(Function):
         dv = attn.swapaxes(-1, -2) @ grad if need_v else None
         d_scores = grad @ v.swapaxes(-1, -2)  # dP
         d_scores -= (d_scores * attn).sum(axis=-1, keepdims=True)
-        d_scores *= attn  # dS
-        d_scores *= self.scale
-        dq = d_scores @ k if need_q else None
-        dk = d_scores.swapaxes(-1, -2) @ q if need_k else None
+        d_scores *= attn  # dS (without the 1/√d, applied to the smaller dq and dk)
+        dq = dk = None
+        if need_q:
+            dq = d_scores @ k
+            dq *= self.scale
+        if need_k:
+            dk = d_scores.swapaxes(-1, -2) @ q
+            dk *= self.scale
         return dq, dk, dv
 
 
