@@ -7,9 +7,9 @@ from minilora.models import load_base
 from minilora.models.pretrained import BASE_CONFIG, BASE_WEIGHTS, base_info
 from minilora.recipes import lm_loss
 
-# `minilora pretrain` (2000 steps, seed 0) recorded a held-out loss of 0.765 nats/token; an
+# `minilora pretrain` (2000 steps, seed 0) recorded a held-out loss of 0.664 nats/token; an
 # untrained model scores ln(96) = 4.56. The bound leaves room for BLAS rounding differences only.
-HELD_OUT_LOSS_BOUND = 0.80
+HELD_OUT_LOSS_BOUND = 0.70
 
 
 def test_shipped_base_is_small_and_complete():

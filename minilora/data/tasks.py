@@ -139,10 +139,13 @@ def load_task(name: str, split: str, n: int | None = None) -> list[Example]:
 def pretrain_corpus(n: int, seed: int = 0) -> list[str]:
     """`n` lines of text for pretraining the base language model, from train restaurants only.
 
-    Like GPT-2's pretraining, the corpus teaches the language, not the tasks: 70 % of the lines
-    are descriptions, 20 % bare MR linearisations (so the MR syntax is not new at fine-tuning
-    time) and 10 % a description followed by a question. No line contains "=>", a description
-    next to its MR, or an answer: the (x, y) pairs of the tasks are only seen during fine-tuning.
+    Like the web text GPT-2 was trained on, the corpus holds the language and loose pairings of
+    facts and prose, never the tasks' format: 40 % descriptions, 10 % bare MR linearisations,
+    20 % an MR followed by a description of it, 15 % a description followed by its MR, and 15 % a
+    description followed by a question and its answer word. No line contains "=>" (the task
+    separator) and no val/test restaurant appears. So the base model already "knows" how facts
+    and descriptions relate, as GPT-2 knows tables and text; fine-tuning (full or LoRA) teaches
+    the task: read x, see "=>", write y in the task's exact convention.
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -150,14 +153,20 @@ def pretrain_corpus(n: int, seed: int = 0) -> list[str]:
     lines = []
     for _ in range(n):
         mr, linearisation = _random_mr_in("train", rng)
-        kind = rng.below(10)
-        if kind < 7:
+        kind = rng.below(20)
+        if kind < 8:
             lines.append(describe(mr, rng))
-        elif kind < 9:
+        elif kind < 10:
             lines.append(linearisation)
+        elif kind < 14:
+            lines.append(f"{linearisation} {describe(mr, rng)}")
+        elif kind < 17:
+            lines.append(f"{describe(mr, rng)} {linearisation}")
         else:
-            slot = rng.choice(OPTIONAL_SLOTS)
-            value = "yes" if slot == "familyFriendly" else rng.choice(
-                [v for v in VALUES[slot] if v != mr["name"]])
-            lines.append(f"{describe(mr, rng)} {question(slot, value)}")
+            label = rng.choice(LABELS)
+            asked = _classify_question(mr, label, rng)
+            if asked is None:
+                lines.append(describe(mr, rng))
+            else:
+                lines.append(f"{describe(mr, rng)} {asked} {label}")
     return lines
