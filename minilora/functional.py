@@ -42,12 +42,15 @@ def _rows(a):
     return a.reshape(-1, a.shape[-1])
 
 
-def _check_features(name, x, weight, axis_name="in_features"):
+def _check_features(name, x, weight, bias=None):
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{name}: input has {x.shape[-1]} features (shape {tuple(x.shape)}) but the weight of shape "
-            f"{tuple(weight.shape)} expects {weight.shape[1]} ({axis_name}); weights are (out_features, in_features)"
+            f"{tuple(weight.shape)} expects {weight.shape[1]} (in_features); weights are (out_features, in_features)"
         )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{name}: bias of shape {tuple(bias.shape)} does not fit a weight of shape "
+                         f"{tuple(weight.shape)}; it must be ({weight.shape[0]},) (out_features)")
 
 
 # ----------------------------------------------------------------------------- linear
@@ -55,7 +58,7 @@ class Linear(Function):
     """y = x Wᵀ + b.   dx = g W,   dW = gᵀ x,   db = Σ_rows g."""
 
     def forward(self, x, weight, bias=None):
-        _check_features("linear", x, weight)
+        _check_features("linear", x, weight, bias)
         self.save_for_backward(x, weight)
         y = _rows(x) @ weight.T
         if bias is not None:
@@ -100,7 +103,7 @@ class LoRALinear(Function):
     """
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling=1.0, dropout=0.0, training=False):
-        _check_features("lora_linear", x, weight)
+        _check_features("lora_linear", x, weight, bias)
         r = lora_A.shape[0]
         if lora_A.shape != (r, weight.shape[1]) or lora_B.shape != (weight.shape[0], r):
             raise ValueError(
@@ -171,7 +174,7 @@ class GELU(Function):
 
     def forward(self, x):
         xp = get_array_module(x)
-        t = x * x
+        t = xp.asarray(x * x)  # an array even for 0-d input (NumPy returns a scalar there), so out= works
         t *= _GELU_A * _GELU_C
         t += _GELU_C
         t *= x  # c (x + a x³)
@@ -210,8 +213,10 @@ class LayerNorm(Function):
     """
 
     def forward(self, x, weight, bias, eps=1e-5):
-        if weight is not None and weight.shape != x.shape[-1:]:
-            raise ValueError(f"layer_norm: weight of shape {tuple(weight.shape)} does not match the last axis of input {tuple(x.shape)}")
+        for what, p in (("weight", weight), ("bias", bias)):
+            if p is not None and p.shape != x.shape[-1:]:
+                raise ValueError(f"layer_norm: {what} of shape {tuple(p.shape)} does not match the last axis of input "
+                                 f"{tuple(x.shape)}; it must be {tuple(x.shape[-1:])}")
         xp = get_array_module(x)
         mu = x.mean(axis=-1, keepdims=True)
         xc = x - mu
@@ -499,9 +504,15 @@ class ScaledDotProductAttention(Function):
 
 def scaled_dot_product_attention(q, k, v, causal=True):
     """Attention over (..., T, head_dim) tensors; causal masks future keys."""
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
         raise ValueError(
             f"scaled_dot_product_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
-            "(q and k need the same head_dim, k and v the same length)"
+            "(the same batch/head axes for all three, q and k the same head_dim, k and v the same length)"
+        )
+    if causal and q.shape[-2] > k.shape[-2]:
+        raise ValueError(
+            f"scaled_dot_product_attention: causal attention with q {tuple(q.shape)} and k {tuple(k.shape)} has "
+            f"{q.shape[-2]} queries but only {k.shape[-2]} keys; the queries are the last positions of the keys, "
+            "so there must be at least as many keys"
         )
     return ScaledDotProductAttention.apply(q, k, v, causal=causal)
