@@ -76,7 +76,7 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = Tokenizer.default()
     base = load_base()
-    steps = {"full": 15, "lora": 15} if fast else {"full": 250, "lora": 300}
+    steps = {"full": 15, "lora": 15} if fast else {"full": 250, "lora": 500}
     n_eval = 16 if fast else 200
     print("minilora demo: LoRA (Hu et al. 2021, arXiv 2106.09685) in miniature")
     print(f"base model: {base.num_parameters():,} parameters, {base.config.n_layer} layers, "
