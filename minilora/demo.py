@@ -22,7 +22,7 @@ from . import lora
 from .data import TASKS, Tokenizer, load_task, prompt_ids
 from .io import save_json
 from .models import load_base, save_model
-from .recipes import FAST, finetune
+from .recipes import FAST, METHODS, finetune
 from .tensor import no_grad
 
 __all__ = ["run_demo"]
@@ -76,7 +76,7 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = Tokenizer.default()
     base = load_base()
-    steps = {"full": 15, "lora": 15} if fast else {"full": 250, "lora": 500}
+    steps = {method: (15 if fast else hp["steps"]) for method, hp in METHODS.items()}
     n_eval = 16 if fast else 200
     print("minilora demo: LoRA (Hu et al. 2021, arXiv 2106.09685) in miniature")
     print(f"base model: {base.num_parameters():,} parameters, {base.config.n_layer} layers, "
