@@ -1,0 +1,280 @@
+"""Every exercise check of ``minilora.exercises``: a right answer passes, a wrong one fails helpfully.
+
+A wrong answer must raise ExerciseError (an AssertionError) whose message names what differs and
+gives a hint; a function that still raises NotImplementedError (an exercise not tried yet) makes
+the check print a reminder and return False, so the tutorials run before the exercises are done.
+"""
+
+import numpy as np
+import pytest
+
+import minilora as ml
+from minilora import backend as B
+from minilora import exercises as ex
+from minilora import functional as F
+
+
+def _fails(check, answer, *fragments):
+    with pytest.raises(ex.ExerciseError) as info:
+        check(answer)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "Hint" in message or "hint" in message or "use " in message or "return " in message, message
+    return message
+
+
+# ----------------------------------------------------------------------------- 01
+def test_backward_by_hand():
+    def right(x, w):
+        a = np.tanh(x)
+        dh = 2 * a @ w
+        return (dh @ w.T) * (1 - a * a), a.T @ dh
+
+    def forgets_tanh_derivative(x, w):
+        a = np.tanh(x)
+        dh = 2 * a @ w
+        return dh @ w.T, a.T @ dh
+
+    assert ex.check_backward_by_hand(right) is True
+    _fails(ex.check_backward_by_hand, forgets_tanh_derivative, "dx", "(1 − a²)")
+
+
+def test_backward_by_hand_wrong_shape_and_none():
+    _fails(ex.check_backward_by_hand, lambda x, w: (x, w.T), "shape")
+    with pytest.raises(ex.ExerciseError, match="two arrays"):
+        ex.check_backward_by_hand(lambda x, w: None)
+
+
+class _Sigmoid(ml.Function):
+    def forward(self, x):
+        y = 1.0 / (1.0 + np.exp(-x))
+        self.save_for_backward(y)
+        return y
+
+    def backward(self, grad):
+        (y,) = self.saved
+        return grad * y * (1.0 - y)
+
+
+class _SigmoidForgetsOneMinus(_Sigmoid):
+    def backward(self, grad):
+        (y,) = self.saved
+        return grad * y
+
+
+def test_sigmoid():
+    assert ex.check_sigmoid(_Sigmoid) is True
+    message = _fails(ex.check_sigmoid, _SigmoidForgetsOneMinus, "backward is wrong", "input 0", "y (1 − y)")
+    assert "central differences" in message  # gradcheck's own words are passed on
+    with pytest.raises(ex.ExerciseError, match="Function subclass"):
+        ex.check_sigmoid(lambda x: x)
+
+
+def test_not_attempted_returns_false_and_says_so(capsys):
+    def stub(x, w):
+        raise NotImplementedError
+
+    assert ex.check_backward_by_hand(stub) is False
+    assert "not attempted yet" in capsys.readouterr().out
+
+    class Stub(ml.Function):
+        def forward(self, x):
+            raise NotImplementedError
+
+    assert ex.check_sigmoid(Stub) is False
+
+
+# ----------------------------------------------------------------------------- 02
+def right_dA(x, lora_A, lora_B, grad_h, scaling):
+    return scaling * (grad_h @ lora_B).T @ x
+
+
+def right_dB(x, lora_A, lora_B, grad_h, scaling):
+    return scaling * grad_h.T @ (x @ lora_A.T)
+
+
+def test_dA():
+    assert ex.check_dA(right_dA) is True
+    _fails(ex.check_dA, lambda x, A, Bm, g, s: (g @ Bm).T @ x, "dA", "scaling s = 2.5")  # forgot s
+    _fails(ex.check_dA, lambda x, A, Bm, g, s: s * x.T @ (g @ Bm), "shape")  # transposed
+
+
+def test_dB():
+    assert ex.check_dB(right_dB) is True
+    _fails(ex.check_dB, lambda x, A, Bm, g, s: s * g.T @ x @ A.T @ A @ A.T, "dB")
+
+
+def test_dB_rejects_dA_formula():
+    with pytest.raises(ex.ExerciseError):
+        ex.check_dB(right_dA)
+
+
+def test_lora_param_count():
+    assert ex.check_lora_param_count(lambda d, k, r, n: n * r * (d + k)) is True
+    _fails(ex.check_lora_param_count, lambda d, k, r, n: 2 * n * d * r, "not square")
+    _fails(ex.check_lora_param_count, lambda d, k, r, n: n * d * k, "8,192")
+
+
+# ----------------------------------------------------------------------------- 03
+def test_loss_mask():
+    def right(n_prompt, n_tokens, width):
+        mask = np.zeros(width)
+        mask[n_prompt - 1:n_tokens - 1] = 1.0
+        return mask
+
+    def off_by_one(n_prompt, n_tokens, width):
+        mask = np.zeros(width)
+        mask[n_prompt:n_tokens] = 1.0
+        return mask
+
+    assert ex.check_loss_mask(right) is True
+    _fails(ex.check_loss_mask, off_by_one, "row 0", "seq[t + 1]")
+    _fails(ex.check_loss_mask, lambda n_prompt, n_tokens, width: np.ones(width + 1), "shape")
+
+
+def test_masked_loss():
+    def right(logits, targets, mask):
+        logp = F.log_softmax(logits, axis=-1)
+        onehot = np.eye(logits.shape[-1])[targets] * mask[..., None]
+        return -(logp * ml.tensor(onehot, dtype=logits.dtype)).sum() / float(mask.sum())
+
+    def ignores_mask(logits, targets, mask):
+        logp = F.log_softmax(logits, axis=-1)
+        onehot = np.eye(logits.shape[-1])[targets]
+        return -(logp * ml.tensor(onehot, dtype=logits.dtype)).sum() / float(targets.size)
+
+    def detached(logits, targets, mask):
+        return F.cross_entropy(logits.detach(), targets, mask=mask)
+
+    assert ex.check_masked_loss(right) is True
+    _fails(ex.check_masked_loss, ignores_mask, "loss value", "mask.sum()")
+    with pytest.raises(ex.ExerciseError, match="does not require grad"):
+        ex.check_masked_loss(detached)
+    with pytest.raises(ex.ExerciseError, match="Tensor"):
+        ex.check_masked_loss(lambda logits, targets, mask: 1.0)
+
+
+# ----------------------------------------------------------------------------- 04
+def test_optimizer_state_bytes():
+    assert ex.check_optimizer_state_bytes(lambda n, size: 2 * n * size) is True
+    _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "AdamW holds", "two running averages")
+    _fails(ex.check_optimizer_state_bytes, lambda n, size: 2 * n * 4, "float64")
+
+
+def test_trainable_params():
+    sizes = {"q": (1, 1), "k": (1, 1), "v": (1, 1), "o": (1, 1), "fc": (4, 1), "proj": (1, 4)}
+
+    def right(cfg, r, targets):
+        d = cfg.d_model
+        return cfg.n_layer * sum(r * (sizes[t][0] * d + sizes[t][1] * d) for t in targets)
+
+    assert ex.check_trainable_params(right) is True
+    _fails(ex.check_trainable_params, lambda cfg, r, targets: 2 * cfg.n_layer * cfg.d_model * r * len(targets),
+           "fc", "4·d_model")
+
+
+# ----------------------------------------------------------------------------- 05
+def test_merge():
+    assert ex.check_merge(lambda W0, A, Bm, s: W0 + s * Bm @ A) is True
+    _fails(ex.check_merge, lambda W0, A, Bm, s: W0 + Bm @ A, "F.lora_linear", "scaling")
+    _fails(ex.check_merge, lambda W0, A, Bm, s: W0 + s * A.T @ Bm.T, "shape")
+
+
+def test_switch():
+    def right(W, old, new):
+        (A1, B1, s1), (A2, B2, s2) = old, new
+        return W - s1 * B1 @ A1 + s2 * B2 @ A2
+
+    def one_scaling(W, old, new):
+        (A1, B1, s1), (A2, B2, _) = old, new
+        return W - s1 * B1 @ A1 + s1 * B2 @ A2
+
+    assert ex.check_switch(right) is True
+    _fails(ex.check_switch, one_scaling, "switched weight", "its own scaling")
+
+
+def test_mixed_batch():
+    def right(x, W0, bias, adapters, adapter_ids):
+        h = x @ W0.T + bias
+        for i, name in enumerate(adapter_ids):
+            if name in adapters:
+                A, Bm, s = adapters[name]
+                h[i] += s * (x[i] @ A.T) @ Bm.T
+        return h
+
+    def first_adapter_for_all(x, W0, bias, adapters, adapter_ids):
+        A, Bm, s = adapters["e2e"]
+        return x @ W0.T + bias + s * (x @ A.T) @ Bm.T
+
+    assert ex.check_mixed_batch(right) is True
+    _fails(ex.check_mixed_batch, first_adapter_for_all, "adapter_ids", "__base__")
+
+
+# ----------------------------------------------------------------------------- 06
+def test_subspace_similarity():
+    def right(A1, A2, i, j):
+        v1 = np.linalg.svd(A1, full_matrices=False)[2][:i]
+        v2 = np.linalg.svd(A2, full_matrices=False)[2][:j]
+        return float(np.sum((v1 @ v2.T) ** 2) / min(i, j))
+
+    def no_division(A1, A2, i, j):
+        return right(A1, A2, i, j) * min(i, j)
+
+    assert ex.check_subspace_similarity(right) is True
+    _fails(ex.check_subspace_similarity, no_division, "i=2, j=5", "RIGHT")
+    with pytest.raises(ex.ExerciseError, match="number"):
+        ex.check_subspace_similarity(lambda A1, A2, i, j: "high")
+
+
+def test_random_subspace_baseline():
+    assert ex.check_random_subspace_baseline(lambda i, j, k: max(i, j) / k) is True
+    _fails(ex.check_random_subspace_baseline, lambda i, j, k: min(i, j) / k, "i=8, j=64", "min(i, j)")
+
+
+# ----------------------------------------------------------------------------- 07
+def test_softmax_any_backend():
+    def right(a):
+        xp = B.get_array_module(a)
+        e = xp.exp(a - a.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def unstable(a):
+        e = np.exp(a)
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def upcasts(a):
+        return right(a) * np.float64(1.0)
+
+    assert ex.check_softmax_any_backend(right) is True
+    with np.errstate(over="ignore", invalid="ignore"):
+        _fails(ex.check_softmax_any_backend, unstable, "NaN or inf", "max")
+    _fails(ex.check_softmax_any_backend, upcasts, "float32 input came back as float64")
+    _fails(ex.check_softmax_any_backend, lambda a: a.tolist(), "list")
+
+
+def test_host_logits():
+    def right(model, idx):
+        with ml.no_grad():
+            return B.to_numpy(model(idx))
+
+    assert ex.check_host_logits(right) is True
+    _fails(ex.check_host_logits, lambda model, idx: model(idx), "Tensor", "to_numpy")
+
+
+# ----------------------------------------------------------------------------- helpers
+def test_output_dir_and_save_figure(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    monkeypatch.setenv("MINILORA_OUT", str(tmp_path / "figs"))
+    assert ex.output_dir() == str(tmp_path / "figs")
+    fig = Figure()
+    fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+    path = ex.save_figure(fig, "x.png")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_crash_in_the_students_code_is_reported():
+    with pytest.raises(ex.ExerciseError, match="ZeroDivisionError"):
+        ex.check_lora_param_count(lambda d, k, r, n: 1 / 0)

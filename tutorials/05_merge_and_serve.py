@@ -1,0 +1,306 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+# ---
+
+# %% [markdown]
+# # 05 · Merge and serve: no extra latency, task switching, mixed batches
+#
+# A fine-tuned LoRA model is the frozen base plus, per task, two thin matrices per adapted
+# layer. Section 4.2 of the paper draws three consequences for serving:
+#
+# 1. **Merge.** W = W₀ + (α/r)·B A is an ordinary weight matrix, so a merged model runs exactly
+#    as fast as the base. Adapter layers (Houlsby et al. 2019) add layers that must run one
+#    after another; the paper measures +20–30 % latency at batch size 1 (Table 1).
+# 2. **Switch.** To change task, subtract B A and add B′A′. The 350 GB base stays in memory;
+#    only the megabytes of the adapters change.
+# 3. **Mix.** The paper names a limitation: once merged, "it is not straightforward to batch
+#    inputs to different tasks with different A and B in a single forward pass". Unmerged it is
+#    easy: W₀x is shared by every row, and each row adds its own B_i A_i x.
+#
+# You will see all three, on two adapters trained for 80 steps each.
+
+# %%
+import copy
+import os
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny matrices: one BLAS thread is fastest
+
+import numpy as np
+
+import minilora as ml
+from minilora import lora, nn
+from minilora.data import Tokenizer, collate, load_task, prompt_ids
+from minilora.exercises import check_merge, check_mixed_batch, check_switch, output_dir, save_figure
+from minilora.models import load_base
+from minilora.models.pretrained import BASE_WEIGHTS
+from minilora.recipes import FAST, finetune
+
+TASKS = ("e2e", "classify")
+STEPS = 3 if FAST else 80            # per adapter
+ROUNDS = 5 if FAST else 100          # latency: rounds of 3 forward passes per model
+LORA = {"method": "lora", "r": 4, "alpha": 8, "targets": ("q", "v")}  # the paper's setting, as in tutorial 04
+tokenizer = Tokenizer.default()
+base = load_base()
+
+# %% [markdown]
+# ## 1. Two adapters, two small files
+#
+# We fine-tune one adapter per task (`e2e`: data-to-text; `classify`: yes / no / maybe
+# questions about a description) and save each with `lora.save_adapter`: a safetensors file with
+# A, B and the LoRAConfig, and no copy of W₀.
+
+# %%
+paths = {}
+for task in TASKS:
+    run = finetune(task, base=base, steps=STEPS, n_eval=3 if FAST else 20, seed=0, progress=not FAST, **LORA)
+    paths[task] = lora.save_adapter(os.path.join(output_dir(), f"05_{task}.safetensors"), run.model, adapter_name=task)
+    print(f"{task:<9} {run.metric_name} {run.metric:.2f}   adapter file {os.path.getsize(paths[task]) / 1e3:,.0f} kB")
+print(f"the base model's weights: {os.path.getsize(BASE_WEIGHTS) / 1e3:,.0f} kB")
+
+# %% [markdown]
+# One server holds the base once and loads both adapters under their names:
+
+# %%
+server = load_base()
+for task, path in paths.items():
+    lora.load_adapter(path, server)
+server.eval()
+print("adapters:", lora.list_adapters(server))
+lora.set_adapter(server, "e2e")
+print(server.blocks[0].attn.q)
+
+# %% [markdown]
+# ## 2. Merge: the same outputs, the base model's cost
+#
+# `lora.merge` writes W₀ + s·B A into every adapted weight, in place (keeping a copy of W₀ so that
+# `unmerge` restores it bit for bit). The forward pass is then a plain `F.linear`: no second path,
+# no extra matmul.
+
+# %%
+probe = collate(load_task("e2e", "test", 4), tokenizer).idx         # (4, T) token ids
+with ml.no_grad():
+    unmerged_logits = server(probe).data.copy()
+    lora.merge(server)
+    merged_logits = server(probe).data
+print(server.blocks[0].attn.q)
+print(f"max |merged − unmerged| logit: {np.abs(merged_logits - unmerged_logits).max():.2e}  (float32 rounding)")
+
+# %% [markdown]
+# ### Latency at batch size 1 (Table 1)
+#
+# We time one forward pass of a 32-token sequence at batch size 1. The four models are timed
+# interleaved: in every round each one runs three passes, in a rotating order, so that a busy
+# machine slows all of them alike. We report the median time over the rounds, and the overhead
+# as the median of each round's ratio to the base's time in that round. The four models:
+#
+# - **base**: the pre-trained model;
+# - **LoRA merged**: `server` as it is now;
+# - **LoRA unmerged**: W₀x + s·B(Ax), two extra thin matmuls per adapted layer;
+# - **Adapter^H**: Houlsby adapters (a d → 4 → d bottleneck with a skip connection) after the
+#   attention output and after the MLP of every block. This is the paper's adapter baseline,
+#   `minilora.baselines`.
+
+# %%
+unmerged = copy.deepcopy(server)
+lora.unmerge(unmerged)
+
+try:
+    from minilora.baselines import apply_method
+
+    adapter_model = copy.deepcopy(base)
+    apply_method(adapter_model, "adapter_h", r=4)
+    adapter_label = "Adapter^H (minilora.baselines)"
+except ImportError:  # an older minilora without baselines: compose the same adapter from nn pieces
+    class Bottleneck(nn.Module):
+        """h + up(relu(down(h))): Houlsby's adapter, from two nn.Linear layers."""
+
+        def __init__(self, d, r):
+            super().__init__()
+            self.down, self.up = nn.Linear(d, r), nn.Linear(r, d)
+
+        def forward(self, h):
+            return h + self.up(ml.relu(self.down(h)))
+
+    class LinearThenAdapter(nn.Module):
+        def __init__(self, linear, d, r):
+            super().__init__()
+            self.linear, self.adapter = linear, Bottleneck(d, r)
+
+        def forward(self, x, adapter_ids=None):
+            return self.adapter(self.linear(x))
+
+    adapter_model = copy.deepcopy(base)
+    for block in adapter_model.blocks:
+        block.attn.o = LinearThenAdapter(block.attn.o, base.config.d_model, 4)
+        block.mlp.proj = LinearThenAdapter(block.mlp.proj, base.config.d_model, 4)
+    adapter_label = "Adapter^H (built from nn.Linear)"
+adapter_model.eval()
+
+models = {"base": base, "LoRA merged": server, "LoRA unmerged": unmerged, "Adapter^H": adapter_model}
+one = collate(load_task("e2e", "test", 1), tokenizer).idx[:, :32]      # (1, 32): batch 1, 32 tokens
+timings = {name: [] for name in models}
+with ml.no_grad():
+    for m in models.values():
+        m(one)  # warm-up
+    for round_ in range(ROUNDS):
+        order = list(models)[round_ % len(models):] + list(models)[:round_ % len(models)]
+        for name in order:
+            start = time.perf_counter()
+            for _ in range(3):
+                models[name](one)
+            timings[name].append((time.perf_counter() - start) / 3)
+median = {name: 1e3 * float(np.median(t)) for name, t in timings.items()}
+# the overhead of each round, over the base's time in the same round: robust when the machine's load drifts
+overhead = {name: 100 * float(np.median(np.array(t) / np.array(timings["base"])) - 1) for name, t in timings.items()}
+for name, ms in median.items():
+    print(f"{name:<14} {ms:6.2f} ms   {overhead[name]:+6.1f} % over the base (median of per-round ratios)")
+print("adapter model:", adapter_label)
+
+# %%
+from matplotlib.figure import Figure
+
+fig = Figure(figsize=(6.4, 3.6))
+ax = fig.add_subplot(1, 1, 1)
+names = list(median)
+ratios = {n: 100 * np.array(timings[n]) / np.array(timings["base"]) for n in names}  # % of the base, per round
+centre = [float(np.median(ratios[n])) for n in names]
+quartiles = np.array([np.percentile(ratios[n], [25, 75]) for n in names])
+ax.bar(names, centre, color=["#777777", "#31a354", "#74c476", "#de2d26"],
+       yerr=np.array([centre - quartiles[:, 0], quartiles[:, 1] - centre]), capsize=4)
+ax.axhline(100, color="grey", linewidth=0.8)
+for i, n in enumerate(names):
+    ax.text(i, 50, f"{overhead[n]:+.0f} %\n{median[n]:.1f} ms", ha="center", color="white", fontsize=9,
+            fontweight="bold")
+ax.set_ylabel("latency, % of the base (per round)")
+ax.set_title("Batch-1 inference latency, 32 tokens (Table 1 in miniature)", fontsize=10)
+print("wrote", save_figure(fig, "05_latency.png"))
+
+# %% [markdown]
+# The merged model costs what the base costs, up to timing noise. (A merged `LoRALinear` still
+# checks its state in Python on every call, a few microseconds; `lora.merge_and_unload` turns
+# the layers back into plain `nn.Linear`.) The other two pay for extra work: the unmerged LoRA for its thin matmuls, and the adapters for their extra layers. On a
+# GPU the adapters' cost is mostly *sequential* (their layers cannot run in parallel with the
+# block). On a CPU at this size each small matmul carries a fixed Python and BLAS overhead, so the
+# percentages differ from the paper's. What does not change is the merged column: the merged
+# model runs exactly the base model's operations.
+#
+# ## 3. Switch tasks: subtract B A, add B′A′
+#
+# Merged weights hold one task. To serve the other, `unmerge` (W back to W₀), `set_adapter`, and
+# `merge` again. In arithmetic: W ← W − s·B A + s′·B′A′ (exercise 2 asks you to write it).
+
+# %%
+question = load_task("classify", "test", 1)[0]
+ids = [prompt_ids(tokenizer, question.prompt)]
+
+
+def answer(model):
+    return tokenizer.decode(model.generate(ids, max_new_tokens=5, eos_id=tokenizer.eos_id)[0], skip_special=True)
+
+
+print("question:", question.prompt, "  reference:", question.target)
+print("with the e2e adapter merged     :", answer(server))
+lora.unmerge(server)
+lora.set_adapter(server, "classify")
+lora.merge(server)
+print("with the classify adapter merged:", answer(server))
+lora.unmerge(server)
+
+# %% [markdown]
+# ## 4. One batch, several tasks
+#
+# A merged W serves one task at a time. Unmerged, a batch can mix tasks. Each row names its
+# adapter in `adapter_ids`, and `"__base__"` means no adapter. Inside every LoRA layer the
+# shared W₀x is computed once for the whole batch, then each group of rows adds its own
+# s·B(Ax). This is the idea behind Punica and S-LoRA, which serve thousands of adapters this way.
+
+# %%
+rows = [load_task("e2e", "test", 1)[0], question, load_task("e2e", "test", 2)[1]]
+adapter_ids = ["e2e", "classify", "__base__"]
+prompts = [prompt_ids(tokenizer, ex.prompt) for ex in rows]
+mixed = server.generate(prompts, max_new_tokens=40, eos_id=tokenizer.eos_id, adapter_ids=adapter_ids)
+for name, ex, out in zip(adapter_ids, rows, mixed):
+    print(f"[{name}] {ex.prompt}\n    => {tokenizer.decode(out, skip_special=True)}")
+
+# %% [markdown]
+# Each row's output is exactly what that adapter alone would give:
+
+# %%
+alone = []
+for name, p in zip(adapter_ids, prompts):
+    if name == "__base__":
+        with lora.disable_adapters(server):
+            alone.append(server.generate([p], max_new_tokens=40, eos_id=tokenizer.eos_id)[0])
+    else:
+        lora.set_adapter(server, name)
+        alone.append(server.generate([p], max_new_tokens=40, eos_id=tokenizer.eos_id)[0])
+print("mixed batch == one adapter at a time:", all(list(a) == list(b) for a, b in zip(mixed, alone)))
+
+# %% [markdown]
+# ## Exercises
+#
+# **Exercise 1 — merge.** `my_merge(W0, lora_A, lora_B, scaling)` returns the merged weight.
+# The check verifies that `F.linear` with your weight gives the LoRA layer's output.
+
+# %%
+def my_merge(W0, lora_A, lora_B, scaling):
+    raise NotImplementedError  # your code here
+
+
+check_merge(my_merge)
+
+# %% [markdown]
+# **Exercise 2 — switch.** `W` holds W₀ + s·B A of the old task. `my_switch(W, old, new)`, with
+# `old = (A, B, s)` and `new = (A′, B′, s′)`, returns the weight for the new task, without W₀.
+
+# %%
+def my_switch(W, old, new):
+    raise NotImplementedError  # your code here
+
+
+check_switch(my_switch)
+
+# %% [markdown]
+# **Exercise 3 — a mixed batch by hand.** `my_mixed(x, W0, bias, adapters, adapter_ids)`: x is
+# (N, k), `adapters` maps a name to (A, B, s), `adapter_ids` has one name per row (`"__base__"`
+# for none). Return h (N, d), row i computed with its own adapter. The check compares with
+# `LoRALinear(x, adapter_ids=...)`.
+
+# %%
+def my_mixed(x, W0, bias, adapters, adapter_ids):
+    raise NotImplementedError  # your code here
+
+
+check_mixed_batch(my_mixed)
+
+# %% [markdown]
+# ## Solutions
+
+# %%
+def solution_merge(W0, lora_A, lora_B, scaling):
+    return W0 + scaling * lora_B @ lora_A
+
+
+def solution_switch(W, old, new):
+    (A, B, s), (A_new, B_new, s_new) = old, new
+    return W - s * B @ A + s_new * B_new @ A_new
+
+
+def solution_mixed(x, W0, bias, adapters, adapter_ids):
+    h = x @ W0.T + bias                                   # shared by every row
+    for name, (A, B, s) in adapters.items():
+        rows = [i for i, n in enumerate(adapter_ids) if n == name]
+        h[rows] += s * (x[rows] @ A.T) @ B.T              # only this adapter's rows
+    return h
+
+
+check_merge(solution_merge)
+check_switch(solution_switch)
+check_mixed_batch(solution_mixed)
+
+# %% [markdown]
+# **Next:** `06_what_rank.py` — how small can r be? A rank sweep, and what the learned subspaces
+# have in common (Sec. 7).
