@@ -85,7 +85,8 @@ def evaluate(model: GPT, task: str, examples, tokenizer: Tokenizer | None = None
     """Decode every prompt and score it: (metric_name, value, predictions)."""
     tokenizer = tokenizer or Tokenizer.default()
     prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
-    room = model.config.block_size - max(len(p) for p in prompts)
+    # generate() stops each row at block_size, so the budget is what the SHORTEST prompt leaves
+    room = model.config.block_size - min(len(p) for p in prompts)
     outputs = model.generate(prompts, max_new_tokens=room, eos_id=tokenizer.eos_id, method=method,
                              adapter_ids=adapter_ids, **generate_kwargs)
     preds = [tokenizer.decode(out, skip_special=True) for out in outputs]
