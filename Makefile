@@ -14,10 +14,11 @@ demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[plot]'
 	$(BIN)/minilora demo
 
-# The whole suite, hypothesis profile "ci" (fixed example counts, no deadline).
+# The whole suite, hypothesis profile "ci" (fixed example counts, no deadline), on every core
+# (pytest-xdist) with one BLAS thread per worker: threads beyond the cores only spin.
 test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m pytest -q --hypothesis-profile=ci
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --hypothesis-profile=ci
 
 lint: $(BIN)/python
 	$(BIN)/ruff check minilora tests
