@@ -198,17 +198,7 @@ def test_get_array_module_rejects_mixed_backends(device):
         B.get_array_module(host, dev)
 
 
-MIXING_OPS = {
-    "add": lambda a, b: a + b,
-    "sub": lambda a, b: a - b,
-    "mul": lambda a, b: a * b,
-    "div": lambda a, b: a / b,
-    "maximum": ml.maximum,
-    "matmul": lambda a, b: a @ b,
-    "where": lambda a, b: ml.where(np.array([True, False]), a, b),
-    "concatenate": lambda a, b: ml.concatenate([a, b]),
-    "stack": lambda a, b: ml.stack([a, b]),
-}
+from test_ops import MIXED as MIXING_OPS  # noqa: E402  (the same binary-op table as the dtype-mixing test)
 
 
 @pytest.mark.parametrize("op", MIXING_OPS)

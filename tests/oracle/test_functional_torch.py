@@ -24,6 +24,8 @@ torch = pytest.importorskip("torch", reason="PyTorch oracle not installed: pip i
 
 from test_functional import FUSED, FUSED_BY_NAME, IGNORE, causal_additive_mask
 
+from oracle.test_ops_torch import _assert_equal_to_torch  # one comparison rule for every oracle
+
 import minilora as ml
 from minilora import backend as B
 from minilora import functional as F
@@ -54,17 +56,6 @@ def _run_torch(fn, arrays_, params, upstream):
     out = fn(torch, *inputs, **params)
     out.backward(torch.as_tensor(upstream))
     return out.detach().numpy(), [None if x.grad is None else x.grad.numpy() for x in inputs]
-
-
-def _assert_equal_to_torch(what, ours, theirs):
-    assert (ours is None) == (theirs is None), f"{what}: minilora {ours!r} vs torch {theirs!r}"
-    if ours is None:
-        return
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} vs torch {theirs.shape}"
-    assert ours.dtype == np.float64 and theirs.dtype == np.float64
-    scale = max(1.0, float(np.abs(theirs).max(initial=0.0)))  # an absolute floor where terms cancel
-    np.testing.assert_allclose(ours, theirs, rtol=RTOL, atol=1e-12 * scale, err_msg=what)
 
 
 def compare_with_torch(name, ours_fn, torch_fn, arrays_, params, seed=0):
