@@ -1,0 +1,563 @@
+"""The paper's baselines (Hu et al. 2021, Sec. 5.1), installed into a GPT by one call.
+
+    n_trainable = apply_method(model, "adapter_h", r=4)   # only the adapters (and LayerNorms) train
+
+    method      paper name   what trains                                  |Θ| (checked in the tests)
+    full        FT           every weight (eq. 1)                         |Φ₀|
+    ft_top2     FT^Top2      the last two blocks only                     2 blocks
+    bitfit      BitFit       every bias (Linear and LayerNorm biases)     Σ biases
+    adapter_h   Adapter^H    2 bottleneck adapters per block (Houlsby)    L̂_Adpt·(2·d·r + r + d) + 2·L̂_LN·d
+                             + the block's LayerNorms                     with L̂_Adpt = L̂_LN = 2·n_layer
+    adapter_l   Adapter^L    1 adapter after the MLP, behind its own      the same formula with
+                             LayerNorm (Lin et al. 2020)                  L̂_Adpt = L̂_LN = n_layer
+    preembed    PreEmbed     l_p prefix + l_i infix input vectors         d·(l_p + l_i)
+    lora        LoRA         A and B of the adapted matrices (eq. 2)      2·L̂·d·r
+
+Each new op is a ``Function`` with its hand-written backward beside its forward, like the
+layers of ``minilora.functional``: ``bottleneck_adapter`` (down-projection, ReLU,
+up-projection, residual; one fused op), ``insert_prompt_vectors`` and ``gather_positions``
+(PreEmbed). ``finetune_method`` is ``recipes.finetune`` for any of the methods above.
+
+Adapters start equal to the base model (the up-projection is 0, as LoRA's B), so a fine-tuning
+run begins at the pre-trained model. PreEmbed cannot: inserting vectors changes the input.
+PreEmbed also costs context: the l_p + l_i vectors occupy positions of the model's
+``block_size``, so ``model.config.block_size`` shrinks by l_p + l_i after ``apply_method`` and
+a sequence that does not fit raises an error that says so (the paper, Sec. 3: "reserving a part
+of the sequence length for adaptation necessarily reduces the sequence length available").
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+
+import numpy as np
+
+from . import backend as B
+from . import functional as F
+from . import nn
+from .backend import get_array_module
+from .function import Function
+from .models.gpt import GPT
+from .tensor import Tensor, is_grad_enabled
+
+__all__ = [
+    "DEFAULT_HP",
+    "METHODS",
+    "PAPER_NAMES",
+    "AdaptedLinear",
+    "Adapter",
+    "PreEmbedGPT",
+    "PromptVectors",
+    "apply_method",
+    "bottleneck_adapter",
+    "evaluate_method",
+    "expected_trainable",
+    "finetune_method",
+    "gather_positions",
+    "insert_prompt_vectors",
+    "target_loss",
+]
+
+METHODS = ("full", "ft_top2", "bitfit", "adapter_h", "adapter_l", "preembed", "lora")
+PAPER_NAMES = {
+    "full": "FT", "ft_top2": "FT^Top2", "bitfit": "BitFit", "adapter_h": "Adapter^H",
+    "adapter_l": "Adapter^L", "preembed": "PreEmbed", "lora": "LoRA",
+}
+
+# Hyper-parameters for the shipped 4-layer, d = 128 model. The learning rate of each method is the
+# better of two tried on the parse val split (300 steps, batch 16, lowest target NLL; see
+# docs/results.md): the larger one won for every method. ``lr`` and ``weight_decay`` go to AdamW,
+# the rest to ``apply_method``. Budgets are close to LoRA's r = 4 on Wq, Wv (8,192 parameters).
+DEFAULT_HP = {
+    "full": {"lr": 3e-3, "weight_decay": 0.01},  # tried 1e-3, 3e-3
+    "ft_top2": {"lr": 3e-3, "weight_decay": 0.01},  # tried 1e-3, 3e-3
+    "bitfit": {"lr": 3e-2, "weight_decay": 0.0},  # tried 1e-2, 3e-2
+    "adapter_h": {"lr": 1e-2, "weight_decay": 0.0, "r": 4},  # tried 4e-3, 1e-2
+    "adapter_l": {"lr": 1e-2, "weight_decay": 0.0, "r": 8},  # tried 4e-3, 1e-2
+    "preembed": {"lr": 3e-2, "weight_decay": 0.0, "l_p": 4, "l_i": 2},  # tried 1e-2, 3e-2
+    "lora": {"lr": 1e-2, "weight_decay": 0.0, "r": 4, "alpha": 8.0, "targets": ("q", "v")},  # tried 4e-3, 1e-2
+}
+
+
+def _rows(a):
+    return a.reshape(-1, a.shape[-1])
+
+
+# ----------------------------------------------------------------------------- the adapter op
+class BottleneckAdapter(Function):
+    """y = res + up(relu(down(x))) = res + relu(x W_dᵀ + b_d) W_uᵀ + b_u   (res = x unless given).
+
+    The adapter of Houlsby et al. (2019) and Lin et al. (2020): a bottleneck of width r with
+    a skip connection. With z = x W_dᵀ + b_d (N × r), a = relu(z) and g = ∂L/∂y (N × d):
+
+        ∂L/∂W_u = gᵀ a,   ∂L/∂b_u = Σ g,   ∂L/∂a = g W_u,   ∂L/∂z = ∂L/∂a ⊙ [z > 0]
+        ∂L/∂W_d = (∂L/∂z)ᵀ x,   ∂L/∂b_d = Σ ∂L/∂z,   ∂L/∂x = (∂L/∂z) W_d  (+ g when res = x)
+        ∂L/∂res = g.
+    """
+
+    def forward(self, x, down_weight, down_bias, up_weight, up_bias, residual=None):
+        r, k = down_weight.shape
+        if x.shape[-1] != k or up_weight.shape != (k if residual is None else residual.shape[-1], r):
+            raise ValueError(
+                f"bottleneck_adapter: input {tuple(x.shape)}, down {tuple(down_weight.shape)} (r, d) and up "
+                f"{tuple(up_weight.shape)} (d, r) do not fit together"
+            )
+        x2 = _rows(x)
+        z = x2 @ down_weight.T  # (N, r): the bottleneck
+        z += down_bias
+        a = z * (z > 0)  # relu
+        y = a @ up_weight.T  # (N, d)
+        y += up_bias
+        y = y.reshape(*x.shape[:-1], up_weight.shape[0])
+        y += x if residual is None else residual
+        self.save_for_backward(x2, z, a, down_weight, up_weight)
+        self.in_shape, self.own_residual = x.shape, residual is None
+        return y
+
+    def backward(self, grad):
+        x2, z, a, down_weight, up_weight = self.saved
+        need_x, need_dw, need_db, need_uw, need_ub, need_res = self.needs_input_grad
+        g = _rows(grad)  # (N, d)
+        d_up_w = g.T @ a if need_uw else None  # (d, r)
+        d_up_b = g.sum(axis=0) if need_ub else None
+        dx = d_down_w = d_down_b = None
+        if need_x or need_dw or need_db:
+            dz = g @ up_weight  # (N, r)
+            dz *= z > 0
+            if need_dw:
+                d_down_w = dz.T @ x2  # (r, k)
+            if need_db:
+                d_down_b = dz.sum(axis=0)
+            if need_x:
+                dx = (dz @ down_weight).reshape(self.in_shape)
+                if self.own_residual:
+                    dx += grad
+        d_res = grad if need_res else None
+        return dx, d_down_w, d_down_b, d_up_w, d_up_b, d_res
+
+
+def bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual=None):
+    """res + relu(x W_dᵀ + b_d) W_uᵀ + b_u, with res = x when ``residual`` is None (one fused op)."""
+    return BottleneckAdapter.apply(x, down_weight, down_bias, up_weight, up_bias, residual)
+
+
+class Adapter(nn.Module):
+    """A bottleneck adapter d → r → d with a skip connection; optionally behind its own LayerNorm.
+
+    Houlsby (``layer_norm=False``): h + up(relu(down(h))).
+    Lin et al. (``layer_norm=True``): h + up(relu(down(LN(h)))).
+    ``up`` starts at 0 (weight and bias), so the adapter starts as the identity.
+    """
+
+    def __init__(self, d: int, r: int, layer_norm: bool = False, eps: float = 1e-5, dtype=np.float32):
+        super().__init__()
+        if not 1 <= r:
+            raise ValueError(f"Adapter: the bottleneck width r must be >= 1, got {r}")
+        self.d, self.r = d, r
+        self.ln = nn.LayerNorm(d, eps=eps, dtype=dtype) if layer_norm else None
+        self.down = nn.Linear(d, r, dtype=dtype)  # (r, d): PyTorch's default init
+        self.up = nn.Linear(r, d, dtype=dtype)  # (d, r): zeros, below
+        self.up.weight.data[...] = 0.0
+        self.up.bias.data[...] = 0.0
+
+    def forward(self, h):
+        if self.ln is None:
+            return bottleneck_adapter(h, self.down.weight, self.down.bias, self.up.weight, self.up.bias)
+        return bottleneck_adapter(self.ln(h), self.down.weight, self.down.bias, self.up.weight, self.up.bias,
+                                  residual=h)
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, r={self.r}, layer_norm={self.ln is not None}"
+
+
+class AdaptedLinear(nn.Module):
+    """A Linear followed by an adapter: adapter(x Wᵀ + b).
+
+    It owns the Linear's own ``weight`` and ``bias`` Parameters, so their names
+    (``blocks.0.attn.o.weight``) do not change and a base checkpoint still loads. Placed on
+    ``attn.o`` and ``mlp.proj`` the adapter acts on a sub-layer's output before the residual
+    addition, where Houlsby et al. put it.
+    """
+
+    def __init__(self, linear: nn.Linear, adapter: Adapter):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.adapter = adapter
+
+    def forward(self, x, adapter_ids=None):
+        return self.adapter(F.linear(x, self.weight, self.bias))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+# ----------------------------------------------------------------------------- PreEmbed ops
+class InsertPromptVectors(Function):
+    """Build the longer input [prefix, x_0..x_s, infix, x_{s+1}..] of every row (s: its separator).
+
+    out[b, token_pos[b, t]] = x[b, t],  out[b, :l_p] = prefix,  out[b, infix_pos[b, j]] = infix[j].
+    Backward gathers the same places: dx = g[b, token_pos], dprefix = Σ_b g[b, :l_p],
+    dinfix[j] = Σ_b g[b, infix_pos[b, j]].
+    """
+
+    def forward(self, x, prefix, infix, token_pos=None, infix_pos=None, length=0):
+        xp = get_array_module(x)
+        Bsz, _, C = x.shape
+        rows = xp.arange(Bsz)[:, None]
+        out = xp.empty((Bsz, length, C), dtype=x.dtype)
+        out[rows, token_pos] = x
+        if prefix is not None:
+            out[:, :prefix.shape[0]] = prefix
+        if infix is not None:
+            out[rows, infix_pos] = infix
+        self.rows, self.token_pos, self.infix_pos = rows, token_pos, infix_pos
+        self.n_prefix = 0 if prefix is None else prefix.shape[0]
+        return out
+
+    def backward(self, grad):
+        need_x, need_prefix, need_infix = self.needs_input_grad
+        dx = grad[self.rows, self.token_pos] if need_x else None
+        dprefix = grad[:, :self.n_prefix].sum(axis=0) if need_prefix else None
+        dinfix = grad[self.rows, self.infix_pos].sum(axis=0) if need_infix else None
+        return dx, dprefix, dinfix
+
+
+def insert_prompt_vectors(x, prefix, infix, token_pos, infix_pos, length):
+    """x (B, T, C) -> (B, length, C) with the prefix (l_p, C) first and the infix (l_i, C) at ``infix_pos``."""
+    return InsertPromptVectors.apply(x, prefix, infix, token_pos=token_pos, infix_pos=infix_pos, length=length)
+
+
+class GatherPositions(Function):
+    """y[b, t] = h[b, pos[b, t]] for positions that are distinct within a row.
+
+    Backward: dh = 0 except dh[b, pos[b, t]] = g[b, t] (distinct positions: no sums needed).
+    """
+
+    def forward(self, h, pos=None):
+        xp = get_array_module(h)
+        self.rows, self.pos, self.in_shape = xp.arange(h.shape[0])[:, None], pos, h.shape
+        return h[self.rows, pos]
+
+    def backward(self, grad):
+        xp = get_array_module(grad)
+        dh = xp.zeros(self.in_shape, dtype=grad.dtype)
+        dh[self.rows, self.pos] = grad
+        return dh
+
+
+def gather_positions(h, pos):
+    """h (B, T', C), pos (B, T) distinct per row -> (B, T, C)."""
+    return GatherPositions.apply(h, pos=pos)
+
+
+class PromptVectors(nn.Module):
+    """The trainable input vectors of PreEmbed: ``prefix`` (l_p, d) and ``infix`` (l_i, d).
+
+    They start as copies of the token embeddings of random vocabulary words (Li & Liang 2021
+    found that real-word initialisations train more stably than random vectors).
+    """
+
+    def __init__(self, wte: nn.Embedding, l_p: int, l_i: int, sep_id: int, context_size: int):
+        super().__init__()
+        if l_p < 0 or l_i < 0 or l_p + l_i < 1:
+            raise ValueError(f"PreEmbed needs l_p >= 0, l_i >= 0 and l_p + l_i >= 1, got l_p={l_p}, l_i={l_i}")
+        if l_p + l_i >= context_size:
+            raise ValueError(
+                f"PreEmbed: l_p + l_i = {l_p + l_i} vectors would fill the whole context of {context_size} positions"
+            )
+        self.l_p, self.l_i, self.sep_id, self.context_size = int(l_p), int(l_i), int(sep_id), int(context_size)
+        V = wte.weight.shape[0]
+        words = (B.to_numpy(B.random_uniform((l_p + l_i,), np.float64)) * V).astype(np.int64)
+        init = wte.weight.data[B.asarray(words, backend=wte.weight.backend)].copy()
+        self.prefix = nn.Parameter(init[:l_p]) if l_p else None
+        self.infix = nn.Parameter(init[l_p:]) if l_i else None
+
+    def extra_repr(self) -> str:
+        return f"l_p={self.l_p}, l_i={self.l_i}, sep_id={self.sep_id}"
+
+
+class PreEmbedGPT(GPT):
+    """A GPT whose input is [prefix] x [sep] [infix] y: PreEmbed (prefix-embedding tuning).
+
+    ``apply_method(model, "preembed")`` turns a GPT into this class in place (the parameters and
+    their names stay; ``preembed.prefix`` and ``preembed.infix`` are added). ``model(idx)``
+    still takes the plain token ids and returns logits (B, T, V) for them, so ``loss``,
+    ``generate`` and ``evaluate`` work unchanged: the output for the separator is read at the
+    last infix vector, whose next position holds y₁. The vectors occupy l_p + l_i of the
+    pre-trained positions, so ``config.block_size`` is the usable length (the original minus
+    l_p + l_i); ``preembed.context_size`` keeps the original.
+    """
+
+    def _positions(self, idx):
+        """New places of every token and infix vector, and where each output is read."""
+        pe: PromptVectors = self.preembed
+        xp = get_array_module(idx)
+        is_sep = idx == pe.sep_id
+        has_sep = is_sep.any(axis=1)
+        if not bool(has_sep.all()):
+            rows = [int(i) for i in np.flatnonzero(~B.to_numpy(has_sep))[:5]]
+            raise ValueError(
+                f"PreEmbed inserts its {pe.l_i} infix vectors after the separator token (id {pe.sep_id}), but rows {rows} "
+                "have none: feed [bos] x [sep] ... sequences (minilora.data.collate / prompt_ids)"
+            )
+        sep = is_sep.argmax(axis=1)[:, None]  # (B, 1): the first separator of each row
+        t = xp.arange(idx.shape[1])[None, :]  # (1, T)
+        token_pos = pe.l_p + t + pe.l_i * (t > sep)  # (B, T)
+        read_pos = pe.l_p + t + pe.l_i * (t >= sep)  # the separator is read at the last infix vector
+        infix_pos = pe.l_p + sep + 1 + xp.arange(pe.l_i)[None, :]  # (B, l_i)
+        return token_pos, read_pos, infix_pos
+
+    def forward(self, idx, adapter_ids=None, cache=None) -> Tensor:
+        pe: PromptVectors = self.preembed
+        idx = idx.data if isinstance(idx, Tensor) else idx
+        idx = B.asarray(idx, backend=self.wte.weight.backend)
+        if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"PreEmbedGPT expects integer token ids of shape (batch, time), got {idx.dtype} {tuple(idx.shape)}")
+        if cache is not None and is_grad_enabled():
+            raise RuntimeError("a KVCache is for generation: run it under ml.no_grad()")
+        T = idx.shape[1]
+        past = cache.length if cache is not None else 0
+        inserting = past == 0  # the first call (the whole prompt) gets the vectors; cached steps append tokens
+        length = T + (pe.l_p + pe.l_i if inserting else 0)
+        if past + length > pe.context_size:
+            used = past - pe.l_p - pe.l_i if not inserting else 0
+            raise ValueError(
+                f"PreEmbed: {used + T} tokens + {pe.l_p} prefix + {pe.l_i} infix vectors = {past + length} positions, "
+                f"more than the {pe.context_size} the model has; with PreEmbed at most {self.config.block_size} tokens "
+                "fit (model.config.block_size): shorten the sequence or use smaller l_p + l_i"
+            )
+        xp = get_array_module(idx)
+        x = self.wte(idx)  # (B, T, C)
+        if inserting:
+            token_pos, read_pos, infix_pos = self._positions(idx)
+            x = insert_prompt_vectors(x, pe.prefix, pe.infix, token_pos, infix_pos, length)  # (B, T', C)
+        x = x + self.wpe(xp.arange(past, past + length))  # (B, T', C)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, adapter_ids, cache)
+        if cache is not None:
+            cache.length += length
+        if inserting:
+            x = gather_positions(x, read_pos)  # (B, T, C): one output per input token
+        x = self.ln_f(x)
+        return F.linear(x, self.wte.weight)  # (B, T, V)
+
+
+# ----------------------------------------------------------------------------- apply_method
+def _trainable(params) -> None:
+    for p in params:
+        p.requires_grad = True
+
+
+def _lora(model, r=4, alpha=None, targets=("q", "v"), adapter_name="default", init="kaiming", dropout=0.0):
+    from . import lora
+
+    config = lora.LoRAConfig(r=r, alpha=float(alpha if alpha is not None else 2 * r), target_modules=tuple(targets),
+                             dropout=dropout, init=init)
+    lora.apply_lora(model, config, adapter_name=adapter_name)
+    lora.mark_only_lora_as_trainable(model)
+
+
+def apply_method(model: GPT, method: str, **hp) -> int:
+    """Install ``method`` into ``model`` (in place), make only its parameters trainable, return |Θ|.
+
+    Hyper-parameters (unknown ones raise):
+      ft_top2: ``n_top`` (2); adapter_h: ``r`` (bottleneck, 4), ``train_layer_norms`` (True, as
+      Houlsby); adapter_l: ``r`` (8); preembed: ``l_p`` (4), ``l_i`` (2), ``sep_id`` (the
+      tokenizer's "=>"); lora: ``r`` (4), ``alpha`` (2r), ``targets`` (("q", "v")),
+      ``adapter_name`` ("default"), ``init``, ``dropout``.
+    ``lr`` and ``weight_decay`` are accepted and ignored (``DEFAULT_HP`` holds them too).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if not isinstance(model, GPT):
+        raise TypeError(f"apply_method needs a minilora GPT, got {type(model).__name__}")
+    hp = {k: v for k, v in hp.items() if k not in ("lr", "weight_decay")}
+    allowed = {
+        "full": set(), "bitfit": set(), "ft_top2": {"n_top"}, "adapter_h": {"r", "train_layer_norms"},
+        "adapter_l": {"r"}, "preembed": {"l_p", "l_i", "sep_id"},
+        "lora": {"r", "alpha", "targets", "adapter_name", "init", "dropout"},
+    }[method]
+    unknown = sorted(set(hp) - allowed)
+    if unknown:
+        raise TypeError(f"apply_method({method!r}): unknown hyper-parameters {unknown}; it takes {sorted(allowed) or 'none'}")
+    model.requires_grad_(False)
+    cfg, dtype = model.config, model.dtype
+    if method == "full":
+        model.requires_grad_(True)
+    elif method == "ft_top2":
+        n_top = int(hp.get("n_top", 2))
+        if not 1 <= n_top <= cfg.n_layer:
+            raise ValueError(f"ft_top2: n_top must be in 1..{cfg.n_layer} (the model's blocks), got {n_top}")
+        for block in list(model.blocks)[-n_top:]:
+            _trainable(block.parameters())
+    elif method == "bitfit":
+        _trainable(p for name, p in model.named_parameters() if name.endswith(".bias"))
+    elif method in ("adapter_h", "adapter_l"):
+        houlsby = method == "adapter_h"
+        r = int(hp.get("r", DEFAULT_HP[method]["r"]))
+        if not 1 <= r <= cfg.d_model:
+            raise ValueError(f"{method}: the bottleneck width r must be in 1..d_model={cfg.d_model}, got {r}")
+        sites = ("attn.o", "mlp.proj") if houlsby else ("mlp.proj",)
+        for block in model.blocks:
+            for site in sites:
+                parent_name, leaf = site.split(".")
+                parent = getattr(block, parent_name)
+                linear = getattr(parent, leaf)
+                if not isinstance(linear, nn.Linear):
+                    raise TypeError(f"{method}: {site} is a {type(linear).__name__}, not a plain Linear (was a method applied already?)")
+                adapter = Adapter(cfg.d_model, r, layer_norm=not houlsby, eps=cfg.layer_norm_eps, dtype=dtype)
+                adapter.to(backend=linear.weight.backend)
+                wrapped = AdaptedLinear(linear, adapter)
+                parent._modules[leaf] = wrapped  # replace in place: the parameter order stays GPT-2's
+                object.__setattr__(parent, leaf, wrapped)
+                _trainable(adapter.parameters())
+            if houlsby and hp.get("train_layer_norms", True):
+                _trainable(block.ln1.parameters() + block.ln2.parameters())
+    elif method == "preembed":
+        if isinstance(model, PreEmbedGPT):
+            raise TypeError("preembed: the model already has prompt vectors")
+        from .data import Tokenizer
+
+        sep_id = hp.get("sep_id", Tokenizer.default().sep_id)
+        l_p, l_i = int(hp.get("l_p", DEFAULT_HP["preembed"]["l_p"])), int(hp.get("l_i", DEFAULT_HP["preembed"]["l_i"]))
+        vectors = PromptVectors(model.wte, l_p, l_i, sep_id, cfg.block_size)
+        model.__class__ = PreEmbedGPT  # the same object, now with PreEmbed's forward
+        model.preembed = vectors
+        model.config = dataclasses.replace(cfg, block_size=cfg.block_size - l_p - l_i)  # the usable length
+        _trainable(vectors.parameters())
+    elif method == "lora":
+        _lora(model, **hp)
+    return model.num_parameters(trainable_only=True)
+
+
+def expected_trainable(method: str, config, **hp) -> int:
+    """|Θ| by the paper's formulas (Sec. 5.1 and Table footnotes), for a GPTConfig ``config``.
+
+    LoRA: 2·L̂·d·r; adapters: L̂_Adpt·(2·d·r + r + d) + 2·L̂_LN·d; PreEmbed: d·(l_p + l_i).
+    """
+    d, L = config.d_model, config.n_layer
+    if method == "lora":
+        r = hp.get("r", DEFAULT_HP["lora"]["r"])
+        return 2 * len(tuple(hp.get("targets", DEFAULT_HP["lora"]["targets"]))) * L * d * r
+    if method in ("adapter_h", "adapter_l"):
+        r = hp.get("r", DEFAULT_HP[method]["r"])
+        if method == "adapter_h":
+            n_adapters, n_ln = 2 * L, (2 * L if hp.get("train_layer_norms", True) else 0)
+        else:
+            n_adapters, n_ln = L, L
+        return n_adapters * (2 * d * r + r + d) + 2 * n_ln * d
+    if method == "preembed":
+        return d * (hp.get("l_p", DEFAULT_HP["preembed"]["l_p"]) + hp.get("l_i", DEFAULT_HP["preembed"]["l_i"]))
+    raise ValueError(f"the paper gives no closed formula for {method!r}; count model.num_parameters(trainable_only=True)")
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def target_loss(model: GPT, examples, tokenizer=None, batch_size: int = 64) -> float:
+    """Mean NLL of the target tokens y (and <eos>) given x — the eq. 2 loss on held-out examples.
+
+    A smooth companion to the task metric: it still ranks methods when exact-match metrics are
+    all near 0. Examples longer than the model's usable length are left out (PreEmbed).
+    """
+    from .data import Tokenizer, collate, encode_example
+    from .tensor import no_grad
+
+    tokenizer = tokenizer or Tokenizer.default()
+    fits = [ex for ex in examples if len(encode_example(tokenizer, ex)[0]) <= model.config.block_size]
+    total, count = 0.0, 0.0
+    was_training = model.training
+    model.eval()
+    with no_grad():
+        for start in range(0, len(fits), batch_size):
+            b = collate(fits[start:start + batch_size], tokenizer, block_size=model.config.block_size)
+            n = float(b.mask.sum())
+            total += float(model.loss(b.idx, b.targets, b.mask).item()) * n
+            count += n
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def evaluate_method(model: GPT, task: str, examples, tokenizer=None, max_new_tokens: int | None = None):
+    """Greedy-decode every prompt (within the model's usable length) and score it: (name, value, preds).
+
+    ``recipes.evaluate`` with a cap on the new tokens; for PreEmbed the room left is smaller.
+    """
+    from .data import Tokenizer, prompt_ids, task_metric
+
+    tokenizer = tokenizer or Tokenizer.default()
+    prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
+    room = model.config.block_size - max(len(p) for p in prompts)
+    if room < 1:
+        raise ValueError(
+            f"{task}: the longest prompt has {max(len(p) for p in prompts)} tokens and the model reads at most "
+            f"{model.config.block_size} (model.config.block_size): no room is left to generate an answer"
+        )
+    limit = room if max_new_tokens is None else max(1, min(room, int(max_new_tokens)))
+    outputs = model.generate(prompts, max_new_tokens=limit, eos_id=tokenizer.eos_id, method="greedy")
+    preds = [tokenizer.decode(out, skip_special=True) for out in outputs]
+    name, value = task_metric(task, preds, examples)
+    return name, value, preds
+
+
+def finetune_method(task: str, method: str = "lora", *, base: GPT | None = None, steps: int | None = None,
+                    batch_size: int = 16, lr: float | None = None, weight_decay: float | None = None, seed: int = 0,
+                    n_train: int | None = None, n_eval: int | None = None, eval_split: str = "test",
+                    max_new_tokens: int | None = None, progress: bool = True, tokenizer=None, on_start=None, **hp):
+    """``recipes.finetune`` for every method of this module: adapt a copy of the base, evaluate it.
+
+    Hyper-parameters default to ``DEFAULT_HP[method]``; ``hp`` overrides them (e.g. ``r=8``).
+    Training examples longer than the model's usable length are skipped (only PreEmbed has any;
+    ``RunResult.config["skipped_train"]`` counts them). ``max_new_tokens`` caps the decoding of
+    the evaluation (default: up to the usable length); ``on_start(model)`` is called once the
+    method is installed, before the first step (e.g. to keep LoRA's initial A). Returns a
+    ``recipes.RunResult``.
+    """
+    from . import optim
+    from .data import TASKS, Tokenizer, load_task
+    from .models import load_base
+    from .recipes import FAST, RunResult, task_batches
+    from .train import fit
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    tokenizer = tokenizer or Tokenizer.default()
+    steps = steps if steps is not None else (40 if FAST else 300)
+    settings = {**DEFAULT_HP[method], **hp}
+    lr = lr if lr is not None else settings.pop("lr")
+    weight_decay = weight_decay if weight_decay is not None else settings.pop("weight_decay")
+    settings.pop("lr", None), settings.pop("weight_decay", None)
+    if method == "lora":
+        settings.setdefault("adapter_name", task)
+    model = copy.deepcopy(base) if base is not None else load_base()
+    B.manual_seed(seed)
+    trainable = apply_method(model, method, **settings)
+    if on_start is not None:
+        on_start(model)
+    optimizer = optim.AdamW(model.parameters(trainable_only=True), lr=lr, weight_decay=weight_decay)
+    scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=max(1, steps // 10)))
+    from .data import encode_example
+
+    train_all = load_task(task, "train", n_train)
+    train = [ex for ex in train_all if len(encode_example(tokenizer, ex)[0]) <= model.config.block_size]
+    if not train:
+        raise ValueError(f"{method}: no training example of {task} fits in {model.config.block_size} tokens")
+    get_batch = task_batches(train, tokenizer, batch_size, seed, model.config.block_size)
+    history = fit(model, optimizer, get_batch, steps, scheduler=scheduler, progress=progress, desc=f"{task}/{method}")
+    evaluation = load_task(task, eval_split, n_eval if n_eval is not None else (40 if FAST else None))
+    model.eval()
+    metric_name, metric, _ = evaluate_method(model, task, evaluation, tokenizer, max_new_tokens=max_new_tokens)
+    eval_loss = target_loss(model, evaluation, tokenizer)
+    return RunResult(
+        task=task, method=method, model=model, history=history, metric_name=metric_name, metric=metric,
+        trainable_params=trainable, total_params=model.num_parameters(),
+        optimizer_state_bytes=optimizer.state_bytes(), train_seconds=history.seconds,
+        config={"method": method, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+                "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+                "skipped_train": len(train_all) - len(train), "eval_loss": eval_loss},
+    )

@@ -1,0 +1,257 @@
+"""The paper's baselines: parameter formulas, gradients (float64 gradcheck), start-equal-to-base, PreEmbed lengths."""
+
+import numpy as np
+import pytest
+from conftest import assert_close, to_np
+
+import minilora as ml
+from minilora import backend as B
+from minilora import functional as F
+from minilora.baselines import (
+    DEFAULT_HP,
+    METHODS,
+    PreEmbedGPT,
+    apply_method,
+    bottleneck_adapter,
+    expected_trainable,
+    finetune_method,
+    gather_positions,
+    insert_prompt_vectors,
+)
+from minilora.models import GPT, GPTConfig
+
+TINY = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, d_model=8)
+SEP = 3  # the separator id used with TINY
+IDX = np.array([[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 1, 1]])  # separators at t = 2 and t = 1
+TARGETS = np.roll(IDX, -1, axis=1)
+MASK = np.ones(IDX.shape)
+
+
+def tiny_model(dtype="float64", scale=4.0):
+    """A tiny GPT whose weights are large enough that every input visibly moves the output."""
+    model = GPT(TINY).to(dtype=dtype)
+    for name, p in model.named_parameters():
+        if name.endswith(".weight") and ".ln" not in name and not name.startswith("ln_f"):
+            p.data *= scale
+    return model
+
+
+def hp_for(method):
+    return {"sep_id": SEP} if method == "preembed" else {}
+
+
+def randomize_zero_inits(model):
+    """B = 0 and up = 0 make the model start at the base; a gradcheck needs them non-zero."""
+    for name, p in model.named_parameters(trainable_only=True):
+        if ".lora_B." in name or ".up." in name:
+            p.data[...] = B.random_normal(p.shape, p.dtype, backend=p.backend, std=0.5)
+
+
+# ----------------------------------------------------------------------------- parameter counts
+@pytest.mark.parametrize("cfg", [TINY, GPTConfig()], ids=["tiny", "shipped-size"])
+@pytest.mark.parametrize("method, hp", [
+    ("lora", {"r": 1, "targets": ("q",)}), ("lora", {"r": 4, "targets": ("q", "v")}),
+    ("lora", {"r": 2, "targets": ("q", "k", "v", "o")}),
+    ("adapter_h", {"r": 1}), ("adapter_h", {"r": 4}), ("adapter_h", {"r": 3, "train_layer_norms": False}),
+    ("adapter_l", {"r": 2}), ("adapter_l", {"r": 8}),
+    ("preembed", {"l_p": 2, "l_i": 1}), ("preembed", {"l_p": 0, "l_i": 3}), ("preembed", {"l_p": 3, "l_i": 0}),
+])
+def test_trainable_counts_follow_the_papers_formulas(cfg, method, hp):
+    model = GPT(cfg)
+    n = apply_method(model, method, **hp)
+    assert n == model.num_parameters(trainable_only=True) == expected_trainable(method, cfg, **hp)
+    d, L = cfg.d_model, cfg.n_layer
+    if method == "lora":  # 2·L̂·d·r
+        assert n == 2 * (len(hp["targets"]) * L) * d * hp["r"]
+    elif method == "preembed":  # d·(l_p + l_i)
+        assert n == d * (hp["l_p"] + hp["l_i"])
+    else:  # L̂_Adpt·(2·d·r + r + d) + 2·L̂_LN·d
+        r = hp["r"]
+        n_adapters = 2 * L if method == "adapter_h" else L
+        n_ln = 0 if hp.get("train_layer_norms") is False else n_adapters
+        assert n == n_adapters * (2 * d * r + r + d) + 2 * n_ln * d
+
+
+def test_counts_of_full_top2_and_bitfit():
+    cfg = GPTConfig(vocab_size=11, block_size=12, n_layer=3, n_head=2, d_model=8)
+    total = GPT(cfg).num_parameters()
+    assert apply_method(GPT(cfg), "full") == total
+    model = GPT(cfg)
+    top2 = apply_method(model, "ft_top2")
+    assert top2 == sum(p.size for name, p in model.named_parameters() if name.startswith(("blocks.1.", "blocks.2.")))
+    assert all(name.startswith(("blocks.1.", "blocks.2.")) for name, _ in model.named_parameters(trainable_only=True))
+    model = GPT(cfg)
+    n_bias = apply_method(model, "bitfit")
+    d, L = cfg.d_model, cfg.n_layer
+    # per block: q, k, v, o (d each), fc (4d), proj (d), ln1, ln2 (d each); plus ln_f
+    assert n_bias == L * (4 * d + 4 * d + d + 2 * d) + d
+    assert all(name.endswith(".bias") for name, _ in model.named_parameters(trainable_only=True))
+
+
+@pytest.mark.parametrize("method, marks", [
+    ("adapter_h", (".adapter.", ".ln1.", ".ln2.")), ("adapter_l", (".adapter.",)), ("preembed", ("preembed.",)),
+    ("lora", (".lora_A.", ".lora_B.")),
+])
+def test_only_the_methods_own_parameters_train(method, marks):
+    model = GPT(TINY)
+    apply_method(model, method, **hp_for(method))
+    names = [n for n, _ in model.named_parameters(trainable_only=True)]
+    assert names and all(any(m in n for m in marks) for n in names)
+    assert "blocks.0.attn.o.weight" in dict(model.named_parameters())  # base names are unchanged
+    assert not dict(model.named_parameters())["blocks.0.attn.o.weight"].requires_grad
+
+
+def test_base_checkpoint_loads_into_an_adapted_model():
+    base = GPT(TINY)
+    model = GPT(TINY)
+    apply_method(model, "adapter_h")
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(".adapter." in n for n in missing)
+
+
+def test_apply_method_rejects_unknown_methods_and_hyperparameters():
+    with pytest.raises(ValueError, match="unknown method"):
+        apply_method(GPT(TINY), "prefix_tuning")
+    with pytest.raises(TypeError, match="unknown hyper-parameters"):
+        apply_method(GPT(TINY), "adapter_l", rank=4)
+    with pytest.raises(ValueError, match="bottleneck width"):
+        apply_method(GPT(TINY), "adapter_h", r=0)
+    model = GPT(TINY)
+    apply_method(model, "adapter_h")
+    with pytest.raises(TypeError, match="applied already"):
+        apply_method(model, "adapter_l")
+
+
+# ----------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_gradchecks_on_a_tiny_gpt(method):
+    """d loss / d Θ of the whole model, for exactly the parameters the method trains (float64)."""
+    ml.manual_seed(0)
+    model = tiny_model()
+    apply_method(model, method, **hp_for(method))
+    randomize_zero_inits(model)
+    params = model.parameters(trainable_only=True)
+    if method in ("full", "ft_top2"):  # every parameter of a block is gradchecked elsewhere; sample a few
+        params = params[:2] + params[-4:]
+    assert ml.gradcheck(lambda *_: model.loss(IDX, TARGETS, MASK), params, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_bottleneck_adapter_gradcheck(backend, with_residual):
+    ml.manual_seed(0)
+    d, r = 5, 3
+    x = ml.tensor(B.random_normal((2, 4, d), "float64"), requires_grad=True)
+    inputs = [x] + [ml.tensor(B.random_normal(s, "float64"), requires_grad=True)
+                    for s in ((r, d), (r,), (d, r), (d,))]
+    if with_residual:
+        inputs.append(ml.tensor(B.random_normal((2, 4, d), "float64"), requires_grad=True))
+    assert ml.gradcheck(lambda *a: bottleneck_adapter(*a), inputs)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_bottleneck_equals_autograd_through_primitives(backend, with_residual):
+    ml.manual_seed(1)
+    d, r = 6, 2
+    shapes = ((3, 5, d), (r, d), (r,), (d, r), (d,), (3, 5, d))
+    a = [ml.tensor(B.random_normal(s, "float64"), requires_grad=True) for s in shapes]
+    b = [ml.tensor(t.data.copy(), requires_grad=True) for t in a]
+    res_a, res_b = (a[5], b[5]) if with_residual else (None, b[0])
+    fused = bottleneck_adapter(*a[:5], residual=res_a)
+    composed = res_b + F.linear(ml.relu(F.linear(b[0], b[1], b[2])), b[3], b[4])
+    assert_close(fused.data, composed.data)
+    g = B.random_normal(fused.shape, "float64")
+    fused.backward(g)
+    composed.backward(g)
+    for i, (ta, tb) in enumerate(zip(a, b)):
+        if i == 5 and not with_residual:
+            continue
+        assert_close(ta.grad, tb.grad, what=f"input {i}")
+
+
+def test_insert_and_gather_gradcheck(backend):
+    ml.manual_seed(2)
+    C = 3
+    x = ml.tensor(B.random_normal((2, 4, C), "float64"), requires_grad=True)
+    prefix = ml.tensor(B.random_normal((2, C), "float64"), requires_grad=True)
+    infix = ml.tensor(B.random_normal((1, C), "float64"), requires_grad=True)
+    xp = B.xp()
+    token_pos = xp.asarray([[2, 3, 5, 6], [2, 4, 5, 6]])  # separators at t = 1 and t = 0
+    infix_pos = xp.asarray([[4], [3]])
+    out = insert_prompt_vectors(x, prefix, infix, token_pos, infix_pos, 7)
+    assert out.shape == (2, 7, C)
+    assert_close(out.data[1, 3], infix.data[0]) and assert_close(out.data[0, :2], prefix.data)
+    assert ml.gradcheck(lambda a, p, i: insert_prompt_vectors(a, p, i, token_pos, infix_pos, 7), [x, prefix, infix])
+    h = ml.tensor(B.random_normal((2, 7, C), "float64"), requires_grad=True)
+    assert ml.gradcheck(lambda t: gather_positions(t, token_pos), [h])
+
+
+# ----------------------------------------------------------------------------- starting point
+@pytest.mark.parametrize("method", ["full", "ft_top2", "bitfit", "adapter_h", "adapter_l", "lora"])
+def test_the_adapted_model_starts_equal_to_the_base(backend, method):
+    """Adapters' up-projection and LoRA's B start at 0: the first forward pass is the base model's."""
+    model = GPT(TINY)
+    before = to_np(model(IDX).data)
+    apply_method(model, method)
+    np.testing.assert_array_equal(to_np(model(IDX).data), before)
+
+
+# ----------------------------------------------------------------------------- PreEmbed
+def test_preembed_shrinks_the_usable_length_and_says_so():
+    model = tiny_model()
+    apply_method(model, "preembed", l_p=2, l_i=1, sep_id=SEP)
+    assert isinstance(model, PreEmbedGPT)
+    assert model.config.block_size == TINY.block_size - 3 and model.preembed.context_size == TINY.block_size
+    fits = np.array([[1, SEP] + [4] * 7])  # 9 tokens + 3 vectors = 12 positions
+    assert model(fits).shape == (1, 9, TINY.vocab_size)
+    with pytest.raises(ValueError, match=r"PreEmbed: 10 tokens \+ 2 prefix \+ 1 infix vectors = 13 positions"):
+        model(np.array([[1, SEP] + [4] * 8]))
+    with pytest.raises(ValueError, match="after the separator"):
+        model(np.array([[1, 2, 4, 5]]))
+
+
+def test_preembed_infix_only_leaves_the_prompt_untouched():
+    """With l_p = 0 nothing is inserted before the separator: those outputs equal the base model's.
+
+    The separator's own output is read at the last infix vector (it predicts y₁), so from there on
+    the outputs differ.
+    """
+    base = tiny_model()
+    model = tiny_model()
+    model.load_state_dict(base.state_dict())
+    apply_method(model, "preembed", l_p=0, l_i=2, sep_id=SEP)
+    out, ref = to_np(model(IDX).data), to_np(base(IDX).data)
+    np.testing.assert_allclose(out[0, :2], ref[0, :2], rtol=1e-12, atol=1e-12)  # row 0: sep at t = 2
+    np.testing.assert_allclose(out[1, :1], ref[1, :1], rtol=1e-12, atol=1e-12)  # row 1: sep at t = 1
+    assert not np.allclose(out[0, 2:], ref[0, 2:])
+
+
+def test_preembed_prefix_shifts_every_position():
+    base = tiny_model()
+    model = tiny_model()
+    model.load_state_dict(base.state_dict())
+    apply_method(model, "preembed", l_p=2, l_i=0, sep_id=SEP)
+    assert not np.allclose(to_np(model(IDX).data)[:, 0], to_np(base(IDX).data)[:, 0])
+
+
+def test_preembed_generation_with_and_without_the_cache_agree():
+    model = tiny_model()
+    apply_method(model, "preembed", l_p=2, l_i=2, sep_id=SEP)
+    model.eval()
+    prompts = [[1, 2, SEP], [4, 5, SEP]]
+    with ml.no_grad():
+        cached = model.generate(prompts, max_new_tokens=20)
+        plain = model.generate(prompts, max_new_tokens=20, use_cache=False)
+    assert cached == plain
+    assert all(len(c) == model.config.block_size - 3 for c in cached)  # stops at the usable length
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+@pytest.mark.parametrize("method", ["adapter_l", "preembed"])
+def test_finetune_method_runs_and_reports(method):
+    base = GPT(GPTConfig(vocab_size=96, block_size=64, n_layer=1, n_head=2, d_model=16))
+    run = finetune_method("classify", method, base=base, steps=2, batch_size=4, n_train=8, n_eval=2,
+                          max_new_tokens=2, progress=False)
+    assert 0.0 <= run.metric <= 1.0 and run.trainable_params == run.model.num_parameters(trainable_only=True)
+    assert run.config["lr"] == DEFAULT_HP[method]["lr"] and run.config["steps"] == 2
+    assert np.isfinite(run.config["eval_loss"]) and run.config["eval_loss"] > 0
+    assert base.num_parameters(trainable_only=True) == base.num_parameters()  # the base is untouched
