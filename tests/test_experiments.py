@@ -73,18 +73,3 @@ def test_run_experiment_in_process_returns_its_results(tmp_path):
 def test_unknown_experiment_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown experiment 'tables'"):
         run_experiment("tables", out_dir=tmp_path, fast=True)
-
-
-def test_reuse_runs_redraws_without_retraining(tmp_path, monkeypatch):
-    from minilora.experiments import _common
-
-    small = GPT(GPTConfig(vocab_size=96, block_size=64, n_layer=1, n_head=2, d_model=64))  # r = 64 fits
-    first = run_experiment("amplification", out_dir=tmp_path, fast=True, progress=False, base=small, reuse_runs=True)
-    assert (tmp_path / "runs.pickle").stat().st_size > 0
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("a saved run was trained again")
-
-    monkeypatch.setattr(_common, "train_run", no_training)
-    second = run_experiment("amplification", out_dir=tmp_path, fast=True, progress=False, base=small, reuse_runs=True)
-    assert second["amplification"]["results"] == first["amplification"]["results"]

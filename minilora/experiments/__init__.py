@@ -31,20 +31,18 @@ EXPERIMENTS = ("baselines", "targets", "rank", "subspace", "amplification", "lat
 
 
 def run_experiment(name: str, out_dir="minilora-out/experiments", fast: bool = False, progress: bool = True,
-                   base=None, workers: int | None = None, reuse_runs: bool = False) -> dict:
+                   base=None, workers: int | None = None) -> dict:
     """Run experiment ``name`` (or "all"), write its tables and PNGs into ``out_dir``; return its results.
 
     The result maps each experiment's name to {"markdown": text, "figures": [PNG names],
     "results": {cell: value}}; "all" also writes ``all.md`` and returns "seconds".
     ``base``: the pre-trained model to start from (default: the shipped one). ``workers``: processes
     that train runs side by side (default: env ``MINILORA_WORKERS``, else 2 on a multi-core
-    machine, 1 with ``fast``). ``reuse_runs``: keep the fine-tuning runs in ``out_dir/runs.pickle``
-    and reuse those of an earlier call with the same settings and base (to redraw tables and
-    figures without retraining; delete the file after changing a method's code).
+    machine, 1 with ``fast``).
     """
     if name != "all" and name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {list(EXPERIMENTS) + ['all']}")
-    ctx = Context(out_dir, fast=fast, progress=progress, base=base, workers=workers, reuse_runs=reuse_runs)
+    ctx = Context(out_dir, fast=fast, progress=progress, base=base, workers=workers)
     names = EXPERIMENTS if name == "all" else (name,)
     modules = {n: importlib.import_module(f".{n}", __name__) for n in names}
     if len(names) > 1:  # train every run of every experiment first: one pool, no idle worker between experiments

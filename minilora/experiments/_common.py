@@ -86,8 +86,7 @@ def _freeze(value):
 
 
 class Context:
-    def __init__(self, out_dir, fast: bool = False, progress: bool = True, base=None, workers: int | None = None,
-                 reuse_runs: bool = False):
+    def __init__(self, out_dir, fast: bool = False, progress: bool = True, base=None, workers: int | None = None):
         self.out_dir = os.fspath(out_dir)
         if workers is None:
             workers = int(os.environ.get("MINILORA_WORKERS", "0")) or (1 if fast else min(2, os.cpu_count() or 1))
@@ -97,8 +96,6 @@ class Context:
         self.settings = FAST if fast else FULL
         self.base, self.base_note = (base, "the model passed in") if base is not None else _load_base(fast)
         self._runs: dict = {}
-        self.runs_file = os.path.join(self.out_dir, "runs.pickle") if reuse_runs else None
-        self._load_runs()
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------ paths and bars
@@ -111,43 +108,6 @@ class Context:
         return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True, disable=not self.progress)
 
     # ------------------------------------------------------------------ runs
-    def _fingerprint(self) -> str:
-        """What a saved run depends on besides its own configuration: the settings and the base weights."""
-        import hashlib
-
-        digest = hashlib.sha256(repr(self.settings).encode())
-        for name, array in self.base.state_dict().items():
-            digest.update(name.encode())
-            digest.update(np.ascontiguousarray(B.to_numpy(array)).tobytes())
-        return digest.hexdigest()
-
-    def _load_runs(self) -> None:
-        """With ``reuse_runs``: take the runs saved in ``runs.pickle`` by an earlier call (same settings, same base).
-
-        The saved runs do not know the code that made them: delete the file after changing a method.
-        """
-        if not self.runs_file or not os.path.exists(self.runs_file):
-            return
-        import pickle
-
-        with open(self.runs_file, "rb") as f:
-            saved = pickle.load(f)
-        if saved.get("fingerprint") == self._fingerprint():
-            self._runs.update(saved["runs"])
-        else:
-            warnings.warn(f"{self.runs_file} was made with other settings or another base model: not reused",
-                          stacklevel=3)
-
-    def _save_runs(self) -> None:
-        if not self.runs_file:
-            return
-        import pickle
-
-        tmp = self.runs_file + ".tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump({"fingerprint": self._fingerprint(), "runs": self._runs}, f)
-        os.replace(tmp, self.runs_file)
-
     def key(self, task, method, seed, hp) -> tuple:
         settings = {**DEFAULT_HP[method], **hp}
         return (task, method, int(seed), tuple(sorted((k, _freeze(v)) for k, v in settings.items())))
@@ -178,10 +138,7 @@ class Context:
                 todo.append((key, (task, method, seed, dict(hp), dict(key[3]))))
         if not todo:
             return
-        try:
-            self._train(todo, desc)
-        finally:
-            self._save_runs()  # with reuse_runs, whatever finished survives an interruption
+        self._train(todo, desc)
 
     def _train(self, todo, desc) -> None:
         with self.bar(len(todo), desc) as bar:
