@@ -6,15 +6,24 @@
     x.grad
 """
 
-from . import backend
-from .backend import BackendUnavailableError, manual_seed, set_backend, get_backend
-from .tensor import Tensor, tensor, no_grad, enable_grad, is_grad_enabled
+# tensor first: the ops import Function, which needs Tensor (the one import-order dependency)
+from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
+from . import backend, functional, nn, ops
+from .backend import BackendUnavailableError, get_backend, manual_seed, set_backend
 from .function import Function
-from .gradcheck import gradcheck, GradcheckError
-from . import ops, functional, nn
+from .gradcheck import GradcheckError, gradcheck
 from .ops import (
-    add, sub, mul, div, neg, pow, exp, log, tanh, sqrt, maximum, relu, matmul, where, masked_fill,
-    reshape, transpose, swapaxes, broadcast_to, concatenate, stack, split, astype,
+    add, astype, broadcast_to, concatenate, div, exp, log, masked_fill, matmul, maximum, mul, neg, pow, relu,
+    reshape, split, sqrt, stack, sub, swapaxes, tanh, transpose, where,
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "backend", "functional", "nn", "ops",
+    "BackendUnavailableError", "get_backend", "manual_seed", "set_backend",
+    "Function", "GradcheckError", "gradcheck",
+    "Tensor", "enable_grad", "is_grad_enabled", "no_grad", "tensor",
+    "add", "astype", "broadcast_to", "concatenate", "div", "exp", "log", "masked_fill", "matmul", "maximum", "mul",
+    "neg", "pow", "relu", "reshape", "split", "sqrt", "stack", "sub", "swapaxes", "tanh", "transpose", "where",
+]

@@ -331,7 +331,7 @@ def test_task_metric_names_and_ranges():
         examples = load_task(task, "val", n=20)
         assert task_metric(task, [e.target for e in examples], examples) == (name, 1.0)
     examples = load_task("classify", "val", n=4)
-    preds = [e.target for e in examples[:3]] + [next(l for l in LABELS if l != examples[3].target)]
+    preds = [e.target for e in examples[:3]] + [next(label for label in LABELS if label != examples[3].target)]
     assert task_metric("classify", preds, examples) == ("accuracy", 0.75)
     chatty = [Example("name[aromi]", "", (("name", "aromi"),))]
     assert task_metric("e2e", ["aromi is a cheap french pub in the city centre."], chatty) == (
