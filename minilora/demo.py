@@ -122,15 +122,21 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     merged = runs["e2e"]["lora"].model
     unmerged = copy.deepcopy(merged)
     lora.unmerge(unmerged)
+    served = lora.merge_and_unload(copy.deepcopy(unmerged)).eval()  # plain Linears holding W0 + s·BA
     one = probe_ids[:1]
     base.eval()
     with no_grad():
         lat = _interleaved_latency(
-            {"base": lambda: base(one), "merged": lambda: merged(one), "unmerged": lambda: unmerged(one)},
+            {"base": lambda: base(one), "merged_and_unloaded": lambda: served(one),
+             "merged": lambda: merged(one), "unmerged": lambda: unmerged(one)},
             15 if fast else 60,
         )
-    print(f"  batch-1 forward latency: base {lat['base']:.2f} ms, merged {lat['merged']:.2f} ms "
-          f"({100 * (lat['merged'] / lat['base'] - 1):+.1f} %), unmerged {lat['unmerged']:.2f} ms\n")
+
+    def over_base(name):
+        return f"{lat[name]:.2f} ms ({100 * (lat[name] / lat['base'] - 1):+.1f} %)"
+
+    print(f"  batch-1 forward latency: base {lat['base']:.2f} ms; merge_and_unload {over_base('merged_and_unloaded')}; "
+          f"merged LoRALinear {over_base('merged')}; unmerged {over_base('unmerged')}\n")
 
     # ---------------------------------------------------------------- 3. adapter files
     print("[3/4] adapters on disk vs a full fine-tuned checkpoint")
