@@ -40,6 +40,16 @@ def randomize(model, rng, scale=0.5):
             values += 1.0
         p.data[...] = B.asarray(values, dtype=p.dtype, backend=p.backend)
 
+def backward_both(model, reference, idx, targets, mask) -> dict:
+    """The masked loss of both models, checked equal; gradients left in place. Returns torch's params."""
+    loss = model.loss(idx, targets, mask=mask)
+    loss.backward()
+    ref_loss = reference.loss(idx, targets, mask)
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= RTOL * abs(ref_loss.item())
+    return dict(reference.named_parameters())
+
+
 
 @pytest.mark.parametrize("cfg_kwargs, batch", CONFIGS)
 def test_whole_model_matches_torch(backend, cfg_kwargs, batch):
@@ -62,12 +72,7 @@ def test_whole_model_matches_torch(backend, cfg_kwargs, batch):
     assert rel_error(B.to_numpy(logits.data), ref_logits.detach().numpy()) <= RTOL
 
     # masked loss and every parameter gradient
-    loss = model.loss(idx, targets, mask=mask)
-    loss.backward()
-    ref_loss = reference.loss(idx, targets, mask)
-    ref_loss.backward()
-    assert abs(loss.item() - ref_loss.item()) <= RTOL * abs(ref_loss.item())
-    ref_params = dict(reference.named_parameters())
+    ref_params = backward_both(model, reference, idx, targets, mask)
     scale = max(np.abs(p.grad.numpy()).max() for p in ref_params.values())
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"
@@ -145,12 +150,7 @@ def test_whole_model_with_lora_on_q_v_matches_torch(backend, cfg_kwargs, batch):
     idx, targets = rng.integers(0, V, size=(batch, T)), rng.integers(0, V, size=(batch, T))
     mask = (rng.random((batch, T)) < 0.6).astype(np.int64)
     mask[0, -1] = 1
-    loss = model.loss(idx, targets, mask=mask)
-    loss.backward()
-    ref_loss = reference.loss(idx, targets, mask)
-    ref_loss.backward()
-    assert abs(loss.item() - ref_loss.item()) <= RTOL * abs(ref_loss.item())
-    ref_params = dict(reference.named_parameters())
+    ref_params = backward_both(model, reference, idx, targets, mask)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, f"frozen {name} received a gradient"
