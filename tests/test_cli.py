@@ -48,3 +48,11 @@ def test_demo_fast_runs_end_to_end(tmp_path):
         assert (out / f"{task}.safetensors").stat().st_size < results["full_checkpoint_bytes"] / 20
     png = (out / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_bad_input_is_a_clean_error_not_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "minilora.cli", "generate", "name[the eagle] food[frenchh]"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "unknown word 'frenchh'" in result.stderr and "close words: 'french'" in result.stderr
+    assert "Traceback" not in result.stderr
