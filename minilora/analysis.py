@@ -17,7 +17,7 @@ import operator
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 
 __all__ = [
     "amplification_factor",
@@ -31,7 +31,7 @@ __all__ = [
 
 
 def _matrix(x, what: str) -> np.ndarray:
-    a = np.asarray(B.to_numpy(x), dtype=np.float64)
+    a = np.asarray(bk.to_numpy(x), dtype=np.float64)
     if a.ndim != 2:
         raise ValueError(f"{what} must be a 2-D matrix, got shape {a.shape}")
     if not np.all(np.isfinite(a)):

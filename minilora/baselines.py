@@ -34,7 +34,7 @@ import functools
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 from . import functional as F
 from . import nn
 from .backend import get_array_module
@@ -227,7 +227,7 @@ class InsertPromptVectors(Function):
 
 
 def insert_prompt_vectors(x, prefix, infix, token_pos, infix_pos, length):
-    """x (B, T, C) -> (B, length, C) with the prefix (l_p, C) first and the infix (l_i, C) at ``infix_pos``."""
+    """x (bk, T, C) -> (bk, length, C) with the prefix (l_p, C) first and the infix (l_i, C) at ``infix_pos``."""
     return InsertPromptVectors.apply(x, prefix, infix, token_pos=token_pos, infix_pos=infix_pos, length=length)
 
 
@@ -250,7 +250,7 @@ class GatherPositions(Function):
 
 
 def gather_positions(h, pos):
-    """h (B, T', C), pos (B, T) distinct per row -> (B, T, C)."""
+    """h (bk, T', C), pos (bk, T) distinct per row -> (bk, T, C)."""
     return GatherPositions.apply(h, pos=pos)
 
 
@@ -271,8 +271,8 @@ class PromptVectors(nn.Module):
             )
         self.l_p, self.l_i, self.sep_id, self.context_size = int(l_p), int(l_i), int(sep_id), int(context_size)
         V = wte.weight.shape[0]
-        words = (B.to_numpy(B.random_uniform((l_p + l_i,), np.float64)) * V).astype(np.int64)
-        init = wte.weight.data[B.asarray(words, backend=wte.weight.backend)].copy()
+        words = (bk.to_numpy(bk.random_uniform((l_p + l_i,), np.float64)) * V).astype(np.int64)
+        init = wte.weight.data[bk.asarray(words, backend=wte.weight.backend)].copy()
         self.prefix = nn.Parameter(init[:l_p]) if l_p else None
         self.infix = nn.Parameter(init[l_p:]) if l_i else None
 
@@ -285,7 +285,7 @@ class PreEmbedGPT(GPT):
 
     ``apply_method(model, "preembed")`` turns a GPT into this class in place (the parameters and
     their names stay; ``preembed.prefix`` and ``preembed.infix`` are added). ``model(idx)``
-    still takes the plain token ids and returns logits (B, T, V) for them, so ``loss``,
+    still takes the plain token ids and returns logits (bk, T, V) for them, so ``loss``,
     ``generate`` and ``evaluate`` work unchanged: the output for the separator is read at the
     last infix vector, whose next position holds y₁. The vectors occupy l_p + l_i of the
     pre-trained positions, so ``config.block_size`` is the usable length (the original minus
@@ -299,22 +299,22 @@ class PreEmbedGPT(GPT):
         is_sep = idx == pe.sep_id
         has_sep = is_sep.any(axis=1)
         if not bool(has_sep.all()):
-            rows = [int(i) for i in np.flatnonzero(~B.to_numpy(has_sep))[:5]]
+            rows = [int(i) for i in np.flatnonzero(~bk.to_numpy(has_sep))[:5]]
             raise ValueError(
                 f"PreEmbed inserts its {pe.l_i} infix vectors after the separator token (id {pe.sep_id}), but rows {rows} "
                 "have none: feed [bos] x [sep] ... sequences (minilora.data.collate / prompt_ids)"
             )
-        sep = is_sep.argmax(axis=1)[:, None]  # (B, 1): the first separator of each row
+        sep = is_sep.argmax(axis=1)[:, None]  # (bk, 1): the first separator of each row
         t = xp.arange(idx.shape[1])[None, :]  # (1, T)
-        token_pos = pe.l_p + t + pe.l_i * (t > sep)  # (B, T)
+        token_pos = pe.l_p + t + pe.l_i * (t > sep)  # (bk, T)
         read_pos = pe.l_p + t + pe.l_i * (t >= sep)  # the separator is read at the last infix vector
-        infix_pos = pe.l_p + sep + 1 + xp.arange(pe.l_i)[None, :]  # (B, l_i)
+        infix_pos = pe.l_p + sep + 1 + xp.arange(pe.l_i)[None, :]  # (bk, l_i)
         return token_pos, read_pos, infix_pos
 
     def forward(self, idx, adapter_ids=None, cache=None) -> Tensor:
         pe: PromptVectors = self.preembed
         idx = idx.data if isinstance(idx, Tensor) else idx
-        idx = B.asarray(idx, backend=self.wte.weight.backend)
+        idx = bk.asarray(idx, backend=self.wte.weight.backend)
         if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
             raise ValueError(f"PreEmbedGPT expects integer token ids of shape (batch, time), got {idx.dtype} {tuple(idx.shape)}")
         if cache is not None and is_grad_enabled():
@@ -331,20 +331,20 @@ class PreEmbedGPT(GPT):
                 "fit (model.config.block_size): shorten the sequence or use smaller l_p + l_i"
             )
         xp = get_array_module(idx)
-        x = self.wte(idx)  # (B, T, C)
+        x = self.wte(idx)  # (bk, T, C)
         if inserting:
             token_pos, read_pos, infix_pos = self._positions(idx)
-            x = insert_prompt_vectors(x, pe.prefix, pe.infix, token_pos, infix_pos, length)  # (B, T', C)
-        x = x + self.wpe(xp.arange(past, past + length))  # (B, T', C)
+            x = insert_prompt_vectors(x, pe.prefix, pe.infix, token_pos, infix_pos, length)  # (bk, T', C)
+        x = x + self.wpe(xp.arange(past, past + length))  # (bk, T', C)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, adapter_ids, cache)
         if cache is not None:
             cache.length += length
         if inserting:
-            x = gather_positions(x, read_pos)  # (B, T, C): one output per input token
+            x = gather_positions(x, read_pos)  # (bk, T, C): one output per input token
         x = self.ln_f(x)
-        return F.linear(x, self.wte.weight)  # (B, T, V)
+        return F.linear(x, self.wte.weight)  # (bk, T, V)
 
 
 # ----------------------------------------------------------------------------- apply_method
@@ -535,7 +535,7 @@ def finetune_method(task: str, method: str = "lora", *, base: GPT | None = None,
     if method == "lora":
         settings.setdefault("adapter_name", task)
     model = copy.deepcopy(base) if base is not None else load_base()
-    B.manual_seed(seed)
+    bk.manual_seed(seed)
     trainable = apply_method(model, method, **settings)
     if on_start is not None:
         on_start(model)

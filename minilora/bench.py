@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 from . import functional as F
 from . import optim
 from .models import GPT, GPTConfig
@@ -284,15 +284,15 @@ def set_blas_threads(n: int) -> bool:
 
 def _sync(backend: str) -> None:
     if backend == "cupy":
-        B.module_for("cupy").cuda.get_current_stream().synchronize()
+        bk.module_for("cupy").cuda.get_current_stream().synchronize()
 
 
 PEAK_N, PEAK_MATMULS = 1024, 3  # the peak runner: 3 float32 (1024×1024)@(1024×1024) products per round
 
 
 def _peak_runner(backend: str) -> Runner:
-    a = B.random_normal((PEAK_N, PEAK_N), np.float32, backend=backend)
-    b = B.random_normal((PEAK_N, PEAK_N), np.float32, backend=backend)
+    a = bk.random_normal((PEAK_N, PEAK_N), np.float32, backend=backend)
+    b = bk.random_normal((PEAK_N, PEAK_N), np.float32, backend=backend)
 
     def step():
         for _ in range(PEAK_MATMULS):
@@ -316,8 +316,8 @@ def _torch_peak_runner(device: str) -> Runner:
 
 def matmul_peak(backend: str = "numpy", n: int = 1024, repeats: int = 7) -> float:
     """FLOP/s of a float32 (n×n)@(n×n) matmul on ``backend``: the median of ``repeats`` timed runs."""
-    a = B.random_normal((n, n), np.float32, backend=backend)
-    b = B.random_normal((n, n), np.float32, backend=backend)
+    a = bk.random_normal((n, n), np.float32, backend=backend)
+    b = bk.random_normal((n, n), np.float32, backend=backend)
     a @ b
     _sync(backend)
     times = []
@@ -396,14 +396,14 @@ def _add_adapters(model, names, seed: int):
     """
     from . import lora
 
-    B.manual_seed(seed)  # A's init draws from minilora's generator
+    bk.manual_seed(seed)  # A's init draws from minilora's generator
     cfg = _lora_config()
     for name in names:
         lora.apply_lora(model, cfg, adapter_name=name)
     rng = np.random.default_rng(seed)
     for pname, p in model.named_parameters():
         if ".lora_B." in pname:
-            p.data[...] = B.asarray(rng.normal(0.0, LORA_B_STD, size=p.shape), dtype=p.dtype, backend=p.backend)
+            p.data[...] = bk.asarray(rng.normal(0.0, LORA_B_STD, size=p.shape), dtype=p.dtype, backend=p.backend)
     return model
 
 
@@ -413,9 +413,9 @@ def _lora_arrays(model, names) -> dict:
     for pname, p in model.named_parameters():
         path, kind, adapter = pname.rsplit(".", 2) if pname.count(".") >= 2 else (None, None, None)
         if kind == "lora_A":
-            A[(path, adapter)] = B.to_numpy(p.data)
+            A[(path, adapter)] = bk.to_numpy(p.data)
         elif kind == "lora_B":
-            Bm[(path, adapter)] = B.to_numpy(p.data)
+            Bm[(path, adapter)] = bk.to_numpy(p.data)
     paths = sorted({path for path, _ in A})
     return {path: [(A[(path, n)], Bm[(path, n)]) for n in names] for path in paths}
 
@@ -430,7 +430,7 @@ def _param_bytes(model) -> int:
 
 
 def _host_float(a) -> float:
-    return float(B.to_numpy(getattr(a, "data", a)))
+    return float(bk.to_numpy(getattr(a, "data", a)))
 
 
 def _groups(batch: int, names):
@@ -465,7 +465,7 @@ def _ml_runners(bc: BenchConfig, modes, base: GPT, idx, targets, backend: str, s
             state = opt.state_bytes() if opt is not None else 0
             params = _param_bytes(model)
             if backend == "cupy":  # tracemalloc sees host memory only: report CuPy's pool after a step instead
-                pool = B.module_for("cupy").get_default_memory_pool()
+                pool = bk.module_for("cupy").get_default_memory_pool()
                 step()
                 _sync(backend)
                 return {"step_peak_bytes": None, "param_bytes": params, "peak_memory_bytes": int(pool.total_bytes())}
@@ -520,9 +520,9 @@ def _ml_runners(bc: BenchConfig, modes, base: GPT, idx, targets, backend: str, s
 
             def loss_only():  # the loop's logits, put back in row order
                 with no_grad():
-                    parts = [B.to_numpy(model(idx[rows[0]:rows[-1] + 1], adapter_ids=[name] * len(rows)).data)
+                    parts = [bk.to_numpy(model(idx[rows[0]:rows[-1] + 1], adapter_ids=[name] * len(rows)).data)
                              for _, name, rows in loop_groups]
-                logits = B.asarray(np.concatenate(parts, axis=0), backend=backend)
+                logits = bk.asarray(np.concatenate(parts, axis=0), backend=backend)
                 return _host_float(F.cross_entropy(logits, targets))
         info = {"optimizer_state_bytes": 0, "trainable_params": 0,
                 "total_params": int(sum(p.data.size for _, p in model.named_parameters()))}
@@ -695,8 +695,8 @@ def bench_config(bc: BenchConfig, modes, *, repeats: int, warmup: int, compare_t
     rng = np.random.default_rng(seed)
     idx_np = rng.integers(0, bc.model.vocab_size, size=(bc.batch, bc.model.block_size))
     targets_np = rng.integers(0, bc.model.vocab_size, size=(bc.batch, bc.model.block_size))
-    idx = B.asarray(idx_np, backend=backend)
-    targets = B.asarray(targets_np, backend=backend)
+    idx = bk.asarray(idx_np, backend=backend)
+    targets = bk.asarray(targets_np, backend=backend)
 
     log(f"[{bc.name}] building {', '.join(modes)} (batch {bc.batch}, T {bc.model.block_size}, d {bc.model.d_model}, "
         f"{bc.model.n_layer} layers, {bc.model.n_head} heads)")
@@ -704,7 +704,7 @@ def bench_config(bc: BenchConfig, modes, *, repeats: int, warmup: int, compare_t
     torch_runners = {}
     if compare_torch:
         ref = _load_torch_reference()
-        base_sd = {name: B.to_numpy(a) for name, a in base.state_dict().items()}
+        base_sd = {name: bk.to_numpy(a) for name, a in base.state_dict().items()}
         device = "cuda" if backend == "cupy" else "cpu"
         torch_runners = _torch_runners(bc, modes, ref, base_sd, lora_sources, idx_np, targets_np, attention, device)
 
@@ -910,8 +910,8 @@ def run(configs=("tiny", "medium"), modes=MODES, *, repeats: int = 7, warmup: in
     if repeats < 1 or warmup < 0:
         raise BenchError("--repeats must be >= 1 and --warmup >= 0")
     if backend == "cupy":
-        B.set_backend("cupy")  # raises BackendUnavailableError with the reason when there is no GPU
-        B.set_backend("numpy")  # models are built on the host and moved
+        bk.set_backend("cupy")  # raises BackendUnavailableError with the reason when there is no GPU
+        bk.set_backend("numpy")  # models are built on the host and moved
 
     previous_blas = blas_threads()["threads"]
     previous_torch = None
@@ -980,7 +980,7 @@ def main(argv=None) -> int:
         rows = run(configs, [m for m in args.modes.split(",") if m], repeats=repeats, warmup=warmup,
                    compare_torch=args.compare_torch, threads=args.threads, backend=args.backend,
                    attention=args.torch_attention, seed=args.seed)
-    except (BenchError, B.BackendUnavailableError) as exc:
+    except (BenchError, bk.BackendUnavailableError) as exc:
         print(f"minilora bench: {exc}", file=sys.stderr)
         return 2
     print()

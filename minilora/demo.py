@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 from . import lora
 from .data import TASKS, Tokenizer, load_task, prompt_ids
 from .io import save_json
@@ -80,7 +80,7 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     n_eval = 16 if fast else 200
     print("minilora demo: LoRA (Hu et al. 2021, arXiv 2106.09685) in miniature")
     print(f"base model: {base.num_parameters():,} parameters, {base.config.n_layer} layers, "
-          f"d_model {base.config.d_model}, backend {B.get_backend()}{' (fast mode)' if fast else ''}\n")
+          f"d_model {base.config.d_model}, backend {bk.get_backend()}{' (fast mode)' if fast else ''}\n")
 
     # ---------------------------------------------------------------- 1. full FT vs LoRA
     print("[1/4] fine-tune every task with full fine-tuning and with LoRA (r = 4 on q, v)")
@@ -113,9 +113,9 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
         model = runs[task]["lora"].model
         model.eval()
         with no_grad():
-            before = B.to_numpy(model(probe_ids).data)
+            before = bk.to_numpy(model(probe_ids).data)
             lora.merge(model)
-            after = B.to_numpy(model(probe_ids).data)
+            after = bk.to_numpy(model(probe_ids).data)
         diff = float(np.max(np.abs(after - before)))
         merge_report[task] = {"max_abs_logit_diff": diff}
         print(f"  {task:<9} max |merged - unmerged| logit difference {diff:.2e}")

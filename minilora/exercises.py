@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 from . import functional as F
 from .function import Function
 from .gradcheck import GradcheckError, gradcheck
@@ -157,7 +157,7 @@ def _array(value, what: str, shape=None, hint: str = _SHAPE_HINT) -> np.ndarray:
     if isinstance(value, Tensor):
         value = value.data
     try:
-        a = np.asarray(B.to_numpy(value), dtype=np.float64)
+        a = np.asarray(bk.to_numpy(value), dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ExerciseError(f"{what}: could not read your result as an array ({exc})") from None
     if shape is not None and a.shape != tuple(shape):
@@ -203,8 +203,8 @@ def check_backward_by_hand(fn) -> str:
         if not isinstance(result, (tuple, list)) or len(result) != 2:
             raise ExerciseError(f"your function must return two arrays (dx, dw), got {type(result).__name__}")
         dx, dw = _array(result[0], "dx", (n, k)), _array(result[1], "dw", (k, m))
-        _close(dx, B.to_numpy(x.grad), f"dx (x of shape {(n, k)})", hint)
-        _close(dw, B.to_numpy(w.grad), f"dw (w of shape {(k, m)})", hint)
+        _close(dx, bk.to_numpy(x.grad), f"dx (x of shape {(n, k)})", hint)
+        _close(dw, bk.to_numpy(w.grad), f"dw (w of shape {(k, m)})", hint)
     return "dx and dw equal minilora's x.grad and w.grad on three shapes"
 
 
@@ -288,7 +288,7 @@ def _check_lora_gradient(fn, which: str, hint: str) -> str:
         F.lora_linear(tensor(x, dtype="float64"), tensor(weight, dtype="float64"), tensor(bias, dtype="float64"),
                       A_lib, B_lib, scaling).backward(g)
         mine = _array(_call(fn, x.copy(), lora_A.copy(), lora_B.copy(), g.copy(), scaling), f"d{which}")
-        expected = B.to_numpy((A_lib if which == "A" else B_lib).grad)
+        expected = bk.to_numpy((A_lib if which == "A" else B_lib).grad)
         _close(mine, expected, f"d{which} against F.lora_linear's backward", hint)
     return f"gradcheck passes and your d{which} equals F.lora_linear's hand-written backward"
 
@@ -365,8 +365,8 @@ def check_loss_mask(fn) -> str:
 def check_masked_loss(fn) -> str:
     """fn(logits, targets, mask) -> a scalar Tensor: mean NLL over the positions where mask == 1.
 
-    logits: a Tensor (B, T, V) that requires grad; targets: int array (B, T); mask: float
-    array (B, T). Value and gradient are compared with ``F.cross_entropy(logits, targets, mask=mask)``.
+    logits: a Tensor (bk, T, V) that requires grad; targets: int array (bk, T); mask: float
+    array (bk, T). Value and gradient are compared with ``F.cross_entropy(logits, targets, mask=mask)``.
     """
     hint = ("Hint: logp = F.log_softmax(logits, axis=-1); pick logp at the targets (e.g. multiply by a one-hot "
             "array and sum over the last axis), multiply by the mask, sum, and divide by mask.sum() — not by B·T.")
@@ -393,7 +393,7 @@ def check_masked_loss(fn) -> str:
         loss.backward()
         if logits.grad is None:
             raise ExerciseError("after loss.backward() the logits got no gradient")
-        _close(B.to_numpy(logits.grad), B.to_numpy(ref_logits.grad), "the gradient of the logits", hint)
+        _close(bk.to_numpy(logits.grad), bk.to_numpy(ref_logits.grad), "the gradient of the logits", hint)
     return "value and gradient equal F.cross_entropy(logits, targets, mask=mask)"
 
 
@@ -401,7 +401,7 @@ def check_masked_loss(fn) -> str:
 def _tiny_gpt(dtype="float32", seed=0):
     from .models import GPT, GPTConfig
 
-    B.manual_seed(seed)
+    bk.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, d_model=16))
     return model.to(dtype=dtype)
 
@@ -478,7 +478,7 @@ def check_merge(fn) -> str:
                                      tensor(bias, dtype="float64"), tensor(A, dtype="float64"),
                                      tensor(Bm, dtype="float64"), 2.0)
         merged_out = F.linear(tensor(x, dtype="float64"), tensor(merged, dtype="float64"), tensor(bias, dtype="float64"))
-    _close(B.to_numpy(merged_out.data), B.to_numpy(unmerged_out.data), "F.linear(x, your W) vs F.lora_linear(x, ...)",
+    _close(bk.to_numpy(merged_out.data), bk.to_numpy(unmerged_out.data), "F.linear(x, your W) vs F.lora_linear(x, ...)",
            hint)
     return "F.linear with your merged W gives the LoRA layer's output: no extra work at inference"
 
@@ -520,7 +520,7 @@ def check_mixed_batch(fn) -> str:
         layer.lora_B[name].data[...] = Bm
     adapter_ids = ["parse", "e2e", BASE_ADAPTER, "e2e", "parse", "parse"]
     with no_grad():
-        expected = B.to_numpy(layer(tensor(x, dtype="float64"), adapter_ids=adapter_ids).data)
+        expected = bk.to_numpy(layer(tensor(x, dtype="float64"), adapter_ids=adapter_ids).data)
     copies = {n: (A.copy(), Bm.copy(), s) for n, (A, Bm, s) in adapters.items()}
     got = _array(_call(fn, x.copy(), W0.copy(), bias.copy(), copies, list(adapter_ids)), "h", expected.shape)
     _close(got, expected, f"h for adapter_ids={adapter_ids}",
@@ -579,7 +579,7 @@ def check_random_subspace_baseline(fn) -> str:
 
 # ----------------------------------------------------------------------------- 07 GPU
 def _backends():
-    return ["numpy", "cupy"] if B.cupy_available() else ["numpy"]
+    return ["numpy", "cupy"] if bk.cupy_available() else ["numpy"]
 
 
 @_exercise("a softmax for any backend")
@@ -596,11 +596,11 @@ def check_softmax_any_backend(fn) -> str:
     expected /= expected.sum(axis=-1, keepdims=True)
     for backend in _backends():
         for dtype in ("float32", "float64"):
-            a = B.asarray(host, dtype=dtype, backend=backend)
+            a = bk.asarray(host, dtype=dtype, backend=backend)
             got = _call(fn, a)
             if got is None:
                 raise ExerciseError("your function returned None; did you forget `return`?")
-            if B.backend_of(got) != backend or not hasattr(got, "dtype"):
+            if bk.backend_of(got) != backend or not hasattr(got, "dtype"):
                 raise ExerciseError(
                     f"for a {backend} array you returned a {type(got).__module__}.{type(got).__name__}; "
                     "use xp = ml.backend.get_array_module(a) and xp.exp / xp.max, so a CuPy input stays on the GPU"
@@ -611,7 +611,7 @@ def check_softmax_any_backend(fn) -> str:
                     "upcasts float32 arrays; Python floats and the array's own methods keep the dtype"
                 )
             tol = 1e-5 if dtype == "float32" else 1e-12
-            _close(np.asarray(B.to_numpy(got), dtype=np.float64), expected, f"softmax of a {backend} {dtype} array",
+            _close(np.asarray(bk.to_numpy(got), dtype=np.float64), expected, f"softmax of a {backend} {dtype} array",
                    "Hint: subtract a.max(axis=-1, keepdims=True) before exp (row 1 holds logits near 1000), then "
                    "divide by the sum over the last axis.", rtol=tol, atol=tol)
     where = " and CuPy" if len(_backends()) > 1 else " (no GPU here: CuPy is checked where one is present)"
@@ -630,7 +630,7 @@ def check_host_logits(fn) -> str:
     model.eval()
     idx = _rng(0).integers(0, 20, size=(2, 5))
     with no_grad():
-        expected = B.to_numpy(model(idx).data)
+        expected = bk.to_numpy(model(idx).data)
     for backend in _backends():
         m = model if backend == "numpy" else copy.deepcopy(model).to(backend=backend)
         got = _call(fn, m, idx.copy())

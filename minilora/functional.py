@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 from .backend import get_array_module
 from .function import Function
 from .tensor import Tensor
@@ -83,7 +83,7 @@ def linear(x, weight, bias=None):
 # ----------------------------------------------------------------------------- LoRA
 def dropout_mask(shape, p: float, dtype, backend: str | None = None):
     """Inverted-dropout mask: 0 with probability p, else 1/(1-p) (so E[mask] = 1)."""
-    keep = B.random_uniform(shape, dtype, backend=backend) >= p
+    keep = bk.random_uniform(shape, dtype, backend=backend) >= p
     return keep.astype(dtype) * (1.0 / (1.0 - p))
 
 
@@ -113,7 +113,7 @@ class LoRALinear(Function):
         x2 = _rows(x)
         mask = None
         if training and dropout > 0.0:
-            mask = dropout_mask(x2.shape, dropout, x2.dtype, backend=B.backend_of(x2))
+            mask = dropout_mask(x2.shape, dropout, x2.dtype, backend=bk.backend_of(x2))
             x_dropped = x2 * mask
         else:
             x_dropped = x2
@@ -404,7 +404,7 @@ class Embedding(Function):
             one_hot[xp.arange(flat_ids.shape[0]), flat_ids] = 1.0
             return None, one_hot.T @ g
         dw = xp.zeros(self.weight_shape, dtype=grad.dtype)
-        B.scatter_add(dw, flat_ids, g)
+        bk.scatter_add(dw, flat_ids, g)
         return None, dw
 
 
@@ -422,7 +422,7 @@ def embedding(ids, weight):
 # ----------------------------------------------------------------------------- dropout
 class Dropout(Function):
     def forward(self, x, p):
-        self.mask = dropout_mask(x.shape, p, x.dtype, backend=B.backend_of(x))
+        self.mask = dropout_mask(x.shape, p, x.dtype, backend=bk.backend_of(x))
         return x * self.mask
 
     def backward(self, grad):
@@ -473,17 +473,17 @@ class ScaledDotProductAttention(Function):
     def forward(self, q, k, v, causal=True):
         xp = get_array_module(q, k, v)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk); scaling q is the smaller pass
+        scores = (q * scale) @ k.swapaxes(-1, -2)  # (bk, H, Tq, Tk); scaling q is the smaller pass
         if causal:
             scores += causal_mask(q.shape[-2], k.shape[-2], scores.dtype, xp)
-        # softmax in place on the one (B, H, Tq, Tk) buffer: no temporaries of that size
+        # softmax in place on the one (bk, H, Tq, Tk) buffer: no temporaries of that size
         scores -= scores.max(axis=-1, keepdims=True)
         xp.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         attn = scores
         self.save_for_backward(q, k, v, attn)
         self.scale = scale
-        return attn @ v  # (B, H, Tq, Dh)
+        return attn @ v  # (bk, H, Tq, Dh)
 
     def backward(self, grad):
         q, k, v, attn = self.saved

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 from .models.gpt import KVCache
 from .tensor import Tensor, no_grad
 
@@ -52,7 +52,7 @@ def _as_prompt_list(prompts) -> list[np.ndarray]:
     if isinstance(prompts, Tensor):
         prompts = prompts.data
     if hasattr(prompts, "ndim"):  # NumPy / CuPy array
-        array = B.to_numpy(prompts)
+        array = bk.to_numpy(prompts)
         if array.ndim != 2:
             raise ValueError(f"generate: an array of prompts must be 2-D (n_prompts, length), got shape {array.shape}")
         prompts = list(array)
@@ -64,7 +64,7 @@ def _as_prompt_list(prompts) -> list[np.ndarray]:
                 "generate: prompts must be a list of token-id lists (one per prompt), got a flat list of ids; "
                 "wrap a single prompt as [prompt]"
             )
-        a = np.asarray(B.to_numpy(p) if hasattr(p, "shape") else p)
+        a = np.asarray(bk.to_numpy(p) if hasattr(p, "shape") else p)
         if a.ndim != 1:
             raise ValueError(f"generate: prompt {i} must be a 1-D sequence of token ids, got shape {a.shape}")
         if a.size == 0:
@@ -92,7 +92,7 @@ class _Step:
     def _logits(self, idx: np.ndarray) -> np.ndarray:
         ids = None if self.adapter_ids is None else list(self.adapter_ids)
         logits = self.model(idx, adapter_ids=ids, cache=self.cache)  # (rows, t, V)
-        return B.to_numpy(logits.data[:, -1]).astype(np.float64)  # (rows, V)
+        return bk.to_numpy(logits.data[:, -1]).astype(np.float64)  # (rows, V)
 
     def start(self) -> np.ndarray:
         return self._logits(self.tokens)
@@ -105,7 +105,7 @@ class _Step:
             self.adapter_ids = self.adapter_ids[rows]
         if self.cache is not None:
             reference = next((k for k in self.cache.keys if k is not None), None)
-            self.cache.reorder(B.asarray(rows, backend=B.backend_of(reference)) if reference is not None else rows)
+            self.cache.reorder(bk.asarray(rows, backend=bk.backend_of(reference)) if reference is not None else rows)
 
     def advance(self, new_tokens: np.ndarray) -> np.ndarray:
         new_tokens = np.asarray(new_tokens, dtype=np.int64)[:, None]  # (rows, 1)
@@ -298,7 +298,7 @@ def generate(
                 f"generate: adapter_ids must hold one adapter name per prompt ({len(prompt_list)}), got {adapter_ids!r}"
             )
         adapter_ids = np.array(list(adapter_ids), dtype=object)
-    generator = np.random.default_rng(seed) if seed is not None else B.rng("numpy")
+    generator = np.random.default_rng(seed) if seed is not None else bk.rng("numpy")
 
     results: list[list[int] | None] = [None] * len(prompt_list)
     buckets: dict[int, list[int]] = {}

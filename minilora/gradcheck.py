@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 from .tensor import Tensor, no_grad
 
 __all__ = ["gradcheck", "GradcheckError"]
@@ -57,7 +57,7 @@ def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 1
     try:
         outs = _outputs(fn, inputs)
         rng = np.random.default_rng(seed)
-        upstream = [B.asarray(rng.standard_normal(o.shape), dtype=o.dtype, backend=o.backend) for o in outs]
+        upstream = [bk.asarray(rng.standard_normal(o.shape), dtype=o.dtype, backend=o.backend) for o in outs]
         for o, g in zip(outs, upstream):
             if o.requires_grad:
                 o.backward(g)
@@ -68,13 +68,13 @@ def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 1
 
         def loss() -> float:
             with no_grad():
-                return sum(float((B.to_numpy(o.data).astype(np.float64) * B.to_numpy(g)).sum())
+                return sum(float((bk.to_numpy(o.data).astype(np.float64) * bk.to_numpy(g)).sum())
                            for o, g in zip(_outputs(fn, inputs), upstream))
 
         for i in checked:
             x = inputs[i]
             grad = analytic[i]
-            grad = np.zeros(x.shape) if grad is None else B.to_numpy(grad)
+            grad = np.zeros(x.shape) if grad is None else bk.to_numpy(grad)
             numeric = np.zeros(x.shape)
             # perturb x.data in place, one element at a time, by its index: works for any
             # strided layout (a transposed or sliced input), not only contiguous arrays

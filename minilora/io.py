@@ -13,7 +13,7 @@ import tempfile
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 
 __all__ = ["atomic_write", "save_arrays", "load_arrays", "FileFormatError", "save_json", "load_json"]
 
@@ -47,7 +47,7 @@ def save_arrays(path, arrays: dict, meta: dict | None = None) -> None:
     """
     from safetensors.numpy import save_file
 
-    host = {name: np.ascontiguousarray(B.to_numpy(a)) for name, a in arrays.items()}
+    host = {name: np.ascontiguousarray(bk.to_numpy(a)) for name, a in arrays.items()}
     metadata = {"minilora": json.dumps(meta or {}, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(host, tmp, metadata=metadata))
 

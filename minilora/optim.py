@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from . import backend as B
+from . import backend as bk
 from .tensor import Tensor
 
 __all__ = [
@@ -66,7 +66,7 @@ def _named_tensors(params, where: str) -> list[tuple[str | None, Tensor]]:
 
 
 def _layout(a) -> tuple:
-    return B.backend_of(a), a.dtype, a.shape
+    return bk.backend_of(a), a.dtype, a.shape
 
 
 # ----------------------------------------------------------------------------- base
@@ -111,15 +111,15 @@ class Optimizer:
         self.steps = [0] * len(self.params)
         self._layouts = [_layout(p.data) for p in self.params]
         self.state = [
-            {key: B.get_array_module(p.data).zeros_like(p.data) for key in self._state_keys} for p in self.params
+            {key: bk.get_array_module(p.data).zeros_like(p.data) for key in self._state_keys} for p in self.params
         ]
         # Scratch for intermediate results: per (backend, dtype), flat buffers as large as the biggest param.
         sizes: dict[tuple, int] = {}
         for p in self.params:
-            key = (B.backend_of(p.data), p.data.dtype)
+            key = (bk.backend_of(p.data), p.data.dtype)
             sizes[key] = max(sizes.get(key, 0), p.data.size)
         self._scratch = {
-            key: [B.module_for(key[0]).empty(size, dtype=key[1]) for _ in range(self._n_scratch)]
+            key: [bk.module_for(key[0]).empty(size, dtype=key[1]) for _ in range(self._n_scratch)]
             for key, size in sizes.items()
         }
 
@@ -143,7 +143,7 @@ class Optimizer:
                     f"{type(self).__name__}: parameter {self.names[i]!r} was {backend} {dtype} {shape} when the "
                     f"optimizer was made and is {_layout(param)} now; make the optimizer after model.to(...)"
                 )
-            if grad.shape != param.shape or grad.dtype != param.dtype or B.backend_of(grad) != self._layouts[i][0]:
+            if grad.shape != param.shape or grad.dtype != param.dtype or bk.backend_of(grad) != self._layouts[i][0]:
                 raise ValueError(
                     f"{type(self).__name__}: parameter {self.names[i]!r} is {_layout(param)} but its grad is "
                     f"{_layout(grad)}; a gradient must match its parameter's backend, dtype and shape"
@@ -156,7 +156,7 @@ class Optimizer:
 
     def _scratch_for(self, param, slot: int = 0):
         """A scratch view of ``param``'s shape (its contents are garbage; the next param reuses it)."""
-        flat = self._scratch[(B.backend_of(param), param.dtype)][slot]
+        flat = self._scratch[(bk.backend_of(param), param.dtype)][slot]
         return flat[: param.size].reshape(param.shape)
 
     # ------------------------------------------------------------------ memory
@@ -199,7 +199,7 @@ class Optimizer:
         out = {}
         for name, state in zip(self.names, self.state):
             for key, buf in state.items():
-                host = B.to_numpy(buf)
+                host = bk.to_numpy(buf)
                 out[f"{name}.{key}"] = host.copy() if host is buf else host
         return out
 
@@ -250,8 +250,8 @@ class Optimizer:
         for i, (name, buffers) in enumerate(zip(self.names, self.state)):
             self.steps[i] = int(saved[name]["step"])
             for key, buf in buffers.items():
-                source = B.asarray(arrays[f"{name}.{key}"], dtype=buf.dtype, backend=B.backend_of(buf))
-                B.get_array_module(buf).copyto(buf, source)
+                source = bk.asarray(arrays[f"{name}.{key}"], dtype=buf.dtype, backend=bk.backend_of(buf))
+                bk.get_array_module(buf).copyto(buf, source)
 
 
 # ----------------------------------------------------------------------------- SGD
@@ -279,7 +279,7 @@ class SGD(Optimizer):
         super().__init__(params, lr)
 
     def _update(self, i, param, grad, lr):
-        xp = B.get_array_module(param)
+        xp = bk.get_array_module(param)
         scratch = self._scratch_for(param)
         d = grad  # read only: never written
         if self.weight_decay:
@@ -334,7 +334,7 @@ class AdamW(Optimizer):
         super().__init__(params, lr)
 
     def _update(self, i, param, grad, lr):
-        xp = B.get_array_module(param)
+        xp = bk.get_array_module(param)
         beta1, beta2 = self.betas
         t = self.steps[i]
         m, v = self.state[i]["exp_avg"], self.state[i]["exp_avg_sq"]
@@ -376,7 +376,7 @@ def clip_grad_norm_(params, max_norm: float, error_if_nonfinite: bool = False) -
     tensors = [p for _, p in _named_tensors(params, "clip_grad_norm_") if p.grad is not None]
     partial_sums: dict[int, tuple] = {}  # per array module: (module, [0-d float64 arrays]); one host sync each
     for p in tensors:
-        xp = B.get_array_module(p.grad)
+        xp = bk.get_array_module(p.grad)
         flat = p.grad.astype(xp.float64, copy=False).reshape(-1)
         partial_sums.setdefault(id(xp), (xp, []))[1].append(xp.dot(flat, flat))
     total_sq = sum(float(xp.sum(xp.stack(parts))) for xp, parts in partial_sums.values())

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 from . import optim
 from .data import TASKS, Tokenizer, collate, lm_collate, load_task, pretrain_corpus, prompt_ids, task_metric
 from .models import GPT, GPTConfig, load_base, save_model
@@ -136,7 +136,7 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, r: int
     tokenizer = tokenizer or Tokenizer.default()
     steps = steps if steps is not None else (40 if FAST else METHODS[method]["steps"])
     model = copy.deepcopy(base) if base is not None else load_base()
-    B.manual_seed(seed)
+    bk.manual_seed(seed)
     if method == "lora":
         from . import lora
 
@@ -169,7 +169,7 @@ def pretrain(steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, seed: in
     Returns (model, history, held-out LM loss). Deterministic for a seed.
     """
     tokenizer = Tokenizer.default()
-    B.manual_seed(seed)
+    bk.manual_seed(seed)
     cfg = config or GPTConfig(vocab_size=96, block_size=64, n_layer=4, n_head=4, d_model=128, dropout=0.0)
     model = GPT(cfg)
     texts = pretrain_corpus(n_texts, seed=seed)

@@ -13,7 +13,7 @@ import contextlib
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 
 __all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled"]
 
@@ -59,7 +59,7 @@ class Tensor:
         if dtype is None and not hasattr(data, "dtype"):
             probe = np.asarray(data)  # Python lists/scalars: floats become float32, as in PyTorch
             dtype = np.float32 if _is_float(probe.dtype) else probe.dtype
-        self.data = B.asarray(data, dtype=dtype, backend=backend)  # backend None: the current one
+        self.data = bk.asarray(data, dtype=dtype, backend=backend)  # backend None: the current one
         if requires_grad and not _is_float(self.data.dtype):
             raise TypeError(f"only floating tensors can require grad, got dtype {self.data.dtype}")
         self.grad = None
@@ -93,7 +93,7 @@ class Tensor:
 
     @property
     def backend(self) -> str:
-        return B.backend_of(self.data)
+        return bk.backend_of(self.data)
 
     @property
     def is_leaf(self) -> bool:
@@ -104,12 +104,12 @@ class Tensor:
 
     def __repr__(self) -> str:
         extra = ", requires_grad=True" if self.requires_grad else ""
-        body = np.array2string(B.to_numpy(self.data), precision=4, separator=", ", threshold=20)
+        body = np.array2string(bk.to_numpy(self.data), precision=4, separator=", ", threshold=20)
         return f"tensor({body}, dtype={self.dtype}{extra})"
 
     def numpy(self) -> np.ndarray:
         """A host NumPy copy-free view when possible (a copy from the GPU)."""
-        return B.to_numpy(self.data)
+        return bk.to_numpy(self.data)
 
     def item(self) -> float:
         return self.data.item()
@@ -138,7 +138,7 @@ class Tensor:
                 "backward() on a tensor that does not require grad: no input of the graph had "
                 "requires_grad=True (or it was built under ml.no_grad())"
             )
-        xp = B.get_array_module(self.data)
+        xp = bk.get_array_module(self.data)
         if grad is None:
             if self.data.size != 1:
                 raise RuntimeError(

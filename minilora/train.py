@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import backend as B
+from . import backend as bk
 from .io import FileFormatError, load_arrays, save_arrays
 
 __all__ = ["fit", "History", "TrainingDivergedError", "epoch_batches", "save_checkpoint", "load_checkpoint"]
@@ -85,8 +85,8 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, history: History
         meta["optimizer"] = opt_meta
     if scheduler is not None:
         meta["scheduler"] = scheduler.state_dict()
-    if B.backend_of(next(iter(arrays.values()), np.zeros(0))) == "numpy":
-        meta["rng"] = B.rng("numpy").bit_generator.state
+    if bk.backend_of(next(iter(arrays.values()), np.zeros(0))) == "numpy":
+        meta["rng"] = bk.rng("numpy").bit_generator.state
     save_arrays(path, arrays, meta)
 
 
@@ -107,7 +107,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> tuple[int, H
     if scheduler is not None and "scheduler" in meta:
         scheduler.load_state_dict(meta["scheduler"])
     if "rng" in meta:
-        B.rng("numpy").bit_generator.state = meta["rng"]
+        bk.rng("numpy").bit_generator.state = meta["rng"]
     return int(meta["step"]), History.from_dict(meta["history"]), meta.get("extra", {})
 
 
@@ -178,7 +178,7 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            n_tokens = int(B.to_numpy(mask).sum()) if mask is not None else int(np.prod(np.shape(idx)))
+            n_tokens = int(bk.to_numpy(mask).sum()) if mask is not None else int(np.prod(np.shape(idx)))
             history.steps.append(step)
             history.losses.append(value)
             history.lrs.append(float(optimizer.lr))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 
 # `make test` runs with --hypothesis-profile=ci: a fixed example count, no deadline (shared CI machines).
 settings.register_profile(
@@ -29,7 +29,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 def _backend_params():
     params = [pytest.param("numpy", id="numpy")]
-    if B.cupy_available():
+    if bk.cupy_available():
         params.append(pytest.param("cupy", id="cupy"))
     else:
         params.append(pytest.param("cupy", id="cupy", marks=pytest.mark.skip(reason="CuPy backend: no CuPy or no GPU here")))
@@ -39,20 +39,20 @@ def _backend_params():
 @pytest.fixture(params=_backend_params())
 def backend(request):
     """Run the test under each available backend (CuPy skipped with a reason when absent)."""
-    with B.use(request.param):
+    with bk.use(request.param):
         yield request.param
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_restore_backend():
     ml.manual_seed(0)
-    previous = B.get_backend()
+    previous = bk.get_backend()
     yield
-    B.set_backend(previous)
+    bk.set_backend(previous)
 
 
 def to_np(x):
-    return B.to_numpy(x)
+    return bk.to_numpy(x)
 
 
 def assert_close(actual, expected, rtol=1e-7, atol=1e-9, what=""):

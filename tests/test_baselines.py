@@ -5,7 +5,7 @@ import pytest
 from conftest import assert_close, to_np
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 from minilora import functional as F
 from minilora.baselines import (
     DEFAULT_HP,
@@ -44,7 +44,7 @@ def randomize_zero_inits(model):
     """B = 0 and up = 0 make the model start at the base; a gradcheck needs them non-zero."""
     for name, p in model.named_parameters(trainable_only=True):
         if ".lora_B." in name or ".up." in name:
-            p.data[...] = B.random_normal(p.shape, p.dtype, backend=p.backend, std=0.5)
+            p.data[...] = bk.random_normal(p.shape, p.dtype, backend=p.backend, std=0.5)
 
 
 # ----------------------------------------------------------------------------- parameter counts
@@ -140,11 +140,11 @@ def test_every_method_gradchecks_on_a_tiny_gpt(method):
 def test_bottleneck_adapter_gradcheck(backend, with_residual):
     ml.manual_seed(0)
     d, r = 5, 3
-    x = ml.tensor(B.random_normal((2, 4, d), "float64"), requires_grad=True)
-    inputs = [x] + [ml.tensor(B.random_normal(s, "float64"), requires_grad=True)
+    x = ml.tensor(bk.random_normal((2, 4, d), "float64"), requires_grad=True)
+    inputs = [x] + [ml.tensor(bk.random_normal(s, "float64"), requires_grad=True)
                     for s in ((r, d), (r,), (d, r), (d,))]
     if with_residual:
-        inputs.append(ml.tensor(B.random_normal((2, 4, d), "float64"), requires_grad=True))
+        inputs.append(ml.tensor(bk.random_normal((2, 4, d), "float64"), requires_grad=True))
     assert ml.gradcheck(lambda *a: bottleneck_adapter(*a), inputs)
 
 
@@ -153,13 +153,13 @@ def test_fused_bottleneck_equals_autograd_through_primitives(backend, with_resid
     ml.manual_seed(1)
     d, r = 6, 2
     shapes = ((3, 5, d), (r, d), (r,), (d, r), (d,), (3, 5, d))
-    a = [ml.tensor(B.random_normal(s, "float64"), requires_grad=True) for s in shapes]
+    a = [ml.tensor(bk.random_normal(s, "float64"), requires_grad=True) for s in shapes]
     b = [ml.tensor(t.data.copy(), requires_grad=True) for t in a]
     res_a, res_b = (a[5], b[5]) if with_residual else (None, b[0])
     fused = bottleneck_adapter(*a[:5], residual=res_a)
     composed = res_b + F.linear(ml.relu(F.linear(b[0], b[1], b[2])), b[3], b[4])
     assert_close(fused.data, composed.data)
-    g = B.random_normal(fused.shape, "float64")
+    g = bk.random_normal(fused.shape, "float64")
     fused.backward(g)
     composed.backward(g)
     for i, (ta, tb) in enumerate(zip(a, b)):
@@ -171,17 +171,17 @@ def test_fused_bottleneck_equals_autograd_through_primitives(backend, with_resid
 def test_insert_and_gather_gradcheck(backend):
     ml.manual_seed(2)
     C = 3
-    x = ml.tensor(B.random_normal((2, 4, C), "float64"), requires_grad=True)
-    prefix = ml.tensor(B.random_normal((2, C), "float64"), requires_grad=True)
-    infix = ml.tensor(B.random_normal((1, C), "float64"), requires_grad=True)
-    xp = B.xp()
+    x = ml.tensor(bk.random_normal((2, 4, C), "float64"), requires_grad=True)
+    prefix = ml.tensor(bk.random_normal((2, C), "float64"), requires_grad=True)
+    infix = ml.tensor(bk.random_normal((1, C), "float64"), requires_grad=True)
+    xp = bk.xp()
     token_pos = xp.asarray([[2, 3, 5, 6], [2, 4, 5, 6]])  # separators at t = 1 and t = 0
     infix_pos = xp.asarray([[4], [3]])
     out = insert_prompt_vectors(x, prefix, infix, token_pos, infix_pos, 7)
     assert out.shape == (2, 7, C)
     assert_close(out.data[1, 3], infix.data[0]) and assert_close(out.data[0, :2], prefix.data)
     assert ml.gradcheck(lambda a, p, i: insert_prompt_vectors(a, p, i, token_pos, infix_pos, 7), [x, prefix, infix])
-    h = ml.tensor(B.random_normal((2, 7, C), "float64"), requires_grad=True)
+    h = ml.tensor(bk.random_normal((2, 7, C), "float64"), requires_grad=True)
     assert ml.gradcheck(lambda t: gather_positions(t, token_pos), [h])
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 from minilora import exercises as ex
 from minilora import functional as F
 
@@ -235,7 +235,7 @@ def test_random_subspace_baseline():
 # ----------------------------------------------------------------------------- 07
 def test_softmax_any_backend():
     def right(a):
-        xp = B.get_array_module(a)
+        xp = bk.get_array_module(a)
         e = xp.exp(a - a.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
 
@@ -256,7 +256,7 @@ def test_softmax_any_backend():
 def test_host_logits():
     def right(model, idx):
         with ml.no_grad():
-            return B.to_numpy(model(idx))
+            return bk.to_numpy(model(idx))
 
     assert ex.check_host_logits(right) is True
     _fails(ex.check_host_logits, lambda model, idx: model(idx), "Tensor", "to_numpy")

@@ -36,7 +36,7 @@ from strategies import arrays, reals, shapes
 from test_ops import make_inputs, on_backend, upstream_for
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 from minilora import functional as F
 
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -172,7 +172,7 @@ def attention_case(draw, causal: bool, fewer_queries: bool):
 # ============================================================================= the same functions from primitives
 def const(array, like):
     """A constant (no gradient) on ``like``'s backend and float dtype."""
-    return B.asarray(np.asarray(array), dtype=like.dtype, backend=like.backend)
+    return bk.asarray(np.asarray(array), dtype=like.dtype, backend=like.backend)
 
 
 def linear_composed(x, weight, bias=None):
@@ -218,7 +218,7 @@ def cross_entropy_composed(logits, targets, mask=None, ignore_index=None, label_
     t = np.where(w != 0, to_np(targets).reshape(-1), 0)  # ignored positions may hold -100
     logp = log_softmax_composed(logits.reshape(-1, vocab), axis=-1)  # (N, V)
     rows = np.arange(t.size)
-    key = (B.asarray(rows, backend=logits.backend), B.asarray(t, backend=logits.backend))
+    key = (bk.asarray(rows, backend=logits.backend), bk.asarray(t, backend=logits.backend))
     nll = -logp[key]  # (N,)
     if label_smoothing:
         nll = (1.0 - label_smoothing) * nll - (label_smoothing / vocab) * logp.sum(axis=-1)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 from minilora.models import GPT, GPTConfig, KVCache
 
 SMALL = GPTConfig(vocab_size=17, block_size=10, n_layer=2, n_head=2, d_model=12)
@@ -51,7 +51,7 @@ def test_state_dict_names_and_shapes_are_gpt2(backend):
     assert state["blocks.0.mlp.proj.weight"].shape == (d, 4 * d)
     assert state["ln_f.weight"].shape == (d,)
     assert model.num_parameters() == sum(a.size for a in state.values())
-    assert all(B.backend_of(a) == backend for a in state.values())
+    assert all(bk.backend_of(a) == backend for a in state.values())
 
 
 def test_logits_shape_and_float32_default(backend):

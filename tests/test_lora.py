@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 from minilora import functional as F
 from minilora import lora, nn
 from minilora.models import GPT, GPTConfig
@@ -69,7 +69,7 @@ def randomize_lora(model, seed=1, scale=0.3):
     params = dict(model.named_parameters())
     for name in lora.lora_parameter_names(model):
         p = params[name]
-        p.data[...] = B.asarray(rng.standard_normal(p.shape) * scale, dtype=p.dtype, backend=p.backend)
+        p.data[...] = bk.asarray(rng.standard_normal(p.shape) * scale, dtype=p.dtype, backend=p.backend)
 
 
 def ids_batch(n_rows, T=8, vocab=24, seed=0):
@@ -124,7 +124,7 @@ def test_fused_backward_equals_autograd_through_primitives(backend, case, p):
         else:
             xi, Wi, bi, Ai, Bi = inputs
             h = primitive_lora(xi, Wi, bi, Ai, Bi, s, x_adapter=F.dropout(xi, p, True))
-        h.backward(B.asarray(g, dtype=np.float64))
+        h.backward(bk.asarray(g, dtype=np.float64))
         results.append((to_np(h.data), [None if t is None or t.grad is None else to_np(t.grad) for t in inputs]))
     (h1, g1), (h2, g2) = results
     assert_close(h1, h2, rtol=1e-12, atol=1e-12)
@@ -282,12 +282,12 @@ def test_layer_forward_is_eq3(backend, case):
     d, k = W.shape
     r = A.shape[0]
     layer = lora.LoRALinear(nn.Linear(k, d, bias=b is not None, dtype="float64"))
-    layer.weight.data[...] = B.asarray(W)
+    layer.weight.data[...] = bk.asarray(W)
     if b is not None:
-        layer.bias.data[...] = B.asarray(b)
+        layer.bias.data[...] = bk.asarray(b)
     layer.add_adapter("a", lora.LoRAConfig(r=r, alpha=s * r, target_modules="q"))
-    layer.lora_A["a"].data[...] = B.asarray(A)
-    layer.lora_B["a"].data[...] = B.asarray(Bm)
+    layer.lora_A["a"].data[...] = bk.asarray(A)
+    layer.lora_B["a"].data[...] = bk.asarray(Bm)
     expected = x @ W.T + (0 if b is None else b) + s * (x @ A.T) @ Bm.T
     assert_close(layer(ml.tensor(x, dtype="float64")).data, expected, rtol=1e-12, atol=1e-12)
 
@@ -403,10 +403,10 @@ def test_merge_layer_equals_unmerged_and_unmerge_restores(backend, case, dtype, 
     x, W, b, A, Bm, s, _ = case
     d, k = W.shape
     layer = lora.LoRALinear(nn.Linear(k, d, bias=b is not None, dtype=dtype))
-    layer.weight.data[...] = B.asarray(W)
+    layer.weight.data[...] = bk.asarray(W)
     layer.add_adapter("a", lora.LoRAConfig(r=A.shape[0], alpha=s * A.shape[0], target_modules="q"))
-    layer.lora_A["a"].data[...] = B.asarray(A)
-    layer.lora_B["a"].data[...] = B.asarray(Bm)
+    layer.lora_A["a"].data[...] = bk.asarray(A)
+    layer.lora_B["a"].data[...] = bk.asarray(Bm)
     xt = ml.tensor(x, dtype=dtype)
     with ml.no_grad():
         unmerged = to_np(layer(xt).data).astype(np.float64)
@@ -538,7 +538,7 @@ def mixed_cases(draw):
 
 def _mixed(inputs, case):
     _x, _W, _b, _As, _Bs, scalings, ids, names = case
-    groups = lora.group_rows(ids, B.get_backend())
+    groups = lora.group_rows(ids, bk.get_backend())
     order = [names.index(n) for n in groups.names]
     xt, Wt, bt, *ab = inputs
     At, Bt = ab[: len(names)], ab[len(names):]
@@ -591,7 +591,7 @@ def test_mixed_batch_equals_each_adapter_run_separately(backend):
     idx = ids_batch(len(ids))
     G = np.random.default_rng(3).standard_normal((len(ids), 8, 24))
     out = model(idx, adapter_ids=ids)
-    (out * B.asarray(G)).sum().backward()
+    (out * bk.asarray(G)).sum().backward()
     mixed_out = to_np(out.data)
     mixed_grads = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -603,7 +603,7 @@ def test_mixed_batch_equals_each_adapter_run_separately(backend):
         with ctx:
             ref = model(idx[rows])
             if name != "__base__":  # base rows reach no trainable parameter (W0 is frozen)
-                (ref * B.asarray(G[rows])).sum().backward()
+                (ref * bk.asarray(G[rows])).sum().backward()
         assert_close(mixed_out[rows], ref.data, rtol=1e-10, atol=1e-12, what=name)
     separate_grads = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
     assert set(mixed_grads) == set(separate_grads) == set(lora.lora_parameter_names(model))

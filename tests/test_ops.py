@@ -37,7 +37,7 @@ from strategies import (
 )
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 from minilora.function import unbroadcast
 
 
@@ -287,7 +287,7 @@ def on_backend(params, backend):
     """Array-valued params (index arrays, masks, conditions) moved onto ``backend``."""
     def move(v):
         if isinstance(v, np.ndarray):
-            return B.asarray(v, backend=backend)
+            return bk.asarray(v, backend=backend)
         if isinstance(v, tuple):
             return tuple(move(p) for p in v)
         return v
@@ -302,7 +302,7 @@ def make_inputs(arrays_, backend, dtype=None):
 def upstream_for(outputs, seed=0):
     """A random (never all-ones) upstream gradient for each output, on its backend and dtype."""
     rng = np.random.default_rng(seed)
-    return [B.asarray(rng.standard_normal(o.shape), dtype=o.dtype, backend=o.backend) for o in outputs]
+    return [bk.asarray(rng.standard_normal(o.shape), dtype=o.dtype, backend=o.backend) for o in outputs]
 
 
 # ----------------------------------------------------------------------------- the two table tests
@@ -425,7 +425,7 @@ def test_unbroadcast_sums_over_the_broadcast_axes(backend, data):
     # its adjoint adds the gradients of all positions that carry the label i
     labels = np.broadcast_to(np.arange(int(np.prod(small))).reshape(small), big)
     expected = np.bincount(labels.ravel(), weights=grad.ravel(), minlength=int(np.prod(small)))
-    result = unbroadcast(B.asarray(grad, backend=backend), small)
+    result = unbroadcast(bk.asarray(grad, backend=backend), small)
     assert tuple(result.shape) == small
     assert_close(result, expected.reshape(small), rtol=1e-12, atol=1e-12)
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import to_np
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 from minilora import optim
 
 SHAPES = [(3, 4), (5,), (2, 3, 2)]
@@ -31,7 +31,7 @@ def grad_sequence(shapes=SHAPES, steps=20, seed=1):
 
 
 def set_grads(params, grads):
-    xp = B.get_array_module(params[0].data)
+    xp = bk.get_array_module(params[0].data)
     for p, g in zip(params, grads):
         p.grad = None if g is None else xp.asarray(g, dtype=p.dtype)
 
@@ -229,7 +229,7 @@ def test_grad_of_wrong_shape_or_dtype_is_reported_by_name():
     ids=["adamw", "sgd-nesterov", "sgd"],
 )
 def test_grads_are_never_written_and_params_are_updated_in_place(backend, make):
-    xp = B.xp()
+    xp = bk.xp()
     a, b = make_params(shapes=[(3, 4), (3, 4)])
     shared = xp.asarray(np.random.default_rng(0).standard_normal((3, 4)))
     shared_before = shared.copy()
@@ -356,7 +356,7 @@ def test_state_dict_is_json_able_and_load_checks_before_changing():
 
 # ----------------------------------------------------------------------------- clipping
 def test_clip_grad_norm_scales_globally_and_replaces_grads(backend):
-    xp = B.xp()
+    xp = bk.xp()
     params = make_params()
     grads = grad_sequence(steps=1)[0]
     set_grads(params, grads)

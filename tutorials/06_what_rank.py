@@ -25,7 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny matrices: one BLAS th
 import numpy as np
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 from minilora import lora
 from minilora.analysis import subspace_similarity, subspace_similarity_grid
 from minilora.data import Tokenizer, collate, load_task
@@ -121,15 +121,15 @@ block = f"blocks.{base.config.n_layer // 2}"
 
 
 def lora_A(run, path):
-    return B.to_numpy(dict(lora.lora_layers(run.model))[path].lora_A[TASK].data).astype(np.float64)
+    return bk.to_numpy(dict(lora.lora_layers(run.model))[path].lora_A[TASK].data).astype(np.float64)
 
 
 def initial_A(r, path):
     """The A that finetune(seed=r) started from: the same seed, the same apply_lora."""
     model = copy.deepcopy(base)
-    B.manual_seed(r)
+    bk.manual_seed(r)
     lora.apply_lora(model, lora.LoRAConfig(r=r, alpha=ALPHA, target_modules=TARGETS), adapter_name=TASK)
-    return B.to_numpy(dict(lora.lora_layers(model))[path].lora_A[TASK].data).astype(np.float64)
+    return bk.to_numpy(dict(lora.lora_layers(model))[path].lora_A[TASK].data).astype(np.float64)
 
 
 for matrix in ("q", "v"):

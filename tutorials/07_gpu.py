@@ -25,7 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny matrices: one BLAS th
 import numpy as np
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 from minilora import functional as F
 from minilora import lora, optim
 from minilora.data import Tokenizer, collate, load_task
@@ -40,8 +40,8 @@ from minilora.recipes import FAST
 # backend without one raises `BackendUnavailableError`, and its message says what is missing.
 
 # %%
-print("backends that can run here:", B.available_backends())
-if B.cupy_available():
+print("backends that can run here:", bk.available_backends())
+if bk.cupy_available():
     BACKEND = "cupy"
     print("A GPU is available: this tutorial runs on CuPy and compares with NumPy.")
 else:
@@ -66,11 +66,11 @@ else:
 # `cupy.ndarray` in GPU memory, and `ml.backend.to_numpy(...)` copies it back to the host.
 
 # %%
-with B.use(BACKEND):
+with bk.use(BACKEND):
     x = ml.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
 y = (x * x).sum()
 y.backward()
-print(f"x lives on {x.backend}: {type(x.data).__module__}.{type(x.data).__name__}; grad {B.to_numpy(x.grad)}")
+print(f"x lives on {x.backend}: {type(x.data).__module__}.{type(x.data).__name__}; grad {bk.to_numpy(x.grad)}")
 print("the current backend outside the block is still:", ml.get_backend())
 
 # %% [markdown]
@@ -131,7 +131,7 @@ if BACKEND == "cupy":
     print("NumPy losses:", np.round(cpu_losses, 5))
     print("CuPy losses: ", np.round(gpu_losses, 5))
     with ml.no_grad():
-        diff = np.abs(B.to_numpy(cpu(batch.idx)) - B.to_numpy(gpu(batch.idx))).max()
+        diff = np.abs(bk.to_numpy(cpu(batch.idx)) - bk.to_numpy(gpu(batch.idx))).max()
     print(f"max |logits NumPy − logits CuPy| after 3 steps: {diff:.2e}")
 else:
     print("(no GPU: the NumPy vs CuPy comparison is skipped)")
@@ -142,7 +142,7 @@ else:
 
 # %%
 rng = np.random.default_rng(0)
-with B.use(BACKEND):
+with bk.use(BACKEND):
     args = [ml.tensor(rng.standard_normal(shape), requires_grad=grad, dtype="float64")
             for shape, grad in (((3, 5), True), ((4, 5), False), ((4,), False), ((2, 5), True), ((4, 2), True))]
 x, W0, b, A, B_ = args
@@ -160,7 +160,7 @@ batch_sizes = (2,) if FAST else (1, 4, 16, 64)
 repeats = 1 if FAST else 3
 all_examples = load_task("e2e", "train", max(batch_sizes))
 step_ms = {}
-for backend in B.available_backends():
+for backend in bk.available_backends():
     model = lora_model(backend)
     opt = optim.AdamW(model.parameters(), lr=4e-3)
     step_ms[backend] = []
@@ -223,14 +223,14 @@ check_host_logits(my_host_logits)
 
 # %%
 def solution_softmax(a):
-    xp = B.get_array_module(a)
+    xp = bk.get_array_module(a)
     e = xp.exp(a - a.max(axis=-1, keepdims=True))   # the largest logit becomes 0: no overflow
     return e / e.sum(axis=-1, keepdims=True)
 
 
 def solution_host_logits(model, idx):
     with ml.no_grad():
-        return B.to_numpy(model(idx))
+        return bk.to_numpy(model(idx))
 
 
 check_softmax_any_backend(solution_softmax)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend as bk
 from ..baselines import DEFAULT_HP, finetune_method
 
 __all__ = [
@@ -198,7 +198,7 @@ def train_run(base, s: Settings, task: str, method: str, seed: int, hp: dict, fu
             from .. import lora
 
             for path, layer in lora.lora_layers(model):
-                initial_A[path] = B.to_numpy(layer.lora_A[task].data).astype(np.float64)
+                initial_A[path] = bk.to_numpy(layer.lora_A[task].data).astype(np.float64)
 
     max_new = s.max_new_tokens.get(task) if isinstance(s.max_new_tokens, dict) else s.max_new_tokens
     result = finetune_method(task, method, base=base, steps=s.steps, batch_size=s.batch_size, seed=seed,
@@ -210,11 +210,11 @@ def train_run(base, s: Settings, task: str, method: str, seed: int, hp: dict, fu
 
         for path, layer in lora.lora_layers(result.model):
             lora_arrays[path] = {
-                "A": B.to_numpy(layer.lora_A[task].data).astype(np.float64),
+                "A": bk.to_numpy(layer.lora_A[task].data).astype(np.float64),
                 "A0": initial_A[path],
-                "B": B.to_numpy(layer.lora_B[task].data).astype(np.float64),
+                "B": bk.to_numpy(layer.lora_B[task].data).astype(np.float64),
                 "scaling": layer.scaling(task),
-                "delta": B.to_numpy(layer.delta_weight(task)),
+                "delta": bk.to_numpy(layer.delta_weight(task)),
             }
     losses = result.history.losses
     return Run(task=task, method=method, hp=full_hp, seed=seed, metric_name=result.metric_name,
@@ -235,7 +235,7 @@ def _load_base(fast: bool):
         if not fast:
             raise
         warnings.warn("the shipped base model is missing: --fast runs on a randomly initialised GPT", stacklevel=3)
-        B.manual_seed(0)
+        bk.manual_seed(0)
         return GPT(GPTConfig()), "a randomly initialised GPT (the shipped base model is missing)"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend as bk
 from ..analysis import amplification_report
 from ._common import LORA_ALPHA, Context, markdown_table, new_figure, save_figure, write_markdown
 
@@ -28,7 +28,7 @@ def run(ctx: Context) -> dict:
     task = ctx.settings.subspace_task
     ctx.prefetch(plan(ctx), "amplification")
     runs = {hp["r"]: ctx.run(task, method, seed, **hp) for task, method, seed, hp in plan(ctx)}
-    base_weights = {name: B.to_numpy(p.data).astype(np.float64) for name, p in ctx.base.named_parameters()}
+    base_weights = {name: bk.to_numpy(p.data).astype(np.float64) for name, p in ctx.base.named_parameters()}
     reports = {}
     for r, run_ in runs.items():
         for path, arrays in run_.lora.items():

@@ -28,18 +28,18 @@ NAMES = {"base": "base", "lora_merged": "LoRA (merged)", "lora_unmerged": "LoRA 
 
 
 def build_models(base) -> dict:
-    from .. import backend as B
+    from .. import backend as bk
     from .. import lora
 
     models = {"base": copy.deepcopy(base)}
     for name, method in (("lora_merged", "lora"), ("lora_unmerged", "lora"), ("adapter_h", "adapter_h"),
                          ("adapter_l", "adapter_l")):
         model = copy.deepcopy(base)
-        B.manual_seed(0)
+        bk.manual_seed(0)
         apply_method(model, method)
         for pname, p in model.named_parameters(trainable_only=True):  # non-zero updates: a trained adapter
             if ".lora_B." in pname or ".up." in pname:
-                p.data[...] = B.random_normal(p.shape, p.dtype, backend=p.backend, std=0.01)
+                p.data[...] = bk.random_normal(p.shape, p.dtype, backend=p.backend, std=0.01)
         model.eval()
         if name == "lora_merged":
             lora.merge(model)

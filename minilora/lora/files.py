@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend as bk
 from ..io import FileFormatError, atomic_write
 from ..nn import Module
 from .config import LoRAConfig, check_adapter_name
@@ -65,7 +65,7 @@ def save_adapter(path, model: Module, adapter_name: str = "default") -> str:
 
     from .. import __version__
 
-    host = {n: np.ascontiguousarray(B.to_numpy(a)) for n, a in lora_state_dict(model, adapter_name).items()}
+    host = {n: np.ascontiguousarray(bk.to_numpy(a)) for n, a in lora_state_dict(model, adapter_name).items()}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -200,7 +200,7 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
     params = dict(model.named_parameters())
     for key, (_, a) in renamed.items():
         p = params[key]
-        p.data[...] = B.asarray(a, dtype=p.dtype, backend=p.backend)
+        p.data[...] = bk.asarray(a, dtype=p.dtype, backend=p.backend)
     if activate:
         set_adapter(model, name)
     return name

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend as bk
 from .. import functional as F
 from ..nn import Linear, Module, Parameter
 from ..tensor import is_grad_enabled
@@ -140,11 +140,11 @@ class LoRALinear(Module):
         r = config.r
         if config.init == "kaiming":  # loralib: kaiming_uniform_(A, a=√5) -> U(-1/√k, 1/√k)
             bound = 1.0 / math.sqrt(k)
-            lora_A = B.random_uniform((r, k), dtype, backend=backend, low=-bound, high=bound)
+            lora_A = bk.random_uniform((r, k), dtype, backend=backend, low=-bound, high=bound)
         else:  # "gaussian": the paper's "random Gaussian", with PEFT's σ = 1/r
-            lora_A = B.random_normal((r, k), dtype, backend=backend, std=1.0 / r)
+            lora_A = bk.random_normal((r, k), dtype, backend=backend, std=1.0 / r)
         self.lora_A[name] = Parameter(lora_A)
-        self.lora_B[name] = Parameter(B.module_for(backend).zeros((d, r), dtype=dtype))
+        self.lora_B[name] = Parameter(bk.module_for(backend).zeros((d, r), dtype=dtype))
         self.lora_config[name] = config
         if activate:
             self.active_adapters = [name]
@@ -253,7 +253,7 @@ class LoRALinear(Module):
     # ------------------------------------------------------------------ merge
     def delta_weight(self, names) -> object:
         """ΔW = Σ s·B A over ``names``, formed in float64 (an array of shape (d, k))."""
-        xp = B.module_for(self.weight.backend)
+        xp = bk.module_for(self.weight.backend)
         delta = xp.zeros(self.weight.shape, dtype=np.float64)
         for name in _as_names(names):
             lora_B = self.lora_B[name].data.astype(np.float64)
@@ -271,7 +271,7 @@ class LoRALinear(Module):
                     f"{self.layer_name}: adapter {name!r} has dropout={self.lora_config[name].dropout} and the layer "
                     "is in training mode, where its update is random; call model.eval() before merging"
                 )
-        xp = B.module_for(self.weight.backend)
+        xp = bk.module_for(self.weight.backend)
         delta = self.delta_weight(names)
         if not bool(xp.isfinite(delta).all()):
             bad = int((~xp.isfinite(delta)).sum())
@@ -304,7 +304,7 @@ class LoRALinear(Module):
         """
         for names, original in reversed(self._merge_records):
             if original is not None:
-                self.weight.data[...] = B.asarray(original, dtype=self.weight.dtype, backend=self.weight.backend)
+                self.weight.data[...] = bk.asarray(original, dtype=self.weight.dtype, backend=self.weight.backend)
             else:
                 restored = self.weight.data.astype(np.float64) - self.delta_weight(names)
                 self.weight.data[...] = restored.astype(self.weight.dtype)

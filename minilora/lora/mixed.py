@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend as bk
 from ..function import Function
 from ..functional import dropout_mask
 from .config import BASE_ADAPTER
@@ -68,7 +68,7 @@ def group_rows(adapter_ids, backend: str = "numpy") -> RowGroups:
             raise TypeError(f"adapter_ids[{i}] is {name!r}; each entry must be an adapter name (a str) or {BASE_ADAPTER!r}")
         if name != BASE_ADAPTER:
             rows.setdefault(str(name), []).append(i)
-    xp = B.module_for(backend)
+    xp = bk.module_for(backend)
     selectors = []
     for members in rows.values():
         if members[-1] - members[0] + 1 == len(members):  # increasing and gap-free: a slice
@@ -102,7 +102,7 @@ class MixedLoRALinear(Function):
     """h_i = W₀x_i + b + s_j B_j A_j drop_j(x_i) for every row i of group j (W₀x_i + b for base rows).
 
     Inputs: x (rows, ..., k), weight (d, k), bias, then A_1..A_n, then B_1..B_n. A "row" is an
-    index of the first axis (a sequence of a (B, T, k) batch). Per group j with rows R_j, the
+    index of the first axis (a sequence of a (bk, T, k) batch). Per group j with rows R_j, the
     backward is the one of ``F.lora_linear`` restricted to R_j (g: ∂L/∂h):
 
         ∂L/∂x[R_j] += s_j (g[R_j] B_j) A_j ⊙ mask_j        (∂L/∂x = g W₀ for every row first)
@@ -128,7 +128,7 @@ class MixedLoRALinear(Function):
             x_g = x3[sel].reshape(-1, k)  # (n_j·T, k): a view when sel is a slice
             mask = None
             if training and p > 0.0:
-                mask = dropout_mask(x_g.shape, p, x_g.dtype, backend=B.backend_of(x_g))
+                mask = dropout_mask(x_g.shape, p, x_g.dtype, backend=bk.backend_of(x_g))
                 x_g = x_g * mask
             u_s = x_g @ lora_A.T  # (n_j·T, r)
             u_s *= s  # scale the thin factor, not the (n_j·T, d) product

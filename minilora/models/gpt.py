@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend as bk
 from .. import functional as F
 from .. import nn
 from ..tensor import Tensor, is_grad_enabled
@@ -57,7 +57,7 @@ class GPTConfig:
 class KVCache:
     """Keys and values of the positions seen so far, per layer: generation without recomputation.
 
-    Each layer stores arrays of shape (B, H, T_past, D); a forward pass with a cache feeds
+    Each layer stores arrays of shape (bk, H, T_past, D); a forward pass with a cache feeds
     only the new tokens, attends to past + new keys, and appends the new ones.
     """
 
@@ -67,9 +67,9 @@ class KVCache:
         self.length = 0  # positions stored (the same in every layer)
 
     def update(self, layer: int, k, v):
-        """Append this step's (B, H, T_new, D) arrays; return all keys and values so far."""
+        """Append this step's (bk, H, T_new, D) arrays; return all keys and values so far."""
         if self.keys[layer] is not None:
-            xp = B.get_array_module(k)
+            xp = bk.get_array_module(k)
             k = xp.concatenate([self.keys[layer], k], axis=2)
             v = xp.concatenate([self.values[layer], v], axis=2)
         self.keys[layer], self.values[layer] = k, v
@@ -94,19 +94,19 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def _heads(self, x, Bsz, T):
-        # (B, T, C) -> (B, H, T, D)
+        # (bk, T, C) -> (bk, H, T, D)
         return x.reshape(Bsz, T, self.n_head, -1).transpose(0, 2, 1, 3)
 
     def forward(self, x, adapter_ids=None, cache: KVCache | None = None):
         Bsz, T, C = x.shape
-        q = self._heads(self.q(x, adapter_ids), Bsz, T)  # (B, H, T, D)
-        k = self._heads(self.k(x, adapter_ids), Bsz, T)  # (B, H, T, D)
-        v = self._heads(self.v(x, adapter_ids), Bsz, T)  # (B, H, T, D)
+        q = self._heads(self.q(x, adapter_ids), Bsz, T)  # (bk, H, T, D)
+        k = self._heads(self.k(x, adapter_ids), Bsz, T)  # (bk, H, T, D)
+        v = self._heads(self.v(x, adapter_ids), Bsz, T)  # (bk, H, T, D)
         if cache is not None:  # generation: attend to the cached past as well (no graph is built)
             k_all, v_all = cache.update(self.layer, k.data, v.data)
             k, v = Tensor._from_op(k_all, False), Tensor._from_op(v_all, False)
-        y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, D)
-        y = y.transpose(0, 2, 1, 3).reshape(Bsz, T, C)  # (B, T, C): heads side by side
+        y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (bk, H, T, D)
+        y = y.transpose(0, 2, 1, 3).reshape(Bsz, T, C)  # (bk, T, C): heads side by side
         return self.resid_drop(self.o(y, adapter_ids))
 
 
@@ -118,8 +118,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, adapter_ids=None):
-        h = F.gelu(self.fc(x, adapter_ids))  # (B, T, 4C)
-        return self.drop(self.proj(h, adapter_ids))  # (B, T, C)
+        h = F.gelu(self.fc(x, adapter_ids))  # (bk, T, 4C)
+        return self.drop(self.proj(h, adapter_ids))  # (bk, T, C)
 
 
 class Block(nn.Module):
@@ -133,12 +133,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, adapter_ids=None, cache=None):
-        x = x + self.attn(self.ln1(x), adapter_ids, cache)  # (B, T, C)
-        return x + self.mlp(self.ln2(x), adapter_ids)  # (B, T, C)
+        x = x + self.attn(self.ln1(x), adapter_ids, cache)  # (bk, T, C)
+        return x + self.mlp(self.ln2(x), adapter_ids)  # (bk, T, C)
 
 
 class GPT(nn.Module):
-    """The language model: ``model(idx)`` -> logits (B, T, V); ``model.loss(idx, targets, mask)``."""
+    """The language model: ``model(idx)`` -> logits (bk, T, V); ``model.loss(idx, targets, mask)``."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -160,16 +160,16 @@ class GPT(nn.Module):
                 p.data[...] = 1.0
             else:
                 std = residual_std if name.endswith(("attn.o.weight", "mlp.proj.weight")) else 0.02
-                p.data[...] = B.random_normal(p.shape, p.dtype, std=std)
+                p.data[...] = bk.random_normal(p.shape, p.dtype, std=std)
 
     def forward(self, idx, adapter_ids=None, cache: KVCache | None = None) -> Tensor:
-        """Token ids (B, T) -> logits (B, T, V).
+        """Token ids (bk, T) -> logits (bk, T, V).
 
         adapter_ids: one adapter name per row (a batch that mixes tasks; see ``minilora.lora``).
         cache: a KVCache for generation; ``idx`` then holds only the new tokens.
         """
         idx = idx.data if isinstance(idx, Tensor) else idx
-        idx = B.asarray(idx, backend=self.wte.weight.backend)
+        idx = bk.asarray(idx, backend=self.wte.weight.backend)
         if idx.ndim != 2:
             raise ValueError(f"GPT expects token ids of shape (batch, time), got {tuple(idx.shape)}")
         if not np.issubdtype(idx.dtype, np.integer):
@@ -185,16 +185,16 @@ class GPT(nn.Module):
             raise ValueError(f"adapter_ids has {len(adapter_ids)} entries but the batch has {Bsz} rows (one name per row)")
         if cache is not None and is_grad_enabled():
             raise RuntimeError("a KVCache is for generation: run it under ml.no_grad()")
-        xp = B.get_array_module(idx)
+        xp = bk.get_array_module(idx)
         positions = xp.arange(past, past + T)
-        x = self.wte(idx) + self.wpe(positions)  # (B, T, C) + (T, C)
+        x = self.wte(idx) + self.wpe(positions)  # (bk, T, C) + (T, C)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, adapter_ids, cache)  # (B, T, C)
+            x = block(x, adapter_ids, cache)  # (bk, T, C)
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
-        return F.linear(x, self.wte.weight)  # (B, T, V): the head is tied to the token embedding
+        return F.linear(x, self.wte.weight)  # (bk, T, V): the head is tied to the token embedding
 
     def loss(self, idx, targets, mask=None, adapter_ids=None) -> Tensor:
         """Mean next-token NLL over the positions where mask == 1 (all positions without a mask).

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend as bk
 from .. import functional as F
 from .module import Module, Parameter
 
@@ -22,8 +22,8 @@ class Linear(Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)  # PyTorch's default (kaiming-uniform with a = √5)
-        self.weight = Parameter(B.random_uniform((out_features, in_features), dtype, low=-bound, high=bound))
-        self.bias = Parameter(B.random_uniform((out_features,), dtype, low=-bound, high=bound)) if bias else None
+        self.weight = Parameter(bk.random_uniform((out_features, in_features), dtype, low=-bound, high=bound))
+        self.bias = Parameter(bk.random_uniform((out_features,), dtype, low=-bound, high=bound)) if bias else None
 
     def forward(self, x, adapter_ids=None):
         """``adapter_ids`` (one adapter name per row of a mixed batch) is accepted and ignored:
@@ -38,7 +38,7 @@ class Embedding(Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = Parameter(B.random_normal((num_embeddings, embedding_dim), dtype))
+        self.weight = Parameter(bk.random_normal((num_embeddings, embedding_dim), dtype))
 
     def forward(self, ids):
         return F.embedding(ids, self.weight)
@@ -51,7 +51,7 @@ class LayerNorm(Module):
     def __init__(self, dim: int, eps: float = 1e-5, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.dim, self.eps = dim, eps
-        xp = B.xp()
+        xp = bk.xp()
         self.weight = Parameter(xp.ones(dim, dtype=dtype))
         self.bias = Parameter(xp.zeros(dim, dtype=dtype))
 

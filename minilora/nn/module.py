@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend as bk
 from ..tensor import Tensor
 
 __all__ = ["Parameter", "Module"]
@@ -136,7 +136,7 @@ class Module:
                 )
         for name, p in params.items():
             if name in state:
-                p.data[...] = B.asarray(state[name], dtype=p.dtype, backend=p.backend)
+                p.data[...] = bk.asarray(state[name], dtype=p.dtype, backend=p.backend)
         return missing, unexpected
 
     def to(self, dtype=None, backend: str | None = None):
@@ -144,7 +144,7 @@ class Module:
         for p in self.parameters():
             data = p.data
             if backend is not None and p.backend != backend:
-                data = B.asarray(B.to_numpy(data), backend=backend)
+                data = bk.asarray(bk.to_numpy(data), backend=backend)
             if dtype is not None and np.issubdtype(data.dtype, np.floating):
                 data = data.astype(dtype)
             p.data, p.grad = data, None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend as bk
 from ..tensor import Tensor
 
 
@@ -32,7 +32,7 @@ def operands(a, b):
             b = _data(b).astype(da)
         elif _is_float(db):
             a = _data(a).astype(db)
-    B.get_array_module(_data(a), _data(b))  # raises BackendMismatchError for host + device operands
+    bk.get_array_module(_data(a), _data(b))  # raises BackendMismatchError for host + device operands
     return a, b
 
 
@@ -49,7 +49,7 @@ def _operand(x, ref: Tensor):
         x = x.item()
     if isinstance(x, Tensor) or hasattr(x, "shape"):
         return x  # tensors and arrays as they are (mixing backends is caught by the op)
-    xp = B.module_for(ref.backend)
+    xp = bk.module_for(ref.backend)
     if isinstance(x, (bool, int, float)) and _is_float(ref.dtype):
         return xp.asarray(x, dtype=ref.dtype)  # a Python number takes the tensor's float dtype
     return xp.asarray(x)
@@ -57,7 +57,7 @@ def _operand(x, ref: Tensor):
 
 def expand_to(grad, shape):
     """A fresh writable array of ``shape`` filled by broadcasting ``grad``."""
-    xp = B.get_array_module(grad)
+    xp = bk.get_array_module(grad)
     out = xp.empty(shape, dtype=grad.dtype)
     out[...] = grad
     return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import backend as B
+from .. import backend as bk
 from ..backend import get_array_module
 from ..function import Function, unbroadcast
 from ..tensor import Tensor
@@ -69,7 +69,7 @@ class GetItem(Function):
         if _is_basic_index(self.key):
             out[self.key] = grad
         else:
-            B.scatter_add(out, self.key, grad)  # x[[0, 0]] sends both gradients to x[0]
+            bk.scatter_add(out, self.key, grad)  # x[[0, 0]] sends both gradients to x[0]
         return out
 
 
@@ -122,7 +122,7 @@ def _raw_key(key, backend):
     if isinstance(key, tuple):
         return tuple(k.data if isinstance(k, Tensor) else k for k in key)
     if isinstance(key, list):
-        return B.module_for(backend).asarray(key)
+        return bk.module_for(backend).asarray(key)
     return key
 
 

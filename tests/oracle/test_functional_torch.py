@@ -27,7 +27,7 @@ from test_functional import FUSED, FUSED_BY_NAME, IGNORE, causal_additive_mask
 from oracle.test_ops_torch import _assert_equal_to_torch  # one comparison rule for every oracle
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 from minilora import functional as F
 
 RTOL = 1e-10
@@ -48,7 +48,7 @@ def _run_minilora(fn, arrays_, params, upstream):
     inputs = [ml.tensor(a, requires_grad=True, backend="numpy") for a in arrays_]
     out = fn(*inputs, **params)
     out.backward(upstream)
-    return B.to_numpy(out.data), [None if x.grad is None else B.to_numpy(x.grad) for x in inputs]
+    return bk.to_numpy(out.data), [None if x.grad is None else bk.to_numpy(x.grad) for x in inputs]
 
 
 def _run_torch(fn, arrays_, params, upstream):

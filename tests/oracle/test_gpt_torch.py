@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch oracle not installed: pip install torch==2.13.0")
 
-from minilora import backend as B
+from minilora import backend as bk
 from minilora.models import GPT, GPTConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,7 +38,7 @@ def randomize(model, rng, scale=0.5):
         values = rng.standard_normal(p.shape) * scale
         if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")):
             values += 1.0
-        p.data[...] = B.asarray(values, dtype=p.dtype, backend=p.backend)
+        p.data[...] = bk.asarray(values, dtype=p.dtype, backend=p.backend)
 
 def backward_both(model, reference, idx, targets, mask) -> dict:
     """The masked loss of both models, checked equal; gradients left in place. Returns torch's params."""
@@ -63,20 +63,20 @@ def test_whole_model_matches_torch(backend, cfg_kwargs, batch):
     mask = (rng.random((batch, T)) < 0.6).astype(np.int64)
     mask[0, -1] = 1  # at least one counted position
 
-    reference = build_torch_gpt(cfg, {n: B.to_numpy(a) for n, a in model.state_dict().items()})
+    reference = build_torch_gpt(cfg, {n: bk.to_numpy(a) for n, a in model.state_dict().items()})
     assert sorted(n for n, _ in reference.named_parameters()) == sorted(model.state_dict())
 
     # logits
     logits = model(idx)
     ref_logits = reference(idx)
-    assert rel_error(B.to_numpy(logits.data), ref_logits.detach().numpy()) <= RTOL
+    assert rel_error(bk.to_numpy(logits.data), ref_logits.detach().numpy()) <= RTOL
 
     # masked loss and every parameter gradient
     ref_params = backward_both(model, reference, idx, targets, mask)
     scale = max(np.abs(p.grad.numpy()).max() for p in ref_params.values())
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"
-        grad, expected = B.to_numpy(p.grad), ref_params[name].grad.numpy()
+        grad, expected = bk.to_numpy(p.grad), ref_params[name].grad.numpy()
         if name.endswith("attn.k.bias"):
             # exactly 0: q·(k_j + b) shifts every score of a query by the same q·b, and softmax
             # ignores shifts; both sides hold only rounding noise, so compare with the global scale
@@ -129,7 +129,7 @@ def test_whole_model_with_lora_on_q_v_matches_torch(backend, cfg_kwargs, batch):
     cfg = GPTConfig(**cfg_kwargs)
     model = GPT(cfg).to(dtype="float64")
     randomize(model, rng)
-    base_state = {n: B.to_numpy(a).copy() for n, a in model.state_dict().items()}
+    base_state = {n: bk.to_numpy(a).copy() for n, a in model.state_dict().items()}
     config = lora.LoRAConfig(r=2, alpha=3.0, target_modules=("q", "v"))
     lora.apply_lora(model, config, adapter_name="task")
     lora.mark_only_lora_as_trainable(model)
@@ -140,7 +140,7 @@ def test_whole_model_with_lora_on_q_v_matches_torch(backend, cfg_kwargs, batch):
             module = name[: -len(".lora_A.task")]
             params[name].data[...] = rng.standard_normal(params[name].shape) * 0.5
             params[f"{module}.lora_B.task"].data[...] = rng.standard_normal(params[f"{module}.lora_B.task"].shape) * 0.5
-            branches[module] = (B.to_numpy(params[name].data), B.to_numpy(params[f"{module}.lora_B.task"].data), config.scaling)
+            branches[module] = (bk.to_numpy(params[name].data), bk.to_numpy(params[f"{module}.lora_B.task"].data), config.scaling)
     assert len(branches) == 2 * cfg.n_layer
     reference = build_torch_gpt(cfg, base_state, lora=branches)
     for n, p in reference.named_parameters():
@@ -157,5 +157,5 @@ def test_whole_model_with_lora_on_q_v_matches_torch(backend, cfg_kwargs, batch):
             continue
         module, kind = name.rsplit(".lora_", 1)
         expected = ref_params[f"{module}.lora_{kind.split('.')[0]}"].grad.numpy()
-        err = rel_error(B.to_numpy(p.grad), expected)
+        err = rel_error(bk.to_numpy(p.grad), expected)
         assert err <= RTOL, f"gradient of {name}: relative error {err:.3g} > {RTOL:g}"

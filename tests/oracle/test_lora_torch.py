@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch", reason="PyTorch oracle not installed: pip install torch==2.13.0")
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 from minilora import functional as F
 from minilora import lora, nn
 
@@ -50,13 +50,13 @@ def test_lora_linear_matches_torch(backend, case):
     theirs = {n: torch.tensor(a, dtype=torch.float64, requires_grad=trains[n]) for n, a in arrays.items()}
     h = F.lora_linear(ours["x"], ours["W"], ours["b"], ours["A"], ours["B"], s)
     h_t = torch_lora(theirs["x"], theirs["W"], theirs["b"], theirs["A"], theirs["B"], s)
-    assert rel_error(B.to_numpy(h.data), h_t.detach().numpy()) <= TOL
+    assert rel_error(bk.to_numpy(h.data), h_t.detach().numpy()) <= TOL
     g = np.random.default_rng(1).standard_normal(h.shape)
-    h.backward(B.asarray(g))
+    h.backward(bk.asarray(g))
     h_t.backward(torch.tensor(g))
     for n in arrays:
         if trains[n]:
-            assert rel_error(B.to_numpy(ours[n].grad), theirs[n].grad.numpy()) <= TOL, n
+            assert rel_error(bk.to_numpy(ours[n].grad), theirs[n].grad.numpy()) <= TOL, n
         else:
             assert ours[n].grad is None and theirs[n].grad is None, n
 
@@ -67,13 +67,13 @@ def test_merged_weight_matches_torch(backend, case):
     d, k = arrays["W"].shape
     r = arrays["A"].shape[0]
     layer = lora.LoRALinear(nn.Linear(k, d, dtype="float64"))
-    layer.weight.data[...] = B.asarray(arrays["W"])
+    layer.weight.data[...] = bk.asarray(arrays["W"])
     layer.add_adapter("a", lora.LoRAConfig(r=r, alpha=s * r, target_modules="q"))
-    layer.lora_A["a"].data[...] = B.asarray(arrays["A"])
-    layer.lora_B["a"].data[...] = B.asarray(arrays["B"])
+    layer.lora_A["a"].data[...] = bk.asarray(arrays["A"])
+    layer.lora_B["a"].data[...] = bk.asarray(arrays["B"])
     layer.commit_merge(["a"], layer.plan_merge(["a"]))
     W, A, Bm = (torch.tensor(arrays[n], dtype=torch.float64) for n in ("W", "A", "B"))
-    assert rel_error(B.to_numpy(layer.weight.data), (W + s * Bm @ A).numpy()) <= 1e-14
+    assert rel_error(bk.to_numpy(layer.weight.data), (W + s * Bm @ A).numpy()) <= 1e-14
 
 
 def test_mixed_batch_matches_torch(backend):
@@ -85,7 +85,7 @@ def test_mixed_batch_matches_torch(backend):
     x, W, b = rng.standard_normal((rows, T, k)), rng.standard_normal((d, k)), rng.standard_normal(d)
     As = {n: rng.standard_normal((r, k)) for n, r in ranks.items()}
     Bs = {n: rng.standard_normal((d, r)) for n, r in ranks.items()}
-    groups = lora.group_rows(ids, B.get_backend())
+    groups = lora.group_rows(ids, bk.get_backend())
     ours = {n: ml.tensor(As[n], requires_grad=True, dtype="float64") for n in groups.names}
     ours_B = {n: ml.tensor(Bs[n], requires_grad=True, dtype="float64") for n in groups.names}
     xt = ml.tensor(x, requires_grad=True, dtype="float64")
@@ -99,11 +99,11 @@ def test_mixed_batch_matches_torch(backend):
         torch_lora(xt_t[i], W_t, b_t, theirs[n], theirs_B[n], scalings[n]) if n != "__base__" else xt_t[i] @ W_t.T + b_t
         for i, n in enumerate(ids)
     ])
-    assert rel_error(B.to_numpy(h.data), h_t.detach().numpy()) <= TOL
+    assert rel_error(bk.to_numpy(h.data), h_t.detach().numpy()) <= TOL
     g = rng.standard_normal(h.shape)
-    h.backward(B.asarray(g))
+    h.backward(bk.asarray(g))
     h_t.backward(torch.tensor(g))
-    assert rel_error(B.to_numpy(xt.grad), xt_t.grad.numpy()) <= TOL
+    assert rel_error(bk.to_numpy(xt.grad), xt_t.grad.numpy()) <= TOL
     for n in ranks:
-        assert rel_error(B.to_numpy(ours[n].grad), theirs[n].grad.numpy()) <= TOL, n
-        assert rel_error(B.to_numpy(ours_B[n].grad), theirs_B[n].grad.numpy()) <= TOL, n
+        assert rel_error(bk.to_numpy(ours[n].grad), theirs[n].grad.numpy()) <= TOL, n
+        assert rel_error(bk.to_numpy(ours_B[n].grad), theirs_B[n].grad.numpy()) <= TOL, n

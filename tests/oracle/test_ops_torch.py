@@ -37,7 +37,7 @@ from strategies import (
 from test_ops import OPS, OPS_BY_NAME, as_list
 
 import minilora as ml
-from minilora import backend as B
+from minilora import backend as bk
 
 RTOL = 1e-10
 
@@ -48,7 +48,7 @@ def _run_minilora(spec, arrays_, params, upstream):
     outs = as_list(spec.forward(*inputs, **params))
     for o, g in zip(outs, upstream):
         o.backward(g)
-    return [B.to_numpy(o.data) for o in outs], [None if x.grad is None else B.to_numpy(x.grad) for x in inputs]
+    return [bk.to_numpy(o.data) for o in outs], [None if x.grad is None else bk.to_numpy(x.grad) for x in inputs]
 
 
 def _run_torch(spec, arrays_, params, upstream):
@@ -307,12 +307,12 @@ def test_random_programs_match_torch(program):
     ours, theirs = _replay("minilora", ours_in, steps), _replay("torch", theirs_in, steps)
     assert ours[-1].shape == () and theirs[-1].shape == ()
     for k, (o, t) in enumerate(zip(ours, theirs)):
-        _assert_equal_to_torch(f"value v{k}", B.to_numpy(o.data), t.detach().numpy())
+        _assert_equal_to_torch(f"value v{k}", bk.to_numpy(o.data), t.detach().numpy())
     ours[-1].backward()
     theirs[-1].backward()
     for k, (o, t) in enumerate(zip(ours_in, theirs_in)):
         _assert_equal_to_torch(
             f"gradient of input v{k}",
-            None if o.grad is None else B.to_numpy(o.grad),
+            None if o.grad is None else bk.to_numpy(o.grad),
             None if t.grad is None else t.grad.numpy(),
         )
