@@ -36,8 +36,9 @@ def _cmd_finetune(args) -> int:
     from .recipes import finetune
 
     targets = tuple(t for t in args.targets.split(",") if t)
-    run = finetune(args.task, args.method, r=args.r, alpha=args.alpha, targets=targets, steps=args.steps,
-                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress)
+    lora_hp = {"r": args.r, "alpha": args.alpha, "targets": targets} if args.method == "lora" else {}
+    run = finetune(args.task, args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                   progress=not args.no_progress, **lora_hp)
     os.makedirs(args.out, exist_ok=True)
     if args.method == "lora":
         path = os.path.join(args.out, f"{args.task}.safetensors")

@@ -174,27 +174,35 @@ class GPT(nn.Module):
             raise ValueError(f"GPT expects token ids of shape (batch, time), got {tuple(idx.shape)}")
         if not np.issubdtype(idx.dtype, np.integer):
             raise TypeError(f"GPT expects integer token ids, got dtype {idx.dtype}")
-        Bsz, T = idx.shape
+        if adapter_ids is not None and len(adapter_ids) != idx.shape[0]:
+            raise ValueError(f"adapter_ids has {len(adapter_ids)} entries but the batch has {idx.shape[0]} rows (one name per row)")
+        return self.forward_embeddings(self.wte(idx), adapter_ids, cache)  # (B, T, C) token vectors in
+
+    def forward_embeddings(self, x, adapter_ids=None, cache: KVCache | None = None) -> Tensor:
+        """Input vectors (B, T, C), before positions are added -> logits (B, T, V).
+
+        What ``forward`` does after the token lookup; PreEmbed (``minilora.methods``) calls it
+        with its trained vectors inserted among the token embeddings.
+        """
+        Bsz, T, _ = x.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}; "
                 "shorten the input or build the model with a larger GPTConfig.block_size"
             )
-        if adapter_ids is not None and len(adapter_ids) != Bsz:
-            raise ValueError(f"adapter_ids has {len(adapter_ids)} entries but the batch has {Bsz} rows (one name per row)")
         if cache is not None and is_grad_enabled():
             raise RuntimeError("a KVCache is for generation: run it under ml.no_grad()")
-        xp = bk.get_array_module(idx)
+        xp = bk.get_array_module(x.data)
         positions = xp.arange(past, past + T)
-        x = self.wte(idx) + self.wpe(positions)  # (bk, T, C) + (T, C)
+        x = x + self.wpe(positions)  # (B, T, C) + (T, C)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, adapter_ids, cache)  # (bk, T, C)
+            x = block(x, adapter_ids, cache)  # (B, T, C)
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
-        return F.linear(x, self.wte.weight)  # (bk, T, V): the head is tied to the token embedding
+        return F.linear(x, self.wte.weight)  # (B, T, V): the head is tied to the token embedding
 
     def loss(self, idx, targets, mask=None, adapter_ids=None) -> Tensor:
         """Mean next-token NLL over the positions where mask == 1 (all positions without a mask).
