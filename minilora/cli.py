@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
+
+# `minilora bench` runs the harness of the source checkout this package sits in (it is not installed with it)
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _cmd_demo(args) -> int:
@@ -79,6 +84,19 @@ def _cmd_experiment(args) -> int:
     return 0
 
 
+def _bench(argv) -> int:
+    if not (BENCHMARKS_DIR / "bench.py").is_file():
+        print(f"minilora bench: the benchmark harness lives in benchmarks/ of a source checkout of minilora, "
+              f"next to the package, and is not installed with it (looked for {BENCHMARKS_DIR / 'bench.py'}); "
+              "clone the repository and run `minilora bench` or `python -m benchmarks.bench` from its root",
+              file=sys.stderr)
+        return 2
+    root = str(BENCHMARKS_DIR.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("benchmarks.bench").main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minilora",
@@ -134,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
     p.set_defaults(func=_cmd_experiment)
 
-    # `minilora bench ...` is forwarded to `python -m minilora.bench ...` by main(); listed here for --help
+    # `minilora bench ...` is forwarded to `python -m benchmarks.bench ...` by main(); listed here for --help
     sub.add_parser("bench", help="benchmarks (JSON lines), optionally side by side with PyTorch; "
                                  "see `minilora bench --help`")
     return parser
@@ -142,10 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # every option after `bench` belongs to `python -m minilora.bench`
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv[:1] == ["bench"]:  # every option after `bench` belongs to `python -m benchmarks.bench`
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
