@@ -13,7 +13,7 @@ What is measured, per (config, mode):
     unmerged      LoRA kept apart: W0 x + s·B A x in every adapted layer
     mixed16       a batch that mixes tasks: 16 adapters are loaded, the rows are split into
                   min(batch, 16) contiguous groups, group j uses adapter j, all in one
-                  ``model(idx, adapter_ids=[...])`` (tiny, batch 16: 16 adapters, one row each;
+                  ``with lora.mixed_batch(model, [...]): model(idx)`` (tiny, batch 16: 16 adapters, one row each;
                   medium, batch 8: the 16 are loaded, 8 of them are in the batch, one row each)
     mixed16-loop  the reference mixed16 is compared with: one forward per adapter, on its rows only
 

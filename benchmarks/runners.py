@@ -8,6 +8,7 @@ under ``--compare-torch``; its model is the twin in ``benchmarks/torch_gpt.py``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import importlib
@@ -159,9 +160,12 @@ def minilora_runners(bc: BenchConfig, modes, base: GPT, idx, targets, backend: s
     sync = (lambda: _sync(backend)) if backend == "cupy" else None
     runners = {}
 
+    def routed(model, adapter_ids):  # a mixed batch, or every row through the active adapter
+        return lora.mixed_batch(model, adapter_ids) if adapter_ids is not None else contextlib.nullcontext()
+
     def forward_loss(model, adapter_ids=None):
-        with no_grad():
-            return _host_float(F.cross_entropy(model(idx, adapter_ids=adapter_ids), targets))
+        with no_grad(), routed(model, adapter_ids):
+            return _host_float(F.cross_entropy(model(idx), targets))
 
     def memory_of(step, model, opt=None):
         def measure():
@@ -211,8 +215,8 @@ def minilora_runners(bc: BenchConfig, modes, base: GPT, idx, targets, backend: s
         model.eval()
         if loop_groups is None:
             def step():
-                with no_grad():
-                    model(idx, adapter_ids=adapter_ids)
+                with no_grad(), routed(model, adapter_ids):
+                    model(idx)
 
             def loss_only():
                 return forward_loss(model, adapter_ids)
@@ -220,12 +224,15 @@ def minilora_runners(bc: BenchConfig, modes, base: GPT, idx, targets, backend: s
             def step():
                 with no_grad():
                     for _, name, rows in loop_groups:
-                        model(idx[rows[0]:rows[-1] + 1], adapter_ids=[name] * len(rows))
+                        with lora.mixed_batch(model, [name] * len(rows)):
+                            model(idx[rows[0]:rows[-1] + 1])
 
             def loss_only():  # the loop's logits, put back in row order
                 with no_grad():
-                    parts = [bk.to_numpy(model(idx[rows[0]:rows[-1] + 1], adapter_ids=[name] * len(rows)).data)
-                             for _, name, rows in loop_groups]
+                    parts = []
+                    for _, name, rows in loop_groups:
+                        with lora.mixed_batch(model, [name] * len(rows)):
+                            parts.append(bk.to_numpy(model(idx[rows[0]:rows[-1] + 1]).data))
                 logits = bk.asarray(np.concatenate(parts, axis=0), backend=backend)
                 return _host_float(F.cross_entropy(logits, targets))
         info = {"optimizer_state_bytes": 0, "trainable_params": 0,

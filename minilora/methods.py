@@ -193,7 +193,7 @@ class AdaptedLinear(nn.Module):
         self.bias = linear.bias
         self.adapter = adapter
 
-    def forward(self, x, adapter_ids=None):
+    def forward(self, x):
         return self.adapter(F.linear(x, self.weight, self.bias))
 
     def extra_repr(self) -> str:
@@ -292,14 +292,13 @@ class PreEmbedGPT(nn.Module):
     objects: parameter names stay GPT-2's, ``preembed.prefix`` and ``preembed.infix`` are added)
     and runs them through ``GPT.forward_embeddings``, so the model code is not copied.
     ``model(idx)`` still takes the plain token ids and returns logits (B, T, V) for them, so
-    ``loss``, ``generate`` and ``evaluate`` work unchanged: the output for the separator is read
+    ``loss``, ``generate(model, ...)`` and ``evaluate`` work unchanged: the output for the separator is read
     at the last infix vector, whose next position holds y₁. The vectors occupy l_p + l_i of the
     pre-trained positions, so ``config.block_size`` is the usable length (the base's minus
     l_p + l_i); ``preembed.context_size`` keeps the base's.
     """
 
-    loss = GPT.loss  # the same methods as a GPT: they only call self(idx)
-    generate = GPT.generate
+    loss = GPT.loss  # the same loss as a GPT: it only calls self(idx)
 
     def __init__(self, gpt: GPT, vectors: PromptVectors):
         super().__init__()
@@ -328,7 +327,7 @@ class PreEmbedGPT(nn.Module):
         infix_pos = pe.l_p + sep + 1 + xp.arange(pe.l_i)[None, :]  # (B, l_i)
         return token_pos, read_pos, infix_pos
 
-    def forward(self, idx, adapter_ids=None, cache=None) -> Tensor:
+    def forward(self, idx, cache=None) -> Tensor:
         pe: PromptVectors = self.preembed
         idx = bk.asarray(idx.data if isinstance(idx, Tensor) else idx, backend=self.wte.weight.backend)
         if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
@@ -346,10 +345,10 @@ class PreEmbedGPT(nn.Module):
             )
         x = self.wte(idx)  # (B, T, C)
         if not inserting:
-            return self.gpt.forward_embeddings(x, adapter_ids, cache)  # (B, T, V)
+            return self.gpt.forward_embeddings(x, cache)  # (B, T, V)
         token_pos, read_pos, infix_pos = self._positions(idx)
         x = insert_prompt_vectors(x, pe.prefix, pe.infix, token_pos, infix_pos, length)  # (B, T', C)
-        logits = self.gpt.forward_embeddings(x, adapter_ids, cache)  # (B, T', V)
+        logits = self.gpt.forward_embeddings(x, cache)  # (B, T', V)
         return gather_positions(logits, read_pos)  # (B, T, V): one output per input token
 
 

@@ -35,6 +35,7 @@ from .data import (
     prompt_ids,
     task_metric,
 )
+from .generate import generate
 from .methods import HYPERPARAMS, METHODS, TRAINING_KEYS, apply_method
 from .models import GPT, GPTConfig, load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
@@ -121,8 +122,8 @@ def evaluate(model, task: str, examples, tokenizer: Tokenizer | None = None, ada
     room = block_size - min(len(p) for p in prompts)
     if max_new_tokens is not None:
         room = max(1, min(room, int(max_new_tokens)))
-    outputs = model.generate(prompts, max_new_tokens=room, eos_id=tokenizer.eos_id, method=method,
-                             adapter_ids=adapter_ids, **generate_kwargs)
+    outputs = generate(model, prompts, max_new_tokens=room, eos_id=tokenizer.eos_id, method=method,
+                       adapter_ids=adapter_ids, **generate_kwargs)
     preds = [tokenizer.decode(out, skip_special=True) for out in outputs]
     name, value = task_metric(task, preds, examples)
     return name, value, preds
