@@ -1,4 +1,4 @@
-"""The paper's baselines (Hu et al. 2021, Sec. 5.1), installed into a GPT by one call.
+"""The fine-tuning methods the paper compares (Hu et al. 2021, Sec. 5.1), installed into a GPT by one call.
 
     model = apply_method(model, "adapter_h", r=4)   # only the adapters (and LayerNorms) train
     model.num_parameters(trainable_only=True)       # |Θ|
@@ -24,9 +24,9 @@ Adapters start equal to the base model (the up-projection is 0, as LoRA's B), so
 run begins at the pre-trained model. PreEmbed cannot: inserting vectors changes the input.
 PreEmbed also costs context: the l_p + l_i vectors occupy positions of the model's
 ``block_size``, so the ``PreEmbedGPT`` that ``apply_method`` returns has a ``config.block_size``
-l_p + l_i smaller than the base's, and
-a sequence that does not fit raises an error that says so (the paper, Sec. 3: "reserving a part
-of the sequence length for adaptation necessarily reduces the sequence length available").
+l_p + l_i smaller than the base's, and a sequence that does not fit raises an error that says so
+(the paper, Sec. 3: "reserving a part of the sequence length for adaptation necessarily reduces
+the sequence length available").
 """
 
 from __future__ import annotations

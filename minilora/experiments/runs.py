@@ -81,7 +81,10 @@ class Context:
 
     # ------------------------------------------------------------------ runs
     def key(self, task, method, seed, hp) -> tuple:
+        """The run's full configuration: what ``finetune`` will use (so equal settings share one run)."""
         settings = {**HYPERPARAMS[method], **hp}
+        if method == "lora" and settings.get("alpha") is None:
+            settings["alpha"] = 2.0 * settings["r"]  # apply_method's default
         return (task, method, int(seed), tuple(sorted((k, _freeze(v)) for k, v in settings.items())))
 
     def run(self, task: str, method: str, seed: int = 0, **hp) -> Run:
