@@ -30,9 +30,9 @@ Conventions (decided here, relied on by the tests):
 
 from __future__ import annotations
 
-import numpy as np
-
 import contextlib
+
+import numpy as np
 
 from . import backend as bk
 from .functional import _log_softmax  # on the host's float64 next-token logits (rows, V)
@@ -40,9 +40,9 @@ from .lora import mixed_batch
 from .models.gpt import KVCache
 from .tensor import Tensor, no_grad
 
-__all__ = ["METHODS", "generate"]
+__all__ = ["DECODING_METHODS", "generate"]
 
-METHODS = ("greedy", "sample", "beam")
+DECODING_METHODS = ("greedy", "sample", "beam")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -268,8 +268,8 @@ def generate(
     Runs under ``no_grad`` with the model in eval mode (dropout off); each module's previous
     mode is restored afterwards.
     """
-    if method not in METHODS:
-        raise ValueError(f"generate: method must be one of {METHODS}, got {method!r}")
+    if method not in DECODING_METHODS:
+        raise ValueError(f"generate: method must be one of {DECODING_METHODS}, got {method!r}")
     if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
