@@ -256,8 +256,8 @@ def check_digest(path, arrays: dict, meta: dict, required: bool = True, error=Fi
     actual = digest(arrays, None if tensors_only else meta)
     if actual != stored:
         raise error(
-            f"{path}: the file is corrupt: its SHA-256 {actual[:12]}... differs from {stored[:12]}... stored when it "
-            "was written (a changed byte in the tensors or the metadata)"
+            f"{path}: the tensor data is corrupt or the metadata was changed (SHA-256 {actual[:12]}... differs from "
+            f"{stored[:12]}... stored when it was written)"
         )
 
 

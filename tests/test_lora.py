@@ -732,9 +732,9 @@ def test_mismatched_file_raises_naming_the_first_mismatch(tmp_path):
     from safetensors.numpy import save_file
 
     meta = _file_meta(path)
-    from minilora.lora.files import _digest
+    from minilora.io import digest
 
-    meta["sha256"] = _digest(arrays)
+    meta["sha256"] = digest(arrays, meta)  # a well-formed file (the SHA-256 covers tensors and metadata)
     save_file(arrays, str(path), metadata={"minilora": json.dumps(meta)})
     before = snapshot(model)
     with pytest.raises(lora.AdapterFileError, match=rf"{path}: the model expects blocks\.1\.attn\.v\.lora_B\.e2e \(16, 2\)"):
