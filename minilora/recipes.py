@@ -144,7 +144,7 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, r: int
         lora.apply_lora(model, config, adapter_name=adapter_name or task)
         lora.mark_only_lora_as_trainable(model)
     hp = METHODS[method]
-    optimizer = optim.AdamW(model.parameters(trainable_only=True), lr=lr or hp["lr"], weight_decay=hp["weight_decay"])
+    optimizer = optim.AdamW(model.parameters(trainable_only=True), lr=lr if lr is not None else hp["lr"], weight_decay=hp["weight_decay"])
     scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=max(1, steps // 10)))
     train = load_task(task, "train", n_train)
     get_batch = task_batches(train, tokenizer, batch_size, seed, model.config.block_size)

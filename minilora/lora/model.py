@@ -167,9 +167,30 @@ def set_adapter(model: Module, names) -> None:
 
 
 def delete_adapter(model: Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer (merged layers are unmerged first)."""
-    for _, layer in _layers_with(model, name):
+    """Remove adapter ``name`` from every layer; where it is merged, the layer is unmerged first.
+
+    Refused (RuntimeError, nothing changed) where ``name`` is merged together with other
+    adapters: unmerging would silently unmerge them too. Deleting the only active adapter
+    leaves the model computing the base model's outputs, and a warning says so.
+    """
+    layers = _layers_with(model, name)
+    for path, layer in layers:
+        others = [a for a in layer.merged_adapters if a != name]
+        if name in layer.merged_adapters and others:
+            raise RuntimeError(
+                f"cannot delete adapter {name!r}: in {path} it is merged into the weight together with {others}, "
+                "and deleting it would unmerge those too. Call lora.unmerge(model) first (then merge again what "
+                "should stay merged)"
+            )
+    was_active = any(name in layer.active_adapters for _, layer in lora_layers(model))
+    for _, layer in layers:
         layer.delete_adapter(name)
+    if was_active and not any(layer.active_adapters for _, layer in lora_layers(model)):
+        warnings.warn(
+            f"deleted adapter {name!r}, which was active: no adapter is active now, so the model computes the base "
+            f"model's outputs; lora.set_adapter(model, name) activates one of {list_adapters(model)}",
+            UserWarning, stacklevel=2,
+        )
 
 
 @contextlib.contextmanager
@@ -302,9 +323,18 @@ def merge(model: Module, adapter_names=None, safe: bool = True, keep_original: b
         plans = [(layer, names, layer.plan_merge(names)) for layer, names in todo]  # raises before any write
         for layer, names, weight in plans:
             layer.commit_merge(names, weight, keep_original)
-    else:
-        for layer, names in todo:
-            layer.commit_merge(names, layer.plan_merge(names), keep_original)
+    else:  # one layer at a time: memory for one merged weight, but a failure leaves the earlier layers merged
+        for done, (layer, names) in enumerate(todo):
+            try:
+                weight = layer.plan_merge(names)
+            except FloatingPointError as exc:
+                reason = str(exc).replace("; no weight was changed", "")
+                raise FloatingPointError(
+                    f"merge(safe=False) stopped at {layer.layer_name}: {done} of {len(todo)} layers were merged before "
+                    f"it and stay merged (lora.unmerge(model) restores them; safe=True checks every layer before "
+                    f"writing any); this layer and the {len(todo) - done - 1} after it are unchanged. {reason}"
+                ) from None
+            layer.commit_merge(names, weight, keep_original)
     return model
 
 
