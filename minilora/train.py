@@ -319,10 +319,10 @@ def _progress(total, initial, desc, enabled):
 def _finite_params(params) -> bool:
     """True when every parameter is finite: one float64 sum per backend (NaN and inf survive a sum)."""
     sums = {}
-    for p in params:
-        xp = bk.get_array_module(p.data)
-        sums.setdefault(id(xp), (xp, []))[1].append(xp.sum(p.data, dtype=xp.float64))
     with np.errstate(over="ignore", invalid="ignore"):
+        for p in params:
+            xp = bk.get_array_module(p.data)
+            sums.setdefault(id(xp), (xp, []))[1].append(xp.sum(p.data, dtype=xp.float64))
         return all(math.isfinite(float(xp.sum(xp.stack(parts)))) for xp, parts in sums.values())
 
 
@@ -413,7 +413,8 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
                 norm = clip_grad_norm_(params, grad_clip)
                 if not math.isfinite(norm):
                     raise diverged(f"the gradient norm became {norm}", step, False)
-            optimizer.step()
+            with np.errstate(over="ignore", invalid="ignore"):  # the guard just below reports it, with the step
+                optimizer.step()
             if not _finite_params(params):
                 raise diverged("the update made a parameter NaN or inf", step, True)
             if scheduler is not None:
