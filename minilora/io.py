@@ -121,10 +121,12 @@ def atomic_write(path, write) -> None:
         raise type(exc)(f"{path}: cannot write in {folder} ({exc.strerror})") from None
     _in_progress.add(tmp)
     try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 less the umask, as a plain open() gives
         with contextlib.suppress(FileNotFoundError):
-            os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))  # replacing a file keeps its mode
+            mode = stat.S_IMODE(os.stat(target).st_mode)  # replacing a file keeps its mode
         os.close(fd)
         write(tmp)
+        os.chmod(tmp, mode)  # after write(): a writer may have recreated the file (safetensors does, as 0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -179,12 +181,13 @@ def read_safetensors(path, error=FileFormatError) -> tuple[dict, dict | None]:
         raise error(f"{path}: permission denied: this user may not read it (check its mode and owner, e.g. `ls -l`)") from None
     except OSError as exc:
         raise error(f"{path}: cannot open it ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
         if stat.S_ISDIR(mode):
             raise error(f"{path}: is a directory, not a file")
-        if not stat.S_ISREG(mode):
-            raise error(f"{path}: is a {_kind(mode)}, not a regular file")
+        raise error(f"{path}: is a {_kind(mode)}, not a regular file")
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read()
         except OSError as exc:
