@@ -441,3 +441,15 @@ def test_sigkill_during_saves_keeps_the_previous_checkpoint_and_resume_is_exact(
     assert resumed.losses == straight.losses
     for (name, p), q in zip(model.named_parameters(), straight_model.parameters()):
         assert np.array_equal(p.data, q.data), name
+
+
+def test_finetune_with_lr_zero_trains_at_lr_zero():
+    """M6: ``lr or hp["lr"]`` trained at the default lr when asked for 0.0."""
+    from minilora.recipes import finetune
+
+    ml.manual_seed(0)
+    run = finetune("classify", "lora", base=GPT(TINY), steps=2, lr=0.0, n_train=16, n_eval=2, measure_memory=False,
+                   progress=False)
+    assert run.config["lr"] == 0.0 and run.history.lrs == [0.0, 0.0]
+    b_matrices = [p for n, p in run.model.named_parameters() if ".lora_B." in n]
+    assert b_matrices and all(not p.data.any() for p in b_matrices)  # B starts at 0 and never moved
