@@ -312,3 +312,70 @@ def test_deleting_the_active_adapter_says_that_none_is_active():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lora.delete_adapter(model, "b")  # not active: nothing to say
+
+
+# ----------------------------------------------------------------------------- M2: bias deltas
+def _with_bias_adapters(mode):
+    """Two adapters whose biases are trained (random Δb), A and B random too."""
+    model = trained(name="a", cfg=lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v"), bias=mode))
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "o"), bias=mode), "b", activate=False)
+    rng = np.random.default_rng(3)
+    params = dict(model.named_parameters())
+    for n in lora.lora_parameter_names(model) + lora.bias_delta_names(model):
+        params[n].data[...] = rng.standard_normal(params[n].shape).astype(np.float32)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["lora_only", "all"])
+def test_every_way_back_to_the_base_gives_the_base_exactly(tmp_path, mode):
+    """M2: adapters with bias="all"/"lora_only" wrote their biases into the base (max |Δ| = 3.02)."""
+    idx = np.arange(24).reshape(3, 8) % 24
+    base = tiny_gpt()
+    expected = base(idx).data
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, _with_bias_adapters(mode), "a")
+    lora.save_adapter(tmp_path / "b.safetensors", _with_bias_adapters(mode), "b")
+    model = tiny_gpt()
+    lora.load_adapter(path, model)
+    lora.load_adapter(tmp_path / "b.safetensors", model, activate=False)
+    assert not np.array_equal(model(idx).data, expected)  # the adapter (and its Δb) is in effect
+    with lora.disable_adapters(model):
+        assert np.array_equal(model(idx).data, expected)
+    with lora.mixed_batch(model, ["a", "__base__", "b"]):
+        mixed = model(idx).data
+    assert np.array_equal(mixed[1], expected[1])  # the "__base__" row is the base, bit for bit
+    assert np.array_equal(mixed[0], model(idx).data[0])  # row 0 = adapter "a" alone
+    lora.set_adapter(model, "b")
+    assert np.allclose(mixed[2], model(idx).data[2], atol=1e-6)  # row 2 = adapter "b" alone
+    for name, p in base.named_parameters():
+        assert np.array_equal(dict(model.named_parameters())[name].data, p.data), name  # base biases untouched
+    lora.delete_adapter(model, "b")
+    lora.delete_adapter(model, "a")
+    assert np.array_equal(model(idx).data, expected)
+    assert lora.bias_delta_names(model) == []
+
+
+def test_bias_deltas_get_gradients_from_their_own_rows_only():
+    idx = np.arange(16).reshape(2, 8) % 24
+    model = _with_bias_adapters("all")
+    lora.mark_only_lora_as_trainable(model)
+    with lora.mixed_batch(model, ["a", "__base__"]):
+        model.loss(idx, idx).backward()
+    mixed = {n: p.grad.copy() for n, p in model.named_parameters() if ".lora_bias.a" in n}
+    model.zero_grad()
+    lora.set_adapter(model, "a")
+    rows = idx[:1]
+    (model.loss(rows, rows) * 0.5).backward()  # row 0 of a 2-row mean
+    for name, grad in mixed.items():
+        assert np.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-6), name
+    assert all(p.grad is None or not p.grad.any() for n, p in model.named_parameters() if ".lora_bias.b" in n)
+
+
+def test_merge_and_unload_folds_the_bias_deltas():
+    idx = np.arange(16).reshape(2, 8) % 24
+    model = _with_bias_adapters("all")
+    model.eval()
+    expected = model(idx).data
+    plain = lora.merge_and_unload(model)
+    assert lora.bias_delta_names(plain) == [] and not any(".lora_" in n for n, _ in plain.named_parameters())
+    assert np.allclose(plain(idx).data, expected, atol=1e-5)

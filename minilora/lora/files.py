@@ -24,11 +24,12 @@ import numpy as np
 from .. import backend as bk
 from ..io import FileFormatError, atomic_write, check_digest, digest, read_safetensors
 from ..nn import Module
+from .bias import bias_targets
 from .config import LoRAConfig, check_adapter_name
 from .model import (
-    _bias_names,
     _check_unmerged,
     apply_lora,
+    bias_delta_names,
     get_adapter_config,
     list_adapters,
     lora_parameter_names,
@@ -63,7 +64,7 @@ def base_fingerprint(model: Module, exclude=()) -> str:
     Two bases with the same shapes but other values (another pre-training run, a base trained
     further) get different fingerprints; the same weights in memory always get the same one.
     """
-    skip = set(lora_parameter_names(model)) | set(exclude)
+    skip = set(lora_parameter_names(model)) | set(bias_delta_names(model)) | set(exclude)
     return digest({n: bk.to_numpy(p.data) for n, p in model.named_parameters() if n not in skip})
 
 
@@ -158,9 +159,8 @@ def _expected(model: Module, config: LoRAConfig, name: str) -> dict:
         d, k = layer.weight.shape
         out[f"{path}.lora_A.{name}"] = ((config.r, k), np.dtype(layer.weight.dtype))
         out[f"{path}.lora_B.{name}"] = ((d, config.r), np.dtype(layer.weight.dtype))
-    params = dict(model.named_parameters())
-    for n in _bias_names(model, config.bias, targets):
-        out[n] = (tuple(params[n].shape), np.dtype(params[n].dtype))
+    for path, module in bias_targets(model, config.bias, targets):
+        out[f"{path}.lora_bias.{name}"] = (tuple(module.bias.shape), np.dtype(module.bias.dtype))
     return out
 
 
@@ -207,7 +207,7 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
         raise AdapterFileError(f"{path}: the adapter does not fit this model: {exc}") from None
 
     def model_key(file_key: str) -> str:
-        for part in ("lora_A", "lora_B"):
+        for part in ("lora_A", "lora_B", "lora_bias"):
             suffix = f".{part}.{stored_name}"
             if file_key.endswith(suffix):
                 return file_key[: -len(suffix)] + f".{part}.{name}"
@@ -220,7 +220,9 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
             raise AdapterFileError(f"{path}: the model expects {key} {shape} {dtype} but the file has no such tensor")
         file_key, a = renamed[key]
         if key not in expected:
-            raise AdapterFileError(f"{path}: the file has {file_key} {tuple(a.shape)}, which the model has no place for")
+            legacy = (" (minilora 0.1 saved an adapter's trained biases in place of the base's; now they are "
+                      "deltas <module>.lora_bias.<adapter>: re-train or convert the file)") if key.endswith(".bias") else ""
+            raise AdapterFileError(f"{path}: the file has {file_key} {tuple(a.shape)}, which the model has no place for{legacy}")
         shape, dtype = expected[key]
         if tuple(a.shape) != shape:
             raise AdapterFileError(
