@@ -9,6 +9,7 @@ merge(safe=False) says what it merged; deleting adapters never changes other ada
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import stat
@@ -349,7 +350,8 @@ def test_every_way_back_to_the_base_gives_the_base_exactly(tmp_path, mode):
     assert np.allclose(mixed[2], model(idx).data[2], atol=1e-6)  # row 2 = adapter "b" alone
     for name, p in base.named_parameters():
         assert np.array_equal(dict(model.named_parameters())[name].data, p.data), name  # base biases untouched
-    lora.delete_adapter(model, "b")
+    with pytest.warns(UserWarning, match="no adapter is active now"):
+        lora.delete_adapter(model, "b")
     lora.delete_adapter(model, "a")
     assert np.array_equal(model(idx).data, expected)
     assert lora.bias_delta_names(model) == []
@@ -379,3 +381,12 @@ def test_merge_and_unload_folds_the_bias_deltas():
     plain = lora.merge_and_unload(model)
     assert lora.bias_delta_names(plain) == [] and not any(".lora_" in n for n, _ in plain.named_parameters())
     assert np.allclose(plain(idx).data, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (1, 0)])
+def test_empty_inputs_are_a_clear_error(shape):
+    """They gave an internal 'cannot reshape a tensor of shape (0, 4, 16)' message."""
+    model = trained()
+    for run in (lambda idx: model(idx), lambda idx: model.loss(idx, idx)):
+        with pytest.raises(ValueError, match="at least one row and one token, got token ids of shape " + re.escape(str(shape))):
+            run(np.zeros(shape, dtype=np.int64))

@@ -176,6 +176,9 @@ class GPT(nn.Module):
         if not np.issubdtype(idx.dtype, np.integer):
             raise TypeError(f"GPT expects integer token ids, got dtype {idx.dtype}")
         Bsz, T = idx.shape
+        if Bsz == 0 or T == 0:
+            raise ValueError(f"GPT needs at least one row and one token, got token ids of shape {tuple(idx.shape)} "
+                             "(an empty batch or empty prompts?)")
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(
