@@ -6,7 +6,9 @@
 the step, so a resumed run sees exactly the batches the uninterrupted run would have seen.
 Checkpoints hold the trainable parameters (all of them for full fine-tuning, only A and B
 for LoRA: the paper's 350 GB → 35 MB), the optimizer state, the step, the history and the
-RNG state.
+RNG state, under a SHA-256 over all of it. A checkpoint is never written with a NaN or inf in
+it, and ``load_checkpoint`` checks everything before it changes anything, so the last
+checkpoint of a run is always one training can continue from.
 """
 
 from __future__ import annotations
@@ -368,6 +370,7 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
     t_start = time.perf_counter() - history.seconds
 
     def diverged(what: str, step: int, applied: bool):
+        lr = float(optimizer.lr)  # the lr that diverged (restoring the checkpoint may change it)
         if saved_step is not None:
             load_checkpoint(last_path, model, optimizer, scheduler)  # finite by construction: back to it
             where = (f" The model, optimizer and scheduler were restored from the last checkpoint, {last_path} "
@@ -379,7 +382,7 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
         clip = "" if grad_clip else " or clip gradients (grad_clip=1.0)"
         return TrainingDivergedError(
             f"{what} at step {step}: training stopped {'after' if applied else 'before'} applying the update.{where} "
-            f"Lower the learning rate (it was {float(optimizer.lr):.3g}){clip}."
+            f"Lower the learning rate (it was {lr:.3g}){clip}."
         )
 
     def save(path, opt, step):
