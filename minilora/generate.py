@@ -35,7 +35,7 @@ import contextlib
 import numpy as np
 
 from . import backend as bk
-from .functional import _log_softmax
+from .functional import _log_softmax  # on the host's float64 next-token logits (rows, V)
 from .lora import mixed_batch
 from .models.gpt import KVCache
 from .tensor import Tensor, no_grad
