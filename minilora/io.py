@@ -90,6 +90,8 @@ def _resolve_target(path: str) -> str:
         st = os.stat(real)
     except FileNotFoundError:
         return real
+    except PermissionError:
+        raise PermissionError(f"{path}: cannot write: permission denied (a folder on the way may not be entered)") from None
     except OSError as exc:
         raise FileFormatError(f"{path}: cannot write there ({exc.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
