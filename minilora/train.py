@@ -25,6 +25,7 @@ import numpy as np
 from . import backend as bk
 from .io import FileFormatError, load_arrays, save_arrays
 from .lora import mixed_batch
+from .optim import clip_grad_norm_
 
 __all__ = ["fit", "History", "TrainingDivergedError", "epoch_batches", "save_checkpoint", "load_checkpoint"]
 
@@ -348,8 +349,6 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
     TrainingDivergedError says at which step, nothing non-finite is ever saved, and the model,
     optimizer and scheduler are put back to the last checkpoint (which is always finite).
     """
-    from .optim import clip_grad_norm_
-
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"fit: steps must be an integer >= 0, got {steps!r}")
     history, start = History(), 0

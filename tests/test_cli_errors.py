@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import save_file
 
-import minilora.recipes
+import minilora.cli
 from minilora import backend as bk
 from minilora import lora
 from minilora.cli import build_parser, main
@@ -29,8 +29,10 @@ def no_training(monkeypatch):
     def trained(*args, **kwargs):
         raise AssertionError("training started before the arguments were checked")
 
-    monkeypatch.setattr(minilora.recipes, "finetune", trained)
-    monkeypatch.setattr(minilora.recipes, "pretrain", trained)
+    monkeypatch.setattr(minilora.cli, "finetune", trained)
+    monkeypatch.setattr(minilora.cli, "pretrain", trained)
+    monkeypatch.setattr(minilora.cli, "run_demo", trained)
+    monkeypatch.setattr(minilora.cli, "run_experiment", trained)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -87,7 +89,7 @@ def test_a_diverged_run_is_a_message(monkeypatch, tmp_path, capsys):
     def diverges(*args, **kwargs):
         raise TrainingDivergedError("loss became nan at step 3: training stopped before applying the update.")
 
-    monkeypatch.setattr(minilora.recipes, "finetune", diverges)
+    monkeypatch.setattr(minilora.cli, "finetune", diverges)
     assert main(["finetune", "--task", "e2e", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("minilora finetune: error: loss became nan at step 3: training stopped before "
                                        "applying the update.\n")
