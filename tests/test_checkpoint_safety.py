@@ -234,7 +234,7 @@ _MUTATIONS = st.one_of(
 )
 
 
-@settings(max_examples=60)
+@settings(max_examples=max(60, settings().max_examples))  # at least 60 files, more under --hypothesis-profile=thorough
 @given(_MUTATIONS)
 def test_fuzzed_checkpoints_are_refused_or_load_the_same(lora_checkpoint, tmp_path_factory, mutation):
     """Truncations and byte flips anywhere: refused with everything bit-identical, or (a flip of JSON
