@@ -420,3 +420,15 @@ def test_empty_inputs_are_a_clear_error(shape):
         with pytest.raises(ValueError, match="at least one row and one token, got token ids of shape " + re.escape(str(shape))):
             run(np.zeros(shape, dtype=np.int64))
 
+
+
+def test_an_adapter_saved_while_merged_records_the_unmerged_base(tmp_path):
+    model = trained()
+    model.eval()
+    lora.merge(model)
+    lora.save_adapter(tmp_path / "a.safetensors", model)  # the weights in memory are W0 + ΔW
+    fresh = tiny_gpt()
+    lora.load_adapter(tmp_path / "a.safetensors", fresh)  # the fingerprint is W0's: it loads
+    lora.unmerge(model)
+    idx = np.arange(16).reshape(2, 8) % 24
+    assert np.array_equal(fresh(idx).data, model(idx).data)
