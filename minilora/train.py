@@ -251,7 +251,9 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
     unknown = [n for n in params if n not in named]
     if unknown:
         raise FileFormatError(f"{path}: parameters {unknown[:5]} are not in the model (was it saved from another model?)")
-    scope = meta.get("params", "trainable")
+    scope = meta.get("params")
+    if scope not in ("trainable", "all"):
+        raise FileFormatError(f"{path}: the stored 'params' is {scope!r}, not 'trainable' or 'all'")
     expected = [n for n, p in named.items() if p.requires_grad or scope == "all"]
     absent = [n for n in expected if n not in params]
     if absent:

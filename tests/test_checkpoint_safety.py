@@ -128,7 +128,7 @@ def test_a_flipped_exponent_byte_in_lora_B_is_refused(lora_checkpoint, tmp_path)
     "nan_param", "float64_param", "int32_param", "missing_trainable", "extra_tensor", "frozen_param_present",
     "negative_exp_avg_sq", "nan_exp_avg", "optimizer_type", "step_text", "step_negative", "no_history",
     "history_garbage", "rng_garbage", "lr_nan", "lr_text", "no_format", "format_version", "missing_optim_array",
-    "scheduler_garbage", "param_shape", "optim_entry_shape",
+    "scheduler_garbage", "param_shape", "optim_entry_shape", "scope_garbage",
 ])
 def test_crafted_checkpoints_are_refused_before_anything_changes(lora_checkpoint, tmp_path, case):
     """Each variant has a valid SHA-256 (anyone can recompute it): the content checks must catch it."""
@@ -146,6 +146,7 @@ def test_crafted_checkpoints_are_refused_before_anything_changes(lora_checkpoint
         "lr_text": "not a valid value", "no_format": "not a minilora checkpoint", "format_version": "format_version 999",
         "missing_optim_array": "is missing from the checkpoint", "scheduler_garbage": "no valid scheduler state",
         "param_shape": "has shape (16, 3)", "optim_entry_shape": "is for shape",
+        "scope_garbage": "not 'trainable' or 'all'",
     }[case]
     if case == "nan_param":
         arrays[q_b] = arrays[q_b].copy()
@@ -192,6 +193,8 @@ def test_crafted_checkpoints_are_refused_before_anything_changes(lora_checkpoint
         arrays[q_b] = np.zeros((16, 3), np.float32)
     elif case == "optim_entry_shape":
         meta["optimizer"]["params"][0]["shape"] = [7, 7]
+    elif case == "scope_garbage":
+        meta["params"] = "some"
     target = tmp_path / "crafted.safetensors"
     _craft(target, arrays, meta)
     _load_refused(target, expected)
