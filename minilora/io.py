@@ -51,7 +51,7 @@ def _kind(mode: int) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would end the process: assume alive
         return True
     try:
         os.kill(pid, 0)
@@ -90,6 +90,8 @@ def _resolve_target(path: str) -> str:
         st = os.stat(real)
     except FileNotFoundError:
         return real
+    except PermissionError:
+        raise PermissionError(f"{path}: cannot write: permission denied (a folder on the way may not be entered)") from None
     except OSError as exc:
         raise FileFormatError(f"{path}: cannot write there ({exc.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
@@ -164,12 +166,13 @@ def digest(arrays: dict, meta: dict | None = None) -> str:
 
 # ----------------------------------------------------------------------------- reading
 def read_safetensors(path, error=FileFormatError) -> tuple[dict, dict | None]:
-    """({name: writable numpy array}, the header's ``__metadata__`` or None), or ``error`` naming the problem.
+    """({name: numpy array}, the header's ``__metadata__`` or None), or ``error`` naming the problem.
 
-    The path is opened non-blocking and must be a regular file; the whole header is checked by
-    safetensors (offsets, sizes, dtypes) before any tensor is returned.
+    The path is opened non-blocking and must be a regular file; then safetensors checks the
+    whole header (offsets, sizes, dtypes) and copies the tensors out of a memory map, so a
+    large file is never held twice in memory.
     """
-    from safetensors.numpy import load
+    from safetensors import safe_open
 
     path = os.fspath(path)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
@@ -181,34 +184,32 @@ def read_safetensors(path, error=FileFormatError) -> tuple[dict, dict | None]:
         raise error(f"{path}: permission denied: this user may not read it (check its mode and owner, e.g. `ls -l`)") from None
     except OSError as exc:
         raise error(f"{path}: cannot open it ({exc.strerror})") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        if stat.S_ISDIR(mode):
-            raise error(f"{path}: is a directory, not a file")
-        raise error(f"{path}: is a {_kind(mode)}, not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        try:
-            data = f.read()
-        except OSError as exc:
-            raise error(f"{path}: cannot read it ({exc.strerror})") from None
 
     def bad(detail):
         return error(f"{path}: not a readable safetensors file ({detail})")
 
-    if len(data) < 8:
-        raise bad(f"{len(data)} bytes: shorter than the 8-byte header length")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise bad(f"the header length {n} exceeds the {len(data)}-byte file: truncated?")
-    try:
-        header = json.loads(data[8:8 + n])
-        arrays = load(data)
-    except Exception as exc:  # noqa: BLE001 (JSON and safetensors raise their own types for bad headers)
-        raise bad(f"{type(exc).__name__}: {exc}") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if metadata is not None and not isinstance(metadata, dict):
-        raise bad("__metadata__ is not a mapping")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise error(f"{path}: is a directory, not a file")
+        raise error(f"{path}: is a {_kind(st.st_mode)}, not a regular file")
+    with os.fdopen(fd, "rb") as f:  # held open while safetensors reads the same file
+        try:
+            prefix = f.read(8)
+        except OSError as exc:
+            raise error(f"{path}: cannot read it ({exc.strerror})") from None
+        if len(prefix) < 8:
+            raise bad(f"{st.st_size} bytes: shorter than the 8-byte header length")
+        n = int.from_bytes(prefix, "little")
+        if n > st.st_size - 8:
+            raise bad(f"the header length {n} exceeds the {st.st_size}-byte file: truncated?")
+        try:
+            with safe_open(path, framework="numpy") as g:
+                metadata = g.metadata()
+                arrays = {name: g.get_tensor(name) for name in g.keys()}  # noqa: SIM118 (keys(), no __iter__)
+        except Exception as exc:  # noqa: BLE001 (safetensors raises its own types for bad headers)
+            raise bad(f"{type(exc).__name__}: {exc}") from None
     return arrays, metadata
 
 

@@ -251,7 +251,9 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
     unknown = [n for n in params if n not in named]
     if unknown:
         raise FileFormatError(f"{path}: parameters {unknown[:5]} are not in the model (was it saved from another model?)")
-    scope = meta.get("params", "trainable")
+    scope = meta.get("params")
+    if scope not in ("trainable", "all"):
+        raise FileFormatError(f"{path}: the stored 'params' is {scope!r}, not 'trainable' or 'all'")
     expected = [n for n, p in named.items() if p.requires_grad or scope == "all"]
     absent = [n for n in expected if n not in params]
     if absent:
@@ -370,11 +372,19 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
 
     def diverged(what: str, step: int, applied: bool):
         lr = float(optimizer.lr)  # the lr that diverged (restoring the checkpoint may change it)
+        restored = None
         if saved_step is not None:
-            load_checkpoint(last_path, model, optimizer, scheduler)  # finite by construction: back to it
+            try:
+                load_checkpoint(last_path, model, optimizer, scheduler)  # finite by construction: back to it
+                restored = True
+            except FileFormatError as exc:  # changed on disk since this run wrote it: say so, keep the real error
+                restored = exc
+        if restored is True:
             where = (f" The model, optimizer and scheduler were restored from the last checkpoint, {last_path} "
                      f"(step {saved_step}); to go on with a lower learning rate, build the optimizer with it and "
                      "call fit(..., resume=True, restore_hyperparameters=False).")
+        elif restored is not None:
+            where = f" The last checkpoint could not be restored ({restored}); the weights in memory are not usable."
         else:
             where = (" No checkpoint of this run exists (pass checkpoint_dir= and save_every= to keep one)"
                      + ("; the weights in memory are not finite." if applied else "."))

@@ -9,11 +9,14 @@ merge(safe=False) says what it merged; deleting adapters never changes other ada
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
+import shutil
 import signal
 import stat
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,11 +229,8 @@ def test_reading_special_paths_says_what_they_are_and_never_hangs(tmp_path, load
         signal.alarm(0)
 
 
-def test_an_unreadable_file_says_permission_denied(tmp_path):
-    """Mode 000; root reads anything, so a forked child drops to user 'nobody' (65534) to read it."""
-    path = tmp_path / "a.safetensors"
-    lora.save_adapter(path, trained())
-    os.chmod(path, 0)
+def _as_nobody(fn):
+    """fn() in a forked child that drops to user 'nobody' (65534) when run as root; returns its string."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no exec, the modules are loaded already
@@ -241,10 +241,9 @@ def test_an_unreadable_file_says_permission_denied(tmp_path):
                 os.setgid(65534)
                 os.setuid(65534)
             try:
-                lora.load_adapter(path, None)
-                message = "loaded"
-            except lora.AdapterFileError as exc:
-                message = str(exc)
+                message = fn()
+            except Exception as exc:  # noqa: BLE001 (reported to the parent, which asserts on it)
+                message = f"{type(exc).__name__}: {exc}"
             os.write(write_end, message.encode())
         finally:
             os._exit(0)
@@ -252,7 +251,37 @@ def test_an_unreadable_file_says_permission_denied(tmp_path):
     with os.fdopen(read_end, "rb") as f:
         message = f.read().decode()
     os.waitpid(pid, 0)
-    assert message == f"{path}: permission denied: this user may not read it (check its mode and owner, e.g. `ls -l`)"
+    return message
+
+
+@pytest.fixture
+def open_folder():
+    """A folder every user can enter (pytest's tmp_path is under a root-only 0700 folder)."""
+    folder = Path(tempfile.mkdtemp(prefix="minilora-perm-"))
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_an_unreadable_file_says_permission_denied(open_folder):
+    """Mode 000 (root reads anything, so the reader is 'nobody')."""
+    path = open_folder / "a.safetensors"
+    lora.save_adapter(path, trained())
+    os.chmod(path, 0)
+    message = _as_nobody(lambda: lora.load_adapter(path, None))
+    assert message == (f"AdapterFileError: {path}: permission denied: this user may not read it "
+                       "(check its mode and owner, e.g. `ls -l`)")
+
+
+def test_writing_into_a_folder_without_permission_says_so(open_folder):
+    locked = open_folder / "locked"
+    locked.mkdir(mode=0o755)
+    model = trained()
+    if os.geteuid() != 0:
+        os.chmod(locked, 0o555)
+    message = _as_nobody(lambda: lora.save_adapter(locked / "a.safetensors", model))
+    assert message == f"PermissionError: {locked / 'a.safetensors'}: cannot write: permission denied in the folder {locked}"
+    assert os.listdir(locked) == []
 
 
 # ----------------------------------------------------------------------------- base-model files
@@ -390,3 +419,16 @@ def test_empty_inputs_are_a_clear_error(shape):
     for run in (lambda idx: model(idx), lambda idx: model.loss(idx, idx)):
         with pytest.raises(ValueError, match="at least one row and one token, got token ids of shape " + re.escape(str(shape))):
             run(np.zeros(shape, dtype=np.int64))
+
+
+
+def test_an_adapter_saved_while_merged_records_the_unmerged_base(tmp_path):
+    model = trained()
+    model.eval()
+    lora.merge(model)
+    lora.save_adapter(tmp_path / "a.safetensors", model)  # the weights in memory are W0 + ΔW
+    fresh = tiny_gpt()
+    lora.load_adapter(tmp_path / "a.safetensors", fresh)  # the fingerprint is W0's: it loads
+    lora.unmerge(model)
+    idx = np.arange(16).reshape(2, 8) % 24
+    assert np.array_equal(fresh(idx).data, model(idx).data)

@@ -31,6 +31,8 @@ def no_training(monkeypatch):
 
     monkeypatch.setattr(minilora.cli, "finetune", trained)
     monkeypatch.setattr(minilora.cli, "pretrain", trained)
+    monkeypatch.setattr(minilora.cli, "run_demo", trained)
+    monkeypatch.setattr(minilora.cli, "run_experiment", trained)
 
 
 @pytest.mark.parametrize("argv, message", [

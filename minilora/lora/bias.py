@@ -45,7 +45,8 @@ class BiasDeltas(AdapterDict):
             if name in self:
                 mask = xp.zeros((groups.n_rows,) + (1,) * (out.ndim - 1), dtype=out.dtype)  # (N, 1, ..., 1)
                 mask[rows] = 1
-                out = out + Tensor(mask) * self[name]  # only this adapter's rows move (and reach its Δb's grad)
+                mask = Tensor(mask, backend=bk.backend_of(mask))  # on the model's backend, whatever the current one
+                out = out + mask * self[name]  # only this adapter's rows move (and reach its Δb's grad)
         return out
 
 

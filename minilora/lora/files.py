@@ -32,6 +32,7 @@ from .model import (
     bias_delta_names,
     get_adapter_config,
     list_adapters,
+    lora_layers,
     lora_parameter_names,
     lora_state_dict,
     resolve_targets,
@@ -65,7 +66,17 @@ def base_fingerprint(model: Module, exclude=()) -> str:
     further) get different fingerprints; the same weights in memory always get the same one.
     """
     skip = set(lora_parameter_names(model)) | set(bias_delta_names(model)) | set(exclude)
-    return digest({n: bk.to_numpy(p.data) for n, p in model.named_parameters() if n not in skip})
+    arrays = {n: bk.to_numpy(p.data) for n, p in model.named_parameters() if n not in skip}
+    for path, layer in lora_layers(model):  # a merged weight holds W0 + ΔW: fingerprint its W0
+        if layer.merged:
+            original = layer._merge_records[0][1]  # the weight before the first merge (keep_original=True)
+            if original is None:
+                raise RuntimeError(
+                    f"{path} is merged without a copy of W0 (keep_original=False), so the base it was trained on "
+                    "cannot be fingerprinted; call lora.unmerge(model) before saving the adapter"
+                )
+            arrays[f"{path}.weight"] = bk.to_numpy(original)
+    return digest(arrays)
 
 
 def adapter_nbytes(model: Module, adapter_name: str = "default") -> int:
