@@ -42,7 +42,7 @@ HF_OF = {"attn.o": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"
 OURS_OF = {v: k for k, v in HF_OF.items()}
 _OUR_PATH = re.compile(r"^blocks\.(\d+)\.(attn\.[qkvo]|mlp\.fc|mlp\.proj)$")
 _LORA_KEY = re.compile(r"^h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
-_BIAS_KEY = re.compile(r"^(h\.\d+\.[a-z_]+(?:\.[a-z_]+)?|ln_f)\.bias$")
+_BIAS_KEY = re.compile(r"^(h\.\d+\.(?:ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)|ln_f)\.bias$")
 # PEFT LoRA options that change what the adapter computes and that minilora cannot represent
 _UNSUPPORTED = (("use_dora", "DoRA (weight-decomposed LoRA)"), ("lora_bias", "a bias on lora_B"),
                 ("modules_to_save", "fully trained extra modules (modules_to_save)"),
@@ -123,8 +123,10 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     if bias != "none":
         base = to_hf_state(model, prefix=PREFIX + "transformer.")
         for key, a in base.items():
-            if key.endswith(".bias") and (bias == "all" or key[len(PREFIX):-len(".bias")] in modules):
-                tensors[key] = a
+            module = key[len(PREFIX):-len(".bias")]
+            if key.endswith(".bias") and (bias == "all" or module in modules):
+                # PEFT keeps an adapted layer's own bias on its wrapped ``base_layer``
+                tensors[f"{PREFIX}{module}.base_layer.bias" if module in modules else key] = a
     (r, alpha), _ = Counter(ranks.values()).most_common(1)[0]
     rank_pattern = {re.escape(hf): R for hf, (R, _) in ranks.items() if R != r}
     alpha_pattern = {re.escape(hf): a for hf, (_, a) in ranks.items() if a != alpha}
@@ -199,8 +201,8 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
         m = _LORA_KEY.match(name)
         if m:
             found.setdefault(f"h.{m.group(1)}.{m.group(2)}", {})[m.group(3)] = (key, a)
-        elif _BIAS_KEY.match(name) and cfg.get("bias", "none") != "none":
-            biases[name[:-len(".bias")]] = a
+        elif _BIAS_KEY.match(name.replace(".base_layer.bias", ".bias")) and cfg.get("bias", "none") != "none":
+            biases[name[:-len(".bias")].removesuffix(".base_layer")] = a
         else:
             raise HFFormatError(f"{weights}: {key} — not a LoRA matrix of a GPT-2 attn.c_attn, attn.c_proj, mlp.c_fc "
                                 "or mlp.c_proj (another target, such as embeddings or lm_head, is not supported)")
