@@ -50,6 +50,8 @@ def resolve_dir(path, cache_dir=None, what: str = "GPT-2 directory") -> str:
         return path
     if os.path.exists(path):
         raise HFFormatError(f"{path} is a file; a Hugging Face {what} is a folder (config.json + *.safetensors)")
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path:
+        raise FileNotFoundError(f"{path}: no such folder")  # a path, not a hub name such as 'gpt2' or 'org/name'
     try:
         from huggingface_hub import snapshot_download
     except ImportError:

@@ -127,7 +127,8 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
             if key.endswith(".bias") and (bias == "all" or module in modules):
                 # PEFT keeps an adapted layer's own bias on its wrapped ``base_layer``
                 tensors[f"{PREFIX}{module}.base_layer.bias" if module in modules else key] = a
-    (r, alpha), _ = Counter(ranks.values()).most_common(1)[0]
+    counts = Counter(ranks.values())  # the most common (rank, alpha) is the default; ties: the smaller rank
+    r, alpha = max(counts, key=lambda ra: (counts[ra], -ra[0]))
     rank_pattern = {re.escape(hf): R for hf, (R, _) in ranks.items() if R != r}
     alpha_pattern = {re.escape(hf): a for hf, (_, a) in ranks.items() if a != alpha}
     kinds = sorted({hf.split(".", 3)[3] for hf in modules})
@@ -235,6 +236,12 @@ def _split(model: GPT, modules: dict, biases: dict, source: str):
     c = model.config
     d = c.d_model
     shapes = {"attn.c_attn": (3 * d, d), "attn.c_proj": (d, d), "mlp.c_fc": (4 * d, d), "mlp.c_proj": (d, 4 * d)}
+    our_biases = _our_biases(model, biases, source)
+    params = dict(model.named_parameters())
+
+    def bias_travels(name: str) -> bool:  # the adapter carries a bias for this layer that the model lacks
+        return name in our_biases and not np.array_equal(our_biases[name], bk.to_numpy(params[name].data))
+
     ours = {}
     for hf, (a, b, s) in sorted(modules.items()):
         i, kind = hf.split(".", 2)[1:]
@@ -250,12 +257,20 @@ def _split(model: GPT, modules: dict, biases: dict, source: str):
             continue
         blocks = {p: b[n * d:(n + 1) * d] for n, p in enumerate("qkv")}
         used = {p: np.flatnonzero(np.any(blk != 0, axis=0)) for p, blk in blocks.items()}
-        keep_all = not any(len(u) for u in used.values()) or bool(biases)
+        untrained = not any(len(u) for u in used.values())
         for p, blk in blocks.items():
-            if keep_all:  # untrained (B = 0) or biases travel with it: q, k, v all take the whole A
+            if untrained:  # B = 0 (as PEFT initialises it): q, k and v all take the whole A
                 ours[f"blocks.{i}.attn.{p}"] = (a, blk, s)
             elif len(used[p]):  # only the rows of the shared A that this block of B reads
                 ours[f"blocks.{i}.attn.{p}"] = (a[used[p]], blk[:, used[p]], s)
+            elif bias_travels(f"blocks.{i}.attn.{p}.bias"):  # a zero update, but its trained bias is the adapter's
+                ours[f"blocks.{i}.attn.{p}"] = (a[:1], blk[:, :1], s)
+    return ours, our_biases
+
+
+def _our_biases(model: GPT, biases: dict, source: str) -> dict:
+    """PEFT's stored biases {"h.N.attn.c_attn": array} -> {our bias name: array}, checked against ``model``."""
+    d = model.config.d_model
     our_biases = {}
     for hf, v in biases.items():
         parts = hf.split(".")
@@ -271,7 +286,7 @@ def _split(model: GPT, modules: dict, biases: dict, source: str):
     for n, v in our_biases.items():
         if n not in params or tuple(params[n].shape) != tuple(v.shape) or not np.isfinite(v).all():
             raise HFFormatError(f"{source}: the bias for {n} ({tuple(np.shape(v))}) does not fit this model")
-    return ours, our_biases
+    return our_biases
 
 
 def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
