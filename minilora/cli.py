@@ -1,10 +1,13 @@
-"""The command line: ``minilora demo | pretrain | finetune | generate | experiment | bench``."""
+"""The command line: ``minilora demo | pretrain | finetune | generate | experiment | bench``, and the
+Hugging Face bridge ``export | import-peft | analyze`` (``minilora.hf.commands``)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from .hf import commands as hf_commands
 
 __all__ = ["main"]
 
@@ -31,6 +34,12 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
+    if args.base or args.text:  # LoRA on an imported GPT-2 and a text file
+        from .hf.commands import cmd_finetune_text
+
+        return cmd_finetune_text(args)
+    if not args.task:
+        raise ValueError("finetune needs --task (e2e, parse or classify), or --base HF_DIR --text FILE")
     from . import lora
     from .models import save_model
     from .recipes import finetune
@@ -103,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("finetune", help="adapt the base model to one task (LoRA or full fine-tuning)")
-    p.add_argument("--task", required=True, choices=("e2e", "parse", "classify"))
+    p.add_argument("--task", choices=("e2e", "parse", "classify"))
     p.add_argument("--method", default="lora", choices=("lora", "full"))
     p.add_argument("--r", type=int, default=4, help="LoRA rank (default 4)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
@@ -114,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="minilora-out", help="folder for the adapter / model file")
     p.add_argument("--no-progress", action="store_true")
+    hf_commands.add_finetune_flags(p)
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("generate", help="continue a prompt with the base model (and an adapter file)")
@@ -132,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="minilora-out/experiments")
     p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
     p.set_defaults(func=_cmd_experiment)
+
+    hf_commands.add_parsers(sub)  # export, import-peft, analyze
 
     # `minilora bench ...` is forwarded to `python -m minilora.bench ...` by main(); listed here for --help
     sub.add_parser("bench", help="benchmarks (JSON lines), optionally side by side with PyTorch; "

@@ -33,7 +33,7 @@ from ..lora.config import check_adapter_name
 from ..models.gpt import GPT
 from .checkpoint import HFFormatError, read_safetensors, resolve_dir, to_hf_state
 
-__all__ = ["load_peft_adapter", "read_peft_adapter", "save_peft_adapter"]
+__all__ = ["load_peft_adapter", "read_peft_adapter", "save_peft_adapter", "split_c_attn"]
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -255,17 +255,28 @@ def _split(model: GPT, modules: dict, biases: dict, source: str):
         if kind != "attn.c_attn":
             ours[f"blocks.{i}.{OURS_OF[kind]}"] = (a, b, s)
             continue
-        blocks = {p: b[n * d:(n + 1) * d] for n, p in enumerate("qkv")}
-        used = {p: np.flatnonzero(np.any(blk != 0, axis=0)) for p, blk in blocks.items()}
-        untrained = not any(len(u) for u in used.values())
-        for p, blk in blocks.items():
-            if untrained:  # B = 0 (as PEFT initialises it): q, k and v all take the whole A
-                ours[f"blocks.{i}.attn.{p}"] = (a, blk, s)
-            elif len(used[p]):  # only the rows of the shared A that this block of B reads
-                ours[f"blocks.{i}.attn.{p}"] = (a[used[p]], blk[:, used[p]], s)
+        parts = split_c_attn(a, b)
+        for p in "qkv":
+            if p in parts:
+                ours[f"blocks.{i}.attn.{p}"] = (*parts[p], s)
             elif bias_travels(f"blocks.{i}.attn.{p}.bias"):  # a zero update, but its trained bias is the adapter's
-                ours[f"blocks.{i}.attn.{p}"] = (a[:1], blk[:, :1], s)
+                ours[f"blocks.{i}.attn.{p}"] = (a[:1], np.zeros((d, 1), dtype=b.dtype), s)
     return ours, our_biases
+
+
+def split_c_attn(lora_A, lora_B) -> dict:
+    """A c_attn LoRA (A (R, d), B (3d, R)) as {"q": (A_q, B_q), "k": ..., "v": ...}: ΔW_q = B_q A_q, etc.
+
+    Each of q, k, v gets the rows of the shared A that its row block of B reads (the columns of
+    that block that are not all zero); a block that is all zero while another is not is left out.
+    When every block is zero (an untrained adapter: PEFT starts B at 0), each gets the whole A.
+    """
+    d = lora_B.shape[0] // 3
+    blocks = {p: lora_B[n * d:(n + 1) * d] for n, p in enumerate("qkv")}
+    used = {p: np.flatnonzero(np.any(blk != 0, axis=0)) for p, blk in blocks.items()}
+    if not any(len(u) for u in used.values()):
+        return {p: (lora_A, blk) for p, blk in blocks.items()}
+    return {p: (lora_A[used[p]], blk[:, used[p]]) for p, blk in blocks.items() if len(used[p])}
 
 
 def _our_biases(model: GPT, biases: dict, source: str) -> dict:
