@@ -385,3 +385,78 @@ def test_tokenizer_round_trip_on_a_tokenizer_trained_offline(tmp_path):
         hf.load_tokenizer(tmp_path)
     with pytest.raises(HFFormatError, match="no tokenizer.json"):
         hf.load_tokenizer(tmp_path / "legacy-empty" if os.makedirs(tmp_path / "legacy-empty") is None else None)
+
+
+# ----------------------------------------------------------------------------- analysis and the CLI
+def test_low_rank_svd_is_the_svd_of_the_update_without_forming_it():
+    from minilora.analysis import low_rank_svd
+
+    rng = np.random.default_rng(0)
+    for d, k, r in ((7, 5, 3), (16, 48, 4), (5, 9, 5)):
+        B, A = rng.standard_normal((d, r)), rng.standard_normal((r, k))
+        U, S, Vh = low_rank_svd(B, A, 2.5)
+        assert U.shape == (d, r) and S.shape == (r,) and Vh.shape == (r, k)
+        assert np.allclose((U * S) @ Vh, 2.5 * B @ A, atol=1e-12)
+        assert np.allclose(S, np.linalg.svd(2.5 * B @ A, compute_uv=False)[:r], atol=1e-12)
+        assert np.allclose(U.T @ U, np.eye(r), atol=1e-12) and np.all(np.diff(S) <= 1e-12)
+    with pytest.raises(ValueError, match="disagree on the rank"):
+        low_rank_svd(np.ones((4, 2)), np.ones((3, 4)))
+
+
+def test_cli_export_import_peft_and_analyze_on_the_shipped_base(tmp_path, capsys):
+    from minilora.cli import main
+    from minilora.models import load_base
+
+    base = load_base()
+    lora.apply_lora(base, lora.LoRAConfig(r=2, alpha=4.0, target_modules=("q", "v")), adapter_name="e2e")
+    rng = np.random.default_rng(0)
+    for _, layer in lora.lora_layers(base):
+        layer.lora_B["e2e"].data[...] = 0.1 * rng.standard_normal(layer.lora_B["e2e"].shape)
+    lora.save_adapter(tmp_path / "e2e.safetensors", base, "e2e")
+    assert main(["export", "--adapter", str(tmp_path / "e2e.safetensors"), "--to-peft", str(tmp_path / "peft"),
+                 "--base-to-hf", str(tmp_path / "base-hf")]) == 0
+    with open(tmp_path / "peft" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == str(tmp_path / "base-hf")
+    assert main(["import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "back.safetensors")]) == 0
+    again = load_base()
+    lora.load_adapter(tmp_path / "back.safetensors", again)
+    assert np.max(np.abs(_logits(again) - _logits(base))) <= 1e-5
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "peft"), "--against", str(tmp_path / "e2e.safetensors"),
+                 "--out", str(tmp_path / "an")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.3.attn.v" in out and "amplif." in out and "φ(1,1)" in out
+    with open(tmp_path / "an" / "analyze.json") as f:
+        rows = json.load(f)["rows"]
+    assert len(rows) == 8 and all(r["r"] == 2 and abs(r["phi_r_r"] - 1.0) < 1e-9 for r in rows)
+    assert all(np.isfinite(r["amplification"]) and r["amplification"] > 0 for r in rows)
+    if os.path.exists(tmp_path / "an" / "analyze.png"):
+        assert (tmp_path / "an" / "analyze.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["export", "--adapter", str(tmp_path / "e2e.safetensors")]) == 2  # nothing to write: an error
+
+
+def test_cli_finetune_on_a_text_file_with_an_imported_gpt2(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers", reason="finetune --text needs the tokenizers package (extra hf)")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from minilora.cli import main
+
+    text = "the eagle is a french restaurant near the river. " * 30
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ml.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=16, n_layer=1, n_head=2, d_model=16))
+    hf.save_gpt2(tmp_path / "gpt2", model)
+    tok.save(str(tmp_path / "gpt2" / "tokenizer.json"))
+    (tmp_path / "notes.txt").write_text(text)
+    assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--text", str(tmp_path / "notes.txt"), "--r", "2",
+                 "--steps", "3", "--batch-size", "2", "--block-size", "8", "--lr", "1e-2", "--no-progress",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "held-out LM loss" in capsys.readouterr().out
+    adapted = hf.load_gpt2(tmp_path / "gpt2")
+    assert lora.load_adapter(tmp_path / "out" / "text.safetensors", adapted) == "text"
+    layer = dict(lora.lora_layers(adapted))["blocks.0.attn.q"]
+    assert np.any(layer.lora_B["text"].data != 0)  # it trained
+    assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--no-progress"]) == 2  # --text missing
