@@ -460,3 +460,18 @@ def test_cli_finetune_on_a_text_file_with_an_imported_gpt2(tmp_path, capsys):
     layer = dict(lora.lora_layers(adapted))["blocks.0.attn.q"]
     assert np.any(layer.lora_B["text"].data != 0)  # it trained
     assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--no-progress"]) == 2  # --text missing
+
+
+@pytest.mark.slow
+def test_tutorial_08_skips_the_peft_part_cleanly_without_torch_transformers_and_peft(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hide = ("import sys, runpy; sys.modules.update({m: None for m in ('torch', 'transformers', 'peft')}); "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = {**os.environ, "MINILORA_FAST": "1", "MPLBACKEND": "Agg", "MINILORA_OUT": str(tmp_path),
+           "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": repo}
+    proc = subprocess.run([sys.executable, "-c", hide, os.path.join(repo, "tutorials", "08_to_peft.py")], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PEFT check off" in proc.stdout and "skipped: torch, transformers or peft is not installed" in proc.stdout
+    assert "round trip minilora -> PEFT -> minilora: max |Δ logits| = 0.0e+00" in proc.stdout
+    assert (tmp_path / "08_peft_analysis.png").stat().st_size > 1000
