@@ -215,6 +215,8 @@ ax = fig.add_subplot(1, 3, 3)
 name, _, _, grid = rows[len(rows) // 2]
 image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
 fig.colorbar(image, ax=ax, shrink=0.85)
+ax.set_xticks(range(1, grid.shape[1] + 1))
+ax.set_yticks(range(1, grid.shape[0] + 1))
 ax.set_xlabel("j (seed 1)")
 ax.set_ylabel("i (the exported adapter)")
 ax.set_title(f"φ(i, j), {name}", fontsize=9)

@@ -189,6 +189,7 @@ def _figure(rows, args, path):
         sv = np.asarray(row["singular_values"])
         if sv[0] > 0:
             ax.plot(np.arange(1, len(sv) + 1), sv / sv[0], marker=".", alpha=0.6, label=row["matrix"])
+    ax.set_xticks(range(1, max(len(r["singular_values"]) for r in rows) + 1))
     ax.set_xlabel("i")
     ax.set_ylabel("σ_i / σ_1 of ΔW")
     ax.set_title("spectrum of each ΔW = s·B·A", fontsize=9)
@@ -210,6 +211,8 @@ def _figure(rows, args, path):
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto",
                           extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
         fig.colorbar(image, ax=ax, shrink=0.85)
+        ax.set_xticks(range(1, grid.shape[1] + 1))
+        ax.set_yticks(range(1, grid.shape[0] + 1))
         ax.set_xlabel(f"j ({os.path.basename(os.path.normpath(args.against))})")
         ax.set_ylabel(f"i ({os.path.basename(os.path.normpath(args.adapter))})")
         ax.set_title(f"φ(i, j), {row['matrix']} (Sec. 7.2)", fontsize=9)
