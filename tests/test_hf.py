@@ -11,8 +11,12 @@ import os
 import subprocess
 import sys
 
+import tempfile
+
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 import minilora as ml
@@ -279,6 +283,57 @@ def test_mixed_ranks_and_scalings_export_and_import_with_equal_logits(tmp_path):
     hf.load_peft_adapter(tmp_path, fresh)
     assert lora.get_adapter_config(fresh, "default").r == 4  # one config: the smaller ranks padded with zeros
     assert np.max(np.abs(_logits(fresh) - _logits(model))) <= 1e-12
+
+
+@given(ranks=st.lists(st.lists(st.integers(0, 3), min_size=6, max_size=6), min_size=2, max_size=2),
+       alphas=st.lists(st.sampled_from([1.0, 2.0, 3.0, 8.0]), min_size=12, max_size=12),
+       rslora=st.booleans(), seed=st.integers(0, 2**16))
+def test_any_per_layer_ranks_and_scalings_survive_export_and_import(ranks, alphas, rslora, seed):
+    """Property: whatever rank and alpha each of q, k, v, o, fc, proj has in each block (0 = not adapted),
+    save_peft_adapter -> load_peft_adapter reproduces every ΔW = s·B·A (and so the logits)."""
+    if not any(any(block) for block in ranks):
+        ranks[0][0] = 1
+    model = _model(seed=seed % 7)
+    rng = np.random.default_rng(seed)
+    parts = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj")
+    first = True
+    for i, block in enumerate(ranks):
+        for n, (part, r) in enumerate(zip(parts, block)):
+            if not r:
+                continue
+            path = f"blocks.{i}.{part}"
+            cfg = lora.LoRAConfig(r=r, alpha=alphas[6 * i + n], use_rslora=rslora, target_modules=(path,))
+            if first:
+                lora.apply_lora(model, cfg)
+                first = False
+            else:  # one adapter, another LoRAConfig in this layer: wrap it under a scratch name, then add it
+                lora.apply_lora(model, cfg, adapter_name="scratch", activate=False)
+                layer = dict(lora.lora_layers(model))[path]
+                layer.add_adapter("default", cfg, activate=False)
+                lora.delete_adapter(model, "scratch")
+            layer = dict(lora.lora_layers(model))[path]
+            layer.lora_B["default"].data[...] = rng.standard_normal(layer.lora_B["default"].shape)
+    lora.set_adapter(model, "default")
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_peft_adapter(folder, model)
+        fresh = _model(seed=seed % 7)
+        hf.load_peft_adapter(folder, fresh, "back")
+    def deltas(m, name):  # ΔW = s·B·A of every layer the adapter adapts
+        return {p: layer.lora_config[name].scaling * (np.asarray(layer.lora_B[name].data) @ np.asarray(layer.lora_A[name].data))
+                for p, layer in lora.lora_layers(m) if name in layer.lora_A}
+
+    ours, back = deltas(model, "default"), deltas(fresh, "back")
+    assert set(back) == set(ours)
+    for p, delta in ours.items():
+        assert np.max(np.abs(back[p] - delta)) <= 1e-12 * max(1.0, np.max(np.abs(delta))), p
+    assert np.max(np.abs(_logits(fresh) - _logits(model))) <= 1e-11
+
+
+def test_save_gpt2_of_a_lora_model_writes_the_base_weights_only(tmp_path):
+    model = _adapted(("q", "v"))
+    hf.save_gpt2(tmp_path, model)
+    assert not any("lora" in k for k in load_file(tmp_path / "model.safetensors"))
+    assert _same(hf.load_gpt2(tmp_path, dtype="float64"), {n: a for n, a in _state(model).items() if ".lora_" not in n})
 
 
 def _broken(tmp_path, how):
