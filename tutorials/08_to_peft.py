@@ -167,7 +167,8 @@ try:
         gpt2.eval()
         print(tokenizer.decode(gpt2.generate([prompt], 12)[0]))
 except (FileNotFoundError, ImportError, ValueError) as exc:
-    print(f"no real GPT-2 here ({str(exc).splitlines()[0][:100]}); the tiny random one above stands in for it")
+    print(f"no real GPT-2 here ({type(exc).__name__}: {str(exc).split(';')[0][:80]}); "
+          "the tiny random one above stands in for it")
 
 # %% [markdown]
 # ## 4. The paper's analyses on a PEFT adapter
