@@ -48,7 +48,10 @@ _UNSUPPORTED = (("use_dora", "DoRA (weight-decomposed LoRA)"), ("lora_bias", "a 
                 ("modules_to_save", "fully trained extra modules (modules_to_save)"),
                 ("trainable_token_indices", "trainable tokens"), ("layer_replication", "layer replication"),
                 ("use_qalora", "QA-LoRA"), ("target_parameters", "LoRA on parameters (target_parameters)"),
-                ("alora_invocation_tokens", "activated LoRA (aLoRA)"), ("use_bdlora", "BD-LoRA"))
+                ("alora_invocation_tokens", "activated LoRA (aLoRA)"), ("use_bdlora", "BD-LoRA"),
+                ("kasa_config", "KaSA (a learnable diagonal between A and B)"),
+                ("monteclora_config", "MonteCLoRA (Monte Carlo sampling on the adapters)"),
+                ("arrow_config", "Arrow routing between adapters"))
 
 
 def _host(a) -> np.ndarray:
