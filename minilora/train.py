@@ -11,6 +11,7 @@ RNG state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -20,6 +21,8 @@ import numpy as np
 
 from . import backend as bk
 from .io import FileFormatError, load_arrays, save_arrays
+from .lora import mixed_batch
+from .optim import clip_grad_norm_
 
 __all__ = ["fit", "History", "TrainingDivergedError", "epoch_batches", "save_checkpoint", "load_checkpoint"]
 
@@ -132,8 +135,6 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
     ``last.safetensors``; ``resume=True`` continues from it bit-identically. A non-finite loss
     stops training with TrainingDivergedError before the bad update is applied.
     """
-    from .optim import clip_grad_norm_
-
     history, start = History(), 0
     last_path = os.path.join(checkpoint_dir, "last.safetensors") if checkpoint_dir else None
     best_path = os.path.join(checkpoint_dir, "best.safetensors") if checkpoint_dir else None
@@ -162,8 +163,8 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
     try:
         for step in range(start, steps):
             idx, targets, mask = get_batch(step)
-            loss = model.loss(idx, targets, mask, adapter_ids=adapter_ids) if adapter_ids is not None \
-                else model.loss(idx, targets, mask)
+            with mixed_batch(model, adapter_ids) if adapter_ids is not None else contextlib.nullcontext():
+                loss = model.loss(idx, targets, mask)  # adapter_ids: row i trains adapter adapter_ids[i]
             value = float(loss.item())
             if not math.isfinite(value):
                 where = f"; the last good checkpoint is {last_path}" if last_path and os.path.exists(last_path) else ""

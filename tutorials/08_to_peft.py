@@ -35,6 +35,7 @@ import minilora as ml
 from minilora import hf, lora
 from minilora.analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
 from minilora.exercises import output_dir, save_figure
+from minilora.generate import generate
 from minilora.hf.commands import adapter_updates
 from minilora.hf.exercises import check_block_B, check_pack_c_attn
 from minilora.models import GPT, GPTConfig, load_base
@@ -165,7 +166,7 @@ try:
     prompt = tokenizer.encode("LoRA freezes the pre-trained weights and")
     with ml.no_grad():
         gpt2.eval()
-        print(tokenizer.decode(gpt2.generate([prompt], 12)[0]))
+        print(tokenizer.decode(prompt + generate(gpt2, [prompt], 12)[0]))
 except (FileNotFoundError, ImportError, ValueError) as exc:
     print(f"no real GPT-2 here ({type(exc).__name__}: {str(exc).split(';')[0][:80]}); "
           "the tiny random one above stands in for it")

@@ -23,6 +23,8 @@ import os
 import re
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from .. import backend as bk
 from ..io import FileFormatError, atomic_write, save_json
@@ -86,8 +88,6 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.in
 
 def read_safetensors(path) -> dict:
     """{name: NumPy array} of a safetensors file; BF16 becomes float32 (exactly); any flaw names the file."""
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise HFFormatError(f"{path}: no such file")
@@ -311,8 +311,6 @@ def save_gpt2(path, model: GPT) -> str:
     they are — LoRA matrices are not (export those with ``save_peft_adapter``, or ``lora.merge``
     first to fold them in).
     """
-    from safetensors.numpy import save_file
-
     if not isinstance(model, GPT):
         raise TypeError(f"save_gpt2 writes a minilora GPT, got {type(model).__name__}")
     path = os.fspath(path)

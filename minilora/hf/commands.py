@@ -18,6 +18,17 @@ import os
 
 import numpy as np
 
+from .. import backend as bk
+from .. import lora, optim
+from ..analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
+from ..io import load_arrays
+from ..models import load_base
+from ..tensor import no_grad
+from ..train import fit
+from .checkpoint import HFFormatError, load_gpt2, save_gpt2
+from .peft import OURS_OF, load_peft_adapter, read_peft_adapter, save_peft_adapter, split_c_attn
+from .tokenizer import load_tokenizer
+
 __all__ = ["add_finetune_flags", "add_parsers", "adapter_updates", "cmd_analyze", "cmd_export",
            "cmd_finetune_text", "cmd_import_peft"]
 
@@ -25,9 +36,6 @@ __all__ = ["add_finetune_flags", "add_parsers", "adapter_updates", "cmd_analyze"
 # ----------------------------------------------------------------------------- base models
 def _load_base(base, dtype="float32"):
     """``--base``: a Hugging Face GPT-2 folder or cached hub name; none: the shipped base model."""
-    from ..models import load_base
-    from .checkpoint import load_gpt2
-
     if base:
         return load_gpt2(base, dtype=dtype)
     return load_base(dtype=dtype)
@@ -35,10 +43,6 @@ def _load_base(base, dtype="float32"):
 
 # ----------------------------------------------------------------------------- export / import
 def cmd_export(args) -> int:
-    from .. import lora
-    from .checkpoint import save_gpt2
-    from .peft import save_peft_adapter
-
     if not (args.to_peft or args.base_to_hf):
         raise ValueError("say what to write: --to-peft DIR (the adapter) and/or --base-to-hf DIR (the base model)")
     model = _load_base(args.base, dtype="float64" if args.float64 else "float32")
@@ -61,9 +65,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_import_peft(args) -> int:
-    from .. import lora
-    from .peft import load_peft_adapter, read_peft_adapter
-
     base = args.base
     if not base:
         cfg, _, _ = read_peft_adapter(args.folder)
@@ -91,10 +92,6 @@ def adapter_updates(path) -> tuple[dict, dict]:
     A PEFT ``c_attn`` is split into q, k and v (``split_c_attn``). Also returns a small info dict
     (kind, name, base_model_name_or_path).
     """
-    from ..io import load_arrays
-    from ..lora import LoRAConfig
-    from .checkpoint import HFFormatError
-    from .peft import OURS_OF, read_peft_adapter, split_c_attn
 
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -111,7 +108,7 @@ def adapter_updates(path) -> tuple[dict, dict]:
     arrays, meta = load_arrays(path)
     if meta.get("format") != "minilora-lora-adapter":
         raise HFFormatError(f"{path}: neither a PEFT adapter folder nor a minilora adapter file")
-    config, name = LoRAConfig.from_dict(meta["config"]), meta["adapter_name"]
+    config, name = lora.LoRAConfig.from_dict(meta["config"]), meta["adapter_name"]
     out = {}
     for key in arrays:
         if key.endswith(f".lora_A.{name}"):
@@ -121,8 +118,6 @@ def adapter_updates(path) -> tuple[dict, dict]:
 
 
 def _row(name, a, b, s, weights, other):
-    from ..analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
-
     _, sv, _ = low_rank_svd(b, a, s)
     row = {"matrix": name, "shape": [int(b.shape[0]), int(a.shape[1])], "r": int(a.shape[0]),
            "norm_delta_W": float(np.linalg.norm(sv)), "singular_values": [float(x) for x in sv]}
@@ -138,8 +133,6 @@ def _row(name, a, b, s, weights, other):
 
 
 def cmd_analyze(args) -> int:
-    from .. import backend as bk
-
     updates, info = adapter_updates(args.adapter)
     other = adapter_updates(args.against)[0] if args.against else None
     weights, where = {}, None
@@ -223,12 +216,6 @@ def _figure(rows, args, path):
 # ----------------------------------------------------------------------------- finetune --base --text
 def cmd_finetune_text(args) -> int:
     """LoRA on a text file with the folder's tokenizer: the causal LM loss on every token (eq. 2)."""
-    from .. import lora, optim
-    from ..tensor import no_grad
-    from ..train import fit
-    from .checkpoint import load_gpt2
-    from .tokenizer import load_tokenizer
-
     if not (args.base and args.text):
         raise ValueError("finetune on a text file needs both --base HF_DIR (a GPT-2 folder with its tokenizer) "
                          "and --text FILE")

@@ -25,6 +25,7 @@ import re
 from collections import Counter
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from .. import backend as bk
 from .. import lora
@@ -81,8 +82,6 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     inside PEFT trains the whole c_attn block — its zero blocks and the k rows too — a superset
     of minilora's structure on q and v.
     """
-    from safetensors.numpy import save_file
-
     if not isinstance(model, GPT):
         raise TypeError(f"save_peft_adapter exports adapters of a minilora GPT, got {type(model).__name__}")
     layers = [(p, layer) for p, layer in lora.lora_layers(model) if adapter_name in layer.lora_A]

@@ -3,7 +3,7 @@
     tok = load_tokenizer("path/to/gpt2-dir")     # pip install 'minilora[hf]'
     ids = tok.encode("The Eagle serves French food.")
     text = tok.decode(ids)                       # byte-level BPE: decode(encode(s)) == s
-    model.generate([ids], 20, eos_id=tok.eos_id)
+    generate(model, [ids], 20, eos_id=tok.eos_id)   # minilora.generate.generate
 
 The same small interface as ``minilora.data.Tokenizer`` (``encode``, ``decode``, ``eos_id``,
 ``vocab_size``), so ``generate`` and fine-tuning use either one.
