@@ -488,6 +488,12 @@ def test_cli_export_import_peft_and_analyze_on_the_shipped_base(tmp_path, capsys
     if os.path.exists(tmp_path / "an" / "analyze.png"):
         assert (tmp_path / "an" / "analyze.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["export", "--adapter", str(tmp_path / "e2e.safetensors")]) == 2  # nothing to write: an error
+    assert main(["export", "--adapter", str(tmp_path / "e2e.safetensors"), "--float64", "--to-peft",
+                 str(tmp_path / "peft64"), "--base-to-hf", str(tmp_path / "base64")]) == 0
+    assert load_file(tmp_path / "base64" / "model.safetensors")["transformer.wte.weight"].dtype == np.float64
+    in64 = hf.load_gpt2(tmp_path / "base64", dtype=None)
+    hf.load_peft_adapter(tmp_path / "peft64", in64)
+    assert np.max(np.abs(_logits(in64) - _logits(base))) <= 1e-5
 
 
 def test_cli_finetune_on_a_text_file_with_an_imported_gpt2(tmp_path, capsys):

@@ -45,15 +45,17 @@ def _load_base(base, dtype="float32"):
 def cmd_export(args) -> int:
     if not (args.to_peft or args.base_to_hf):
         raise ValueError("say what to write: --to-peft DIR (the adapter) and/or --base-to-hf DIR (the base model)")
-    model = _load_base(args.base, dtype="float64" if args.float64 else "float32")
+    if args.to_peft and not args.adapter:
+        raise ValueError("--to-peft needs --adapter FILE (a minilora adapter file)")
+    model = _load_base(args.base)
+    name = lora.load_adapter(args.adapter, model) if args.to_peft else None  # in the file's dtype (float32)
+    if args.float64:
+        model.to(dtype="float64")
     if args.base_to_hf:
-        save_gpt2(args.base_to_hf, model)  # before the adapter is added: the base weights as they are
+        save_gpt2(args.base_to_hf, model)  # the base weights W0 (LoRA matrices are not part of it)
         print(f"wrote the base model as a Hugging Face GPT-2 folder: {args.base_to_hf} "
               f"({os.path.getsize(os.path.join(args.base_to_hf, 'model.safetensors')) / 1e6:.2f} MB)")
     if args.to_peft:
-        if not args.adapter:
-            raise ValueError("--to-peft needs --adapter FILE (a minilora adapter file)")
-        name = lora.load_adapter(args.adapter, model)
         origin = args.base_to_hf or args.base
         save_peft_adapter(args.to_peft, model, adapter_name=name,
                           base_model_name_or_path=os.path.abspath(origin) if origin and os.path.isdir(origin) else origin)
