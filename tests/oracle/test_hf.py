@@ -209,3 +209,40 @@ def test_peft_adapter_from_get_peft_model_loads_with_equal_logits(gpt2_dir, tmp_
     hf.save_peft_adapter(tmp_path / "again", model, "imported")
     again = peft.PeftModel.from_pretrained(_from_pretrained(folder), tmp_path / "again").eval()
     assert _rel(_logits_ml(model, idx), _logits_hf(again, idx)) <= TOL
+
+
+def test_sharded_and_bfloat16_checkpoints_written_by_transformers_load(tmp_path):
+    cfg = CONFIGS["d32-L2-H4"]
+    ref = _hf_model(cfg, seed=4)
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")  # several model-0000k-of-0000n files + index
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    idx, _, _ = _batch(cfg, seed=2)
+    assert _rel(_logits_ml(hf.load_gpt2(tmp_path / "sharded", dtype="float64"), idx), _logits_hf(ref, idx)) <= TOL
+    ref.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = hf.load_gpt2(tmp_path / "bf16", dtype=None)  # NumPy has no bfloat16: exactly widened to float32
+    assert model.wte.weight.dtype == np.float32
+    expected = hf.checkpoint.from_hf_state({n: p.detach().float().numpy() for n, p in ref.named_parameters()},
+                                           model.config, "bf16")
+    for name, p in model.named_parameters():
+        assert np.array_equal(p.data, expected[name]), name
+
+
+def test_load_tokenizer_matches_transformers_gpt2_tokenizer_on_both_layouts(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="load_tokenizer needs the tokenizers package")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    corpus = ["The Eagle is a French restaurant near the river.", "Cheap food, friendly staff; 5 stars!",
+              "Café Déjà Vu serves crème brûlée — naïvely good."] * 20
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.model.save(str(tmp_path))  # vocab.json + merges.txt: GPT-2's own layout
+    reference = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    legacy = hf.load_tokenizer(tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    single = hf.load_tokenizer(tmp_path)
+    for text in corpus[:3] + ["unseen: Zürich 東京 🙂", "  two  spaces\nand a newline"]:
+        ids = reference.encode(text)
+        assert legacy.encode(text) == ids and single.encode(text) == ids, text
+        assert single.decode(ids) == reference.decode(ids) == text
