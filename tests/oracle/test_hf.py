@@ -6,7 +6,8 @@
 - ``hf.save_gpt2`` -> ``GPT2LMHeadModel.from_pretrained``: equal logits, the model's dtype kept;
 - minilora LoRA (q,v / q,k,v,o / fc,proj / rsLoRA / mixed ranks) -> ``hf.save_peft_adapter`` ->
   ``PeftModel.from_pretrained``: equal logits, and equal after PEFT's ``merge_and_unload`` vs ``lora.merge``;
-- a PEFT adapter from ``get_peft_model`` with random A, B -> ``hf.load_peft_adapter``: equal logits.
+- a PEFT adapter from ``get_peft_model`` with random A, B -> ``hf.load_peft_adapter``: equal logits;
+- transformers' own sharded and bfloat16 checkpoints load; ``hf.load_tokenizer`` encodes as ``GPT2Tokenizer``.
 """
 
 import numpy as np
