@@ -1,4 +1,5 @@
-"""The command line: ``minilora demo | pretrain | finetune | generate | experiment | bench``."""
+"""The command line: ``minilora demo | pretrain | finetune | generate | experiment | bench``, and the
+Hugging Face bridge ``export | import-peft | analyze`` (``minilora.hf.commands``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .data import TASKS, Tokenizer, prompt_ids
 from .demo import run_demo
 from .experiments import EXPERIMENTS, run_experiment
 from .generate import DECODING_METHODS, generate
+from .hf import commands as hf_commands
 from .models import load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
 from .recipes import finetune, pretrain
@@ -107,6 +109,10 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
+    if args.base or args.text:  # LoRA on an imported GPT-2 and a text file
+        return hf_commands.cmd_finetune_text(args)
+    if not args.task:
+        raise ValueError("finetune needs --task (e2e, parse or classify), or --base HF_DIR --text FILE")
     targets = args.targets
     name = f"{args.task}.safetensors" if args.method == "lora" else f"{args.task}-full.safetensors"
     _check_folder("--out", args.out, [name, f"{args.task}-full.json"])
@@ -186,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("finetune", help="adapt the base model to one task (LoRA or full fine-tuning)")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", choices=TASKS, help="required, unless --base HF_DIR --text FILE")
     p.add_argument("--method", default="lora", choices=("lora", "full"))
     p.add_argument("--r", type=_int_at_least(1), default=4, help="LoRA rank (default 4)")
     p.add_argument("--alpha", type=_positive_float(), default=None, help="LoRA alpha (default 2r)")
@@ -198,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out", default="minilora-out", help="folder for the adapter / model file")
     p.add_argument("--no-progress", action="store_true")
+    hf_commands.add_finetune_flags(p)
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("generate", help="continue a prompt with the base model (and an adapter file)")
@@ -216,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="minilora-out/experiments")
     p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
     p.set_defaults(func=_cmd_experiment)
+
+    hf_commands.add_parsers(sub)  # export, import-peft, analyze
 
     # `minilora bench ...` is forwarded to `python -m benchmarks.bench ...` by main(); listed here for --help
     sub.add_parser("bench", help="benchmarks (JSON lines), optionally side by side with PyTorch; "
