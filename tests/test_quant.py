@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import minilora as ml
 from minilora import backend as bk
 from minilora import quant
-from tests.conftest import to_np
+from conftest import to_np
 
 # QLoRA (Dettmers et al. 2023), Appendix E, typed in from the paper.
 PUBLISHED_NF4 = [
