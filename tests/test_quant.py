@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 import minilora as ml
 from minilora import backend as bk
-from minilora import quant
+from minilora import lora, quant
+from minilora.lora.quantized import DequantBuffer, QuantizedWeight, nf4_linear
+from minilora.models import GPT, GPTConfig
 from conftest import to_np
 
 # QLoRA (Dettmers et al. 2023), Appendix E, typed in from the paper.
@@ -166,3 +168,92 @@ def test_accepts_tensors_and_moves_backends():
     np.testing.assert_array_equal(quant.dequantize(q.to("numpy")), quant.dequantize(q))
     with pytest.raises(ValueError, match="out has shape"):
         quant.dequantize(q, out=np.empty((16, 4), np.float32))
+
+
+# ----------------------------------------------------------------------------- the NF4 frozen base (QLoRA)
+
+layer_cases = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 9), st.sampled_from([2, 4, 8]),
+                        st.integers(1, 40), st.booleans())
+
+
+def quantized(d, k, block_size, chunk_values, dtype=np.float64, seed=0):
+    W = np.random.default_rng(seed).standard_normal((d, k)).astype(dtype)
+    q = quant.quantize_nf4(W, block_size)
+    return QuantizedWeight(q, DequantBuffer(chunk_values)), quant.dequantize(q)
+
+
+@given(layer_cases)
+def test_nf4_linear_gradcheck_and_equals_the_dequantized_linear(case):
+    n, k, d, block_size, chunk_values, with_bias = case
+    weight, W_hat = quantized(d, k, block_size, chunk_values)
+    rng = np.random.default_rng(1)
+    x = ml.tensor(rng.standard_normal((n, 2, k)), requires_grad=True, dtype="float64")
+    b = ml.tensor(rng.standard_normal(d), requires_grad=True, dtype="float64") if with_bias else None
+    inputs = [x] + ([b] if with_bias else [])
+    assert ml.gradcheck(lambda x, *b: nf4_linear(x, weight, b[0] if b else None), inputs)
+    # the same numbers as autograd through primitives with the dequantized weight as a constant
+    g = rng.standard_normal((n, 2, d))
+    y = nf4_linear(x, weight, b)
+    y.backward(g)
+    dx, db = x.grad.copy(), (b.grad.copy() if with_bias else None)
+    x.grad = None
+    if with_bias:
+        b.grad = None
+    reference = x @ ml.tensor(W_hat.T) + (b if with_bias else 0.0)
+    reference.backward(g)
+    np.testing.assert_allclose(y.data, reference.data, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(dx, x.grad, rtol=1e-13, atol=1e-13)
+    if with_bias:
+        np.testing.assert_allclose(db, b.grad, rtol=1e-13, atol=1e-13)
+
+
+def test_chunks_share_one_buffer():
+    buffer = DequantBuffer(chunk_values=24)
+    w1, W1 = quantized(10, 8, 8, 24)
+    w2, W2 = quantized(6, 8, 8, 24, seed=3)
+    w1.buffer = w2.buffer = buffer
+    x = np.random.default_rng(0).standard_normal((5, 8))
+    np.testing.assert_allclose(w1.matmul_t(x), x @ W1.T, rtol=1e-13)
+    np.testing.assert_allclose(w2.matmul_t(x), x @ W2.T, rtol=1e-13)
+    assert buffer.nbytes == 24 * 8  # chunks of 3 rows of 8 float64 values, reused by both layers
+    g = np.random.default_rng(1).standard_normal((5, 10))
+    np.testing.assert_allclose(w1.matmul(g), g @ W1, rtol=1e-13)
+
+
+def tiny_gpt(dtype="float32"):
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, d_model=64, dropout=0.0))
+    return model.to(dtype=dtype)
+
+
+def test_quantize_base_on_a_frozen_gpt_matches_dequantized_weights_and_reports_bytes():
+    model, reference = tiny_gpt(), tiny_gpt()
+    reference.load_state_dict(model.state_dict())
+    model.requires_grad_(False)
+    report = lora.quantize_base(model, "nf4", block_size=64)
+    linear_names = [n for n, p in reference.named_parameters() if p.ndim == 2 and n.startswith("blocks.")]
+    assert report.layers == [n.removesuffix(".weight") for n in linear_names]
+    for name in linear_names:
+        p = dict(reference.named_parameters())[name]
+        p.data[...] = quant.dequantize(quant.quantize_nf4(p.data, 64))
+    idx = np.random.default_rng(0).integers(0, 32, (2, 16))
+    np.testing.assert_allclose(to_np(model(idx)), to_np(reference(idx)), rtol=1e-5, atol=1e-6)
+    n = sum(dict(reference.named_parameters())[name].size for name in linear_names)
+    assert report.values == n and report.original_bytes == 4 * n
+    assert report.nf4_bytes == n // 2 + 4 * (n // 64)  # 4.5 bits per value
+    sizes = [dict(reference.named_parameters())[name].size for name in linear_names]  # each layer: its own scales
+    assert report.nf4_double_quant_bytes == sum(s // 2 + s // 64 + 4 * -(-(s // 64) // 256) + 4 for s in sizes)
+    assert report.nf4_double_quant_bytes == sum(quant.quantize_nf4(np.ones(s), double_quant=True).nbytes for s in sizes)
+    assert "4.500 bits/value" in str(report)
+    assert not any(name in dict(model.named_parameters()) for name in linear_names)  # no longer Parameters
+
+
+def test_quantize_base_refuses_clearly():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="mark_only_lora_as_trainable"):
+        lora.quantize_base(model)  # nothing is frozen
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        lora.quantize_base(model, "int3")
+    with pytest.raises(quant.QuantizationError, match="block_size"):
+        lora.quantize_base(model, block_size=63)
+    assert "blocks.0.attn.q.weight" in dict(model.named_parameters())  # a refusal changes nothing

@@ -17,6 +17,7 @@ The fused single-adapter op itself is ``minilora.functional.lora_linear``.
 from .config import BASE_ADAPTER, BIAS_MODES, INIT_MODES, LoRAConfig  # noqa: F401
 from .files import AdapterFileError, adapter_nbytes, load_adapter, save_adapter  # noqa: F401
 from .layer import AdapterDict, LoRALinear  # noqa: F401
+from .quantized import NF4Linear, QuantizationReport, QuantizedWeight, nf4_linear, quantize_base  # noqa: F401
 from .mixed import MixedLoRALinear, RowGroups, group_rows, mixed_lora_linear  # noqa: F401
 from .model import (  # noqa: F401
     MergeWarning,
