@@ -167,7 +167,7 @@ class NF4Linear(Module):
         self.qweight = weight  # not a Parameter: no gradient, not in state_dict()
         self.bias = base.bias
 
-    def forward(self, x, adapter_ids=None):  # TODO(var): drop adapter_ids once mixed_batch lands on main
+    def forward(self, x):
         return nf4_linear(x, self.qweight, self.bias)
 
     def extra_repr(self) -> str:
