@@ -97,6 +97,16 @@ class QuantizedWeight:
             quant.dequantize_range(self.q, r0 * k, r1 * k, out=rows, scales=self._scales)
             yield r0, r1, rows
 
+    def row_norms_sq(self):
+        """‖Ŵ₀_i‖² for every row (d,), computed once: the constant part of DoRA's row norms."""
+        if getattr(self, "_row_norms_sq", None) is None:
+            xp = bk.module_for(self.backend)
+            out = xp.empty(self.shape[0], dtype=self.dtype)
+            for r0, r1, rows in self._chunks():
+                out[r0:r1] = (rows * rows).sum(axis=1)
+            self._row_norms_sq = out
+        return self._row_norms_sq
+
     def dequantize(self):
         """Ŵ₀ as a new (d, k) array (for checks and for merging into a float copy)."""
         return quant.dequantize(self.q)
