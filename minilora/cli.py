@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("experiment", help="the paper's experiments in miniature (tables + PNGs)")
-    p.add_argument("name", choices=("baselines", "targets", "rank", "subspace", "amplification", "latency", "all"))
+    p.add_argument("name", choices=("baselines", "targets", "rank", "subspace", "amplification", "latency", "variants",
+                                        "all"))
     p.add_argument("--out", default="minilora-out/experiments")
     p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
     p.set_defaults(func=_cmd_experiment)

@@ -10,6 +10,7 @@
     subspace       Figs. 3 and 4            φ between A of r = 8 and r = 64, and of two seeds
     amplification  Table 7                  ‖ΔW‖_F / ‖UᵀWVᵀ‖_F: ΔW amplifies directions W under-uses
     latency        Table 1                  forward latency of adapters vs merged / unmerged LoRA
+    variants       after the paper          DoRA, PiSSA, LoRA+, rsLoRA (an r sweep), LoRA on an NF4 base
     all            everything, one Markdown file (``all.md``) and every PNG
 
 Each experiment writes ``<name>.md`` (a Markdown table, the settings, links to its figures) and
@@ -27,7 +28,7 @@ from ._common import FAST, FULL, Context, Settings  # noqa: F401
 
 __all__ = ["EXPERIMENTS", "Context", "Settings", "run_experiment"]
 
-EXPERIMENTS = ("baselines", "targets", "rank", "subspace", "amplification", "latency")
+EXPERIMENTS = ("baselines", "targets", "rank", "subspace", "amplification", "latency", "variants")
 
 
 def run_experiment(name: str, out_dir="minilora-out/experiments", fast: bool = False, progress: bool = True,
