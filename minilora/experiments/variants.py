@@ -2,8 +2,8 @@
 
     minilora experiment variants --out DIR [--fast]
 
-Every variant adapts Wq and Wv at r = 4 with α = 8 and the LoRA learning rate of the baselines,
-on each of the three tasks; what changes is only the variant's own idea:
+Every variant adapts Wq and Wv at r = 4 with α = 8, on each of the three tasks, with the same
+steps, learning rate and seed; what changes is only the variant's own idea:
 
     variant  what changes                                                       paper
     lora     h = W₀x + (α/r)·B·A·x (the baseline)                                Hu et al. 2021
@@ -13,8 +13,12 @@ on each of the three tasks; what changes is only the variant's own idea:
     qlora    W₀ stored in NF4 (4.5 bits a value), dequantized on the fly          Dettmers et al. 2023
 
 and rsLoRA (Kalajdzievski 2023) is an r-sweep on one task: the same runs with the scaling α/r
-(LoRA) and α/√r (rsLoRA), r ∈ {1, 4, 16, 64}. Its claim is that with α/r large ranks learn too
-slowly (the update shrinks as 1/r), which α/√r repairs.
+(LoRA) and α/√r (rsLoRA), r ∈ {1, 4, 32} (at r = 1 the two are the same run). Its claim is that
+with α/r large ranks learn too slowly (the update shrinks as 1/r), which α/√r repairs.
+
+The size is pinned here, not taken from ``minilora.methods.HYPERPARAMS`` (500 steps at lr 5e-3 for
+LoRA): ``RUN_STEPS`` = 200 steps at lr 1e-2 and ``RUN_EVAL`` = 100 test examples, so that the 19
+runs fit in about 10 CPU-minutes.
 
 Reported per run: the task metric and the test NLL, trainable parameters, time per step, the peak
 memory of one training step (tracemalloc: activations, gradients, optimizer state) and the bytes
@@ -32,9 +36,10 @@ import os
 import numpy as np
 
 from .. import backend as bk
-from ..baselines import DEFAULT_HP
 from ..data import TASK_METRICS, TASKS
-from ._common import LORA_ALPHA, Context, markdown_table, new_figure, nll, save_figure, write_markdown
+from .report import markdown_table, new_figure, nll, write_figure
+from .runs import Context
+from .settings import LORA_ALPHA
 
 TITLE = "Beyond the paper: DoRA, PiSSA, LoRA+, rsLoRA and an NF4 base (QLoRA)"
 
@@ -42,9 +47,10 @@ VARIANTS = ("lora", "dora", "pissa", "lora+", "qlora")
 LABELS = {"lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "lora+": "LoRA+ (λ = 16)", "qlora": "LoRA on NF4 (QLoRA)",
           "rslora": "rsLoRA"}
 R, TARGETS = 4, ("q", "v")
-LR = DEFAULT_HP["lora"]["lr"]  # 1e-2: the baselines' LoRA learning rate
+RUN_STEPS, RUN_EVAL = 200, 100  # full size (fast: the experiments' FAST_SETTINGS)
+LR = 1e-2  # LoRA's better learning rate of the 300-step sweep (docs/results.md)
 LORA_PLUS_RATIO, LORA_PLUS_LR_A = 16.0, LR / 4  # lr_B = 4e-2: the paper's λ = 2⁴, lr_A lowered so lr_B stays sane
-SWEEP_RANKS, FAST_SWEEP_RANKS = (1, 4, 16, 64), (1, 8)
+SWEEP_RANKS, FAST_SWEEP_RANKS = (1, 4, 32), (1, 8)
 NF4_BLOCK = 64
 
 
@@ -62,17 +68,30 @@ def jobs(ctx: Context) -> list:
     sweep_task = ctx.settings.analysis_tasks[0]
     ranks = FAST_SWEEP_RANKS if ctx.fast else SWEEP_RANKS
     out = [(task, variant, R) for task in tasks(ctx) for variant in VARIANTS]
-    out += [(sweep_task, variant, r) for variant in ("lora", "rslora") for r in ranks]
-    return list(dict.fromkeys(out))
+    out += [(sweep_task, variant, r) for variant in ("lora", "rslora") for r in ranks if (variant, r) != ("rslora", 1)]
+    return list(dict.fromkeys(out))  # rsLoRA at r = 1 is LoRA at r = 1 (α/√1 = α/1): one run
 
 
-def train_variant(base, s, task: str, variant: str, r: int, seed: int = 0) -> dict:
-    """One fine-tuning run of ``variant`` at rank ``r`` on ``task``: the numbers of one table row."""
+def _row(results, task, variant, r):
+    return results[(task, "lora" if (variant, r) == ("rslora", 1) else variant, r)]
+
+
+def size(ctx: Context) -> dict:
+    """steps, batch_size, n_train, n_eval, max_new_tokens of every run."""
+    s = ctx.settings
+    if ctx.fast:
+        return {"steps": s.steps, "batch_size": s.batch_size, "n_train": s.n_train, "n_eval": s.n_eval,
+                "max_new_tokens": s.max_new_tokens}
+    return {"steps": RUN_STEPS, "batch_size": s.batch_size, "n_train": s.n_train, "n_eval": RUN_EVAL,
+            "max_new_tokens": s.max_new_tokens}
+
+
+def train_variant(base, s: dict, task: str, variant: str, r: int, seed: int = 0) -> dict:
+    """One fine-tuning run of ``variant`` at rank ``r`` on ``task`` (``s``: ``size(ctx)``): one table row."""
     from .. import lora, optim
-    from ..baselines import evaluate_method, target_loss
     from ..data import Tokenizer, encode_example, load_task
     from ..nn import Linear
-    from ..recipes import peak_step_memory, task_batches
+    from ..recipes import evaluate, peak_step_memory, target_loss, task_batches
     from ..train import fit
 
     tokenizer = Tokenizer.default()
@@ -92,21 +111,21 @@ def train_variant(base, s, task: str, variant: str, r: int, seed: int = 0) -> di
     else:
         params = model.named_parameters(trainable_only=True)
     optimizer = optim.AdamW(params, lr=LR, weight_decay=0.0)
-    scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=s.steps,
-                                                               warmup=max(1, s.steps // 10)))
-    train = [ex for ex in load_task(task, "train", s.n_train)
+    steps = s["steps"]
+    scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps,
+                                                               warmup=max(1, steps // 10)))
+    train = [ex for ex in load_task(task, "train", s["n_train"])
              if len(encode_example(tokenizer, ex)[0]) <= model.config.block_size]
-    get_batch = task_batches(train, tokenizer, s.batch_size, seed, model.config.block_size)
+    get_batch = task_batches(train, tokenizer, s["batch_size"], seed, model.config.block_size)
     peak = peak_step_memory(model, optimizer, get_batch)
-    history = fit(model, optimizer, get_batch, s.steps, scheduler=scheduler, progress=False, desc=f"{task}/{variant}")
-    evaluation = load_task(task, "test", s.n_eval)
+    history = fit(model, optimizer, get_batch, steps, scheduler=scheduler, progress=False, desc=f"{task}/{variant}")
+    evaluation = load_task(task, "test", s["n_eval"])
     model.eval()
-    max_new = s.max_new_tokens.get(task) if isinstance(s.max_new_tokens, dict) else s.max_new_tokens
-    metric_name, metric, _ = evaluate_method(model, task, evaluation, tokenizer, max_new_tokens=max_new)
+    metric_name, metric, _ = evaluate(model, task, evaluation, tokenizer, max_new_tokens=s["max_new_tokens"])
     return {"task": task, "variant": variant, "r": r, "scaling": config.scaling, "metric_name": metric_name,
             "metric": float(metric), "eval_loss": float(target_loss(model, evaluation, tokenizer)),
             "trainable_params": int(model.num_parameters(trainable_only=True)),
-            "ms_per_step": 1000.0 * history.seconds / max(1, s.steps), "peak_step_bytes": int(peak),
+            "ms_per_step": 1000.0 * history.seconds / max(1, steps), "peak_step_bytes": int(peak),
             "optimizer_state_bytes": int(optimizer.state_bytes()), "base_linear_bytes": int(stored_bytes),
             "final_loss": float(np.mean(history.losses[-10:])) if history.losses else float("nan")}
 
@@ -131,7 +150,7 @@ def _train_all(ctx: Context, todo: list) -> dict:
     with ctx.bar(len(todo), "variants") as bar:
         if ctx.workers <= 1 or len(todo) == 1:
             for job in todo:
-                results[job] = train_variant(ctx.base, ctx.settings, *job)
+                results[job] = train_variant(ctx.base, size(ctx), *job)
                 bar.update(1)
             return results
         threads = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -140,7 +159,7 @@ def _train_all(ctx: Context, todo: list) -> dict:
         try:
             with cf.ProcessPoolExecutor(max_workers=min(ctx.workers, len(todo)),
                                         mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init, initargs=(ctx.base, ctx.settings)) as pool:
+                                        initializer=_init, initargs=(ctx.base, size(ctx))) as pool:
                 futures = {pool.submit(_work, *job): job for job in todo}
                 for future in cf.as_completed(futures):
                     results[futures[future]] = future.result()
@@ -159,7 +178,7 @@ def run(ctx: Context) -> dict:
     results = _train_all(ctx, todo)
     body = _tables(ctx, results)
     figure = _plot(ctx, results)
-    text = write_markdown(ctx, "variants", TITLE, body, [figure])
+    text = _write_markdown(ctx, body, figure)
     return {"markdown": text, "figures": [figure],
             "results": {f"{t}/{v}/r={r}": row["metric"] for (t, v, r), row in results.items()}}
 
@@ -181,7 +200,7 @@ def _tables(ctx: Context, results: dict) -> str:
     sweep_rows = []
     for variant, name in (("lora", "α/r (LoRA)"), ("rslora", "α/√r (rsLoRA)")):
         for what, label in (("eval_loss", "NLL ↓"), ("metric", f"{TASK_METRICS[sweep_task]} ↑")):
-            values = [results[(sweep_task, variant, r)][what] for r in ranks]
+            values = [_row(results, sweep_task, variant, r)[what] for r in ranks]
             sweep_rows.append([f"{name} {label}"] + ([nll(v) for v in values] if what == "eval_loss" else values))
     body += (f"\n\nr = {R} on Wq, Wv, α = {LORA_ALPHA:g}, AdamW lr {LR:g} (LoRA+: lr_A = {LORA_PLUS_LR_A:g}, "
              f"lr_B = {LORA_PLUS_RATIO:g} × lr_A); NF4 blocks of {NF4_BLOCK}. Peak step memory: tracemalloc's peak "
@@ -210,7 +229,7 @@ def _plot(ctx: Context, results: dict) -> str:
     sweep_task = ctx.settings.analysis_tasks[0]
     ranks = FAST_SWEEP_RANKS if ctx.fast else SWEEP_RANKS
     for variant, name in (("lora", "α/r (LoRA)"), ("rslora", "α/√r (rsLoRA)")):
-        ax.plot(ranks, [results[(sweep_task, variant, r)]["eval_loss"] for r in ranks], marker="o", label=name)
+        ax.plot(ranks, [_row(results, sweep_task, variant, r)["eval_loss"] for r in ranks], marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks)
     ax.set_xticklabels([str(r) for r in ranks])
@@ -218,4 +237,17 @@ def _plot(ctx: Context, results: dict) -> str:
     ax.set_ylabel("test NLL ↓")
     ax.set_title(f"{sweep_task}: scaling α/r against α/√r", fontsize=9)
     ax.legend(fontsize=7)
-    return save_figure(fig, ctx, "variants.png")
+    return write_figure(ctx, fig, "variants.png")
+
+
+def _write_markdown(ctx: Context, body: str, figure: str) -> str:
+    """``variants.md``: like the other experiments', with this experiment's own run size in the settings line."""
+    s = size(ctx)
+    lines = [f"## {TITLE}", "", body.strip(), "", f"![{figure}]({figure})", "",
+             f"_Settings: {'--fast, ' if ctx.fast else ''}{s['steps']} AdamW steps of batch {s['batch_size']}, "
+             f"{'all' if s['n_train'] is None else s['n_train']} training examples, {s['n_eval']} test examples per "
+             f"run, greedy decoding; base: {ctx.base_note}._", ""]
+    text = "\n".join(lines)
+    with open(ctx.path("variants.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    return text

@@ -14,6 +14,9 @@ and a DoRA adapter also ``...lora_magnitude.<adapter>`` (d,).
 States: an adapter is *active* (used by forward), and possibly *merged* (B A already added into
 the weight, so forward is a plain F.linear: no extra latency, Sec. 4.2). Changing what is
 active while something is merged raises: merging is explicit, never a side effect.
+Several active adapters add their updates; inside ``lora.mixed_batch`` (which sets
+``row_groups``) row i of the input uses its own adapter instead. Every path is an op of
+``lora/function.py``, where the equation and its backward are written once.
 
 Variants (``LoRAConfig``): ``use_dora`` routes the forward through ``dora_linear`` (a merged DoRA
 weight is the plain matrix m ⊙ V / ‖V‖_row); ``init="pissa"`` starts A and B at the top-r
