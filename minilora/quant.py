@@ -185,7 +185,7 @@ def _double_quantize(q: NF4Tensor, dq_block_size: int) -> NF4Tensor:
     """Store the block scales in 8 bits: subtract their mean, then absmax-quantize per ``dq_block_size`` scales."""
     xp = bk.get_array_module(q.absmax)
     absmax = q.absmax.astype(np.float64)
-    offset = float(np.float32(absmax.mean()))
+    offset = float(np.float32(float(absmax.mean())))  # a host float (CuPy: no implicit conversion)
     n_groups = -(-absmax.size // dq_block_size)
     centred = xp.zeros(n_groups * dq_block_size, dtype=np.float64)
     centred[: absmax.size] = absmax - offset

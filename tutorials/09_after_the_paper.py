@@ -213,10 +213,11 @@ ax.legend(fontsize=8)
 print("wrote", save_figure(fig, "09_race.png"))
 
 # %% [markdown]
-# Read the start of the curves first: PiSSA's loss falls fastest in the first steps (its adapter
-# starts on the directions that matter), and LoRA+ moves faster than LoRA at the same lr_A. On a
-# model this small and a task this easy, they all end close together; one seed and one task
-# cannot rank them (see `docs/results.md` for the full experiment and its noise).
+# Look at the first steps of the curves, where the variants differ most: PiSSA's adapter starts on
+# the principal directions of W₀ instead of random ones, and LoRA+ moves B 16× faster than A.
+# Whether that is still visible at the end, on a model this small and a task this easy, the
+# printed test losses say; one seed and one task cannot rank the variants (`docs/results.md`
+# has the full experiment on three tasks, and what its noise allows one to conclude).
 #
 # ## 4. What 4 bits cost
 #
@@ -256,9 +257,10 @@ print(f"test loss of the untouched base: float32 {loss_float:.4f}, NF4 {loss_nf4
 
 # %% [markdown]
 # On a 0.8 M-parameter model the Linear weights are 3 MiB in float32 and about 0.4 MiB in NF4.
-# That is QLoRA's trade: 7× less memory for the frozen weights, a small loss increase before
-# fine-tuning (which LoRA then largely trains away, see the race), and a slower step: every
-# forward and backward dequantizes W₀ again.
+# That is QLoRA's trade: 7× less memory for the frozen weights, a rounding of every weight by
+# about a tenth of its size (the loss of the untouched base barely moves, the logits do), and a
+# slower step: every forward and backward dequantizes W₀ again. The adapters stay in float32
+# and are trained on top of the rounded base (the "NF4 base" curve of the race).
 #
 # ## Exercises
 #
