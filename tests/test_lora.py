@@ -210,7 +210,7 @@ def test_config_scaling_and_round_trip():
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
     ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
     ({"bias": "some"}, r"bias must be one of \('none', 'all', 'lora_only'\)"),
-    ({"init": "xavier"}, r"init must be one of \('kaiming', 'gaussian'\)"),
+    ({"init": "xavier"}, r"init must be one of \('kaiming', 'gaussian', 'pissa'\)"),
     ({"target_modules": ()}, r"target_modules must be a non-empty sequence"),
     ({"target_modules": ("q", "")}, r"target_modules must be a non-empty sequence"),
     ({"target_modules": 3}, r"target_modules must be a name or a sequence"),

@@ -29,6 +29,7 @@ FIGURES = {
     "06_what_rank.py": ["06_rank_sweep.png", "06_subspace.png"],
     "07_gpu.py": ["07_step_time.png"],
     "08_to_peft.py": ["08_peft_analysis.png"],
+    "09_after_the_paper.py": ["09_spectrum.png", "09_race.png", "09_nf4.png"],
 }
 
 

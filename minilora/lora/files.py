@@ -170,6 +170,8 @@ def _expected(model: Module, config: LoRAConfig, name: str) -> dict:
         d, k = layer.weight.shape
         out[f"{path}.lora_A.{name}"] = ((config.r, k), np.dtype(layer.weight.dtype))
         out[f"{path}.lora_B.{name}"] = ((d, config.r), np.dtype(layer.weight.dtype))
+        if config.use_dora:
+            out[f"{path}.lora_magnitude.{name}"] = ((d,), np.dtype(layer.weight.dtype))
     for path, module in bias_targets(model, config.bias, targets):
         out[f"{path}.lora_bias.{name}"] = (tuple(module.bias.shape), np.dtype(module.bias.dtype))
     return out
@@ -218,7 +220,7 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
         raise AdapterFileError(f"{path}: the adapter does not fit this model: {exc}") from None
 
     def model_key(file_key: str) -> str:
-        for part in ("lora_A", "lora_B", "lora_bias"):
+        for part in ("lora_A", "lora_B", "lora_magnitude", "lora_bias"):
             suffix = f".{part}.{stored_name}"
             if file_key.endswith(suffix):
                 return file_key[: -len(suffix)] + f".{part}.{name}"

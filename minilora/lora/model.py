@@ -221,10 +221,13 @@ def disable_adapters(model: Module):
 
 
 # ----------------------------------------------------------------------------- training
+ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude")  # lora_magnitude: DoRA adapters only
+
+
 def lora_parameter_names(model: Module) -> list:
-    """Names of every lora_A / lora_B parameter (all adapters)."""
+    """Names of every lora_A / lora_B (and DoRA lora_magnitude) parameter (all adapters)."""
     return [f"{path}.{part}.{name}" for path, layer in lora_layers(model)
-            for part in ("lora_A", "lora_B") for name in getattr(layer, part)]
+            for part in ADAPTER_PARTS for name in getattr(layer, part)]
 
 
 def bias_delta_names(model: Module, adapter_name: str | None = None) -> list:
@@ -260,12 +263,12 @@ def mark_only_lora_as_trainable(model: Module, bias: str | None = None) -> Modul
 
 
 def lora_state_dict(model: Module, adapter_name: str = "default") -> OrderedDict[str, object]:
-    """{name: array} of one adapter: its lora_A / lora_B (and its bias deltas, ``...lora_bias.<adapter>``).
+    """{name: array} of one adapter: its lora_A / lora_B, DoRA's lora_magnitude, and its bias deltas (``...lora_bias.<adapter>``).
 
     Names are the model's own (``blocks.0.attn.q.lora_A.<adapter>``); the arrays are not copies.
     """
     layers = _layers_with(model, adapter_name)
-    wanted = {f"{path}.{part}.{adapter_name}" for path, _ in layers for part in ("lora_A", "lora_B")}
+    wanted = {f"{path}.{part}.{adapter_name}" for path, _ in layers for part in ADAPTER_PARTS}
     wanted |= set(bias_delta_names(model, adapter_name))
     return OrderedDict((n, p.data) for n, p in model.named_parameters() if n in wanted)
 
