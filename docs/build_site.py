@@ -103,8 +103,13 @@ def markdown_to_html(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- tutorials
-def execute_tutorial(path: str, timeout: int) -> tuple[object, float]:
-    """The tutorial as an executed notebook (nbformat node) and the seconds it took."""
+def execute_tutorial(path: str, timeout: int, env: dict | None = None) -> tuple[object, float]:
+    """The tutorial as an executed notebook (nbformat node) and the seconds it took.
+
+    The kernel gets this process's environment updated with ``env``, and ``MINILORA_OUT`` set to a
+    temporary folder (the figures are embedded in the outputs). A cell that raises raises
+    ``nbclient.exceptions.CellExecutionError`` here, with the cell and its traceback.
+    """
     import jupytext
     import nbclient
 
@@ -114,7 +119,7 @@ def execute_tutorial(path: str, timeout: int) -> tuple[object, float]:
     with tempfile.TemporaryDirectory(prefix="minilora-site-") as work:
         client = nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                                          resources={"metadata": {"path": REPO}})
-        env = {**os.environ, "MINILORA_OUT": work,  # figures are also embedded inline in the outputs
+        env = {**os.environ, **(env or {}), "MINILORA_OUT": work,  # figures are embedded in the outputs
                "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)}
         client.execute(env=env)
     return notebook, time.perf_counter() - start
