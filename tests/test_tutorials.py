@@ -28,10 +28,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # tutorial -> the figures it promises (in MINILORA_OUT)
 FIGURES = {
     "01_autograd.py": ["01_finite_difference_error.png"],
-    "02_lora_layer.py": ["02_update_scale.png"],
-    "03_tiny_transformer.py": ["03_loss_mask.png"],
+    "02_lora_layer.py": ["02_reparametrisation.png", "02_update_scale.png"],
+    "03_tiny_transformer.py": ["03_block.png", "03_block_lora.png", "03_loss_mask.png"],
     "04_finetune.py": ["04_full_vs_lora.png"],
-    "05_merge_and_serve.py": ["05_latency.png"],
+    "05_merge_and_serve.py": ["05_merge.png", "05_latency.png"],
     "06_what_rank.py": ["06_rank_sweep.png", "06_subspace.png"],
     "07_gpu.py": ["07_step_time.png"],
 }
@@ -64,7 +64,8 @@ def test_tutorial_is_a_percent_format_notebook(name):
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_tutorial_runs_in_fast_mode_and_writes_its_figures(name, tmp_path):
     env = {**os.environ, "MINILORA_FAST": "1", "MPLBACKEND": "Agg", "MINILORA_OUT": str(tmp_path),
-           "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MINILORA_BACKEND": ""}
+           "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MINILORA_BACKEND": "",
+           "PYTHONPATH": REPO}  # this checkout's minilora, not whichever one is installed
     proc = subprocess.run([sys.executable, os.path.join(TUTORIALS, name)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
