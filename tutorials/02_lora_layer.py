@@ -78,8 +78,9 @@ print("LoRA output == base output:", np.array_equal(h_lora.data, h_base.data))
 #
 # ## 3. The backward pass, on paper
 #
-# minilora computes the layer as **one fused op**, `F.lora_linear`, with a hand-written backward.
-# Write u = x Aᵀ (the N × r bottleneck) and s = α/r. Then
+# minilora computes the layer as **one fused op**, `F.lora_linear` (the Function class is
+# `lora.LoRALinearFn`, in `minilora/lora/function.py`), with a hand-written backward. Write
+# u = x Aᵀ (the N × r bottleneck) and s = α/r. Then
 #
 #     h = x W₀ᵀ + b + s·u Bᵀ,      u = x Aᵀ
 #
