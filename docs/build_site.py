@@ -48,7 +48,7 @@ API_MODULES = [
     "minilora", "minilora.tensor", "minilora.function", "minilora.functional", "minilora.gradcheck",
     "minilora.nn", "minilora.models", "minilora.lora", "minilora.optim", "minilora.train",
     "minilora.data", "minilora.generate", "minilora.analysis", "minilora.io", "minilora.backend",
-    "minilora.exercises",
+    "minilora.exercises", "minilora.diagrams",
 ]
 
 
@@ -222,8 +222,12 @@ tutorial takes, questions to answer before you run a cell, and the capstone.</p>
 
 
 # ----------------------------------------------------------------------------- build
-def build(out: str, only: list[str] | None = None, jobs: int = 1, timeout: int = 900) -> dict:
-    """Build the site into ``out``; returns {tutorial: seconds}."""
+def build(out: str, only: list[str] | None = None, jobs: int = 1, timeout: int = 900,
+          notebooks: str | None = None) -> dict:
+    """Build the site into ``out``; returns {tutorial: seconds}.
+
+    ``notebooks``: a folder to also write the executed notebooks to (``NN_name.ipynb``).
+    """
     from pygments.formatters import HtmlFormatter
 
     fast = os.environ.get("MINILORA_FAST", "").strip() not in ("", "0")
@@ -249,6 +253,12 @@ def build(out: str, only: list[str] | None = None, jobs: int = 1, timeout: int =
             path = futures[future]
             notebook, seconds = future.result()
             executed[path] = notebook
+            if notebooks:
+                import nbformat
+
+                os.makedirs(notebooks, exist_ok=True)
+                stem = os.path.splitext(os.path.basename(path))[0]
+                nbformat.write(notebook, os.path.join(notebooks, stem + ".ipynb"))
             timings[os.path.basename(path)] = seconds
             print(f"executed {os.path.basename(path)} in {seconds:.1f} s", flush=True)
     tutorials = []
@@ -281,10 +291,12 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma-separated tutorial numbers, e.g. 01,02 (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="tutorials executed at once (default 1)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per notebook cell (default 900)")
+    parser.add_argument("--notebooks", default=None, help="also write the executed notebooks (.ipynb) here")
     args = parser.parse_args(argv)
     sys.path.insert(0, REPO)
     start = time.perf_counter()
-    timings = build(args.out, [s.strip() for s in args.only.split(",") if s.strip()] or None, args.jobs, args.timeout)
+    timings = build(args.out, [s.strip() for s in args.only.split(",") if s.strip()] or None, args.jobs, args.timeout,
+                    notebooks=args.notebooks)
     print(f"site built in {time.perf_counter() - start:.1f} s ({len(timings)} tutorials): "
           f"{os.path.join(args.out, 'index.html')}")
     return 0

@@ -1,7 +1,7 @@
 """The course site, built in fast mode and opened in a real (headless) Chromium.
 
-``docs/build_site.py`` executes every tutorial and renders the site; this test builds it into a
-temporary folder with ``MINILORA_FAST=1`` and opens every page in Debian's ``chromium`` through the
+``docs/build_site.py`` executes every tutorial and renders the site; this test takes the run's
+fast-mode build (``MINILORA_FAST=1``, tests/sitebuild.py, shared with test_tutorials.py) and opens every page in Debian's ``chromium`` through the
 DevTools protocol over a pipe (``--remote-debugging-pipe``: no port, no extra package). For each
 page: no console error, no uncaught exception, no failed resource load; every ``<img>`` decoded
 (naturalWidth > 0); a screenshot that is not blank; no reference to anything on the network.
@@ -27,6 +27,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
+from sitebuild import fast_site  # noqa: E402,F401  (a fixture: one fast-mode build per run)
 from test_tutorials import FIGURES  # noqa: E402
 
 
@@ -152,18 +153,9 @@ class Browser:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    for module in ("jupytext", "nbclient", "nbconvert", "ipykernel", "mistune"):
-        pytest.importorskip(module, reason=f"the docs extra is not installed ({module}): pip install -e '.[docs]'")
-    out = tmp_path_factory.mktemp("site")
-    env = {**os.environ, "MINILORA_FAST": "1", "MPLBACKEND": "Agg", "OPENBLAS_NUM_THREADS": "1",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MINILORA_BACKEND": ""}
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "docs", "build_site.py"), "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"the site build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    print(f"fast-mode site build: {time.perf_counter() - start:.0f} s")
-    return out
+def site(fast_site):  # noqa: F811 (the fixture imported above)
+    print(f"fast-mode site build: {fast_site['seconds']:.0f} s")
+    return fast_site["site"]
 
 
 @pytest.fixture(scope="module")

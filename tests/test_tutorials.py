@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 import pytest
+from sitebuild import FAST_ENV, fast_site, require_docs_extra  # noqa: F401  (fast_site is a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIALS = os.path.join(REPO, "tutorials")
@@ -80,24 +81,13 @@ def test_tutorial_runs_in_fast_mode_and_writes_its_figures(name, tmp_path):
     assert "✓ " not in proc.stdout, f"{name}: a check passed, so a solution sits in the tutorial:\n{proc.stdout[-2000:]}"
 
 
-def _docs_builder():
-    for module in ("jupytext", "nbclient", "nbconvert", "ipykernel"):
-        pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[docs]')")
-    sys.path.insert(0, os.path.join(REPO, "docs"))
-    import build_site
-
-    return build_site
-
-
-FAST_ENV = {"MINILORA_FAST": "1", "MPLBACKEND": "Agg", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1", "MINILORA_BACKEND": ""}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FIGURES))
-def test_tutorial_runs_as_a_notebook(name):
-    build_site = _docs_builder()
-    notebook, _ = build_site.execute_tutorial(os.path.join(TUTORIALS, name), timeout=300, env=FAST_ENV)
+def test_tutorial_runs_as_a_notebook(name, fast_site):  # noqa: F811 (the fixture imported above)
+    """Executed by nbclient in an IPython kernel (the course site's fast-mode build, tests/sitebuild.py)."""
+    import nbformat
+
+    notebook = nbformat.read(os.path.join(fast_site["notebooks"], name[:-3] + ".ipynb"), as_version=4)
     images, stderr, errors, text = [], [], [], []
     for cell in notebook.cells:
         for output in cell.get("outputs", []):
@@ -114,12 +104,12 @@ def test_tutorial_runs_as_a_notebook(name):
         assert png[:8] == PNG_MAGIC and len(png) > 1000
     size = len(json.dumps([c.get("outputs", []) for c in notebook.cells if c.cell_type == "code"]))
     assert size - sum(len(base64.b64encode(p)) for p in images) < 60_000, f"{name}: {size} bytes of text outputs"
-    assert "not attempted yet" in "".join(text)
+    assert "not attempted yet" in "".join(text) and "✓ " not in "".join(text)
 
 
 def test_progress_bar_in_a_notebook_is_quiet():
     """fit(progress=True) in a kernel: a widget where ipywidgets is installed, else no bar; never a TqdmWarning."""
-    _docs_builder()
+    require_docs_extra()
     import nbclient
     import nbformat
 

@@ -27,7 +27,7 @@ import inspect
 import numpy as np
 
 import minilora as ml
-from minilora.exercises import check_backward_by_hand, check_sigmoid, save_figure
+from minilora.exercises import check_backward_by_hand, check_sigmoid, save_figure, show_hint, show_solution
 
 ml.manual_seed(0)
 

@@ -24,7 +24,9 @@ import numpy as np
 import minilora as ml
 from minilora import functional as F
 from minilora import lora, nn, optim
-from minilora.exercises import check_dA, check_dB, check_lora_param_count, save_figure
+from minilora.exercises import (
+    check_dA, check_dB, check_lora_param_count, save_figure, show_hint, show_solution,
+)
 
 ml.manual_seed(0)
 

@@ -19,7 +19,7 @@ import minilora as ml
 from minilora import functional as F
 from minilora import lora
 from minilora.data import Tokenizer, collate, load_task
-from minilora.exercises import check_loss_mask, check_masked_loss, save_figure
+from minilora.exercises import check_loss_mask, check_masked_loss, save_figure, show_hint, show_solution
 from minilora.models import load_base
 
 ml.manual_seed(0)

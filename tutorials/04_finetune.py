@@ -30,7 +30,9 @@ import numpy as np
 import minilora as ml
 from minilora import lora
 from minilora.data import Tokenizer, collate, load_task
-from minilora.exercises import check_optimizer_state_bytes, check_trainable_params, save_figure
+from minilora.exercises import (
+    check_optimizer_state_bytes, check_trainable_params, save_figure, show_hint, show_solution,
+)
 from minilora.models import load_base
 from minilora.recipes import FAST, evaluate, finetune
 

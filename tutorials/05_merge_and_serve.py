@@ -34,7 +34,9 @@ import minilora as ml
 from minilora import lora
 from minilora.baselines import apply_method
 from minilora.data import Tokenizer, collate, load_task, prompt_ids
-from minilora.exercises import check_merge, check_mixed_batch, check_switch, output_dir, save_figure
+from minilora.exercises import (
+    check_merge, check_mixed_batch, check_switch, output_dir, save_figure, show_hint, show_solution,
+)
 from minilora.generate import generate
 from minilora.models import load_base
 from minilora.models.pretrained import BASE_WEIGHTS

@@ -29,7 +29,9 @@ from minilora import backend as bk
 from minilora import lora
 from minilora.analysis import subspace_similarity, subspace_similarity_grid
 from minilora.data import Tokenizer, collate, load_task
-from minilora.exercises import check_random_subspace_baseline, check_subspace_similarity, save_figure
+from minilora.exercises import (
+    check_random_subspace_baseline, check_subspace_similarity, save_figure, show_hint, show_solution,
+)
 from minilora.models import load_base
 from minilora.recipes import FAST, finetune
 

@@ -29,7 +29,9 @@ from minilora import backend as bk
 from minilora import functional as F
 from minilora import lora, optim
 from minilora.data import Tokenizer, collate, load_task
-from minilora.exercises import check_host_logits, check_softmax_any_backend, save_figure
+from minilora.exercises import (
+    check_host_logits, check_softmax_any_backend, save_figure, show_hint, show_solution,
+)
 from minilora.models import load_base
 from minilora.recipes import FAST
 
