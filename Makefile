@@ -24,7 +24,7 @@ lint: $(BIN)/python
 	$(BIN)/ruff check minilora tests
 
 bench: $(BIN)/python
-	$(BIN)/python -m minilora.bench --compare-torch
+	$(BIN)/python -m benchmarks.bench --compare-torch
 
 # The course site: every tutorial executed (full mode: a few minutes), the docs pages and the API
 # reference, into site/ (open site/index.html; no network needed). MINILORA_FAST=1 for a smoke build.

@@ -32,7 +32,7 @@ import numpy as np
 
 import minilora as ml
 from minilora import lora
-from minilora.baselines import apply_method
+from minilora.methods import apply_method
 from minilora.data import Tokenizer, collate, load_task, prompt_ids
 from minilora.exercises import (
     check_merge, check_mixed_batch, check_switch, output_dir, save_figure, show_hint, show_solution,
@@ -146,7 +146,7 @@ print("wrote", save_figure(fig, "05_merge.png"))
 # - **LoRA unmerged**: W₀x + s·B(Ax), two extra thin matmuls per adapted layer;
 # - **Adapterᴴ**: Houlsby adapters (a d → 4 → d bottleneck with a skip connection) after the
 #   attention output and after the MLP of every block. This is the paper's adapter baseline
-#   ("Adapter^H" in its tables), `minilora.baselines.apply_method(model, "adapter_h")`.
+#   ("Adapter^H" in its tables), `minilora.methods.apply_method(model, "adapter_h")`.
 
 # %%
 unmerged = copy.deepcopy(server)
