@@ -24,7 +24,10 @@ import traceback
 
 import numpy as np
 
+import minilora as ml  # for the solutions' namespace (minilora itself never imports the exercises)
+
 from .. import backend as bk
+from .. import functional as F
 from ..tensor import Tensor
 
 __all__ = ["ExerciseError", "exercise", "register", "show_hint", "show_solution", "solution", "exercises",
@@ -119,10 +122,6 @@ def show_solution(id: str) -> str:
 
 def solution(id: str):
     """The solution of ``id`` as a Python object (the function or class its source defines)."""
-    import minilora as ml
-
-    from .. import functional as F
-
     ex = _get(id)
     namespace = {"np": np, "ml": ml, "F": F, "bk": bk}
     exec(compile(ex.solution, f"<solution {id}>", "exec"), namespace)  # noqa: S102 (our own source text)
