@@ -130,3 +130,10 @@ def test_progress_bar_in_a_notebook_is_quiet():
     assert "TqdmWarning" not in stderr and not stderr.strip(), stderr[:2000]
     assert any("done" in o.get("text", "") for o in outputs if o.output_type == "stream")
     assert len(json.dumps(outputs)) < 5_000, f"{len(json.dumps(outputs))} bytes of outputs for one progress bar"
+    widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        assert not widgets  # no ipywidgets: no bar at all
+    else:
+        assert len(widgets) == 1, outputs  # the notebook extra: one tqdm widget, updated in place
