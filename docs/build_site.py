@@ -137,6 +137,10 @@ def _notebook_title(notebook, fallback: str) -> str:
 def notebook_body(notebook) -> str:
     from nbconvert import HTMLExporter
 
+    widget = "application/vnd.jupyter.widget-view+json"  # a live widget: its static HTML needs jQuery from a CDN
+    for cell in notebook.cells:
+        if cell.get("outputs"):
+            cell.outputs = [o for o in cell.outputs if widget not in o.get("data", {})]
     exporter = HTMLExporter(template_name="basic")
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True

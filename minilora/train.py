@@ -121,7 +121,7 @@ def _progress(total, initial, desc, enabled):
     In a kernel without ipywidgets a text bar would print TqdmWarning and store every redraw in
     the notebook (kilobytes of them), so there is none; off a terminal (logs, CI) neither.
     """
-    if not enabled:
+    if not enabled or os.environ.get("TQDM_DISABLE", "").strip() not in ("", "0"):  # tqdm.notebook ignores it
         return None
     try:  # IPython exists only where Jupyter is installed
         from IPython import get_ipython

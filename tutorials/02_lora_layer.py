@@ -99,7 +99,7 @@ print("LoRA output == base output:", np.array_equal(h_lora.data, h_base.data))
 # One more line matters for LoRA: ∂L/∂W₀ = gᵀx is a d × k matrix, and for a frozen W₀ the fused
 # backward **never forms it**. Everything else costs O(N·r·(d + k)), thin matrices only. That is
 # where LoRA's backward saves time and memory (tutorial 04 measures it).
-
+#
 # ## 4. Check it with gradcheck
 #
 # B = 0 would hide mistakes (every term with B in it vanishes), so for the check we give B random
