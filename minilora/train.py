@@ -316,11 +316,30 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
 
 # ----------------------------------------------------------------------------- the loop
 def _progress(total, initial, desc, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+    """A progress bar: a widget in a Jupyter kernel, text on a terminal, none elsewhere.
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+    In a kernel without ipywidgets a text bar would print TqdmWarning and store every redraw in
+    the notebook (kilobytes of them), so there is none; off a terminal (logs, CI) neither.
+    """
+    if not enabled or os.environ.get("TQDM_DISABLE", "").strip() not in ("", "0"):  # tqdm.notebook ignores it
+        return None
+    try:  # IPython exists only where Jupyter is installed
+        from IPython import get_ipython
+
+        in_kernel = getattr(get_ipython(), "kernel", None) is not None
+    except ImportError:
+        in_kernel = False
+    kwargs = dict(total=total, initial=initial, desc=desc, unit="step", leave=False)
+    if in_kernel:
+        try:
+            import ipywidgets  # noqa: F401  (tqdm.notebook needs it)
+            from tqdm.notebook import tqdm as notebook_tqdm
+        except ImportError:
+            return None
+        return notebook_tqdm(**kwargs)
+    from tqdm import tqdm
+
+    return tqdm(dynamic_ncols=True, disable=None, **kwargs)  # disable=None: off when stderr is no terminal
 
 
 def _finite_params(params) -> bool:
