@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from .allocator import keep_freed_memory
+
 __all__ = ["main"]
 
 
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # fewer page faults for NumPy's temporaries (see minilora/allocator.py)
     if argv[:1] == ["bench"]:  # every option after `bench` belongs to `python -m minilora.bench`
         from .bench import main as bench_main
 
