@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ import numpy as np
 from . import backend as bk
 from .io import FileFormatError, load_arrays, save_arrays
 
-__all__ = ["fit", "History", "TrainingDivergedError", "epoch_batches", "save_checkpoint", "load_checkpoint"]
+__all__ = ["fit", "History", "Progress", "TrainingDivergedError", "epoch_batches", "save_checkpoint", "load_checkpoint"]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -112,12 +113,46 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> tuple[int, H
 
 
 # ----------------------------------------------------------------------------- the loop
-def _progress(total, initial, desc, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class Progress:
+    """Training progress: a tqdm bar on a terminal; in a log (no TTY) a few plain lines.
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+    ``update(done, loss, history)`` after each step, ``close()`` at the end. Without a TTY a
+    redrawn bar would write one line per step into the log, so instead a line is printed at
+    25 %, 50 %, 75 % and 100 % of the steps: step, loss, tokens per second.
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0, stream=None):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.bar = None
+        self.marks = sorted({max(1, (total * q) // 4) for q in (1, 2, 3, 4)}) if total > 0 else []
+        if enabled and _is_tty(self.stream):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False,
+                            file=self.stream)
+
+    def update(self, done: int, loss: float, history: History) -> None:
+        if not self.enabled:
+            return
+        tok_s = history.tokens / max(history.seconds, 1e-9)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
+        elif done in self.marks:
+            print(f"  {self.desc}: step {done}/{self.total}, loss {loss:.4f}, {tok_s:,.0f} tok/s, "
+                  f"{history.seconds:.1f} s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: float | None = 1.0,
@@ -142,7 +177,7 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
             raise FileNotFoundError(f"resume=True but there is no checkpoint at {last_path}")
         start, history, _ = load_checkpoint(last_path, model, optimizer, scheduler)
     params = model.parameters(trainable_only=True)
-    bar = _progress(steps, start, desc, progress)
+    bar = Progress(steps, desc, progress, initial=start)
     model.train()
     t_start = time.perf_counter() - history.seconds
 
@@ -184,9 +219,7 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
             history.lrs.append(float(optimizer.lr))
             history.tokens += n_tokens
             history.seconds = time.perf_counter() - t_start
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{history.tokens / max(history.seconds, 1e-9):.0f}")
+            bar.update(step + 1, value, history)
             done = step + 1
             if eval_fn is not None and eval_every and done % eval_every == 0 and done < steps:
                 evaluate(done)
@@ -195,8 +228,7 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
         if eval_fn is not None:
             evaluate(steps)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     history.seconds = time.perf_counter() - t_start
     if last_path and save_every:
         save_checkpoint(last_path, model, optimizer, steps, history, scheduler=scheduler)

@@ -117,3 +117,24 @@ def test_only_trainable_parameters_are_checkpointed(tmp_path):
     arrays, _ = load_arrays(tmp_path / "last.safetensors")
     saved = {k[len("param/"):] for k in arrays if k.startswith("param/")}
     assert saved == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_progress_without_a_tty_prints_a_few_lines_not_one_per_step():
+    import io
+
+    from minilora.train import History, Progress
+
+    stream = io.StringIO()  # not a TTY: a log file, CI
+    bar = Progress(200, "e2e/full", True, stream=stream)
+    history = History()
+    for step in range(200):
+        history.tokens += 100
+        history.seconds += 0.01
+        bar.update(step + 1, 1.0 / (step + 1), history)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4 and "\r" not in stream.getvalue()
+    assert lines[-1].startswith("  e2e/full: step 200/200, loss 0.0050")
+    silent = io.StringIO()
+    Progress(10, "x", False, stream=silent).update(10, 0.1, history)
+    assert silent.getvalue() == ""
