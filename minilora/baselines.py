@@ -39,6 +39,7 @@ from . import functional as F
 from . import nn
 from .backend import get_array_module
 from .function import Function
+from .generate import generate
 from .models.gpt import GPT
 from .tensor import Tensor, is_grad_enabled
 
@@ -188,7 +189,7 @@ class AdaptedLinear(nn.Module):
         self.bias = linear.bias
         self.adapter = adapter
 
-    def forward(self, x, adapter_ids=None):
+    def forward(self, x):
         return self.adapter(F.linear(x, self.weight, self.bias))
 
     def extra_repr(self) -> str:
@@ -311,7 +312,7 @@ class PreEmbedGPT(GPT):
         infix_pos = pe.l_p + sep + 1 + xp.arange(pe.l_i)[None, :]  # (bk, l_i)
         return token_pos, read_pos, infix_pos
 
-    def forward(self, idx, adapter_ids=None, cache=None) -> Tensor:
+    def forward(self, idx, cache=None) -> Tensor:
         pe: PromptVectors = self.preembed
         idx = idx.data if isinstance(idx, Tensor) else idx
         idx = bk.asarray(idx, backend=self.wte.weight.backend)
@@ -338,7 +339,7 @@ class PreEmbedGPT(GPT):
         x = x + self.wpe(xp.arange(past, past + length))  # (bk, T', C)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, adapter_ids, cache)
+            x = block(x, cache)
         if cache is not None:
             cache.length += length
         if inserting:
@@ -497,7 +498,7 @@ def evaluate_method(model: GPT, task: str, examples, tokenizer=None, max_new_tok
             f"{model.config.block_size} (model.config.block_size): no room is left to generate an answer"
         )
     limit = room if max_new_tokens is None else max(1, min(room, int(max_new_tokens)))
-    outputs = model.generate(prompts, max_new_tokens=limit, eos_id=tokenizer.eos_id, method="greedy")
+    outputs = generate(model, prompts, max_new_tokens=limit, eos_id=tokenizer.eos_id, method="greedy")
     preds = [tokenizer.decode(out, skip_special=True) for out in outputs]
     name, value = task_metric(task, preds, examples)
     return name, value, preds

@@ -13,7 +13,7 @@ What is measured, per (config, mode):
     unmerged      LoRA kept apart: W0 x + s·B A x in every adapted layer
     mixed16       a batch that mixes tasks: 16 adapters are loaded, the rows are split into
                   min(batch, 16) contiguous groups, group j uses adapter j, all in one
-                  ``model(idx, adapter_ids=[...])`` (tiny, batch 16: 16 adapters, one row each;
+                  ``with lora.mixed_batch(model, [...]): model(idx)`` (tiny, batch 16: 16 adapters, one row each;
                   medium, batch 8: the 16 are loaded, 8 of them are in the batch, one row each)
     mixed16-loop  the reference mixed16 is compared with: one forward per adapter, on its rows only
 
@@ -38,6 +38,7 @@ checkout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import gc
@@ -455,9 +456,12 @@ def _ml_runners(bc: BenchConfig, modes, base: GPT, idx, targets, backend: str, s
     sync = (lambda: _sync(backend)) if backend == "cupy" else None
     runners = {}
 
+    def routed(model, adapter_ids):  # a mixed batch, or every row through the active adapter
+        return lora.mixed_batch(model, adapter_ids) if adapter_ids is not None else contextlib.nullcontext()
+
     def forward_loss(model, adapter_ids=None):
-        with no_grad():
-            return _host_float(F.cross_entropy(model(idx, adapter_ids=adapter_ids), targets))
+        with no_grad(), routed(model, adapter_ids):
+            return _host_float(F.cross_entropy(model(idx), targets))
 
     def memory_of(step, model, opt=None):
         def measure():
@@ -507,8 +511,8 @@ def _ml_runners(bc: BenchConfig, modes, base: GPT, idx, targets, backend: str, s
         model.eval()
         if loop_groups is None:
             def step():
-                with no_grad():
-                    model(idx, adapter_ids=adapter_ids)
+                with no_grad(), routed(model, adapter_ids):
+                    model(idx)
 
             def loss_only():
                 return forward_loss(model, adapter_ids)
@@ -516,12 +520,15 @@ def _ml_runners(bc: BenchConfig, modes, base: GPT, idx, targets, backend: str, s
             def step():
                 with no_grad():
                     for _, name, rows in loop_groups:
-                        model(idx[rows[0]:rows[-1] + 1], adapter_ids=[name] * len(rows))
+                        with lora.mixed_batch(model, [name] * len(rows)):
+                            model(idx[rows[0]:rows[-1] + 1])
 
             def loss_only():  # the loop's logits, put back in row order
                 with no_grad():
-                    parts = [bk.to_numpy(model(idx[rows[0]:rows[-1] + 1], adapter_ids=[name] * len(rows)).data)
-                             for _, name, rows in loop_groups]
+                    parts = []
+                    for _, name, rows in loop_groups:
+                        with lora.mixed_batch(model, [name] * len(rows)):
+                            parts.append(bk.to_numpy(model(idx[rows[0]:rows[-1] + 1]).data))
                 logits = bk.asarray(np.concatenate(parts, axis=0), backend=backend)
                 return _host_float(F.cross_entropy(logits, targets))
         info = {"optimizer_state_bytes": 0, "trainable_params": 0,

@@ -57,6 +57,7 @@ def _cmd_finetune(args) -> int:
 def _cmd_generate(args) -> int:
     from . import lora
     from .data import Tokenizer, prompt_ids
+    from .generate import generate
     from .models import load_base
 
     tokenizer = Tokenizer.default()
@@ -66,9 +67,9 @@ def _cmd_generate(args) -> int:
         name = lora.load_adapter(args.adapter, model)
         adapter_ids = [name]
     model.eval()
-    out = model.generate([prompt_ids(tokenizer, args.prompt)], max_new_tokens=args.max_new_tokens,
-                         eos_id=tokenizer.eos_id, method=args.method, num_beams=args.beams,
-                         temperature=args.temperature, top_k=args.top_k, seed=args.seed, adapter_ids=adapter_ids)
+    out = generate(model, [prompt_ids(tokenizer, args.prompt)], max_new_tokens=args.max_new_tokens,
+                   eos_id=tokenizer.eos_id, method=args.method, num_beams=args.beams,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, adapter_ids=adapter_ids)
     print(tokenizer.decode(out[0], skip_special=True))
     return 0
 

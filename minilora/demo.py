@@ -20,6 +20,7 @@ import numpy as np
 from . import backend as bk
 from . import lora
 from .data import TASKS, Tokenizer, load_task, prompt_ids
+from .generate import generate
 from .io import save_json
 from .models import load_base, save_model
 from .recipes import FAST, METHODS, finetune
@@ -162,16 +163,16 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
         lora.load_adapter(path, server, adapter_name=task)
     server.eval()
     examples = [load_task(task, "test", 1)[0] for task in TASKS]
-    outputs = server.generate([prompt_ids(tokenizer, ex.prompt) for ex in examples], max_new_tokens=40,
-                              eos_id=tokenizer.eos_id, adapter_ids=list(TASKS))
+    outputs = generate(server, [prompt_ids(tokenizer, ex.prompt) for ex in examples], max_new_tokens=40,
+                       eos_id=tokenizer.eos_id, adapter_ids=list(TASKS))
     mixed = {}
     for task, ex, out in zip(TASKS, examples, outputs):
         answer = tokenizer.decode(out, skip_special=True)
         mixed[task] = {"prompt": ex.prompt, "answer": answer, "reference": ex.target}
         print(f"  [{task}] {ex.prompt}\n      => {answer}")
     # the same rows served one task at a time must agree with the mixed batch
-    separately = [server.generate([prompt_ids(tokenizer, ex.prompt)], max_new_tokens=40, eos_id=tokenizer.eos_id,
-                                  adapter_ids=[task])[0] for task, ex in zip(TASKS, examples)]
+    separately = [generate(server, [prompt_ids(tokenizer, ex.prompt)], max_new_tokens=40, eos_id=tokenizer.eos_id,
+                           adapter_ids=[task])[0] for task, ex in zip(TASKS, examples)]
     agree = all(list(a) == list(b) for a, b in zip(outputs, separately))
     print(f"  mixed batch == one adapter at a time: {agree}")
 

@@ -503,10 +503,10 @@ def check_mixed_batch(fn) -> str:
     """fn(x, W0, bias, adapters, adapter_ids) -> h (N, d): row i through W₀ and adapter adapter_ids[i].
 
     adapters: {name: (lora_A, lora_B, scaling)}; the name ``"__base__"`` means "no adapter".
-    Compared with a ``lora.LoRALinear`` holding the same adapters, called with ``adapter_ids``.
+    Compared with a ``lora.LoRALinear`` holding the same adapters, called in ``lora.mixed_batch(layer, adapter_ids)``.
     """
     from . import nn
-    from .lora import BASE_ADAPTER, LoRAConfig, LoRALinear
+    from .lora import BASE_ADAPTER, LoRAConfig, LoRALinear, mixed_batch
 
     x, W0, bias, A1, B1 = _lora_problem(6, n=6)
     _, _, _, A2, B2 = _lora_problem(7, n=6)
@@ -519,14 +519,14 @@ def check_mixed_batch(fn) -> str:
         layer.lora_A[name].data[...] = A
         layer.lora_B[name].data[...] = Bm
     adapter_ids = ["parse", "e2e", BASE_ADAPTER, "e2e", "parse", "parse"]
-    with no_grad():
-        expected = bk.to_numpy(layer(tensor(x, dtype="float64"), adapter_ids=adapter_ids).data)
+    with no_grad(), mixed_batch(layer, adapter_ids):
+        expected = bk.to_numpy(layer(tensor(x, dtype="float64")).data)
     copies = {n: (A.copy(), Bm.copy(), s) for n, (A, Bm, s) in adapters.items()}
     got = _array(_call(fn, x.copy(), W0.copy(), bias.copy(), copies, list(adapter_ids)), "h", expected.shape)
     _close(got, expected, f"h for adapter_ids={adapter_ids}",
            "Hint: every row gets x W₀ᵀ + b; a row whose name is an adapter adds s·(x Aᵀ) Bᵀ of THAT adapter; "
            f"{BASE_ADAPTER!r} rows add nothing.")
-    return "each row used its own adapter (and the '__base__' row none), as LoRALinear(x, adapter_ids=...)"
+    return "each row used its own adapter (and the '__base__' row none), as LoRALinear under lora.mixed_batch"
 
 
 # ----------------------------------------------------------------------------- 06 what rank

@@ -9,6 +9,11 @@ every one against autograd through the primitives and against finite differences
 Shapes: ``x`` may have any number of leading batch dimensions; the last axis is
 the feature axis. Linear weights are (out, in): y = x Wᵀ + b, so W ∈ R^{d×k} as in
 the paper.
+
+``lora_linear`` (h = W₀x + b + (α/r)·B·A·drop(x)) is the LoRA package's op, defined with its
+backward in ``minilora/lora/function.py``; ``minilora/__init__`` installs it here as
+``F.lora_linear`` (this module cannot import it: the lora package imports nn, which imports
+this module).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from .tensor import Tensor
 
 __all__ = [
     "linear",
-    "lora_linear",
     "gelu",
     "layer_norm",
     "softmax",
@@ -80,84 +84,11 @@ def linear(x, weight, bias=None):
     return Linear.apply(x, weight, bias)
 
 
-# ----------------------------------------------------------------------------- LoRA
+# ----------------------------------------------------------------------------- dropout mask (also LoRA's)
 def dropout_mask(shape, p: float, dtype, backend: str | None = None):
     """Inverted-dropout mask: 0 with probability p, else 1/(1-p) (so E[mask] = 1)."""
     keep = bk.random_uniform(shape, dtype, backend=backend) >= p
     return keep.astype(dtype) * (1.0 / (1.0 - p))
-
-
-class LoRALinear(Function):
-    """h = W₀x + b + s·B A drop(x), with s = α/r (Hu et al. 2021, eq. 3 / Sec. 4.1).
-
-    Forward keeps the rank-r bottleneck u = drop(x) Aᵀ (N × r) for the backward.
-    With g = ∂L/∂h (N × d) and gB = g B (N × r), the chain rule gives
-
-        ∂L/∂x  = g W₀ + s · (gB A) ⊙ mask     (mask: the dropout mask, 1 without dropout)
-        ∂L/∂A  = s · gBᵀ drop(x)                (r × k)
-        ∂L/∂B  = s · gᵀ u                       (d × r)
-        ∂L/∂W₀ = gᵀ x,  ∂L/∂b = Σ g             only when W₀ / b require grad.
-
-    For a frozen W₀ (the point of LoRA) the d × k product gᵀx is never formed: the
-    backward costs O(N·r·(d + k)) plus the dx product, not O(N·d·k) more.
-    """
-
-    def forward(self, x, weight, bias, lora_A, lora_B, scaling=1.0, dropout=0.0, training=False):
-        _check_features("lora_linear", x, weight, bias)
-        r = lora_A.shape[0]
-        if lora_A.shape != (r, weight.shape[1]) or lora_B.shape != (weight.shape[0], r):
-            raise ValueError(
-                f"lora_linear: for a weight of shape {tuple(weight.shape)} (d, k) lora_A must be (r, k) and lora_B (d, r), "
-                f"got lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}"
-            )
-        x2 = _rows(x)
-        mask = None
-        if training and dropout > 0.0:
-            mask = dropout_mask(x2.shape, dropout, x2.dtype, backend=bk.backend_of(x2))
-            x_dropped = x2 * mask
-        else:
-            x_dropped = x2
-        u_s = x_dropped @ lora_A.T  # (N, r): the low-rank bottleneck
-        u_s *= scaling  # s multiplies the thin (N, r) factor, never an (N, d) product: one pass fewer
-        h = x2 @ weight.T  # (N, d): the frozen path
-        if bias is not None:
-            h += bias
-        h += u_s @ lora_B.T
-        self.scaling = float(scaling)
-        self.save_for_backward(x2, x_dropped, mask, weight, lora_A, lora_B, u_s)
-        self.in_shape = x.shape
-        return h.reshape(*x.shape[:-1], weight.shape[0])
-
-    def backward(self, grad):
-        x2, x_dropped, mask, weight, lora_A, lora_B, u_s = self.saved
-        need_x, need_w, need_b, need_a, need_bb = self.needs_input_grad
-        g = _rows(grad)  # (N, d)
-        g_Bs = None
-        if need_x or need_a:
-            g_Bs = g @ lora_B  # (N, r)
-            g_Bs *= self.scaling  # s · g B: scaled while it is thin
-        dx = dw = db = dA = dB = None
-        if need_x:
-            low_rank = g_Bs @ lora_A  # (N, k)
-            if mask is not None:
-                low_rank *= mask
-            dx = g @ weight
-            dx += low_rank
-            dx = dx.reshape(self.in_shape)
-        if need_a:
-            dA = g_Bs.T @ x_dropped  # (r, k)
-        if need_bb:
-            dB = g.T @ u_s  # (d, r): s · gᵀ u
-        if need_w:
-            dw = g.T @ x2  # (d, k): only for a trainable W0 (full fine-tuning)
-        if need_b:
-            db = g.sum(axis=0)
-        return dx, dw, db, dA, dB
-
-
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout=0.0, training=False):
-    """h = x W₀ᵀ + b + scaling · drop(x) Aᵀ Bᵀ — the LoRA layer in one fused op (eq. 3)."""
-    return LoRALinear.apply(x, weight, bias, lora_A, lora_B, scaling=scaling, dropout=dropout, training=training)
 
 
 # ----------------------------------------------------------------------------- GELU
@@ -175,7 +106,7 @@ class GELU(Function):
     Fast path: when a gradient will be needed, the forward pass computes dy/dx right away,
     while x and h are at hand, and saves only that one array; the backward pass is then
     a single multiplication, grad · dy/dx. Every step is an in-place pass on one buffer
-    (no temporaries of x's size beyond the output and w).
+    (no temporaries of x's size beyond the output and w; see docs/performance.md).
     """
 
     def forward(self, x):
@@ -489,17 +420,17 @@ class ScaledDotProductAttention(Function):
     def forward(self, q, k, v, causal=True):
         xp = get_array_module(q, k, v)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = (q * scale) @ k.swapaxes(-1, -2)  # (bk, H, Tq, Tk); scaling q is the smaller pass
+        scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk); scaling q is the smaller pass
         if causal:
             scores += causal_mask(q.shape[-2], k.shape[-2], scores.dtype, xp)
-        # softmax in place on the one (bk, H, Tq, Tk) buffer: no temporaries of that size
+        # softmax in place on the one (B, H, Tq, Tk) buffer: no temporaries of that size
         scores -= scores.max(axis=-1, keepdims=True)
         xp.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         attn = scores
         self.save_for_backward(q, k, v, attn)
         self.scale = scale
-        return attn @ v  # (bk, H, Tq, Dh)
+        return attn @ v  # (B, H, Tq, Dh)
 
     def backward(self, grad):
         q, k, v, attn = self.saved

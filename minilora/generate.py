@@ -12,7 +12,8 @@ How a few hundred prompts are decoded quickly:
   the same tokens, and the reference the tests compare the cache with.
 - **Finished rows leave the batch.** When a row emits ``eos_id`` (or a beam-search prompt is
   decided) its rows are dropped with ``KVCache.reorder``; ``adapter_ids`` (one adapter name per
-  prompt, for a batch that mixes tasks) are reordered with them, so every row keeps its adapter.
+  prompt, for a batch that mixes tasks) are reordered with them, so every row keeps its adapter:
+  each forward runs inside ``lora.mixed_batch(model, adapter_ids of the current rows)``.
 
 Conventions (decided here, relied on by the tests):
 
@@ -31,7 +32,10 @@ from __future__ import annotations
 
 import numpy as np
 
+import contextlib
+
 from . import backend as bk
+from .lora import mixed_batch
 from .models.gpt import KVCache
 from .tensor import Tensor, no_grad
 
@@ -90,8 +94,9 @@ class _Step:
         self.cache = KVCache(model.config.n_layer) if use_cache else None
 
     def _logits(self, idx: np.ndarray) -> np.ndarray:
-        ids = None if self.adapter_ids is None else list(self.adapter_ids)
-        logits = self.model(idx, adapter_ids=ids, cache=self.cache)  # (rows, t, V)
+        routing = contextlib.nullcontext() if self.adapter_ids is None else mixed_batch(self.model, list(self.adapter_ids))
+        with routing:  # row i through adapter adapter_ids[i]
+            logits = self.model(idx, cache=self.cache)  # (rows, t, V)
         return bk.to_numpy(logits.data[:, -1]).astype(np.float64)  # (rows, V)
 
     def start(self) -> np.ndarray:

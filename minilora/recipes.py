@@ -23,6 +23,7 @@ import numpy as np
 from . import backend as bk
 from . import optim
 from .data import TASKS, Tokenizer, collate, lm_collate, load_task, pretrain_corpus, prompt_ids, task_metric
+from .generate import generate
 from .models import GPT, GPTConfig, load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
 from .tensor import no_grad
@@ -87,8 +88,8 @@ def evaluate(model: GPT, task: str, examples, tokenizer: Tokenizer | None = None
     prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
     # generate() stops each row at block_size, so the budget is what the SHORTEST prompt leaves
     room = model.config.block_size - min(len(p) for p in prompts)
-    outputs = model.generate(prompts, max_new_tokens=room, eos_id=tokenizer.eos_id, method=method,
-                             adapter_ids=adapter_ids, **generate_kwargs)
+    outputs = generate(model, prompts, max_new_tokens=room, eos_id=tokenizer.eos_id, method=method,
+                       adapter_ids=adapter_ids, **generate_kwargs)
     preds = [tokenizer.decode(out, skip_special=True) for out in outputs]
     name, value = task_metric(task, preds, examples)
     return name, value, preds

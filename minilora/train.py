@@ -11,6 +11,7 @@ RNG state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 
 from . import backend as bk
 from .io import FileFormatError, load_arrays, save_arrays
+from .lora import mixed_batch
 
 __all__ = ["fit", "History", "Progress", "TrainingDivergedError", "epoch_batches", "save_checkpoint", "load_checkpoint"]
 
@@ -197,8 +199,8 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
     try:
         for step in range(start, steps):
             idx, targets, mask = get_batch(step)
-            loss = model.loss(idx, targets, mask, adapter_ids=adapter_ids) if adapter_ids is not None \
-                else model.loss(idx, targets, mask)
+            with mixed_batch(model, adapter_ids) if adapter_ids is not None else contextlib.nullcontext():
+                loss = model.loss(idx, targets, mask)  # adapter_ids: row i trains adapter adapter_ids[i]
             value = float(loss.item())
             if not math.isfinite(value):
                 where = f"; the last good checkpoint is {last_path}" if last_path and os.path.exists(last_path) else ""

@@ -18,6 +18,7 @@ from minilora.baselines import (
     gather_positions,
     insert_prompt_vectors,
 )
+from minilora.generate import generate
 from minilora.models import GPT, GPTConfig
 
 TINY = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, d_model=8)
@@ -239,8 +240,8 @@ def test_preembed_generation_with_and_without_the_cache_agree():
     model.eval()
     prompts = [[1, 2, SEP], [4, 5, SEP]]
     with ml.no_grad():
-        cached = model.generate(prompts, max_new_tokens=20)
-        plain = model.generate(prompts, max_new_tokens=20, use_cache=False)
+        cached = generate(model, prompts, max_new_tokens=20)
+        plain = generate(model, prompts, max_new_tokens=20, use_cache=False)
     assert cached == plain
     assert all(len(c) == model.config.block_size - 3 for c in cached)  # stops at the usable length
 

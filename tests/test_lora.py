@@ -488,7 +488,8 @@ def test_training_a_merged_model_or_merging_with_dropout_raises():
     model.eval()
     model(idx)  # and so is eval mode with grad enabled
     with pytest.raises(RuntimeError, match="mixed-task batch.*unmerge"):
-        model(idx, adapter_ids=["default", "__base__"])
+        with lora.mixed_batch(model, ["default", "__base__"]):
+            model(idx)
     lora.unmerge(model)
     model.train()
     model.loss(idx, idx).backward()
@@ -590,8 +591,9 @@ def test_mixed_batch_equals_each_adapter_run_separately(backend):
     ids = ["a", "__base__", "b", "a", "c", "d", "b", "c"]
     idx = ids_batch(len(ids))
     G = np.random.default_rng(3).standard_normal((len(ids), 8, 24))
-    out = model(idx, adapter_ids=ids)
-    (out * bk.asarray(G)).sum().backward()
+    with lora.mixed_batch(model, ids):
+        out = model(idx)
+    (out * bk.asarray(G)).sum().backward()  # after the block: the graph remembers each row's adapter
     mixed_out = to_np(out.data)
     mixed_grads = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -611,6 +613,94 @@ def test_mixed_batch_equals_each_adapter_run_separately(backend):
         assert_close(grad, separate_grads[n], rtol=1e-9, atol=1e-12, what=n)
 
 
+class TwoLinears(nn.Module):
+    """A user's own model, written here: nothing in it knows of LoRA or of adapter names."""
+
+    def __init__(self, k=5, hidden=6, d=3):
+        super().__init__()
+        self.inp = nn.Linear(k, hidden, dtype=np.float64)
+        self.out = nn.Linear(hidden, d, dtype=np.float64)
+
+    def forward(self, x):  # x (rows, T, k)
+        h = self.inp(x).tanh()  # (rows, T, hidden)
+        return self.out(h) + x[..., :3] * 0.5  # (rows, T, d): and a skip path that no adapter touches
+
+
+def _two_linears_with_adapters():
+    ml.manual_seed(4)
+    model = TwoLinears()
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("inp", "out")), "a")
+    lora.apply_lora(model, lora.LoRAConfig(r=3, alpha=3, target_modules=("out",)), "b")  # absent from inp
+    lora.apply_lora(model, lora.LoRAConfig(r=1, alpha=2, target_modules=("inp",)), "c")  # absent from out
+    lora.mark_only_lora_as_trainable(model)
+    randomize_lora(model, scale=0.5)
+    return model
+
+
+def test_mixed_batch_on_a_module_written_here_forward_and_backward(backend):
+    """Any Module with LoRALinear layers: one backward trains every adapter from its own rows only."""
+    model = _two_linears_with_adapters()
+    model.to(backend=backend)
+    ids = ["a", "__base__", "b", "a", "c", "b", "a"]
+    rng = np.random.default_rng(5)
+    x_np, G = rng.standard_normal((len(ids), 2, 5)), rng.standard_normal((len(ids), 2, 3))
+    x = ml.tensor(x_np, requires_grad=True, dtype="float64")
+    with lora.mixed_batch(model, ids) as groups:
+        out = model(x)
+        assert groups.names == ("a", "b", "c")
+    assert model.inp.row_groups is None and model.out.row_groups is None  # routing ends with the block
+    (out * bk.asarray(G)).sum().backward()
+    mixed_out, mixed_dx = to_np(out.data), to_np(x.grad)
+    mixed_grads = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for name in ["a", "b", "c", "__base__"]:
+        rows = [i for i, n in enumerate(ids) if n == name]
+        x_rows = ml.tensor(x_np[rows], requires_grad=True, dtype="float64")
+        if name == "__base__":
+            with lora.disable_adapters(model):
+                ref = model(x_rows)
+        else:
+            lora.set_adapter(model, name)
+            ref = model(x_rows)
+        (ref * bk.asarray(G[rows])).sum().backward()
+        assert_close(mixed_out[rows], ref.data, rtol=1e-12, atol=1e-12, what=f"output rows of {name}")
+        assert_close(mixed_dx[rows], x_rows.grad, rtol=1e-12, atol=1e-12, what=f"dL/dx rows of {name}")
+    separate_grads = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    assert set(mixed_grads) == set(separate_grads) == set(lora.lora_parameter_names(model))
+    for n, grad in mixed_grads.items():
+        assert np.abs(grad).max() > 0, n  # every adapter got a gradient from its rows
+        assert_close(grad, separate_grads[n], rtol=1e-10, atol=1e-12, what=n)
+
+
+def test_mixed_batch_on_a_module_written_here_gradcheck(backend):
+    model = _two_linears_with_adapters()
+    model.to(backend=backend)
+    ids = ["c", "a", "__base__", "b", "a"]
+    x = ml.tensor(np.random.default_rng(6).standard_normal((len(ids), 2, 5)), requires_grad=True, dtype="float64")
+    lora_params = [p for n, p in model.named_parameters() if n in set(lora.lora_parameter_names(model))]
+
+    def routed(x, *_params):  # the parameters are the model's own: gradcheck perturbs them in place
+        with lora.mixed_batch(model, ids):
+            return model(x)
+
+    assert ml.gradcheck(routed, [x, *lora_params], atol=1e-7, rtol=1e-6)
+
+
+def test_mixed_batch_nests_and_restores():
+    model = _two_linears_with_adapters()
+    with lora.mixed_batch(model, ["a", "b"]) as outer:
+        with lora.mixed_batch(model, ["c"]) as inner:
+            assert model.inp.row_groups is inner and model.out.row_groups is inner
+        assert model.inp.row_groups is outer
+        with pytest.raises(RuntimeError, match="boom"), lora.mixed_batch(model, ["b"]):
+            raise RuntimeError("boom")
+        assert model.out.row_groups is outer  # restored on an exception as well
+    assert model.inp.row_groups is None
+    with pytest.raises(TypeError, match="one adapter name per row"):
+        with lora.mixed_batch(model, "a"):
+            pass
+
+
 def test_mixed_batch_errors_and_base_rows():
     model = tiny_gpt()
     lora.apply_lora(model, CFG, "a")
@@ -618,16 +708,23 @@ def test_mixed_batch_errors_and_base_rows():
     randomize_lora(model)
     idx = ids_batch(3)
     with pytest.raises(ValueError, match=r"unknown adapter 'zz' in adapter_ids; the model's adapters are \['a', 'b'\]"):
-        model(idx, adapter_ids=["a", "zz", "b"])
+        with lora.mixed_batch(model, ["a", "zz", "b"]):
+            model(idx)
     with ml.no_grad():
         with lora.disable_adapters(model):
             base = to_np(model(idx).data)
-        assert np.array_equal(to_np(model(idx, adapter_ids=["__base__"] * 3).data), base)
-        with lora.disable_adapters(model):
-            assert np.array_equal(to_np(model(idx, adapter_ids=["a", "b", "a"]).data), base)
+        with lora.mixed_batch(model, ["__base__"] * 3):
+            assert np.array_equal(to_np(model(idx).data), base)
+        with lora.disable_adapters(model), lora.mixed_batch(model, ["a", "b", "a"]):
+            assert np.array_equal(to_np(model(idx).data), base)
         layer = model.blocks[0].attn.q
         with pytest.raises(ValueError, match=r"adapter_ids has 2 names but the input of shape \(3, 16\) has 3 rows"):
-            layer(ml.tensor(np.ones((3, 16))), adapter_ids=["a", "b"])
+            with lora.mixed_batch(layer, ["a", "b"]):
+                layer(ml.tensor(np.ones((3, 16))))
+        with pytest.raises(ValueError, match=r"adapter_ids has 3 names but the input of shape \(2, 8, 16\) has 2 rows"):
+            with lora.mixed_batch(model, ["a", "b", "a"]):  # the batch has 2 rows (moved here from test_gpt)
+                model(idx[:2])
+    assert all(layer.row_groups is None for _, layer in lora.lora_layers(model))  # every block restored it
 
 
 # ============================================================================ adapter files

@@ -70,7 +70,8 @@ print("LoRA output == base output:", np.array_equal(h_lora.data, h_base.data))
 #
 # ## 3. The backward pass, on paper
 #
-# minilora computes the layer as **one fused Function**, `F.lora_linear`, with a hand-written
+# minilora computes the layer as **one fused Function**, `F.lora_linear` (the Function class is
+# `lora.LoRALinearFn`, in `minilora/lora/function.py`), with a hand-written
 # backward. Write u = x Aᵀ (the N × r bottleneck) and s = α/r. Then h = x W₀ᵀ + b + s·u Bᵀ, and
 # with g = ∂L/∂h (N × d) the chain rule gives
 #
@@ -81,10 +82,10 @@ print("LoRA output == base output:", np.array_equal(h_lora.data, h_base.data))
 #
 # The last line is the point of LoRA's backward: for a frozen W₀ the d × k product is **never
 # formed**. Everything else costs O(N·r·(d + k)) — thin matrices only. Here is the docstring
-# of the fused op, which states the same derivation:
+# of the file that holds the fused op, which states the same derivation:
 
 # %%
-print(F.LoRALinear.__doc__)
+print(lora.function.__doc__)
 
 # %% [markdown]
 # ## 4. Check it with gradcheck

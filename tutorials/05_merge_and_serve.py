@@ -34,6 +34,7 @@ import minilora as ml
 from minilora import lora, nn
 from minilora.data import Tokenizer, collate, load_task, prompt_ids
 from minilora.exercises import check_merge, check_mixed_batch, check_switch, output_dir, save_figure
+from minilora.generate import generate
 from minilora.models import load_base
 from minilora.models.pretrained import BASE_WEIGHTS
 from minilora.recipes import FAST, finetune
@@ -129,7 +130,7 @@ except ImportError:  # an older minilora without baselines: compose the same ada
             super().__init__()
             self.linear, self.adapter = linear, Bottleneck(d, r)
 
-        def forward(self, x, adapter_ids=None):
+        def forward(self, x):
             return self.adapter(self.linear(x))
 
     adapter_model = copy.deepcopy(base)
@@ -198,7 +199,7 @@ ids = [prompt_ids(tokenizer, question.prompt)]
 
 
 def answer(model):
-    return tokenizer.decode(model.generate(ids, max_new_tokens=5, eos_id=tokenizer.eos_id)[0], skip_special=True)
+    return tokenizer.decode(generate(model, ids, max_new_tokens=5, eos_id=tokenizer.eos_id)[0], skip_special=True)
 
 
 print("question:", question.prompt, "  reference:", question.target)
@@ -213,7 +214,9 @@ lora.unmerge(server)
 # ## 4. One batch, several tasks
 #
 # A merged W serves one task at a time. Unmerged, a batch can mix tasks. Each row names its
-# adapter in `adapter_ids`, and `"__base__"` means no adapter. Inside every LoRA layer the
+# adapter in `adapter_ids`, and `"__base__"` means no adapter: `generate(..., adapter_ids=...)`
+# runs each step inside `with lora.mixed_batch(server, adapter_ids): server(idx)`, which works
+# on any model with LoRA layers (the model's code never sees the names). Inside every LoRA layer the
 # shared W₀x is computed once for the whole batch, then each group of rows adds its own
 # s·B(Ax). This is the idea behind Punica and S-LoRA, which serve thousands of adapters this way.
 
@@ -221,7 +224,7 @@ lora.unmerge(server)
 rows = [load_task("e2e", "test", 1)[0], question, load_task("e2e", "test", 2)[1]]
 adapter_ids = ["e2e", "classify", "__base__"]
 prompts = [prompt_ids(tokenizer, ex.prompt) for ex in rows]
-mixed = server.generate(prompts, max_new_tokens=40, eos_id=tokenizer.eos_id, adapter_ids=adapter_ids)
+mixed = generate(server, prompts, max_new_tokens=40, eos_id=tokenizer.eos_id, adapter_ids=adapter_ids)
 for name, ex, out in zip(adapter_ids, rows, mixed):
     print(f"[{name}] {ex.prompt}\n    => {tokenizer.decode(out, skip_special=True)}")
 
@@ -233,10 +236,10 @@ alone = []
 for name, p in zip(adapter_ids, prompts):
     if name == "__base__":
         with lora.disable_adapters(server):
-            alone.append(server.generate([p], max_new_tokens=40, eos_id=tokenizer.eos_id)[0])
+            alone.append(generate(server, [p], max_new_tokens=40, eos_id=tokenizer.eos_id)[0])
     else:
         lora.set_adapter(server, name)
-        alone.append(server.generate([p], max_new_tokens=40, eos_id=tokenizer.eos_id)[0])
+        alone.append(generate(server, [p], max_new_tokens=40, eos_id=tokenizer.eos_id)[0])
 print("mixed batch == one adapter at a time:", all(list(a) == list(b) for a, b in zip(mixed, alone)))
 
 # %% [markdown]
@@ -267,7 +270,7 @@ check_switch(my_switch)
 # **Exercise 3 — a mixed batch by hand.** `my_mixed(x, W0, bias, adapters, adapter_ids)`: x is
 # (N, k), `adapters` maps a name to (A, B, s), `adapter_ids` has one name per row (`"__base__"`
 # for none). Return h (N, d), row i computed with its own adapter. The check compares with
-# `LoRALinear(x, adapter_ids=...)`.
+# a `LoRALinear` run under `lora.mixed_batch(layer, adapter_ids)`.
 
 # %%
 def my_mixed(x, W0, bias, adapters, adapter_ids):

@@ -20,7 +20,7 @@ __all__ = ["BASE_ADAPTER", "BIAS_MODES", "INIT_MODES", "LoRAConfig", "check_adap
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian")
 
-# The name a mixed-task batch uses for "no adapter: the base model" (``model(x, adapter_ids=[...])``).
+# The name a mixed-task batch uses for "no adapter: the base model" (``lora.mixed_batch(model, [...])``).
 BASE_ADAPTER = "__base__"
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")

@@ -6,7 +6,7 @@ each adapter adds ``blocks.0.attn.q.lora_A.<adapter>`` (r, k) and ``...lora_B.<a
 
     layer = LoRALinear(nn.Linear(128, 128))
     layer.add_adapter("e2e", LoRAConfig(r=4, alpha=8, target_modules=("q",)))
-    h = layer(x)                       # W0 x + b + 2 · B A x, one fused Function (F.lora_linear)
+    h = layer(x)                       # W0 x + b + 2 · B A x, one fused op (lora.function.lora_linear)
     with layer.disable_adapters():     # the base layer's output
         h0 = layer(x)
 
@@ -26,8 +26,8 @@ from .. import backend as bk
 from .. import functional as F
 from ..nn import Linear, Module, Parameter
 from ..tensor import is_grad_enabled
-from .config import BASE_ADAPTER, LoRAConfig, check_adapter_name
-from .mixed import group_rows, mixed_lora_linear
+from .config import LoRAConfig, check_adapter_name
+from .function import delta_weight, lora_linear, mixed_lora_linear
 
 __all__ = ["AdapterDict", "LoRALinear"]
 
@@ -91,7 +91,7 @@ class LoRALinear(Module):
         self._merge_records: list = []  # [(adapter names, pre-merge weight copy or None)], oldest first
         self._disabled = 0
         self.layer_name = layer_name or "LoRALinear"
-        self._peers = [self]  # every LoRALinear of the same model (set by apply_lora): adapter names model-wide
+        self.row_groups = None  # set by lora.mixed_batch for its block: one adapter per row of the input
 
     # ------------------------------------------------------------------ facts
     @property
@@ -186,27 +186,25 @@ class LoRALinear(Module):
         )
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x, adapter_ids=None):
-        """h = W₀x + b + Σ_active s·B A drop(x); ``adapter_ids``: one adapter name per row (mixed batch)."""
+    def forward(self, x):
+        """h = W₀x + b + Σ_active s·B·A·drop(x); under ``lora.mixed_batch`` row i uses its own adapter."""
         if self._disabled:
             return F.linear(x, self.weight, self.bias)
         if self.merged:
             self._check_not_training_merged()
-        if adapter_ids is not None:
-            return self._forward_mixed(x, adapter_ids)
+        if self.row_groups is not None:
+            return self._forward_mixed(x, self.row_groups)
         pending = [a for a in self.active_adapters if a not in self.merged_adapters]
         if not pending:  # no adapter, or every active one is merged into the weight: the base cost
             return F.linear(x, self.weight, self.bias)
-        first, *rest = pending
-        cfg = self.lora_config[first]
-        h = F.lora_linear(x, self.weight, self.bias, self.lora_A[first], self.lora_B[first], cfg.scaling,
-                          dropout=cfg.dropout, training=self.training)
-        for name in rest:  # several active adapters: their low-rank updates add up
-            cfg = self.lora_config[name]
-            x_dropped = F.dropout(x, cfg.dropout, self.training)
-            u = x_dropped @ self.lora_A[name].swapaxes(-1, -2)  # (..., r)
-            h = h + (u @ self.lora_B[name].swapaxes(-1, -2)) * cfg.scaling
-        return h
+        if len(pending) == 1:
+            cfg = self.lora_config[pending[0]]
+            return lora_linear(x, self.weight, self.bias, self.lora_A[pending[0]], self.lora_B[pending[0]],
+                               cfg.scaling, dropout=cfg.dropout, training=self.training)
+        # several active adapters: the mixed op with every row in each group (their updates add up)
+        if x.ndim < 2:  # the mixed op wants a row axis first
+            return self._mixed(x.reshape(1, -1), pending, [slice(None)] * len(pending)).reshape(-1)
+        return self._mixed(x, pending, [slice(None)] * len(pending))
 
     def _check_not_training_merged(self) -> None:
         trainable = [a for a in self.merged_adapters if self.lora_A[a].requires_grad or self.lora_B[a].requires_grad]
@@ -217,38 +215,31 @@ class LoRALinear(Module):
                 "before training; for inference call model.eval() or run under ml.no_grad()"
             )
 
-    def _forward_mixed(self, x, adapter_ids):
+    def _mixed(self, x, names, selectors):
+        configs = [self.lora_config[n] for n in names]
+        return mixed_lora_linear(
+            x, self.weight, self.bias, [self.lora_A[n] for n in names], [self.lora_B[n] for n in names],
+            [c.scaling for c in configs], selectors, dropouts=[c.dropout for c in configs], training=self.training,
+        )
+
+    def _forward_mixed(self, x, groups):
         if self.merged:
             raise RuntimeError(self._merged_message("run a mixed-task batch (it needs the unmerged W0)"))
-        groups = group_rows(adapter_ids, self.weight.backend)
         if x.ndim < 2 or groups.n_rows != x.shape[0]:
             raise ValueError(
                 f"{self.layer_name}: adapter_ids has {groups.n_rows} names but the input of shape {tuple(x.shape)} "
                 f"has {x.shape[0] if x.ndim else 0} rows (one adapter name per row of the first axis)"
             )
-        names, selectors = [], []
-        for name, sel in zip(groups.names, groups.selectors):
-            if name in self.lora_A:
-                names.append(name)
-                selectors.append(sel)
-            elif not any(name in peer.lora_A for peer in self._peers):
-                known = list(dict.fromkeys(n for peer in self._peers for n in peer.lora_A))
-                raise ValueError(
-                    f"unknown adapter {name!r} in adapter_ids; the model's adapters are {known} "
-                    f"(and {BASE_ADAPTER!r} for the base model)"
-                )
-            # else: the adapter exists but does not adapt this layer: its rows get W0 x + b here
-        if not names:
+        # an adapter that does not adapt this layer (lora.mixed_batch checked every name): W0 x + b for its rows
+        chosen = [(name, sel) for name, sel in zip(groups.names, groups.selectors) if name in self.lora_A]
+        if not chosen:
             return F.linear(x, self.weight, self.bias)
-        configs = [self.lora_config[n] for n in names]
+        names, selectors = [n for n, _ in chosen], [sel for _, sel in chosen]
         if len(names) == 1 and isinstance(selectors[0], slice) and selectors[0] == slice(0, groups.n_rows):
-            cfg = configs[0]  # one adapter for every row: the plain fused layer
-            return F.lora_linear(x, self.weight, self.bias, self.lora_A[names[0]], self.lora_B[names[0]],
-                                 cfg.scaling, dropout=cfg.dropout, training=self.training)
-        return mixed_lora_linear(
-            x, self.weight, self.bias, [self.lora_A[n] for n in names], [self.lora_B[n] for n in names],
-            [c.scaling for c in configs], selectors, dropouts=[c.dropout for c in configs], training=self.training,
-        )
+            cfg = self.lora_config[names[0]]  # one adapter for every row: the plain fused op
+            return lora_linear(x, self.weight, self.bias, self.lora_A[names[0]], self.lora_B[names[0]],
+                               cfg.scaling, dropout=cfg.dropout, training=self.training)
+        return self._mixed(x, names, selectors)
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, names) -> object:
@@ -256,9 +247,7 @@ class LoRALinear(Module):
         xp = bk.module_for(self.weight.backend)
         delta = xp.zeros(self.weight.shape, dtype=np.float64)
         for name in _as_names(names):
-            lora_B = self.lora_B[name].data.astype(np.float64)
-            lora_A = self.lora_A[name].data.astype(np.float64)
-            delta += (lora_B @ lora_A) * self.lora_config[name].scaling
+            delta += delta_weight(self.lora_A[name].data, self.lora_B[name].data, self.lora_config[name].scaling)
         return delta
 
     def plan_merge(self, names) -> object:

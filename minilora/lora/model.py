@@ -143,9 +143,6 @@ def apply_lora(model: Module, config: LoRAConfig, adapter_name: str = "default",
             module = LoRALinear(module, layer_name=path)
             _replace_child(model, path, module)
         module.add_adapter(adapter_name, config, activate=False)
-    peers = [layer for _, layer in lora_layers(model)]
-    for layer in peers:
-        layer._peers = peers
     if activate:
         set_adapter(model, adapter_name)
     return model
