@@ -35,6 +35,7 @@ from . import backend as bk
 from . import functional as F
 from . import lora, optim
 from .data import TASKS, Tokenizer, collate, load_task, prompt_ids, task_metric
+from .generate import generate
 from .models import GPT, load_base
 from .tensor import no_grad
 from .train import History, Progress, epoch_batches
@@ -43,10 +44,8 @@ __all__ = ["JointResult", "joint_loss", "joint_batches", "joint_model", "train_j
 
 
 def _logits(model, idx, adapter_ids):
-    if hasattr(lora, "mixed_batch"):  # routing by a context manager: the model's code knows nothing of LoRA
-        with lora.mixed_batch(model, adapter_ids):
-            return model(idx)
-    return model(idx, adapter_ids=adapter_ids)
+    with lora.mixed_batch(model, adapter_ids):  # row i through adapter adapter_ids[i]; the model knows nothing of it
+        return model(idx)
 
 
 def joint_loss(model, idx, targets, mask, adapter_ids):
@@ -208,7 +207,7 @@ def decode(model, examples, tokenizer: Tokenizer, adapter_ids=None) -> list[str]
     prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
     room = model.config.block_size - min(len(p) for p in prompts)  # generate() stops each row at block_size
     with no_grad():
-        outputs = model.generate(prompts, max_new_tokens=room, eos_id=tokenizer.eos_id, adapter_ids=adapter_ids)
+        outputs = generate(model, prompts, max_new_tokens=room, eos_id=tokenizer.eos_id, adapter_ids=adapter_ids)
     return [tokenizer.decode(out, skip_special=True) for out in outputs]
 
 
