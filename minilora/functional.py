@@ -96,6 +96,33 @@ _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: keeps float32 arrays float
 _GELU_A = 0.044715
 
 
+_BLOCK_ELEMENTS = 1 << 16  # ~256 kB of float32: a block and its temporaries stay in the L2 cache
+
+
+def _gelu_into(xp, x, y, h, w=None):
+    """y = x h with h = ½ (1 + tanh(c (x + a x³))); with scratch ``w``, h is then turned into dy/dx.
+
+    Every step is an in-place pass (``out=``): no temporaries beyond the arrays passed in.
+    """
+    xp.multiply(x, x, out=h)
+    h *= _GELU_A * _GELU_C
+    h += _GELU_C
+    h *= x  # z = c (x + a x³)
+    xp.tanh(h, out=h)  # t
+    h += 1.0
+    h *= 0.5  # h = ½ (1 + t)
+    xp.multiply(x, h, out=y)
+    if w is not None:
+        xp.multiply(x, x, out=w)
+        w *= 6.0 * _GELU_A * _GELU_C
+        w += 2.0 * _GELU_C  # 2c (1 + 3 a x²)
+        w *= y  # w = 2c (1 + 3 a x²) · x h
+        xp.subtract(1.0, w, out=w)  # 1 − w
+        h -= 1.0
+        h *= w
+        h += 1.0  # dy/dx = 1 + (h − 1)(1 − w)
+
+
 class GELU(Function):
     """GPT-2's GELU, tanh form: y = ½ x (1 + tanh(c (x + a x³))), c = √(2/π), a = 0.044715.
 
@@ -103,31 +130,31 @@ class GELU(Function):
         dy/dx = ½ (1 + t) + ½ x (1 − t²) c (1 + 3 a x²)
               = h + 2 c x h (1 − h) (1 + 3 a x²)          (½ (1 − t²) = 2 h (1 − h))
               = 1 + (h − 1)(1 − w),   w = 2 c (1 + 3 a x²) · y.
-    Fast path: when a gradient will be needed, the forward pass computes dy/dx right away,
-    while x and h are at hand, and saves only that one array; the backward pass is then
-    a single multiplication, grad · dy/dx. Every step is an in-place pass on one buffer
-    (no temporaries of x's size beyond the output and w; see docs/performance.md).
+    Fast paths (see docs/performance.md):
+    - when a gradient will be needed, the forward pass computes dy/dx right away, while x and
+      h are at hand, and saves only that one array; the backward pass is one product, g · dy/dx;
+    - on the CPU a large input is processed in blocks of rows of ~256 kB, so the ~15 passes
+      over a block run in the L2 cache instead of streaming the whole array from memory 15
+      times. The arithmetic is the same per element, so the result is bit-identical.
     """
 
     def forward(self, x):
         xp = get_array_module(x)
-        h = xp.asarray(x * x)  # an array even for 0-d input (NumPy returns a scalar there), so out= works
-        h *= _GELU_A * _GELU_C
-        h += _GELU_C
-        h *= x  # z = c (x + a x³)
-        xp.tanh(h, out=h)  # t
-        h += 1.0
-        h *= 0.5  # h = ½ (1 + t)
-        y = x * h
-        if self.needs_input_grad[0]:
-            w = xp.asarray(x * x)
-            w *= 6.0 * _GELU_A * _GELU_C
-            w += 2.0 * _GELU_C  # 2c (1 + 3 a x²)
-            w *= y  # w = 2c (1 + 3 a x²) · x h
-            xp.subtract(1.0, w, out=w)  # 1 − w
-            h -= 1.0
-            h *= w
-            h += 1.0  # dy/dx = 1 + (h − 1)(1 − w)
+        need_grad = self.needs_input_grad[0]
+        y = xp.empty_like(x)
+        h = xp.empty_like(x)  # becomes dy/dx (saved) when a gradient is needed, else scratch
+        n_features = x.shape[-1] if x.ndim else 1
+        rows = max(1, _BLOCK_ELEMENTS // n_features)
+        if xp is np and x.ndim >= 2 and x.flags.c_contiguous and x.size > 2 * _BLOCK_ELEMENTS:
+            x2, y2, h2 = (a.reshape(-1, n_features) for a in (x, y, h))
+            w = xp.empty((rows, n_features), dtype=x.dtype) if need_grad else None
+            for start in range(0, x2.shape[0], rows):
+                block = slice(start, start + rows)
+                n = x2[block].shape[0]
+                _gelu_into(xp, x2[block], y2[block], h2[block], None if w is None else w[:n])
+        else:
+            _gelu_into(xp, x, y, h, xp.empty_like(x) if need_grad else None)
+        if need_grad:
             self.save_for_backward(h)
         return y
 
