@@ -24,7 +24,7 @@ lint: $(BIN)/python
 	$(BIN)/ruff check minilora tests
 
 bench: $(BIN)/python
-	$(BIN)/python -m minilora.bench --compare-torch
+	$(BIN)/python -m benchmarks.bench --compare-torch
 
 clean:
 	rm -rf $(VENV) build *.egg-info minilora-out .pytest_cache .hypothesis

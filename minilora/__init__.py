@@ -1,9 +1,10 @@
 """minilora: learn LoRA (Hu et al. 2021, arXiv 2106.09685) by building it.
 
-    import minilora as ml
-    x = ml.tensor([[1.0, 2.0]], requires_grad=True, dtype="float64")
-    (x @ x.T).sum().backward()
-    x.grad
+    >>> import minilora as ml
+    >>> x = ml.tensor([[1.0, 2.0]], requires_grad=True, dtype="float64")
+    >>> (x @ x.T).sum().backward()
+    >>> x.grad
+    array([[2., 4.]])
 
 Two links are made here, once and openly, because the modules cannot import each other
 without a cycle: Tensor's operators get the primitive ops (``tensor.install_ops``; the ops

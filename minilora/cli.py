@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from pathlib import Path
 
+from . import lora
 from .allocator import keep_freed_memory
+from .data import TASKS, Tokenizer, prompt_ids
+from .demo import run_demo
+from .experiments import EXPERIMENTS, run_experiment
+from .generate import DECODING_METHODS, generate
+from .models import load_base, save_model
+from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
+from .recipes import finetune, pretrain
 
 __all__ = ["main"]
 
+# `minilora bench` runs the harness of the source checkout this package sits in (it is not installed with it)
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
-
     run_demo(fast=args.fast, json_path=args.json, out_dir=args.out, progress=not args.no_progress)
     return 0
 
 
 def _cmd_pretrain(args) -> int:
-    from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
-    from .recipes import pretrain
-
     weights = os.path.join(args.out, "base.safetensors") if args.out else BASE_WEIGHTS
     config = os.path.join(args.out, "base.json") if args.out else BASE_CONFIG
     _, history, held_out = pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -33,13 +41,10 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    from . import lora
-    from .models import save_model
-    from .recipes import finetune
-
     targets = tuple(t for t in args.targets.split(",") if t)
-    run = finetune(args.task, args.method, r=args.r, alpha=args.alpha, targets=targets, steps=args.steps,
-                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress)
+    lora_hp = {"r": args.r, "alpha": args.alpha, "targets": targets} if args.method == "lora" else {}
+    run = finetune(args.task, args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                   progress=not args.no_progress, **lora_hp)
     os.makedirs(args.out, exist_ok=True)
     if args.method == "lora":
         path = os.path.join(args.out, f"{args.task}.safetensors")
@@ -55,11 +60,6 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from . import lora
-    from .data import Tokenizer, prompt_ids
-    from .generate import generate
-    from .models import load_base
-
     tokenizer = Tokenizer.default()
     model = load_base()
     adapter_ids = None
@@ -75,10 +75,21 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
-    from .experiments import run_experiment
-
     run_experiment(args.name, out_dir=args.out, fast=args.fast)
     return 0
+
+
+def _bench(argv) -> int:
+    if not (BENCHMARKS_DIR / "bench.py").is_file():
+        print(f"minilora bench: the benchmark harness lives in benchmarks/ of a source checkout of minilora, "
+              f"next to the package, and is not installed with it (looked for {BENCHMARKS_DIR / 'bench.py'}); "
+              "clone the repository and run `minilora bench` or `python -m benchmarks.bench` from its root",
+              file=sys.stderr)
+        return 2
+    root = str(BENCHMARKS_DIR.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("benchmarks.bench").main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("finetune", help="adapt the base model to one task (LoRA or full fine-tuning)")
-    p.add_argument("--task", required=True, choices=("e2e", "parse", "classify"))
+    p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--method", default="lora", choices=("lora", "full"))
     p.add_argument("--r", type=int, default=4, help="LoRA rank (default 4)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
@@ -122,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt with the base model (and an adapter file)")
     p.add_argument("prompt", help='e.g. "name[the eagle] food[french]"')
     p.add_argument("--adapter", help="a LoRA adapter file written by `minilora finetune`")
-    p.add_argument("--method", default="greedy", choices=("greedy", "sample", "beam"))
+    p.add_argument("--method", default="greedy", choices=DECODING_METHODS)
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -131,12 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("experiment", help="the paper's experiments in miniature (tables + PNGs)")
-    p.add_argument("name", choices=("baselines", "targets", "rank", "subspace", "amplification", "latency", "all"))
+    p.add_argument("name", choices=EXPERIMENTS + ("all",))
     p.add_argument("--out", default="minilora-out/experiments")
     p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
     p.set_defaults(func=_cmd_experiment)
 
-    # `minilora bench ...` is forwarded to `python -m minilora.bench ...` by main(); listed here for --help
+    # `minilora bench ...` is forwarded to `python -m benchmarks.bench ...` by main(); listed here for --help
     sub.add_parser("bench", help="benchmarks (JSON lines), optionally side by side with PyTorch; "
                                  "see `minilora bench --help`")
     return parser
@@ -145,10 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()  # fewer page faults for NumPy's temporaries (see minilora/allocator.py)
-    if argv[:1] == ["bench"]:  # every option after `bench` belongs to `python -m minilora.bench`
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv[:1] == ["bench"]:  # every option after `bench` belongs to `python -m benchmarks.bench`
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -357,7 +357,16 @@ def cross_entropy(logits, targets, mask=None, ignore_index=None, label_smoothing
 
 
 # ----------------------------------------------------------------------------- embedding
-_ONE_HOT_MAX_VOCAB = 4096  # below this a one-hot matmul beats a scatter-add (5.7x at V=96)
+# The backward's path, by a measured rule (1 BLAS thread, D = 128; the figures are in
+# docs/performance.md): the one-hot matmul one_hotᵀ·g beats the scatter-add while V ≤ 256, loses
+# from V ≈ 400-500 on, and costs an N × V array; so it is used only for a small V AND a small N·V.
+# Otherwise (GPT-2's V = 50,257 always) a scatter-add into the (V, D) gradient.
+_ONE_HOT_MAX_VOCAB = 256
+_ONE_HOT_MAX_ELEMENTS = 1 << 22  # N·V: at most 16 MB of float32 one-hot
+
+
+def _one_hot_pays(n_ids: int, vocab: int) -> bool:
+    return vocab <= _ONE_HOT_MAX_VOCAB and n_ids * vocab <= _ONE_HOT_MAX_ELEMENTS
 
 
 class Embedding(Function):
@@ -373,7 +382,7 @@ class Embedding(Function):
         xp = get_array_module(grad)
         V, D = self.weight_shape
         flat_ids, g = ids.reshape(-1), grad.reshape(-1, D)
-        if V <= _ONE_HOT_MAX_VOCAB:
+        if _one_hot_pays(flat_ids.shape[0], V):
             one_hot = xp.zeros((flat_ids.shape[0], V), dtype=grad.dtype)
             one_hot[xp.arange(flat_ids.shape[0]), flat_ids] = 1.0
             return None, one_hot.T @ g
@@ -425,7 +434,7 @@ def causal_mask(t_query: int, t_key: int, dtype, xp):
 
     Queries are the LAST t_query positions of the t_key keys (t_query < t_key during
     cached generation), so query i sits at absolute position t_key − t_query + i.
-    Adding a precomputed mask is 4.5x faster than boolean assignment.
+    Adding a precomputed mask is faster than boolean assignment (docs/performance.md).
     """
     key = (t_query, t_key, np.dtype(dtype).str, xp.__name__)
     mask = _mask_cache.get(key)

@@ -23,6 +23,7 @@ import numpy as np
 from . import backend as bk
 from .io import FileFormatError, load_arrays, save_arrays
 from .lora import mixed_batch
+from .optim import clip_grad_norm_
 
 __all__ = ["fit", "History", "Progress", "TrainingDivergedError", "epoch_batches", "save_checkpoint", "load_checkpoint"]
 
@@ -169,8 +170,6 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
     ``last.safetensors``; ``resume=True`` continues from it bit-identically. A non-finite loss
     stops training with TrainingDivergedError before the bad update is applied.
     """
-    from .optim import clip_grad_norm_
-
     history, start = History(), 0
     last_path = os.path.join(checkpoint_dir, "last.safetensors") if checkpoint_dir else None
     best_path = os.path.join(checkpoint_dir, "best.safetensors") if checkpoint_dir else None

@@ -102,18 +102,18 @@ print(f"max |merged − unmerged| logit: {np.abs(merged_logits - unmerged_logits
 # - **LoRA unmerged**: W₀x + s·B(Ax), two extra thin matmuls per adapted layer;
 # - **Adapter^H**: Houlsby adapters (a d → 4 → d bottleneck with a skip connection) after the
 #   attention output and after the MLP of every block. This is the paper's adapter baseline,
-#   `minilora.baselines`.
+#   `minilora.methods`.
 
 # %%
 unmerged = copy.deepcopy(server)
 lora.unmerge(unmerged)
 
 try:
-    from minilora.baselines import apply_method
+    from minilora.methods import apply_method
 
     adapter_model = copy.deepcopy(base)
     apply_method(adapter_model, "adapter_h", r=4)
-    adapter_label = "Adapter^H (minilora.baselines)"
+    adapter_label = "Adapter^H (minilora.methods)"
 except ImportError:  # an older minilora without baselines: compose the same adapter from nn pieces
     class Bottleneck(nn.Module):
         """h + up(relu(down(h))): Houlsby's adapter, from two nn.Linear layers."""

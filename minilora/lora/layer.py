@@ -13,6 +13,9 @@ each adapter adds ``blocks.0.attn.q.lora_A.<adapter>`` (r, k) and ``...lora_B.<a
 States: an adapter is *active* (used by forward), and possibly *merged* (B A already added into
 the weight, so forward is a plain F.linear: no extra latency, Sec. 4.2). Changing what is
 active while something is merged raises: merging is explicit, never a side effect.
+Several active adapters add their updates; inside ``lora.mixed_batch`` (which sets
+``row_groups``) row i of the input uses its own adapter instead. Every path is an op of
+``lora/function.py``, where the equation and its backward are written once.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ import numpy as np
 from .. import backend as bk
 from ..nn import Module
 from .config import BASE_ADAPTER
-from .model import _check_unmerged, list_adapters, lora_layers
+from .layer import LoRALinear
+from .model import _check_unmerged, list_adapters
 
 __all__ = ["RowGroups", "group_rows", "mixed_batch"]
 
@@ -99,6 +100,17 @@ def group_rows(adapter_ids, backend: str = "numpy") -> RowGroups:
 
 
 
+def _lora_layers(model: Module) -> list:
+    """Every LoRALinear in ``model`` (itself included), unordered: a walk without building path names."""
+    found, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, LoRALinear):
+            found.append(module)
+        stack.extend(module._modules.values())
+    return found
+
+
 @contextlib.contextmanager
 def mixed_batch(model: Module, adapter_ids):
     """``with lora.mixed_batch(model, adapter_ids):`` row i of every forward uses adapter ``adapter_ids[i]``.
@@ -110,16 +122,17 @@ def mixed_batch(model: Module, adapter_ids):
     Yields the RowGroups. Raises for an unknown name, or while adapters are merged (a merged
     W0 + BA cannot serve other tasks' rows: call lora.unmerge first).
     """
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = _lora_layers(model)
     groups = group_rows(adapter_ids, layers[0].weight.backend if layers else "numpy")
-    known = list_adapters(model)
+    known = set().union(*(layer.lora_A.keys() for layer in layers))
     unknown = [name for name in groups.names if name not in known]
     if unknown:
         raise ValueError(
-            f"unknown adapter {unknown[0]!r} in adapter_ids; the model's adapters are {known} "
+            f"unknown adapter {unknown[0]!r} in adapter_ids; the model's adapters are {list_adapters(model)} "
             f"(and {BASE_ADAPTER!r} for the base model)"
         )
-    _check_unmerged(model, "run a mixed-task batch (it needs the unmerged W0)")
+    if any(layer.merged for layer in layers):
+        _check_unmerged(model, "run a mixed-task batch (it needs the unmerged W0)")  # raises, naming a layer
     previous = [layer.row_groups for layer in layers]
     for layer in layers:
         layer.row_groups = groups

@@ -175,7 +175,15 @@ class GPT(nn.Module):
             raise ValueError(f"GPT expects token ids of shape (batch, time), got {tuple(idx.shape)}")
         if not np.issubdtype(idx.dtype, np.integer):
             raise TypeError(f"GPT expects integer token ids, got dtype {idx.dtype}")
-        Bsz, T = idx.shape
+        return self.forward_embeddings(self.wte(idx), cache)  # (B, T, C) token vectors in
+
+    def forward_embeddings(self, x, cache: KVCache | None = None) -> Tensor:
+        """Input vectors (B, T, C), before positions are added -> logits (B, T, V).
+
+        What ``forward`` does after the token lookup; PreEmbed (``minilora.methods``) calls it
+        with its trained vectors inserted among the token embeddings.
+        """
+        T = x.shape[1]  # (B, T, C)
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(
@@ -184,9 +192,9 @@ class GPT(nn.Module):
             )
         if cache is not None and is_grad_enabled():
             raise RuntimeError("a KVCache is for generation: run it under ml.no_grad()")
-        xp = bk.get_array_module(idx)
+        xp = bk.get_array_module(x.data)
         positions = xp.arange(past, past + T)
-        x = self.wte(idx) + self.wpe(positions)  # (B, T, C) + (T, C)
+        x = x + self.wpe(positions)  # (B, T, C) + (T, C)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, cache)  # (B, T, C)
