@@ -156,22 +156,32 @@ def train_joint(model, tasks, get_batch, steps: int, lr: float, weight_decay: fl
     return history
 
 
-def finetune_joint(tasks=TASKS, *, base: GPT | None = None, r: int = 4, alpha: float | None = None,
-                   targets=("q", "v"), steps: int = 400, batch_size: int = 16, lr: float = 5e-3,
-                   weight_decay: float = 0.0, seed: int = 0, n_train: int | None = None, n_eval: int | None = None,
-                   eval_split: str = "test", progress: bool = True, tokenizer: Tokenizer | None = None) -> JointResult:
+def finetune_joint(tasks=TASKS, *, base: GPT | None = None, steps: int | None = None, batch_size: int = 16,
+                   lr: float | None = None, weight_decay: float | None = None, r: int | None = None,
+                   alpha: float | None = None, targets=None, seed: int = 0, n_train: int | None = None,
+                   n_eval: int | None = None, eval_split: str = "test", progress: bool = True,
+                   tokenizer: Tokenizer | None = None) -> JointResult:
     """LoRA on every task of ``tasks`` at once: ``batch_size`` rows per task in each mixed batch.
 
-    Returns the shared model (one adapter per task) and, per task, a RunResult whose metric
-    comes from decoding that task's ``eval_split`` prompts through its own adapter, all tasks
-    in one mixed generation batch.
+    Settings default to ``HYPERPARAMS["lora"]`` (the same as ``finetune(task, "lora")``), so a
+    joint run trains each adapter as the separate run would. Returns the shared model (one
+    adapter per task) and, per task, a RunResult whose metric comes from decoding that task's
+    ``eval_split`` prompts through its own adapter, all tasks in ONE mixed generation batch.
     """
-    from .recipes import RunResult
+    from .methods import HYPERPARAMS
+    from .recipes import FAST, RunResult, target_loss
 
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks or len(set(tasks)) != len(tasks):
         raise ValueError(f"finetune_joint: tasks must be distinct names from {list(TASKS)}, got {list(tasks)}")
+    hp = HYPERPARAMS["lora"]
+    steps = (40 if FAST else hp["steps"]) if steps is None else steps
+    n_eval = 40 if FAST and n_eval is None else n_eval  # MINILORA_FAST=1: a smoke run, as finetune()
+    lr = hp["lr"] if lr is None else lr
+    weight_decay = hp["weight_decay"] if weight_decay is None else weight_decay
+    r = hp["r"] if r is None else r
+    targets = tuple(hp["targets"] if targets is None else targets)
     tokenizer = tokenizer or Tokenizer.default()
     model = joint_model(base if base is not None else load_base(), tasks, r, alpha, targets, seed)
     train = {task: load_task(task, "train", n_train) for task in tasks}
@@ -182,21 +192,22 @@ def finetune_joint(tasks=TASKS, *, base: GPT | None = None, r: int = 4, alpha: f
     model.eval()
     evaluation = {task: load_task(task, eval_split, n_eval) for task in tasks}
     examples = [ex for task in tasks for ex in evaluation[task]]
-    adapter_ids = [task for task in tasks for _ in evaluation[task]]
-    preds = decode(model, examples, tokenizer, adapter_ids)
+    preds = decode(model, examples, tokenizer, [task for task in tasks for _ in evaluation[task]])
     runs, start = {}, 0
     for task in tasks:
         n = len(evaluation[task])
         metric_name, metric = task_metric(task, preds[start:start + n], evaluation[task])
         start += n
+        lora.set_adapter(model, task)  # target_loss runs plain batches: through this task's adapter
+        eval_loss = target_loss(model, evaluation[task], tokenizer)
         trainable = sum(p.size for p in _adapter_params(model, task))
         runs[task] = RunResult(
             task=task, method="lora", model=model, history=history, metric_name=metric_name, metric=metric,
             trainable_params=trainable, total_params=base_params(model) + trainable,
             optimizer_state_bytes=2 * trainable * np.dtype(model.wte.weight.dtype).itemsize,
-            train_seconds=history.seconds / len(tasks),
-            config={"r": r, "targets": list(targets), "steps": steps, "batch_size": batch_size, "lr": lr,
-                    "seed": seed, "joint": list(tasks)},
+            train_seconds=history.seconds / len(tasks), eval_loss=eval_loss,
+            config={"method": "lora", "r": r, "targets": list(targets), "steps": steps, "batch_size": batch_size,
+                    "lr": lr, "weight_decay": weight_decay, "seed": seed, "joint": list(tasks)},
         )
     return JointResult(model=model, history=history, runs=runs, train_seconds=history.seconds,
                        eval_seconds=time.perf_counter() - started)

@@ -1,6 +1,7 @@
 """The command line: every command is listed, and the main job runs end to end (fast mode)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -56,3 +57,26 @@ def test_bad_input_is_a_clean_error_not_a_traceback():
     assert result.returncode == 2
     assert "unknown word 'frenchh'" in result.stderr and "close words: 'french'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_finetune_joint_trains_three_adapters_from_the_command_line(tmp_path):
+    env = {**os.environ, "MINILORA_FAST": "1"}  # 40 test examples per task
+    result = subprocess.run(
+        [sys.executable, "-m", "minilora.cli", "finetune", "--task", "e2e,parse,classify", "--method", "lora",
+         "--joint", "--steps", "3", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for task in ("e2e", "parse", "classify"):
+        assert f"{task}/lora (joint):" in result.stdout
+        assert (tmp_path / f"{task}.safetensors").stat().st_size > 0
+    assert "trained 3 adapters in one mixed batch" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "e2e,parse", "--method", "full", "--joint"], "--joint trains one LoRA adapter per task"),
+    (["--task", "e2e,parse"], "several tasks need --joint"),
+])
+def test_finetune_joint_misuse_is_a_clean_error(argv, message):
+    result = subprocess.run([sys.executable, "-m", "minilora.cli", "finetune", *argv], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
