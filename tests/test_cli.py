@@ -28,13 +28,23 @@ def test_demo_fast_runs_end_to_end(tmp_path):
     """`minilora demo --fast`: the table, merged == unmerged, adapter files, the mixed batch, the PNG, the JSON."""
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "minilora.cli", "demo", "--fast", "--no-progress", "--out", str(out),
-         "--json", str(tmp_path / "demo.json")],
+        [sys.executable, "-m", "minilora.cli", "demo", "--fast", "--out", str(out), "--json", str(tmp_path / "demo.json")],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mixed batch == one adapter at a time: True" in result.stdout
+    # progress without a TTY (a pipe here): a few plain lines per run, never a redrawn bar
+    progress = [line for line in result.stderr.splitlines() if "/full: step" in line or "/lora: step" in line]
+    assert 6 <= len(progress) <= 6 * 4 and "\r" not in result.stderr
     results = json.loads((tmp_path / "demo.json").read_text())
+    from minilora.data import load_task
+
+    for task, shown in results["mixed_batch"].items():  # the showcase: the FIRST test example of each task
+        first = load_task(task, "test", 1)[0]
+        assert shown["prompt"] == first.prompt and shown["reference"] == first.target
+        assert isinstance(shown["correct"], bool) and isinstance(shown["answer"], str)
+        assert f"reference: {first.target}" in result.stdout
+    assert result.stdout.count("✓") + result.stdout.count("✗") == 3
     for task in ("e2e", "parse", "classify"):
         cells = results["tasks"][task]
         for method in ("full", "lora"):
