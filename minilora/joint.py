@@ -38,7 +38,7 @@ from .data import TASKS, Tokenizer, collate, load_task, prompt_ids, task_metric
 from .generate import generate
 from .models import GPT, load_base
 from .tensor import no_grad
-from .train import History, Progress, epoch_batches
+from .train import History, Progress
 
 __all__ = ["JointResult", "joint_loss", "joint_batches", "joint_model", "train_joint", "finetune_joint", "decode"]
 
@@ -70,14 +70,17 @@ def joint_loss(model, idx, targets, mask, adapter_ids):
     return F.cross_entropy(logits, targets, mask=weights) * float(len(tasks))
 
 
-def joint_batches(examples: dict, tokenizer: Tokenizer, batch_size: int, seed: int, block_size: int):
+def joint_batches(examples: dict, tokenizer: Tokenizer, batch_size: int, seed: int, block_size: int,
+                  length_group: int = 1):
     """``get_batch(step) -> (idx, targets, mask, adapter_ids)``: each task's rows of that step, stacked.
 
     Task t contributes the rows a separate run would train on at ``step`` (the same
-    ``epoch_batches(len, batch_size, seed)``), right-padded to the widest task's width;
-    padding sits after every real token, so causal attention never sees it.
+    ``recipes.batch_rows``), right-padded to the widest task's width; padding sits after every
+    real token, so causal attention never sees it.
     """
-    rows = {task: epoch_batches(len(ex), batch_size, seed) for task, ex in examples.items()}
+    from .recipes import batch_rows
+
+    rows = {task: batch_rows(ex, tokenizer, batch_size, seed, length_group) for task, ex in examples.items()}
 
     def get_batch(step):
         parts = {task: collate([ex[i] for i in rows[task](step)], tokenizer, block_size=block_size)
@@ -185,7 +188,8 @@ def finetune_joint(tasks=TASKS, *, base: GPT | None = None, steps: int | None = 
     tokenizer = tokenizer or Tokenizer.default()
     model = joint_model(base if base is not None else load_base(), tasks, r, alpha, targets, seed)
     train = {task: load_task(task, "train", n_train) for task in tasks}
-    get_batch = joint_batches(train, tokenizer, batch_size, seed, model.config.block_size)
+    length_group = hp.get("length_group", 1)
+    get_batch = joint_batches(train, tokenizer, batch_size, seed, model.config.block_size, length_group)
     history = train_joint(model, tasks, get_batch, steps, lr, weight_decay, progress=progress,
                           desc="+".join(tasks) + "/lora-joint")
     started = time.perf_counter()
@@ -207,7 +211,8 @@ def finetune_joint(tasks=TASKS, *, base: GPT | None = None, steps: int | None = 
             optimizer_state_bytes=2 * trainable * np.dtype(model.wte.weight.dtype).itemsize,
             train_seconds=history.seconds / len(tasks), eval_loss=eval_loss,
             config={"method": "lora", "r": r, "targets": list(targets), "steps": steps, "batch_size": batch_size,
-                    "lr": lr, "weight_decay": weight_decay, "seed": seed, "joint": list(tasks)},
+                    "lr": lr, "weight_decay": weight_decay, "seed": seed, "length_group": length_group,
+                    "joint": list(tasks)},
         )
     return JointResult(model=model, history=history, runs=runs, train_seconds=history.seconds,
                        eval_seconds=time.perf_counter() - started)

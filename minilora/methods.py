@@ -87,7 +87,7 @@ HYPERPARAMS = {
     "preembed": {"lr": 3e-2, "weight_decay": 0.0, "steps": 300, "l_p": 4, "l_i": 2},  # tried 1e-2, 3e-2
     "lora": {"lr": 5e-3, "weight_decay": 0.0, "steps": 500, "r": 4, "targets": ("q", "v")},
 }
-TRAINING_KEYS = ("lr", "weight_decay", "steps")  # the keys of HYPERPARAMS that are not apply_method's
+TRAINING_KEYS = ("lr", "weight_decay", "steps", "length_group")  # the keys of HYPERPARAMS that are not apply_method's
 
 
 # ----------------------------------------------------------------------------- the adapter op
@@ -376,7 +376,7 @@ def apply_method(model: GPT, method: str, **hp) -> nn.Module:
       ft_top2: ``n_top``; adapter_h: ``r`` (bottleneck), ``train_layer_norms`` (True, as
       Houlsby); adapter_l: ``r``; preembed: ``l_p``, ``l_i``, ``sep_id`` (the tokenizer's "=>");
       lora: ``r``, ``alpha`` (2r), ``targets``, ``adapter_name`` ("default"), ``init``, ``dropout``.
-    The training keys of ``HYPERPARAMS`` (``lr``, ``weight_decay``, ``steps``) are accepted and
+    The training keys of ``HYPERPARAMS`` (``lr``, ``weight_decay``, ``steps``, ``length_group``) are accepted and
     ignored, so ``apply_method(model, m, **HYPERPARAMS[m])`` works.
     """
     if method not in METHODS:

@@ -25,7 +25,7 @@ from .io import FileFormatError, load_arrays, save_arrays
 from .lora import mixed_batch
 from .optim import clip_grad_norm_
 
-__all__ = ["fit", "History", "Progress", "TrainingDivergedError", "epoch_batches", "save_checkpoint", "load_checkpoint"]
+__all__ = ["fit", "History", "Progress", "length_grouped_batches", "TrainingDivergedError", "epoch_batches", "save_checkpoint", "load_checkpoint"]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -73,6 +73,50 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int):
             cache.clear()
             cache[epoch] = order
         return order[i * batch_size:(i + 1) * batch_size]
+
+    return rows
+
+
+def length_grouped_batches(lengths, batch_size: int, seed: int, group: int = 16):
+    """``rows(step)`` like ``epoch_batches``, with rows of similar length in a batch: less padding.
+
+    A batch is padded to its longest row, so mixing lengths 30 and 62 wastes a quarter of the
+    tokens (the task batches here: 23-26 %). Each epoch is the same seeded permutation as
+    ``epoch_batches``, cut into windows of ``group`` batches; a window is sorted by length, cut
+    into batches, and its batches are visited in a seeded random order. Every example is still
+    seen once per epoch, and batches still draw on the whole length range over an epoch. A pure
+    function of the step, so resume stays exact. ``group=1`` is ``epoch_batches``.
+    """
+    lengths = np.asarray(lengths)
+    n_examples = len(lengths)
+    if n_examples < 1 or batch_size < 1 or group < 1:
+        raise ValueError(f"length_grouped_batches: need examples, batch_size >= 1 and group >= 1, got "
+                         f"{n_examples}, {batch_size}, {group}")
+    if group == 1:
+        return epoch_batches(n_examples, batch_size, seed)
+    per_epoch = max(1, n_examples // batch_size)
+    cache: dict[int, list] = {}
+
+    def epoch_order(epoch: int) -> list:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(n_examples)
+        batches = []
+        window = group * batch_size
+        for start in range(0, per_epoch * batch_size, window):
+            chunk = order[start:min(start + window, per_epoch * batch_size)]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]  # similar lengths side by side
+            cut = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            batches += [cut[j] for j in rng.permutation(len(cut))]  # and no short-to-long sweep
+        return batches
+
+    def rows(step: int) -> np.ndarray:
+        epoch, i = divmod(step, per_epoch)
+        batches = cache.get(epoch)
+        if batches is None:
+            batches = epoch_order(epoch)
+            cache.clear()
+            cache[epoch] = batches
+        return batches[i]
 
     return rows
 

@@ -138,3 +138,20 @@ def test_progress_without_a_tty_prints_a_few_lines_not_one_per_step():
     silent = io.StringIO()
     Progress(10, "x", False, stream=silent).update(10, 0.1, history)
     assert silent.getvalue() == ""
+
+
+def test_length_grouped_batches_see_every_example_once_per_epoch_with_less_padding():
+    from minilora.train import length_grouped_batches
+
+    lengths = np.random.default_rng(0).integers(10, 64, 200)
+    rows = length_grouped_batches(lengths, 8, seed=3, group=5)
+    plain = epoch_batches(200, 8, seed=3)
+    epoch = np.concatenate([rows(s) for s in range(25)])
+    assert sorted(epoch.tolist()) == list(range(200))  # a permutation: each example once per epoch
+    assert np.array_equal(rows(7), length_grouped_batches(lengths, 8, seed=3, group=5)(7))  # a pure function
+    assert not np.array_equal(rows(25), rows(0))  # the next epoch is a new draw
+    padded = sum(lengths[rows(s)].max() for s in range(25))
+    padded_plain = sum(lengths[plain(s)].max() for s in range(25))
+    assert padded < 0.85 * padded_plain
+    same = length_grouped_batches(lengths, 8, seed=3, group=1)  # group 1: the plain shuffled batches
+    assert all(np.array_equal(same(s), plain(s)) for s in range(30))
