@@ -7,11 +7,12 @@ The paper's point (Sec. 4.2): a 350 GB GPT-3 checkpoint becomes a 35 MB adapter 
 A file holds the adapter's tensors under the model's own names (``blocks.0.attn.q.lora_A.e2e``)
 and, in its metadata (one JSON string under the key "minilora", as ``minilora.io`` writes),
 the LoRAConfig, the adapter name, the minilora version, the dtype, a fingerprint of the base
-model it was trained on (``base_fingerprint``: a SHA-256 of its embeddings, LayerNorms and biases) and a SHA-256 over the tensor bytes
-*and* the rest of the metadata (safetensors checks the header and the file length, not the
-data: the digest catches a flipped byte anywhere, the config included). ``load_adapter`` checks
-everything against the model before it changes anything: names, shapes, dtypes, finite values,
-a config in the ranges below, a finite ΔW = s·B A, and the same base weights.
+model it was trained on (``base_fingerprint``: a SHA-256 of its embeddings, LayerNorms and
+biases) and a SHA-256 over the tensor bytes *and* the rest of the metadata (safetensors checks
+the header and the file length, not the data: the digest catches a flipped byte anywhere, the
+config included). ``load_adapter`` checks everything against the model before it changes
+anything: names, shapes, dtypes, finite values, a config in the ranges below, a finite
+ΔW = s·B A, and the same base model.
 """
 
 from __future__ import annotations
