@@ -352,7 +352,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
     model.load_state_dict(params, strict=False, source=path)
     if optimizer is not None:
         kept = {k: getattr(optimizer, k) for k in optimizer._hyperparameters if k not in optimizer._group_options}
-        kept_groups = [{k: group[k] for k in optimizer._group_options} for group in optimizer.param_groups]
+        kept_groups = [{k: group[k] for k in optimizer._group_options if k in group} for group in optimizer.param_groups]
         optimizer.load_state_dict(meta["optimizer"], opt)
         if not restore_hyperparameters:  # the optimizer's own options, group by group (LoRA+ ratios too)
             for k, v in kept.items():
