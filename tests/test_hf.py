@@ -8,6 +8,7 @@ transformers and PEFT are in tests/oracle/test_hf.py.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -536,3 +537,39 @@ def test_tutorial_08_skips_the_peft_part_cleanly_without_torch_transformers_and_
     assert "PEFT check off" in proc.stdout and "skipped: torch, transformers or peft is not installed" in proc.stdout
     assert "round trip minilora -> PEFT -> minilora: max |Δ logits| = 0.0e+00" in proc.stdout
     assert (tmp_path / "08_peft_analysis.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- tutorial 08's exercises
+def test_tutorial_08_exercises_solutions_pass_wrong_answers_are_diagnosed_and_no_solution_is_in_the_tutorial(capsys):
+    from minilora import exercises as ex
+    from minilora.hf import exercises as ex08  # registers 08.1 and 08.2 with the harness
+
+    ids = {e.id: e for e in ex.exercises()}
+    for id_, check in (("08.1", ex08.check_pack_c_attn), ("08.2", ex08.check_block_B)):
+        assert check(ex.solution(id_)) is True and "✓" in capsys.readouterr().out
+        assert ids[id_].hints[0] != ids[id_].hints[1]
+    assert ex08.check_pack_c_attn(lambda W_q, W_k, W_v: (_ for _ in ()).throw(NotImplementedError)) is False
+    assert "not attempted yet" in capsys.readouterr().out
+    wrong = {
+        ex08.check_pack_c_attn: [(lambda W_q, W_k, W_v: np.concatenate([W_q, W_k, W_v], axis=1), "without transposing"),
+                                 (lambda W_q, W_k, W_v: np.concatenate([W_q.T, W_k.T, W_v.T], axis=0), "shape"),
+                                 (lambda W_q, W_k, W_v: np.concatenate([W_k.T, W_q.T, W_v.T], axis=1), "differ")],
+        ex08.check_block_B: [(lambda B_q, B_v: np.zeros((3 * len(B_q), 4)), "all zeros"),
+                             (lambda B_q, B_v: np.block([[B_q, B_q], [B_v, B_v], [B_v, B_v]]), "k outputs"),
+                             (lambda B_q, B_v: np.block([[np.zeros_like(B_q), B_v], [np.zeros((6, 4))],
+                                                         [B_q, np.zeros_like(B_q)]]), "swapped")],
+    }
+    for check, answers in wrong.items():
+        for answer, fragment in answers:
+            with pytest.raises(ex.ExerciseError) as info:
+                check(answer)
+            assert fragment in str(info.value) and "Hint" in str(info.value), str(info.value)
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tutorials", "08_to_peft.py"),
+              encoding="utf-8") as f:
+        text = f.read()
+    assert len(re.findall(r"\*\*Exercise \d", text)) == 2
+    assert "def solution" not in text
+    for id_ in ("08.1", "08.2"):
+        for line in ids[id_].solution.splitlines():
+            if line.strip().startswith("return "):
+                assert line.strip() not in text, f"tutorial 08 prints the answer of {id_}"
