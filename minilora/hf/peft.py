@@ -300,8 +300,6 @@ def _split(model: GPT, modules: dict, biases: dict, source: str):
             raise HFFormatError(f"{source}: {hf} has lora_A {a.shape} and lora_B {b.shape}, but this model's {kind} "
                                 f"maps {in_f} -> {out_f} (lora_A (R, {in_f}), lora_B ({out_f}, R)); an adapter for "
                                 "another model size?")
-        if mag is not None and not np.all(mag > 0):
-            raise HFFormatError(f"{source}: {hf}'s DoRA magnitude has entries <= 0")
         if kind != "attn.c_attn":
             ours[f"blocks.{i}.{OURS_OF[kind]}"] = (a, b, s, mag)
             continue
