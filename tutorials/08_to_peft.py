@@ -101,9 +101,16 @@ course.eval()
 with ml.no_grad():
     ours = np.asarray(course(idx).data)
 if HAVE_PEFT:
+    import warnings
+
     import torch
     from peft import PeftModel
     from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no loading bars, and no notices about config fields
+    transformers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # PEFT calls a deprecated helper
 
     peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_dir, dtype=torch.float64),
                                            peft_dir).eval()
