@@ -21,6 +21,7 @@ Code that runs on "strict" has no NumPy-vs-device mistakes left for a GPU to fin
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import types
 
@@ -380,21 +381,12 @@ def _inplace(name):
 class _DeviceMemory:
     """What ``.data`` of a device array is (CuPy: a MemoryPointer): memory, not values."""
 
-    __slots__ = ("_array",)
-
     def __init__(self, array):
-        self._array = array
-
-    @property
-    def ptr(self) -> int:
-        return self._array.ctypes.data
+        self.ptr = array.ctypes.data
 
     def __array__(self, dtype=None, copy=None):
         raise TypeError("the .data of a device array is its memory (a cupy MemoryPointer), not its values; "
                         "use minilora.backend.to_numpy(array) or array.get()")
-
-    def __repr__(self) -> str:
-        return f"<strict device memory at 0x{self.ptr:x}>"
 
 
 class StrictArray:
@@ -407,14 +399,6 @@ class StrictArray:
     def __init__(self, array: np.ndarray):
         self._a = array
 
-    shape = property(lambda self: self._a.shape)
-    dtype = property(lambda self: self._a.dtype)
-    ndim = property(lambda self: self._a.ndim)
-    size = property(lambda self: self._a.size)
-    nbytes = property(lambda self: self._a.nbytes)
-    itemsize = property(lambda self: self._a.itemsize)
-    strides = property(lambda self: self._a.strides)
-    flags = property(lambda self: self._a.flags)
     T = property(lambda self: StrictArray(self._a.T))
     real = property(lambda self: StrictArray(self._a.real))
     imag = property(lambda self: StrictArray(self._a.imag))
@@ -425,16 +409,8 @@ class StrictArray:
         """A host copy (``cupy.ndarray.get``); with ``out``, copied into that host array."""
         if out is None:
             return np.array(self._a, order=order, copy=True)
-        if not isinstance(out, np.ndarray) or out.dtype != self.dtype or out.shape != self.shape:
-            raise TypeError(f"get(out=...) needs a NumPy array of shape {self.shape} and dtype {self.dtype}")
-        out[...] = self._a
+        np.copyto(out, self._a, casting="no")  # CuPy: the same shape and dtype
         return out
-
-    def set(self, arr, stream=None) -> None:
-        """Copy a host array of the same shape and dtype in (``cupy.ndarray.set``)."""
-        if not isinstance(arr, np.ndarray) or arr.dtype != self.dtype or arr.shape != self.shape:
-            raise TypeError(f"set() needs a NumPy array of shape {self.shape} and dtype {self.dtype}")
-        self._a[...] = arr
 
     def __getattr__(self, name):
         if name not in _ARRAY_METHODS:  # includes "_a" while unpickling: no recursion
@@ -497,50 +473,23 @@ class StrictArray:
                         f"Take the module from the array: xp = minilora.backend.get_array_module(x); "
                         f"xp.{func.__name__}(...)")
 
-    def __float__(self):
-        return float(self._a)
-
-    def __int__(self):
-        return int(self._a)
-
-    def __complex__(self):
-        return complex(self._a)
-
-    def __bool__(self):
-        return bool(self._a)
-
-    def __repr__(self):
-        return repr(self._a)
-
-    def __str__(self):
-        return str(self._a)
-
-    def __format__(self, spec):
-        return format(self._a, spec)
-
-    def __copy__(self):
-        return StrictArray(self._a.copy())
-
-    def __deepcopy__(self, memo):
-        return StrictArray(self._a.copy())
-
-    def __reduce__(self):
-        return _strict_from_host, (self._a.copy(),)
-
-    # ------------------------------------------------------------------ arithmetic
-    def __neg__(self):
-        return StrictArray(-self._a)
-
-    def __pos__(self):
-        return self
-
-    def __abs__(self):
-        return StrictArray(abs(self._a))
-
-    def __invert__(self):
-        return StrictArray(~self._a)
+    __float__ = lambda self: float(self._a)  # one element: allowed (CuPy syncs), several: TypeError
+    __int__ = lambda self: int(self._a)
+    __complex__ = lambda self: complex(self._a)
+    __bool__ = lambda self: bool(self._a)
+    __repr__ = lambda self: repr(self._a)
+    __str__ = lambda self: str(self._a)
+    __format__ = lambda self, spec: format(self._a, spec)
+    __copy__ = __deepcopy__ = lambda self, memo=None: StrictArray(self._a.copy())
+    __reduce__ = lambda self: (_strict_from_host, (self._a.copy(),))
+    __neg__ = lambda self: StrictArray(-self._a)
+    __pos__ = lambda self: self
+    __abs__ = lambda self: StrictArray(abs(self._a))
+    __invert__ = lambda self: StrictArray(~self._a)
 
 
+for _name in ("shape", "dtype", "ndim", "size", "nbytes", "itemsize", "strides", "flags"):
+    setattr(StrictArray, _name, property(operator.attrgetter(f"_a.{_name}")))
 for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor"):
     for _form in ("__{}__", "__r{}__"):
         setattr(StrictArray, _form.format(_name), _binary(_form.format(_name)))
@@ -569,19 +518,12 @@ class _StrictUfunc:
     def __call__(self, *args, **kwargs):
         return self._run(self._ufunc, args, kwargs)
 
-    def reduce(self, *args, **kwargs):
-        return self._run(self._ufunc.reduce, args, kwargs)
-
-    def accumulate(self, *args, **kwargs):
-        return self._run(self._ufunc.accumulate, args, kwargs)
-
-    def outer(self, *args, **kwargs):
-        return self._run(self._ufunc.outer, args, kwargs)
-
     def __getattr__(self, name):
         if name == "at":
             raise AttributeError(f"{self._ufunc.__name__}.at is not there on a device (CuPy's ufuncs have no .at "
                                  "before v13); scatter-add with minilora.backend.scatter_add(target, indices, values)")
+        if name in ("reduce", "accumulate", "outer"):
+            return lambda *args, **kwargs: self._run(getattr(self._ufunc, name), args, kwargs)
         return getattr(self._ufunc, name)
 
     def __repr__(self) -> str:

@@ -579,14 +579,15 @@ def check_random_subspace_baseline(fn) -> str:
 
 # ----------------------------------------------------------------------------- 07 GPU
 def _backends():
-    return ["numpy", "cupy"] if bk.cupy_available() else ["numpy"]
+    """NumPy, strict (CuPy's rules without a GPU: an np.exp on a device array fails there) and CuPy where present."""
+    return ["numpy", "strict", "cupy"] if bk.cupy_available() else ["numpy", "strict"]
 
 
 @_exercise("a softmax for any backend")
 def check_softmax_any_backend(fn) -> str:
     """fn(a) -> softmax of a raw array over its last axis, on the array's own backend and dtype.
 
-    Tried on NumPy float32 and float64 arrays (and CuPy ones where a GPU is present), with
+    Tried on NumPy and strict float32 and float64 arrays (and CuPy ones where a GPU is present), with
     logits as large as 1000 (a stable softmax subtracts the row maximum first).
     """
     rng = _rng(0)
@@ -614,7 +615,7 @@ def check_softmax_any_backend(fn) -> str:
             _close(np.asarray(bk.to_numpy(got), dtype=np.float64), expected, f"softmax of a {backend} {dtype} array",
                    "Hint: subtract a.max(axis=-1, keepdims=True) before exp (row 1 holds logits near 1000), then "
                    "divide by the sum over the last axis.", rtol=tol, atol=tol)
-    where = " and CuPy" if len(_backends()) > 1 else " (no GPU here: CuPy is checked where one is present)"
+    where = ", strict and CuPy" if "cupy" in _backends() else " and strict (no GPU here: CuPy is checked where one is present)"
     return f"stable, dtype-preserving, on NumPy{where}"
 
 
@@ -622,7 +623,7 @@ def check_softmax_any_backend(fn) -> str:
 def check_host_logits(fn) -> str:
     """fn(model, idx) -> the model's logits for token ids ``idx`` as a host NumPy array.
 
-    Tried with a NumPy model (and a CuPy copy where a GPU is present); compared with model(idx).
+    Tried with a NumPy model, a strict copy (and a CuPy copy where a GPU is present); compared with model(idx).
     """
     import copy
 
@@ -642,4 +643,4 @@ def check_host_logits(fn) -> str:
         _close(got.astype(np.float64), expected.astype(np.float64), f"logits on {backend}",
                "Hint: run the model under ml.no_grad() and convert the result with ml.backend.to_numpy.",
                rtol=1e-4, atol=1e-5)
-    return "a host NumPy array equal to model(idx)" + ("" if len(_backends()) > 1 else " (NumPy only: no GPU here)")
+    return "a host NumPy array equal to model(idx)" + ("" if "cupy" in _backends() else " (NumPy and strict: no GPU here)")

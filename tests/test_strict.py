@@ -302,3 +302,27 @@ def test_demo_fast_runs_on_the_strict_backend(tmp_path):
         for method in ("full", "lora"):
             assert 0.0 <= methods[method]["metric"] <= 1.0, (task, method)
     assert results["mixed_batch"]
+
+
+def test_tutorial_07_check_catches_an_np_exp_softmax_without_a_gpu():
+    """A softmax written with np.exp passes on NumPy; the check's strict leg fails it, with the fix."""
+    from minilora import exercises as ex
+
+    def numpy_only(a):
+        e = np.exp(a - a.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    assert numpy_only(np.array([[1.0, 2.0]])).sum() == pytest.approx(1.0)
+    with pytest.raises(ex.ExerciseError, match=r"numpy\.exp was called on a device array.*get_array_module"):
+        ex.check_softmax_any_backend(numpy_only)
+    with pytest.raises(ex.ExerciseError, match="strict backend you returned a minilora.backend.StrictArray"):
+        ex.check_host_logits(lambda model, idx: model(idx).data)  # a device array is not a host array
+
+
+def test_lora_parameters_follow_the_weights_backend_not_the_current_one():
+    """apply_lora on a strict model while the current backend is numpy: A and B on strict (found by tutorial 07)."""
+    model = GPT(CFG).to(backend="strict")
+    assert ml.get_backend() == "numpy"
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v")))
+    assert {p.backend for p in model.parameters()} == {"strict"}
+    assert model(_ids(2)).backend == "strict"

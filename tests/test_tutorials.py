@@ -58,7 +58,8 @@ def test_tutorial_is_a_percent_format_notebook(name):
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_tutorial_runs_in_fast_mode_and_writes_its_figures(name, tmp_path):
     env = {**os.environ, "MINILORA_FAST": "1", "MPLBACKEND": "Agg", "MINILORA_OUT": str(tmp_path),
-           "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MINILORA_BACKEND": ""}
+           "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MINILORA_BACKEND": "",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # this checkout's minilora
     proc = subprocess.run([sys.executable, os.path.join(TUTORIALS, name)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

@@ -143,8 +143,8 @@ class LoRALinear(Module):
             lora_A = bk.random_uniform((r, k), dtype, backend=backend, low=-bound, high=bound)
         else:  # "gaussian": the paper's "random Gaussian", with PEFT's σ = 1/r
             lora_A = bk.random_normal((r, k), dtype, backend=backend, std=1.0 / r)
-        self.lora_A[name] = Parameter(lora_A)
-        self.lora_B[name] = Parameter(bk.module_for(backend).zeros((d, r), dtype=dtype))
+        self.lora_A[name] = Parameter(lora_A, backend=backend)  # on W0's backend, whatever the current one is
+        self.lora_B[name] = Parameter(bk.module_for(backend).zeros((d, r), dtype=dtype), backend=backend)
         self.lora_config[name] = config
         if activate:
             self.active_adapters = [name]
