@@ -534,12 +534,13 @@ def _strict_function(func, name: str):
     host_ok = name in _HOST_DATA_OK
 
     def call(*args, **kwargs):
+        host = args[0] if host_ok and args and isinstance(args[0], np.ndarray) else None  # host data coming over
         args = [_unwrap_arg(a, host_ok) for a in args]
         r = func(*args, **{k: _unwrap_arg(v, host_ok) for k, v in kwargs.items()})
         if host_ok and isinstance(r, np.ndarray):
             if r.dtype.kind in "OSUVMm":
                 raise ValueError(f"Unsupported dtype {r.dtype}: device arrays hold numbers and booleans only")
-            if args and isinstance(args[0], np.ndarray) and np.may_share_memory(r, args[0]):
+            if host is not None and np.may_share_memory(r, host):
                 r = r.copy(order="K")  # host -> device is a copy (CuPy keeps the layout)
         return _wrap(r)
     call.__name__ = call.__qualname__ = name

@@ -147,6 +147,9 @@ def test_host_transfer_only_through_to_numpy_and_get_and_it_copies():
     moved = bk.module_for("strict").asarray(source)
     source[0] = -5.0  # host -> device copied the data
     assert float(moved[0]) == 1.0
+    same = bk.module_for("strict").asarray(moved)  # device -> device: no copy, as cupy.asarray
+    same[1] = 7.0
+    assert float(moved[1]) == 7.0 and ml.tensor(moved, backend="strict").data.get()[1] == 7.0
     with pytest.raises(AttributeError, match="no attribute 'tofile'"):
         x.tofile  # noqa: B018  (cupy.ndarray has a different I/O surface: go through the host)
 
