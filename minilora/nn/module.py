@@ -141,7 +141,7 @@ class Module:
         return missing, unexpected
 
     def to(self, dtype=None, backend: str | None = None):
-        """Convert every parameter (dtype: e.g. 'float64'; backend: 'numpy' or 'cupy'), in place."""
+        """Convert every parameter (dtype: e.g. 'float64'; backend: 'numpy', 'cupy' or 'strict'), in place."""
         for p in self.parameters():
             data = p.data
             if backend is not None and p.backend != backend:
