@@ -1,14 +1,19 @@
 """minilora: learn LoRA (Hu et al. 2021, arXiv 2106.09685) by building it.
 
-    import minilora as ml
-    x = ml.tensor([[1.0, 2.0]], requires_grad=True, dtype="float64")
-    (x @ x.T).sum().backward()
-    x.grad
+    >>> import minilora as ml
+    >>> x = ml.tensor([[1.0, 2.0]], requires_grad=True, dtype="float64")
+    >>> (x @ x.T).sum().backward()
+    >>> x.grad
+    array([[2., 4.]])
+
+Two links are made here, once and openly, because the modules cannot import each other
+without a cycle: Tensor's operators get the primitive ops (``tensor.install_ops``; the ops
+are Functions, which import Tensor), and ``functional`` gets the LoRA op ``lora_linear``
+(defined with its backward in ``lora/function.py``; the lora package imports nn, which
+imports functional).
 """
 
-# tensor first: the ops import Function, which needs Tensor (the one import-order dependency)
-from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
-from . import backend, functional, nn, ops
+from . import backend, functional, lora, nn, ops, tensor as _tensor
 from .backend import BackendUnavailableError, get_backend, manual_seed, set_backend
 from .function import Function
 from .gradcheck import GradcheckError, gradcheck
@@ -16,11 +21,15 @@ from .ops import (
     add, astype, broadcast_to, concatenate, div, exp, log, masked_fill, matmul, maximum, mul, neg, pow, relu,
     reshape, split, sqrt, stack, sub, swapaxes, tanh, transpose, where,
 )
+from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
+
+_tensor.install_ops(ops)  # x + y, x @ w, x.sum(), ... call minilora.ops
+functional.lora_linear = lora.lora_linear  # F.lora_linear(x, W0, b, A, B, scaling, dropout, training)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "functional", "nn", "ops",
+    "backend", "functional", "lora", "nn", "ops",
     "BackendUnavailableError", "get_backend", "manual_seed", "set_backend",
     "Function", "GradcheckError", "gradcheck",
     "Tensor", "enable_grad", "is_grad_enabled", "no_grad", "tensor",

@@ -19,30 +19,20 @@ import numpy as np
 
 from . import backend as bk
 from . import lora
-from .data import TASKS, Tokenizer, load_task, prompt_ids
+from .data import TASKS, Tokenizer, load_task, prompt_ids, task_metric
+from .generate import generate
 from .io import save_json
+from .methods import HYPERPARAMS
 from .models import load_base, save_model
-from .recipes import FAST, METHODS, finetune
+from .recipes import FAST, finetune
 from .tensor import no_grad
+from .timing import interleaved, median
 
 __all__ = ["run_demo"]
 
 
 def _mb(n_bytes: float) -> str:
     return f"{n_bytes / 1e6:.2f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} kB"
-
-
-def _interleaved_latency(fns: dict, repeats: int) -> dict:
-    """Median ms of each callable, measured round-robin so machine drift hits all alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: 1e3 * float(np.median(ts)) for name, ts in times.items()}
 
 
 def plot_loss_curves(runs: dict, path: str) -> None:
@@ -76,8 +66,8 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = Tokenizer.default()
     base = load_base()
-    steps = {method: (15 if fast else hp["steps"]) for method, hp in METHODS.items()}
-    n_eval = 16 if fast else 200
+    steps = {method: (15 if fast else HYPERPARAMS[method]["steps"]) for method in ("full", "lora")}
+    n_eval = 16 if fast else None  # None: the whole test split (200 examples)
     print("minilora demo: LoRA (Hu et al. 2021, arXiv 2106.09685) in miniature")
     print(f"base model: {base.num_parameters():,} parameters, {base.config.n_layer} layers, "
           f"d_model {base.config.d_model}, backend {bk.get_backend()}{' (fast mode)' if fast else ''}\n")
@@ -88,8 +78,8 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     for task in TASKS:
         runs[task] = {}
         for method in ("full", "lora"):
-            runs[task][method] = finetune(task, method, base=base, r=4, targets=("q", "v"), steps=steps[method],
-                                          n_eval=n_eval, progress=progress, seed=0)
+            runs[task][method] = finetune(task, method, base=base, steps=steps[method], n_eval=n_eval,
+                                          progress=progress, seed=0)  # LoRA: HYPERPARAMS' r = 4 on q, v
     header = f"{'task':<9}{'method':<7}{'trainable':>11}{'% total':>9}{'optim state':>13}{'peak mem':>11}{'time':>8}  metric"
     print(header)
     print("-" * len(header) + "-" * 14)
@@ -126,11 +116,10 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     one = probe_ids[:1]
     base.eval()
     with no_grad():
-        lat = _interleaved_latency(
-            {"base": lambda: base(one), "merged_and_unloaded": lambda: served(one),
-             "merged": lambda: merged(one), "unmerged": lambda: unmerged(one)},
-            15 if fast else 60,
-        )
+        times = interleaved({"base": lambda: base(one), "merged_and_unloaded": lambda: served(one),
+                             "merged": lambda: merged(one), "unmerged": lambda: unmerged(one)},
+                            15 if fast else 60)
+    lat = {name: 1e3 * median(ts) for name, ts in times.items()}  # ms
 
     def over_base(name):
         return f"{lat[name]:.2f} ms ({100 * (lat[name] / lat['base'] - 1):+.1f} %)"
@@ -156,24 +145,31 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     print()
 
     # ---------------------------------------------------------------- 4. one mixed batch
-    print("[4/4] one batch, three tasks: each row routed through its own adapter")
+    print("[4/4] one batch, three tasks: each row routed through its own adapter "
+          "(the first test example of each task)")
     server = load_base()
     for task, path in adapter_paths.items():
         lora.load_adapter(path, server, adapter_name=task)
     server.eval()
-    examples = [load_task(task, "test", 1)[0] for task in TASKS]
-    outputs = server.generate([prompt_ids(tokenizer, ex.prompt) for ex in examples], max_new_tokens=40,
-                              eos_id=tokenizer.eos_id, adapter_ids=list(TASKS))
+    examples = [load_task(task, "test", 1)[0] for task in TASKS]  # the first, not picked
+    outputs = generate(server, [prompt_ids(tokenizer, ex.prompt) for ex in examples], max_new_tokens=40,
+                       eos_id=tokenizer.eos_id, adapter_ids=list(TASKS))
     mixed = {}
     for task, ex, out in zip(TASKS, examples, outputs):
         answer = tokenizer.decode(out, skip_special=True)
-        mixed[task] = {"prompt": ex.prompt, "answer": answer, "reference": ex.target}
-        print(f"  [{task}] {ex.prompt}\n      => {answer}")
+        metric_name, value = task_metric(task, [answer], [ex])
+        correct = bool(value == 1.0)  # by the task's metric: every slot / the exact MR / the label
+        mixed[task] = {"prompt": ex.prompt, "answer": answer, "reference": ex.target, "correct": correct}
+        print(f"  [{task}] prompt:    {ex.prompt}\n"
+              f"  {'':<{len(task) + 2}} answer:    {answer}\n"
+              f"  {'':<{len(task) + 2}} reference: {ex.target}\n"
+              f"  {'':<{len(task) + 2}} {'✓' if correct else '✗'} ({metric_name} {value:.2f})")
     # the same rows served one task at a time must agree with the mixed batch
-    separately = [server.generate([prompt_ids(tokenizer, ex.prompt)], max_new_tokens=40, eos_id=tokenizer.eos_id,
-                                  adapter_ids=[task])[0] for task, ex in zip(TASKS, examples)]
+    separately = [generate(server, [prompt_ids(tokenizer, ex.prompt)], max_new_tokens=40, eos_id=tokenizer.eos_id,
+                           adapter_ids=[task])[0] for task, ex in zip(TASKS, examples)]
     agree = all(list(a) == list(b) for a, b in zip(outputs, separately))
-    print(f"  mixed batch == one adapter at a time: {agree}")
+    print(f"  {sum(m['correct'] for m in mixed.values())}/{len(mixed)} correct; "
+          f"mixed batch == one adapter at a time: {agree}")
 
     wall = time.perf_counter() - started
     print(f"\ndone in {wall:.1f} s; outputs in {out_dir}/")

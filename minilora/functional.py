@@ -9,6 +9,11 @@ every one against autograd through the primitives and against finite differences
 Shapes: ``x`` may have any number of leading batch dimensions; the last axis is
 the feature axis. Linear weights are (out, in): y = x Wᵀ + b, so W ∈ R^{d×k} as in
 the paper.
+
+``lora_linear`` (h = W₀x + b + (α/r)·B·A·drop(x)) is the LoRA package's op, defined with its
+backward in ``minilora/lora/function.py``; ``minilora/__init__`` installs it here as
+``F.lora_linear`` (this module cannot import it: the lora package imports nn, which imports
+this module).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from .tensor import Tensor
 
 __all__ = [
     "linear",
-    "lora_linear",
     "gelu",
     "layer_norm",
     "softmax",
@@ -80,84 +84,11 @@ def linear(x, weight, bias=None):
     return Linear.apply(x, weight, bias)
 
 
-# ----------------------------------------------------------------------------- LoRA
+# ----------------------------------------------------------------------------- dropout mask (also LoRA's)
 def dropout_mask(shape, p: float, dtype, backend: str | None = None):
     """Inverted-dropout mask: 0 with probability p, else 1/(1-p) (so E[mask] = 1)."""
     keep = bk.random_uniform(shape, dtype, backend=backend) >= p
     return keep.astype(dtype) * (1.0 / (1.0 - p))
-
-
-class LoRALinear(Function):
-    """h = W₀x + b + s·B A drop(x), with s = α/r (Hu et al. 2021, eq. 3 / Sec. 4.1).
-
-    Forward keeps the rank-r bottleneck u = drop(x) Aᵀ (N × r) for the backward.
-    With g = ∂L/∂h (N × d) and gB = g B (N × r), the chain rule gives
-
-        ∂L/∂x  = g W₀ + s · (gB A) ⊙ mask     (mask: the dropout mask, 1 without dropout)
-        ∂L/∂A  = s · gBᵀ drop(x)                (r × k)
-        ∂L/∂B  = s · gᵀ u                       (d × r)
-        ∂L/∂W₀ = gᵀ x,  ∂L/∂b = Σ g             only when W₀ / b require grad.
-
-    For a frozen W₀ (the point of LoRA) the d × k product gᵀx is never formed: the
-    backward costs O(N·r·(d + k)) plus the dx product, not O(N·d·k) more.
-    """
-
-    def forward(self, x, weight, bias, lora_A, lora_B, scaling=1.0, dropout=0.0, training=False):
-        _check_features("lora_linear", x, weight, bias)
-        r = lora_A.shape[0]
-        if lora_A.shape != (r, weight.shape[1]) or lora_B.shape != (weight.shape[0], r):
-            raise ValueError(
-                f"lora_linear: for a weight of shape {tuple(weight.shape)} (d, k) lora_A must be (r, k) and lora_B (d, r), "
-                f"got lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}"
-            )
-        x2 = _rows(x)
-        mask = None
-        if training and dropout > 0.0:
-            mask = dropout_mask(x2.shape, dropout, x2.dtype, backend=bk.backend_of(x2))
-            x_dropped = x2 * mask
-        else:
-            x_dropped = x2
-        u_s = x_dropped @ lora_A.T  # (N, r): the low-rank bottleneck
-        u_s *= scaling  # s multiplies the thin (N, r) factor, never an (N, d) product: one pass fewer
-        h = x2 @ weight.T  # (N, d): the frozen path
-        if bias is not None:
-            h += bias
-        h += u_s @ lora_B.T
-        self.scaling = float(scaling)
-        self.save_for_backward(x2, x_dropped, mask, weight, lora_A, lora_B, u_s)
-        self.in_shape = x.shape
-        return h.reshape(*x.shape[:-1], weight.shape[0])
-
-    def backward(self, grad):
-        x2, x_dropped, mask, weight, lora_A, lora_B, u_s = self.saved
-        need_x, need_w, need_b, need_a, need_bb = self.needs_input_grad
-        g = _rows(grad)  # (N, d)
-        g_Bs = None
-        if need_x or need_a:
-            g_Bs = g @ lora_B  # (N, r)
-            g_Bs *= self.scaling  # s · g B: scaled while it is thin
-        dx = dw = db = dA = dB = None
-        if need_x:
-            low_rank = g_Bs @ lora_A  # (N, k)
-            if mask is not None:
-                low_rank *= mask
-            dx = g @ weight
-            dx += low_rank
-            dx = dx.reshape(self.in_shape)
-        if need_a:
-            dA = g_Bs.T @ x_dropped  # (r, k)
-        if need_bb:
-            dB = g.T @ u_s  # (d, r): s · gᵀ u
-        if need_w:
-            dw = g.T @ x2  # (d, k): only for a trainable W0 (full fine-tuning)
-        if need_b:
-            db = g.sum(axis=0)
-        return dx, dw, db, dA, dB
-
-
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout=0.0, training=False):
-    """h = x W₀ᵀ + b + scaling · drop(x) Aᵀ Bᵀ — the LoRA layer in one fused op (eq. 3)."""
-    return LoRALinear.apply(x, weight, bias, lora_A, lora_B, scaling=scaling, dropout=dropout, training=training)
 
 
 # ----------------------------------------------------------------------------- GELU
@@ -165,38 +96,71 @@ _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: keeps float32 arrays float
 _GELU_A = 0.044715
 
 
+_BLOCK_ELEMENTS = 1 << 16  # ~256 kB of float32: a block and its temporaries stay in the L2 cache
+
+
+def _gelu_into(xp, x, y, h, w=None):
+    """y = x h with h = ½ (1 + tanh(c (x + a x³))); with scratch ``w``, h is then turned into dy/dx.
+
+    Every step is an in-place pass (``out=``): no temporaries beyond the arrays passed in.
+    """
+    xp.multiply(x, x, out=h)
+    h *= _GELU_A * _GELU_C
+    h += _GELU_C
+    h *= x  # z = c (x + a x³)
+    xp.tanh(h, out=h)  # t
+    h += 1.0
+    h *= 0.5  # h = ½ (1 + t)
+    xp.multiply(x, h, out=y)
+    if w is not None:
+        xp.multiply(x, x, out=w)
+        w *= 6.0 * _GELU_A * _GELU_C
+        w += 2.0 * _GELU_C  # 2c (1 + 3 a x²)
+        w *= y  # w = 2c (1 + 3 a x²) · x h
+        xp.subtract(1.0, w, out=w)  # 1 − w
+        h -= 1.0
+        h *= w
+        h += 1.0  # dy/dx = 1 + (h − 1)(1 − w)
+
+
 class GELU(Function):
     """GPT-2's GELU, tanh form: y = ½ x (1 + tanh(c (x + a x³))), c = √(2/π), a = 0.044715.
 
-    With t = tanh(c (x + a x³)):  dy/dx = ½ (1 + t) + ½ x (1 − t²) c (1 + 3 a x²).
-    Written with in-place passes on one buffer (4.2 ms → 1.6 ms on this machine).
+    With t = tanh(c (x + a x³)) and h = ½ (1 + t) (so y = x h):
+        dy/dx = ½ (1 + t) + ½ x (1 − t²) c (1 + 3 a x²)
+              = h + 2 c x h (1 − h) (1 + 3 a x²)          (½ (1 − t²) = 2 h (1 − h))
+              = 1 + (h − 1)(1 − w),   w = 2 c (1 + 3 a x²) · y.
+    Fast paths (see docs/performance.md):
+    - when a gradient will be needed, the forward pass computes dy/dx right away, while x and
+      h are at hand, and saves only that one array; the backward pass is one product, g · dy/dx;
+    - on the CPU a large input is processed in blocks of rows of ~256 kB, so the ~15 passes
+      over a block run in the L2 cache instead of streaming the whole array from memory 15
+      times. The arithmetic is the same per element, so the result is bit-identical.
     """
 
     def forward(self, x):
         xp = get_array_module(x)
-        t = xp.asarray(x * x)  # an array even for 0-d input (NumPy returns a scalar there), so out= works
-        t *= _GELU_A * _GELU_C
-        t += _GELU_C
-        t *= x  # c (x + a x³)
-        xp.tanh(t, out=t)
-        y = t + 1.0
-        y *= x
-        y *= 0.5
-        self.save_for_backward(x, t)
+        need_grad = self.needs_input_grad[0]
+        y = xp.empty_like(x)
+        h = xp.empty_like(x)  # becomes dy/dx (saved) when a gradient is needed, else scratch
+        n_features = x.shape[-1] if x.ndim else 1
+        rows = max(1, _BLOCK_ELEMENTS // n_features)
+        if xp is np and x.ndim >= 2 and x.flags.c_contiguous and x.size > 2 * _BLOCK_ELEMENTS:
+            x2, y2, h2 = (a.reshape(-1, n_features) for a in (x, y, h))
+            w = xp.empty((rows, n_features), dtype=x.dtype) if need_grad else None
+            for start in range(0, x2.shape[0], rows):
+                block = slice(start, start + rows)
+                n = x2[block].shape[0]
+                _gelu_into(xp, x2[block], y2[block], h2[block], None if w is None else w[:n])
+        else:
+            _gelu_into(xp, x, y, h, xp.empty_like(x) if need_grad else None)
+        if need_grad:
+            self.save_for_backward(h)
         return y
 
     def backward(self, grad):
-        x, t = self.saved
-        d = x * x
-        d *= 3.0 * _GELU_A * _GELU_C
-        d += _GELU_C  # c (1 + 3 a x²)
-        d *= x
-        d *= 1.0 - t * t  # x (1 − t²) c (1 + 3 a x²)
-        d += 1.0
-        d += t
-        d *= 0.5
-        d *= grad
-        return d
+        (dydx,) = self.saved
+        return grad * dydx
 
 
 def gelu(x):
@@ -205,11 +169,14 @@ def gelu(x):
 
 # ----------------------------------------------------------------------------- LayerNorm
 class LayerNorm(Function):
-    """y = x̂ w + b,  x̂ = (x − μ) / √(σ² + eps) over the last axis.
+    """y = x̂ w + b,  x̂ = (x − μ) / √(σ² + eps) over the last axis (C features).
 
     With ĝ = g w (the gradient reaching x̂) and mean over the feature axis:
         dx = (ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)) / √(σ² + eps)
         dw = Σ_rows g x̂,   db = Σ_rows g.
+    Fast paths: the per-row sums over the features are matrix-vector products (one BLAS
+    call, no temporary): Σ_c x_c = x @ 1, mean(ĝ) = (g @ w) / C and mean(ĝ x̂) = ((g x̂) @ w) / C,
+    because ĝ x̂ = (g x̂) w; the product g x̂ is formed once and serves dw as well.
     """
 
     def forward(self, x, weight, bias, eps=1e-5):
@@ -218,12 +185,13 @@ class LayerNorm(Function):
                 raise ValueError(f"layer_norm: {what} of shape {tuple(p.shape)} does not match the last axis of input "
                                  f"{tuple(x.shape)}; it must be {tuple(x.shape[-1:])}")
         xp = get_array_module(x)
-        mu = x.mean(axis=-1, keepdims=True)
-        xc = x - mu
-        var = (xc * xc).mean(axis=-1, keepdims=True)
+        inv_c = xp.full(x.shape[-1], 1.0 / x.shape[-1], dtype=x.dtype)  # x @ inv_c = the mean over the last axis
+        xc = x - (x @ inv_c)[..., None]  # x − μ
+        var = (xc * xc) @ inv_c  # σ² (biased, as in GPT-2)
         rstd = 1.0 / xp.sqrt(var + eps)
         xhat = xc
-        xhat *= rstd
+        xhat *= rstd[..., None]
+        rstd = rstd[..., None]
         self.save_for_backward(xhat, rstd, weight)
         y = xhat * weight if weight is not None else xhat.copy()
         if bias is not None:
@@ -233,14 +201,20 @@ class LayerNorm(Function):
     def backward(self, grad):
         xhat, rstd, weight = self.saved
         need_x, need_w, need_b = self.needs_input_grad
+        xp = get_array_module(grad)
         dx = dw = db = None
+        g_xhat = grad * xhat if (need_x or need_w) else None  # g x̂: dw's product, and ĝ x̂ = (g x̂) w
         if need_x:
-            g_hat = grad * weight if weight is not None else grad
-            dx = g_hat - g_hat.mean(axis=-1, keepdims=True)
-            dx -= xhat * (g_hat * xhat).mean(axis=-1, keepdims=True)
+            n = grad.shape[-1]
+            w = weight if weight is not None else xp.ones(n, dtype=grad.dtype)
+            mean_g_hat = (grad @ w) / n  # mean(ĝ) per row
+            mean_g_hat_xhat = (g_xhat @ w) / n  # mean(ĝ x̂) per row
+            dx = grad * w  # ĝ
+            dx -= mean_g_hat[..., None]
+            dx -= xhat * mean_g_hat_xhat[..., None]
             dx *= rstd
         if need_w:
-            dw = _rows(grad * xhat).sum(axis=0)
+            dw = _rows(g_xhat).sum(axis=0)
         if need_b:
             db = _rows(grad).sum(axis=0)
         return dx, dw, db
@@ -383,7 +357,16 @@ def cross_entropy(logits, targets, mask=None, ignore_index=None, label_smoothing
 
 
 # ----------------------------------------------------------------------------- embedding
-_ONE_HOT_MAX_VOCAB = 4096  # below this a one-hot matmul beats a scatter-add (5.7x at V=96)
+# The backward's path, by a measured rule (1 BLAS thread, D = 128; the figures are in
+# docs/performance.md): the one-hot matmul one_hotᵀ·g beats the scatter-add while V ≤ 256, loses
+# from V ≈ 400-500 on, and costs an N × V array; so it is used only for a small V AND a small N·V.
+# Otherwise (GPT-2's V = 50,257 always) a scatter-add into the (V, D) gradient.
+_ONE_HOT_MAX_VOCAB = 256
+_ONE_HOT_MAX_ELEMENTS = 1 << 22  # N·V: at most 16 MB of float32 one-hot
+
+
+def _one_hot_pays(n_ids: int, vocab: int) -> bool:
+    return vocab <= _ONE_HOT_MAX_VOCAB and n_ids * vocab <= _ONE_HOT_MAX_ELEMENTS
 
 
 class Embedding(Function):
@@ -399,7 +382,7 @@ class Embedding(Function):
         xp = get_array_module(grad)
         V, D = self.weight_shape
         flat_ids, g = ids.reshape(-1), grad.reshape(-1, D)
-        if V <= _ONE_HOT_MAX_VOCAB:
+        if _one_hot_pays(flat_ids.shape[0], V):
             one_hot = xp.zeros((flat_ids.shape[0], V), dtype=grad.dtype)
             one_hot[xp.arange(flat_ids.shape[0]), flat_ids] = 1.0
             return None, one_hot.T @ g
@@ -451,7 +434,7 @@ def causal_mask(t_query: int, t_key: int, dtype, xp):
 
     Queries are the LAST t_query positions of the t_key keys (t_query < t_key during
     cached generation), so query i sits at absolute position t_key − t_query + i.
-    Adding a precomputed mask is 4.5x faster than boolean assignment.
+    Adding a precomputed mask is faster than boolean assignment (docs/performance.md).
     """
     key = (t_query, t_key, np.dtype(dtype).str, xp.__name__)
     mask = _mask_cache.get(key)
@@ -473,17 +456,17 @@ class ScaledDotProductAttention(Function):
     def forward(self, q, k, v, causal=True):
         xp = get_array_module(q, k, v)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = (q * scale) @ k.swapaxes(-1, -2)  # (bk, H, Tq, Tk); scaling q is the smaller pass
+        scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk); scaling q is the smaller pass
         if causal:
             scores += causal_mask(q.shape[-2], k.shape[-2], scores.dtype, xp)
-        # softmax in place on the one (bk, H, Tq, Tk) buffer: no temporaries of that size
+        # softmax in place on the one (B, H, Tq, Tk) buffer: no temporaries of that size
         scores -= scores.max(axis=-1, keepdims=True)
         xp.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         attn = scores
         self.save_for_backward(q, k, v, attn)
         self.scale = scale
-        return attn @ v  # (bk, H, Tq, Dh)
+        return attn @ v  # (B, H, Tq, Dh)
 
     def backward(self, grad):
         q, k, v, attn = self.saved

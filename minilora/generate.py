@@ -12,7 +12,8 @@ How a few hundred prompts are decoded quickly:
   the same tokens, and the reference the tests compare the cache with.
 - **Finished rows leave the batch.** When a row emits ``eos_id`` (or a beam-search prompt is
   decided) its rows are dropped with ``KVCache.reorder``; ``adapter_ids`` (one adapter name per
-  prompt, for a batch that mixes tasks) are reordered with them, so every row keeps its adapter.
+  prompt, for a batch that mixes tasks) are reordered with them, so every row keeps its adapter:
+  each forward runs inside ``lora.mixed_batch(model, adapter_ids of the current rows)``.
 
 Conventions (decided here, relied on by the tests):
 
@@ -29,24 +30,22 @@ Conventions (decided here, relied on by the tests):
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from . import backend as bk
+from .functional import _log_softmax  # on the host's float64 next-token logits (rows, V)
+from .lora import mixed_batch
 from .models.gpt import KVCache
 from .tensor import Tensor, no_grad
 
-__all__ = ["METHODS", "generate"]
+__all__ = ["DECODING_METHODS", "generate"]
 
-METHODS = ("greedy", "sample", "beam")
+DECODING_METHODS = ("greedy", "sample", "beam")
 
 
 # ----------------------------------------------------------------------------- helpers
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (host arrays)."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def _as_prompt_list(prompts) -> list[np.ndarray]:
     """A list of 1-D int64 arrays from a list of token-id lists or a 2-D int array/Tensor."""
     if isinstance(prompts, Tensor):
@@ -90,8 +89,9 @@ class _Step:
         self.cache = KVCache(model.config.n_layer) if use_cache else None
 
     def _logits(self, idx: np.ndarray) -> np.ndarray:
-        ids = None if self.adapter_ids is None else list(self.adapter_ids)
-        logits = self.model(idx, adapter_ids=ids, cache=self.cache)  # (rows, t, V)
+        routing = contextlib.nullcontext() if self.adapter_ids is None else mixed_batch(self.model, list(self.adapter_ids))
+        with routing:  # row i through adapter adapter_ids[i]
+            logits = self.model(idx, cache=self.cache)  # (rows, t, V)
         return bk.to_numpy(logits.data[:, -1]).astype(np.float64)  # (rows, V)
 
     def start(self) -> np.ndarray:
@@ -172,7 +172,7 @@ def _beam_bucket(step: _Step, n_prompts: int, max_new: int, num_beams: int, leng
     Stopping early therefore never changes the answer.
     """
     K, lp = num_beams, float(length_penalty)
-    logp = _log_softmax(step.start())  # (n, V): the prompt is read once per prompt...
+    logp = _log_softmax(step.start(), axis=-1)  # (n, V): the prompt is read once per prompt...
     V = logp.shape[-1]
     step.keep(np.repeat(np.arange(n_prompts), K))  # ...then copied to K beam rows
     logp = np.repeat(logp, K, axis=0)  # (n·K, V)
@@ -233,7 +233,7 @@ def _beam_bucket(step: _Step, n_prompts: int, max_new: int, num_beams: int, leng
         generated = np.concatenate([generated[rows], np.asarray(tokens, dtype=np.int64)[:, None]], axis=1)
         scores = np.asarray(new_scores).reshape(len(still_active), K)
         active = np.asarray(still_active)
-        logp = _log_softmax(step.advance(np.asarray(tokens)))
+        logp = _log_softmax(step.advance(np.asarray(tokens)), axis=-1)
     return [tokens for _, tokens in best]
 
 
@@ -268,8 +268,8 @@ def generate(
     Runs under ``no_grad`` with the model in eval mode (dropout off); each module's previous
     mode is restored afterwards.
     """
-    if method not in METHODS:
-        raise ValueError(f"generate: method must be one of {METHODS}, got {method!r}")
+    if method not in DECODING_METHODS:
+        raise ValueError(f"generate: method must be one of {DECODING_METHODS}, got {method!r}")
     if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)

@@ -1,12 +1,14 @@
-"""Recipes shared by the CLI, the demo, the experiments and the tutorials.
+"""The one fine-tuning pipeline, shared by the CLI, the demo, the experiments and the tutorials.
 
     base = load_base()                                   # the shipped pre-trained GPT
-    run = finetune("e2e", method="lora", r=4, targets=("q", "v"))
-    run.metric, run.trainable_params, run.optimizer_state_bytes
+    run = finetune("e2e", "lora", r=4, targets=("q", "v"))
+    run.metric, run.eval_loss, run.trainable_params, run.optimizer_state_bytes
 
-``pretrain`` makes the base model; ``finetune`` adapts a copy of it to one task with full
-fine-tuning (eq. 1: every weight trains) or LoRA (eq. 2: only A and B train); ``evaluate``
-decodes the test prompts and scores them with the task's metric.
+``pretrain`` makes the base model; ``finetune(task, method, **hp)`` adapts a copy of it to one
+task with any method of ``minilora.methods`` — full fine-tuning (eq. 1: every weight trains),
+LoRA (eq. 2: only A and B train), or a baseline (FT^Top2, BitFit, Adapter^H/L, PreEmbed) — with
+the settings of ``HYPERPARAMS[method]`` unless ``hp`` overrides them; ``evaluate`` decodes the
+test prompts and scores them with the task's metric; ``target_loss`` is eq. 2's loss on them.
 """
 
 from __future__ import annotations
@@ -22,23 +24,39 @@ import numpy as np
 
 from . import backend as bk
 from . import optim
-from .data import TASKS, Tokenizer, collate, lm_collate, load_task, pretrain_corpus, prompt_ids, task_metric
+from .data import (
+    TASKS,
+    Tokenizer,
+    collate,
+    encode_example,
+    lm_collate,
+    load_task,
+    pretrain_corpus,
+    prompt_ids,
+    task_metric,
+)
+from .generate import generate
+from .methods import HYPERPARAMS, METHODS, apply_method
 from .models import GPT, GPTConfig, load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
 from .tensor import no_grad
-from .train import History, epoch_batches, fit
+from .train import History, epoch_batches, fit, length_grouped_batches
 
-__all__ = ["FAST", "RunResult", "pretrain", "finetune", "evaluate", "task_batches", "peak_step_memory", "METHODS"]
+__all__ = [
+    "FAST",
+    "HYPERPARAMS",
+    "RunResult",
+    "evaluate",
+    "finetune",
+    "lm_loss",
+    "peak_step_memory",
+    "pretrain",
+    "target_loss",
+    "task_batches",
+]
 
+# MINILORA_FAST=1: a smoke run (tutorials under test): 40 steps, 40 test examples; the numbers mean nothing
 FAST = os.environ.get("MINILORA_FAST", "") not in ("", "0")
-
-# Hyper-parameters found on this machine (see docs/results.md): LoRA wants a larger learning rate
-# than full fine-tuning, as in the paper's Table 11 (2e-4 full vs up to 2e-3 for LoRA).
-# LoRA also wants more steps here (500 against 250) to reach full fine-tuning's test metric.
-METHODS = {
-    "full": {"lr": 1e-3, "weight_decay": 0.01, "steps": 250},
-    "lora": {"lr": 5e-3, "weight_decay": 0.0, "steps": 500},
-}
 
 
 @dataclass
@@ -54,7 +72,9 @@ class RunResult:
     optimizer_state_bytes: int
     train_seconds: float
     peak_memory_bytes: int = 0
-    config: dict = field(default_factory=dict)
+    eval_loss: float = float("nan")  # mean NLL of the evaluated targets y given x (eq. 2 on held-out data)
+    skipped_train: int = 0  # training examples longer than the model's usable length (PreEmbed only)
+    config: dict = field(default_factory=dict)  # the settings the run used
 
     def summary(self) -> dict:
         """The demo's JSON schema for one (task, method) cell."""
@@ -66,12 +86,25 @@ class RunResult:
             "train_seconds": self.train_seconds,
             "optimizer_state_bytes": self.optimizer_state_bytes,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "eval_loss": self.eval_loss,
         }
 
 
-def task_batches(examples, tokenizer: Tokenizer, batch_size: int, seed: int, block_size: int):
-    """``get_batch(step)`` for ``fit``: shuffled epochs of collated task batches."""
-    rows = epoch_batches(len(examples), batch_size, seed)
+def batch_rows(examples, tokenizer: Tokenizer, batch_size: int, seed: int, length_group: int = 1):
+    """``rows(step)``: the example indices of each step (``length_group`` > 1: similar lengths together)."""
+    if length_group <= 1:
+        return epoch_batches(len(examples), batch_size, seed)
+    lengths = [len(encode_example(tokenizer, ex)[0]) for ex in examples]
+    return length_grouped_batches(lengths, batch_size, seed, group=length_group)
+
+
+def task_batches(examples, tokenizer: Tokenizer, batch_size: int, seed: int, block_size: int, length_group: int = 1):
+    """``get_batch(step)`` for ``fit``: shuffled epochs of collated task batches.
+
+    ``length_group`` > 1 puts examples of similar length in a batch (``train.length_grouped_batches``):
+    a batch is padded to its longest row, so this trains on fewer padding tokens per step.
+    """
+    rows = batch_rows(examples, tokenizer, batch_size, seed, length_group)
 
     def get_batch(step):
         b = collate([examples[i] for i in rows(step)], tokenizer, block_size=block_size)
@@ -80,18 +113,72 @@ def task_batches(examples, tokenizer: Tokenizer, batch_size: int, seed: int, blo
     return get_batch
 
 
-def evaluate(model: GPT, task: str, examples, tokenizer: Tokenizer | None = None, adapter_ids=None,
-             method: str = "greedy", **generate_kwargs) -> tuple[str, float, list[str]]:
-    """Decode every prompt and score it: (metric_name, value, predictions)."""
+def evaluate(model, task: str, examples, tokenizer: Tokenizer | None = None, adapter_ids=None,
+             method: str = "greedy", max_new_tokens: int | None = None,
+             **generate_kwargs) -> tuple[str, float, list[str]]:
+    """Decode every prompt and score it: (metric_name, value, predictions).
+
+    The decoding budget is what the SHORTEST prompt leaves of ``model.config.block_size``:
+    ``generate`` stops each row at block_size itself, so every prompt gets room up to the end of
+    the context and no long target is cut off. ``max_new_tokens`` caps it (smoke runs only).
+    """
     tokenizer = tokenizer or Tokenizer.default()
     prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
-    # generate() stops each row at block_size, so the budget is what the SHORTEST prompt leaves
-    room = model.config.block_size - min(len(p) for p in prompts)
-    outputs = model.generate(prompts, max_new_tokens=room, eos_id=tokenizer.eos_id, method=method,
-                             adapter_ids=adapter_ids, **generate_kwargs)
+    block_size = model.config.block_size
+    longest = max(len(p) for p in prompts)
+    if longest >= block_size:
+        raise ValueError(
+            f"{task}: the longest prompt has {longest} tokens and the model reads at most {block_size} "
+            "(model.config.block_size): no room is left to generate an answer"
+        )
+    room = block_size - min(len(p) for p in prompts)
+    if max_new_tokens is not None:
+        room = max(1, min(room, int(max_new_tokens)))
+    outputs = generate(model, prompts, max_new_tokens=room, eos_id=tokenizer.eos_id, method=method,
+                       adapter_ids=adapter_ids, **generate_kwargs)
     preds = [tokenizer.decode(out, skip_special=True) for out in outputs]
     name, value = task_metric(task, preds, examples)
     return name, value, preds
+
+
+def _mean_nll(model, batches) -> float:
+    """Token-weighted mean of ``model.loss`` over (idx, targets, mask) batches, in eval mode, no graph.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    total, count = 0.0, 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            for b in batches:
+                n = float(np.asarray(b.mask).sum())
+                total += float(model.loss(b.idx, b.targets, b.mask).item()) * n
+                count += n
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def target_loss(model, examples, tokenizer: Tokenizer | None = None, batch_size: int = 64) -> float:
+    """Mean NLL of the target tokens y (and <eos>) given x — the eq. 2 loss on held-out examples.
+
+    A smooth companion to the task metric: it still ranks methods when exact-match metrics are
+    all near 0. Examples longer than the model's usable length are left out (PreEmbed).
+    """
+    tokenizer = tokenizer or Tokenizer.default()
+    block_size = model.config.block_size
+    fits = [ex for ex in examples if len(encode_example(tokenizer, ex)[0]) <= block_size]
+    return _mean_nll(model, (collate(fits[i:i + batch_size], tokenizer, block_size=block_size)
+                             for i in range(0, len(fits), batch_size)))
+
+
+def lm_loss(model, texts, tokenizer: Tokenizer | None = None, batch_size: int = 64) -> float:
+    """Mean token NLL of ``texts`` under the model (every real token counts)."""
+    tokenizer = tokenizer or Tokenizer.default()
+    block_size = model.config.block_size
+    return _mean_nll(model, (lm_collate(texts[i:i + batch_size], tokenizer, block_size=block_size)
+                             for i in range(0, len(texts), batch_size)))
 
 
 def peak_step_memory(model: GPT, optimizer, get_batch) -> int:
@@ -119,45 +206,62 @@ def peak_step_memory(model: GPT, optimizer, get_batch) -> int:
     return int(peak)
 
 
-def finetune(task: str, method: str = "lora", *, base: GPT | None = None, r: int = 4, alpha: float | None = None,
-             targets=("q", "v"), steps: int | None = None, batch_size: int = 16, lr: float | None = None,
-             seed: int = 0, n_train: int | None = None, n_eval: int | None = None, eval_split: str = "test",
-             progress: bool = True, measure_memory: bool = True, adapter_name: str | None = None,
-             tokenizer: Tokenizer | None = None) -> RunResult:
-    """Adapt (a copy of) the base model to ``task`` with ``method`` "full" or "lora"; evaluate it.
+def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps: int | None = None,
+             batch_size: int = 16, lr: float | None = None, weight_decay: float | None = None, seed: int = 0,
+             n_train: int | None = None, n_eval: int | None = None, eval_split: str = "test",
+             max_new_tokens: int | None = None, progress: bool = True, measure_memory: bool = True,
+             tokenizer: Tokenizer | None = None, on_start=None, **hp) -> RunResult:
+    """Adapt (a copy of) the base model to ``task`` with ``method``, then evaluate it.
 
-    LoRA: r and targets as in the paper's GPT-3 setting (r = 4 on Wq, Wv); alpha defaults to 2r
-    (scaling α/r = 2). Full fine-tuning trains every weight (eq. 1); LoRA only A and B (eq. 2).
+    Every setting defaults to ``HYPERPARAMS[method]``; ``lr``, ``weight_decay``, ``steps`` and the
+    method's own ``hp`` (e.g. ``r=8, targets=("q", "k", "v", "o")``; None means "the default")
+    override it. LoRA's ``adapter_name`` defaults to the task, its alpha to 2r. The steps: copy the
+    base, seed, ``apply_method``, AdamW on the trainable parameters with a linear warm-up over
+    the first 10 % of the steps, ``fit`` on shuffled batches of the task's training examples
+    (those longer than the model's usable length are skipped: only PreEmbed has any), then
+    ``evaluate`` and ``target_loss`` on ``n_eval`` examples of ``eval_split`` (None: all of it).
+    ``measure_memory``: the peak bytes of one extra, undone step (tracemalloc). ``on_start(model)``
+    is called once the method is installed, before the first step (e.g. to keep LoRA's initial A).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     tokenizer = tokenizer or Tokenizer.default()
-    steps = steps if steps is not None else (40 if FAST else METHODS[method]["steps"])
+    given = {"lr": lr, "weight_decay": weight_decay, "steps": steps, **hp}
+    settings = {**HYPERPARAMS[method], **{k: v for k, v in given.items() if v is not None}}
+    if FAST and steps is None:
+        settings["steps"] = 40
+    if method == "lora":
+        settings.setdefault("adapter_name", task)
+    lr, weight_decay, steps = (settings.pop(k) for k in ("lr", "weight_decay", "steps"))
+    length_group = settings.pop("length_group", 1)  # batches of similar lengths (1: plain shuffled batches)
     model = copy.deepcopy(base) if base is not None else load_base()
     bk.manual_seed(seed)
-    if method == "lora":
-        from . import lora
-
-        config = lora.LoRAConfig(r=r, alpha=float(alpha if alpha is not None else 2 * r), target_modules=tuple(targets))
-        lora.apply_lora(model, config, adapter_name=adapter_name or task)
-        lora.mark_only_lora_as_trainable(model)
-    hp = METHODS[method]
-    optimizer = optim.AdamW(model.parameters(trainable_only=True), lr=lr or hp["lr"], weight_decay=hp["weight_decay"])
+    model = apply_method(model, method, **settings)
+    if on_start is not None:
+        on_start(model)
+    optimizer = optim.AdamW(model.parameters(trainable_only=True), lr=lr, weight_decay=weight_decay)
     scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=max(1, steps // 10)))
-    train = load_task(task, "train", n_train)
-    get_batch = task_batches(train, tokenizer, batch_size, seed, model.config.block_size)
+    train_all = load_task(task, "train", n_train)
+    block_size = model.config.block_size
+    train = [ex for ex in train_all if len(encode_example(tokenizer, ex)[0]) <= block_size]
+    if not train:
+        raise ValueError(f"{method}: no training example of {task} fits in {block_size} tokens")
+    get_batch = task_batches(train, tokenizer, batch_size, seed, block_size, length_group=length_group)
     peak = peak_step_memory(model, optimizer, get_batch) if measure_memory else 0
     history = fit(model, optimizer, get_batch, steps, scheduler=scheduler, progress=progress, desc=f"{task}/{method}")
     evaluation = load_task(task, eval_split, n_eval if n_eval is not None else (40 if FAST else None))
     model.eval()
-    metric_name, metric, _ = evaluate(model, task, evaluation, tokenizer)
+    metric_name, metric, _ = evaluate(model, task, evaluation, tokenizer, max_new_tokens=max_new_tokens)
     return RunResult(
         task=task, method=method, model=model, history=history, metric_name=metric_name, metric=metric,
         trainable_params=model.num_parameters(trainable_only=True), total_params=model.num_parameters(),
         optimizer_state_bytes=optimizer.state_bytes(), train_seconds=history.seconds, peak_memory_bytes=peak,
-        config={"r": r, "targets": list(targets), "steps": steps, "batch_size": batch_size, "lr": scheduler.base_lr, "seed": seed},
+        eval_loss=target_loss(model, evaluation, tokenizer), skipped_train=len(train_all) - len(train),
+        config={"method": method, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+                "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+                "length_group": length_group},
     )
 
 
@@ -191,17 +295,3 @@ def pretrain(steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, seed: in
     if out_weights:
         save_model(model, out_weights, out_config, info)
     return model, history, held_out_loss
-
-
-def lm_loss(model: GPT, texts, tokenizer: Tokenizer | None = None, batch_size: int = 64) -> float:
-    """Mean token NLL of ``texts`` under the model (every real token counts)."""
-    tokenizer = tokenizer or Tokenizer.default()
-    total, count = 0.0, 0.0
-    model.eval()
-    with no_grad():
-        for start in range(0, len(texts), batch_size):
-            b = lm_collate(texts[start:start + batch_size], tokenizer, block_size=model.config.block_size)
-            n = float(np.asarray(b.mask).sum())
-            total += float(model.loss(b.idx, b.targets, b.mask).item()) * n
-            count += n
-    return total / count

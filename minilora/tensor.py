@@ -5,6 +5,11 @@ made it (``creator``); ``backward`` sorts those Functions topologically (an
 explicit stack, so a 10,000-op chain needs no recursion) and sweeps them once in
 reverse, handing each its output gradient and adding the gradients it returns
 into its inputs. Leaf tensors that require grad accumulate into ``.grad``.
+
+Tensor's operators (``+ - * / ** @``, ``[...]``, ``.sum()``, ...) call the primitive ops of
+``minilora.ops``. This file cannot import them (every op is a Function, and function.py imports
+Tensor), so ``minilora/__init__`` links them once with ``install_ops(ops)`` — the explicit
+install step of DeZero's ``setup_variable()``.
 """
 
 from __future__ import annotations
@@ -15,9 +20,16 @@ import numpy as np
 
 from . import backend as bk
 
-__all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled"]
+__all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "install_ops"]
 
 _grad_enabled = True
+_ops = None  # the primitive ops (minilora.ops), set by install_ops
+
+
+def install_ops(ops_module) -> None:
+    """Let Tensor's operators and methods call ``ops_module`` (``minilora.ops``; minilora/__init__ does it)."""
+    global _ops
+    _ops = ops_module
 
 
 def is_grad_enabled() -> bool:
@@ -122,9 +134,7 @@ class Tensor:
         self.grad = None
 
     def astype(self, dtype) -> "Tensor":
-        from .ops import astype
-
-        return astype(self, dtype)
+        return _ops.astype(self, dtype)
 
     # ------------------------------------------------------------------ autograd
     def backward(self, grad=None) -> None:
@@ -289,6 +299,3 @@ def _topological_order(root) -> list:
 def tensor(data, requires_grad: bool = False, dtype=None, backend: str | None = None) -> Tensor:
     """Make a leaf Tensor on the current backend (``dtype`` as a NumPy dtype or name)."""
     return Tensor(data, requires_grad=requires_grad, dtype=dtype, backend=backend)
-
-
-from . import ops as _ops  # noqa: E402  (ops need Tensor defined first)

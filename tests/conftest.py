@@ -1,6 +1,8 @@
 """Shared test setup: hypothesis profiles and the backend fixture every spec runs under."""
 
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,11 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# benchmarks/ (the harness and the PyTorch twin the oracle tests compare with) is imported from the repository root
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 def _backend_params():

@@ -1,5 +1,6 @@
-"""The benchmark harness (``python -m minilora.bench``): it runs, writes well-formed JSON lines, counts
-FLOPs as the docstring says, checks minilora against PyTorch, and keeps torch out of the package.
+"""The benchmark harness (``python -m benchmarks.bench``) and the FLOP model (``minilora.flops``): it runs,
+writes well-formed JSON lines, counts FLOPs as the docstring says, checks minilora against PyTorch, and
+keeps torch out of the package.
 
 No timing is asserted here (timings flake on shared machines); the benchmark itself is the judge.
 """
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from minilora import bench
+from benchmarks import bench  # the repository root is on sys.path (tests/conftest.py)
+from benchmarks.config import mode_flops
+from minilora import flops
 from minilora.models import GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,18 +44,18 @@ def test_forward_flops_match_a_hand_count():
     head = 2 * N * d * V
     F = L * (qkvo + mlp + attention) + head
     assert F == 1_769_996_288
-    assert bench.forward_flops(cfg, 16) == F
+    assert flops.forward_flops(cfg, 16) == F
     lora_fwd = L * 2 * (2 * N * d * r + 2 * N * r * d)  # x Aᵀ then u Bᵀ, on q and v
-    assert bench.forward_flops(cfg, 16, ("q", "v"), r) == F + lora_fwd
-    assert bench.mode_flops(bench.CONFIGS["tiny"], "infer") == bench.mode_flops(bench.CONFIGS["tiny"], "merged") == F
+    assert flops.forward_flops(cfg, 16, ("q", "v"), r) == F + lora_fwd
+    assert mode_flops(bench.CONFIGS["tiny"], "infer") == mode_flops(bench.CONFIGS["tiny"], "merged") == F
     for mode in ("unmerged", "mixed16", "mixed16-loop"):
-        assert bench.mode_flops(bench.CONFIGS["tiny"], mode) == F + lora_fwd
+        assert mode_flops(bench.CONFIGS["tiny"], mode) == F + lora_fwd
 
 
 def test_training_flops_match_a_hand_count():
     cfg, N, T, d, V, L, r = bench.CONFIGS["tiny"].model, 1024, 64, 128, 96, 4, 8
-    F = bench.forward_flops(cfg, 16)
-    assert bench.step_flops(cfg, 16) == 3 * F == bench.mode_flops(bench.CONFIGS["tiny"], "full")
+    F = flops.forward_flops(cfg, 16)
+    assert flops.step_flops(cfg, 16) == 3 * F == mode_flops(bench.CONFIGS["tiny"], "full")
     # LoRA on q, v: forward + dx of every frozen matmul, except layer 0's q, k, v (their input,
     # LayerNorm of the frozen embeddings, needs no gradient); no dk in layer 0 (k is frozen there);
     # per adapter 3 backward thin products (gB, dA, dB) + (gB)A for dx except in layer 0.
@@ -63,8 +66,8 @@ def test_training_flops_match_a_hand_count():
     thin = 2 * N * d * r
     adapters = 2 * (L * 6 * thin - thin)
     expected = linears + head + attention + adapters
-    assert bench.step_flops(cfg, 16, ("q", "v"), r) == expected
-    assert bench.mode_flops(bench.CONFIGS["tiny"], "lora") == expected
+    assert flops.step_flops(cfg, 16, ("q", "v"), r) == expected
+    assert mode_flops(bench.CONFIGS["tiny"], "lora") == expected
     assert expected < 3 * F  # LoRA skips dW0
 
 
@@ -87,12 +90,12 @@ def test_training_flops_small_config_enumerated():
         mm(N, 4 * d, d), mm(N, d, 4 * d),  # proj forward, dx
         mm(N, d, V), mm(N, V, d),  # head forward, dx
     ]
-    assert bench.step_flops(cfg, Bsz, ("q", "v"), r) == sum(ops)
+    assert flops.step_flops(cfg, Bsz, ("q", "v"), r) == sum(ops)
 
 
 def test_unknown_lora_target_is_refused():
     with pytest.raises(ValueError, match="unknown LoRA targets"):
-        bench.step_flops(bench.CONFIGS["tiny"].model, 2, ("qq",), 4)
+        flops.step_flops(bench.CONFIGS["tiny"].model, 2, ("qq",), 4)
 
 
 # ----------------------------------------------------------------------------- running it
@@ -105,7 +108,7 @@ def test_quick_run_writes_json_lines(tmp_path, capsys):
     for r in rows:
         assert ROW_KEYS <= set(r), sorted(ROW_KEYS - set(r))
         assert r["median_ms"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] > 0
-        assert r["flops_per_step"] == bench.mode_flops(bench.CONFIGS["tiny"], r["mode"])
+        assert r["flops_per_step"] == mode_flops(bench.CONFIGS["tiny"], r["mode"])
         assert r["peak_memory_bytes"] >= r["param_bytes"] > 0
         assert r["ratio_vs_torch"] is None
     full, lora = by_mode["full"], by_mode["lora"]
@@ -151,7 +154,7 @@ def test_compare_torch_without_torch_says_so(tmp_path):
         "real = importlib.util.find_spec\n"
         "importlib.util.find_spec = lambda name, *a: None if name == 'torch' else real(name, *a)\n"
         "sys.modules['torch'] = None\n"
-        "from minilora import bench\n"
+        "from benchmarks import bench\n"
         "sys.exit(bench.main(['--quick', '--modes', 'infer', '--compare-torch']))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -162,10 +165,10 @@ def test_compare_torch_without_torch_says_so(tmp_path):
 def test_package_does_not_import_torch():
     code = (
         "import sys\n"
-        "import minilora, minilora.bench, minilora.lora, minilora.cli\n"
+        "import minilora, minilora.flops, minilora.lora, minilora.cli, minilora.experiments, minilora.demo\n"
         "assert 'torch' not in sys.modules, 'the minilora package imported torch'\n"
         "assert not any(m.startswith('cupy') for m in sys.modules), 'the minilora package imported cupy'\n"
-        "from minilora import bench\n"
+        "from benchmarks import bench\n"
         "assert bench.main(['--quick', '--threads', '1', '--modes', 'infer', '--repeats', '1', '--warmup', '0']) == 0\n"
         "assert 'torch' not in sys.modules, 'a benchmark without --compare-torch imported torch'\n"
     )
@@ -181,3 +184,12 @@ def test_cli_forwards_to_the_bench(tmp_path):
     assert cli_main(["bench", "--quick", "--threads", "1", "--modes", "infer", "--repeats", "1", "--warmup", "0", "--json", str(path)]) == 0
     rows = _read_rows(path)
     assert [(r["config"], r["mode"]) for r in rows] == [("tiny", "infer")]
+
+
+def test_cli_bench_without_a_source_checkout_says_so(tmp_path, monkeypatch, capsys):
+    from minilora import cli
+
+    monkeypatch.setattr(cli, "BENCHMARKS_DIR", tmp_path / "site-packages" / "benchmarks")
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "source checkout" in err and "not installed" in err

@@ -19,7 +19,6 @@ from minilora.data import (
     Rng,
     Tokenizer,
     accuracy,
-    batch_iterator,
     collate,
     describe,
     encode_example,
@@ -28,7 +27,6 @@ from minilora.data import (
     linearise,
     lm_collate,
     load_task,
-    num_batches,
     parse_mr,
     pretrain_corpus,
     prompt_ids,
@@ -272,24 +270,6 @@ def test_lm_collate_counts_every_real_token():
     assert batch.mask.sum(axis=1).tolist() == [len(TOK.encode(t)) + 1 for t in texts]
     assert TOK.decode(batch.targets[1][batch.mask[1] == 1]) == "name[zizzi] food[french] <eos>"
     assert lm_collate(texts, TOK, pad_to_block=True).idx.shape == (2, 63)
-
-
-def test_batch_iterator_epochs_are_deterministic_permutations():
-    items = list(range(10))
-    iterator = batch_iterator(items, batch_size=4, seed=7)
-    first = [next(iterator) for _ in range(6)]  # two epochs of 4 + 4 + 2
-    assert [len(b) for b in first] == [4, 4, 2, 4, 4, 2]
-    epochs = [[i for batch in first[:3] for i in batch], [i for batch in first[3:] for i in batch]]
-    assert sorted(epochs[0]) == items and sorted(epochs[1]) == items
-    assert first[:3] != first[3:]  # a fresh permutation each epoch
-    again = batch_iterator(items, batch_size=4, seed=7)
-    assert [next(again) for _ in range(6)] == first
-    assert next(batch_iterator(items, 4, shuffle=False)) == [0, 1, 2, 3]
-    dropped = batch_iterator(items, 4, seed=0, drop_last=True)
-    assert all(len(next(dropped)) == 4 for _ in range(5))
-    assert num_batches(10, 4) == 3 and num_batches(10, 4, drop_last=True) == 2
-    with pytest.raises(ValueError):
-        next(batch_iterator([], 4))
 
 
 # --- metrics ---------------------------------------------------------------------------------

@@ -73,3 +73,15 @@ def test_run_experiment_in_process_returns_its_results(tmp_path):
 def test_unknown_experiment_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown experiment 'tables'"):
         run_experiment("tables", out_dir=tmp_path, fast=True)
+
+
+def test_runs_with_the_same_settings_share_one_cache_key(tmp_path):
+    """The LoRA baseline (HYPERPARAMS: r = 4 on q, v, alpha = 2r) is the q+v, r = 4, alpha = 8 cell of Tables 5/6."""
+    from minilora.experiments import Context
+    from minilora.experiments.settings import LORA_ALPHA
+
+    ctx = Context(tmp_path, fast=True, progress=False, base=GPT(GPTConfig(n_layer=1, n_head=2, d_model=16)))
+    baseline = ctx.key("parse", "lora", 0, {})
+    assert baseline == ctx.key("parse", "lora", 0, {"r": 4, "alpha": LORA_ALPHA, "targets": ("q", "v")})
+    assert baseline != ctx.key("parse", "lora", 0, {"r": 8, "alpha": LORA_ALPHA, "targets": ("q", "v")})
+    assert baseline != ctx.key("parse", "lora", 1, {})

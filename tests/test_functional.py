@@ -23,6 +23,7 @@ paths, the causal offset, and bad inputs with their messages.
 from __future__ import annotations
 
 import math
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -539,9 +540,13 @@ def test_embedding_repeated_ids_accumulate_and_ids_get_no_gradient(backend):
     assert out.creator.needs_input_grad == (False, True)  # the ids are an input, never differentiated
 
 
-@pytest.mark.parametrize("vocab", [5, 5000], ids=["one-hot-path", "scatter-add-path"])
-def test_embedding_backward_both_paths_add_repeated_rows(vocab, backend):
-    """Below 4096 rows the backward is a one-hot matmul, above it a scatter-add: both must agree."""
+@pytest.mark.parametrize("vocab, one_hot", [(5, True), (256, True), (257, False), (5000, False)],
+                         ids=["one-hot-path", "one-hot-largest", "scatter-add-smallest", "scatter-add-path"])
+def test_embedding_backward_both_paths_add_repeated_rows(vocab, one_hot, backend, monkeypatch):
+    """Up to 256 rows (and a small N·V) the backward is a one-hot matmul, else a scatter-add: both agree."""
+    scatters = []
+    real_scatter_add = bk.scatter_add
+    monkeypatch.setattr(bk, "scatter_add", lambda *args: (scatters.append(1), real_scatter_add(*args)))
     rng = np.random.default_rng(1)
     ids = rng.integers(0, vocab, size=(3, 7))
     ids[0, :3] = ids[2, 6]  # repeats
@@ -551,6 +556,28 @@ def test_embedding_backward_both_paths_add_repeated_rows(vocab, backend):
     expected = np.zeros((vocab, 2))
     np.add.at(expected, ids.reshape(-1), g.reshape(-1, 2))
     assert_close(weight.grad, expected, rtol=1e-12, atol=1e-12)
+    assert bool(scatters) is not one_hot, "the backward took the other path"
+
+
+def test_embedding_backward_at_gpt2_vocab_never_builds_an_n_by_v_array():
+    """V = 50,257 (GPT-2), N = 1024 tokens: a one-hot would be N·V·4 = 206 MB; the backward stays near dW."""
+    V, N, D = 50_257, 1024, 4
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, V, size=(2, N // 2))
+    ids[1, :10] = ids[0, 0]  # repeats
+    weight = ml.tensor(rng.standard_normal((V, D)), requires_grad=True, dtype="float32", backend="numpy")
+    g = rng.standard_normal((2, N // 2, D)).astype(np.float32)
+    out = F.embedding(ids, weight)
+    tracemalloc.start()
+    try:
+        out.backward(g)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < N * V * 4 / 50, f"backward peaked at {peak:,} bytes: an N x V array was built"
+    expected = np.zeros((V, D), dtype=np.float32)
+    np.add.at(expected, ids.reshape(-1), g.reshape(-1, D))
+    assert_close(weight.grad, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_dropout_identity_when_not_training_or_p_zero(backend):
@@ -716,3 +743,26 @@ def test_bias_of_wrong_shape_names_the_shapes(op, backend):
             F.linear(x, T(np.ones((4, 4)), backend), bias)
         else:
             F.layer_norm(x, T(np.ones(4), backend), bias)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gelu_in_cache_blocks_equals_gelu_in_one_pass(monkeypatch, dtype):
+    """A large input goes through GELU in blocks of rows (the L2-cache fast path): the same bits."""
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((3, 70, 1000)).astype(dtype)  # 210 rows of 1000: 4 blocks, the last one partial
+    g_np = rng.standard_normal(x_np.shape).astype(dtype)
+    results = []
+    for block in (F._BLOCK_ELEMENTS, 10**9):  # blocked, then one pass over the whole array
+        monkeypatch.setattr(F, "_BLOCK_ELEMENTS", block)
+        x = ml.tensor(x_np, requires_grad=True)
+        y = F.gelu(x)
+        y.backward(g_np)
+        results.append((y.data, x.grad))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    xd = x_np.astype(np.float64)
+    t = np.tanh(GELU_C * (xd + GELU_A * xd ** 3))
+    dydx = 0.5 * (1 + t) + 0.5 * xd * (1 - t * t) * GELU_C * (1 + 3 * GELU_A * xd * xd)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(results[0][0], np_gelu(xd), rtol=tol, atol=tol)
+    np.testing.assert_allclose(results[0][1], dydx * g_np, rtol=tol, atol=tol)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
+from minilora import lora, nn
 from minilora.generate import generate
 from minilora.models import GPT, GPTConfig
 
@@ -77,10 +78,6 @@ def test_cache_equals_no_cache(model, method, kwargs):
     assert with_cache == without
     assert len(with_cache) == len(PROMPTS)
     assert all(isinstance(tok, int) for out in with_cache for tok in out)
-
-
-def test_model_generate_delegates(model):
-    assert model.generate(PROMPTS, 5, method="beam", num_beams=2) == generate(model, PROMPTS, 5, method="beam", num_beams=2)
 
 
 # ----------------------------------------------------------------------------- greedy
@@ -309,20 +306,30 @@ def test_beam_output_never_contains_eos(model):
 
 # ----------------------------------------------------------------------------- adapters
 class TaggedGPT(GPT):
-    """A GPT whose logits get a per-adapter bias: outputs reveal which adapter each row used."""
+    """A GPT whose logits get a per-adapter bias: outputs reveal which adapter each row used.
+
+    The bias comes from a LoRALinear ``tag`` (1 -> V, W0 = 0) fed a constant 1: adapter a has
+    rank 1, A = [[1]] and B = bias_a, so s·B·A·1 = bias_a, row by row under ``lora.mixed_batch``.
+    """
 
     def __init__(self, cfg, biases):
         super().__init__(cfg)
-        self.biases = biases  # {adapter name: (V,) array}
-        self.seen = []  # adapter_ids of every forward call
+        self.tag = lora.LoRALinear(nn.Linear(1, cfg.vocab_size, bias=False))
+        self.tag.weight.data[...] = 0.0
+        for name, bias in biases.items():  # {adapter name: (V,) array}
+            self.tag.add_adapter(name, lora.LoRAConfig(r=1, alpha=1, target_modules=("tag",)))
+            self.tag.lora_A[name].data[...] = 1.0
+            self.tag.lora_B[name].data[...] = bias[:, None]
+        self.seen = []  # the adapter of each row, at every forward call
 
-    def forward(self, idx, adapter_ids=None, cache=None):
-        logits = super().forward(idx, adapter_ids=adapter_ids, cache=cache)
-        self.seen.append(None if adapter_ids is None else list(adapter_ids))
-        if adapter_ids is None:
+    def forward(self, idx, cache=None):
+        logits = super().forward(idx, cache=cache)
+        groups = self.tag.row_groups
+        self.seen.append(None if groups is None else groups.n_rows)
+        if groups is None:
             return logits
-        bias = np.stack([self.biases[a] for a in adapter_ids])[:, None, :]  # (B, 1, V)
-        return logits + ml.tensor(bias)
+        ones = ml.tensor(np.ones((logits.shape[0], 1, 1)), dtype=logits.dtype)
+        return logits + self.tag(ones)  # (B, T, V) + (B, 1, V): each row's adapter bias
 
 
 @pytest.mark.parametrize("method, kwargs", [("greedy", {"eos_id": EOS}), ("beam", {"num_beams": 3, "eos_id": EOS})])
@@ -341,7 +348,7 @@ def test_adapter_ids_follow_their_rows(method, kwargs):
     # the adapters matter: the same prompt under another adapter continues differently
     swapped = generate(model, PROMPTS, 8, method=method, adapter_ids=adapter_ids[1:] + adapter_ids[:1], **kwargs)
     assert swapped != mixed
-    assert all(ids is not None and len(ids) > 0 for ids in model.seen)
+    assert all(rows is not None and rows > 0 for rows in model.seen)
 
 
 @pytest.mark.parametrize("method, kwargs", [
@@ -350,8 +357,6 @@ def test_adapter_ids_follow_their_rows(method, kwargs):
 ])
 def test_mixed_lora_adapters_in_one_call(method, kwargs):
     """Serving a batch that mixes tasks: each prompt decodes as if its adapter alone were active."""
-    from minilora import lora
-
     model = sharp_model()
     lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v")), adapter_name="e2e")
     lora.apply_lora(model, lora.LoRAConfig(r=3, alpha=3, target_modules=("q", "fc")), adapter_name="parse")

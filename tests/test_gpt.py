@@ -223,12 +223,6 @@ def test_non_integer_ids_are_an_error():
         model(np.array([[0, 17]]))
 
 
-def test_wrong_adapter_ids_length_is_an_error():
-    model = GPT(SMALL)
-    with pytest.raises(ValueError, match="adapter_ids has 3 entries but the batch has 2 rows"):
-        model(np.zeros((2, 4), dtype=np.int64), adapter_ids=["a", "b", "c"])
-
-
 def test_cache_needs_no_grad():
     model = GPT(SMALL)
     with pytest.raises(RuntimeError, match="no_grad"):

@@ -210,7 +210,7 @@ def test_config_scaling_and_round_trip():
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
     ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
     ({"bias": "some"}, r"bias must be one of \('none', 'all', 'lora_only'\)"),
-    ({"init": "xavier"}, r"init must be one of \('kaiming', 'gaussian'\)"),
+    ({"init": "xavier"}, r"init must be one of \('kaiming', 'gaussian', 'pissa'\)"),
     ({"target_modules": ()}, r"target_modules must be a non-empty sequence"),
     ({"target_modules": ("q", "")}, r"target_modules must be a non-empty sequence"),
     ({"target_modules": 3}, r"target_modules must be a name or a sequence"),
@@ -332,19 +332,20 @@ def test_parameter_ratio_of_a_1024_layer():
 
 @pytest.mark.parametrize("bias, trainable_biases", [
     ("none", set()),
-    ("lora_only", {"blocks.0.attn.q.bias", "blocks.0.attn.v.bias", "blocks.1.attn.q.bias", "blocks.1.attn.v.bias"}),
+    ("lora_only", {"blocks.0.attn.q", "blocks.0.attn.v", "blocks.1.attn.q", "blocks.1.attn.v"}),
     ("all", "every"),
 ])
 def test_mark_only_lora_as_trainable(bias, trainable_biases):
+    """Trained biases are the adapter's own deltas <module>.lora_bias.<adapter>; the base biases stay frozen."""
     model = tiny_gpt()
     lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v"), bias=bias))
     lora.mark_only_lora_as_trainable(model)  # bias taken from the config
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    biases = {n for n in trainable if n.endswith(".bias")}
+    biases = {n for n in trainable if ".lora_bias." in n}
     if trainable_biases == "every":
-        assert biases == {n for n, _ in model.named_parameters() if n.endswith(".bias")}
-    else:
-        assert biases == trainable_biases
+        trainable_biases = {n[: -len(".bias")] for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert biases == {f"{m}.lora_bias.default" for m in trainable_biases}
+    assert not any(n.endswith(".bias") for n in trainable)
     assert trainable - biases == set(lora.lora_parameter_names(model))
     # frozen W0: no gradient after backward, and no optimizer state
     idx = ids_batch(3)
@@ -488,7 +489,8 @@ def test_training_a_merged_model_or_merging_with_dropout_raises():
     model.eval()
     model(idx)  # and so is eval mode with grad enabled
     with pytest.raises(RuntimeError, match="mixed-task batch.*unmerge"):
-        model(idx, adapter_ids=["default", "__base__"])
+        with lora.mixed_batch(model, ["default", "__base__"]):
+            model(idx)
     lora.unmerge(model)
     model.train()
     model.loss(idx, idx).backward()
@@ -590,8 +592,9 @@ def test_mixed_batch_equals_each_adapter_run_separately(backend):
     ids = ["a", "__base__", "b", "a", "c", "d", "b", "c"]
     idx = ids_batch(len(ids))
     G = np.random.default_rng(3).standard_normal((len(ids), 8, 24))
-    out = model(idx, adapter_ids=ids)
-    (out * bk.asarray(G)).sum().backward()
+    with lora.mixed_batch(model, ids):
+        out = model(idx)
+    (out * bk.asarray(G)).sum().backward()  # after the block: the graph remembers each row's adapter
     mixed_out = to_np(out.data)
     mixed_grads = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -611,6 +614,134 @@ def test_mixed_batch_equals_each_adapter_run_separately(backend):
         assert_close(grad, separate_grads[n], rtol=1e-9, atol=1e-12, what=n)
 
 
+class TwoLinears(nn.Module):
+    """A user's own model, written here: nothing in it knows of LoRA or of adapter names."""
+
+    def __init__(self, k=5, hidden=6, d=3):
+        super().__init__()
+        self.inp = nn.Linear(k, hidden, dtype=np.float64)
+        self.out = nn.Linear(hidden, d, dtype=np.float64)
+
+    def forward(self, x):  # x (rows, T, k)
+        h = self.inp(x).tanh()  # (rows, T, hidden)
+        return self.out(h) + x[..., :3] * 0.5  # (rows, T, d): and a skip path that no adapter touches
+
+
+def _two_linears_with_adapters():
+    ml.manual_seed(4)
+    model = TwoLinears()
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("inp", "out")), "a")
+    lora.apply_lora(model, lora.LoRAConfig(r=3, alpha=3, target_modules=("out",)), "b")  # absent from inp
+    lora.apply_lora(model, lora.LoRAConfig(r=1, alpha=2, target_modules=("inp",)), "c")  # absent from out
+    lora.mark_only_lora_as_trainable(model)
+    randomize_lora(model, scale=0.5)
+    return model
+
+
+def test_mixed_batch_on_a_module_written_here_forward_and_backward(backend):
+    """Any Module with LoRALinear layers: one backward trains every adapter from its own rows only."""
+    model = _two_linears_with_adapters()
+    model.to(backend=backend)
+    ids = ["a", "__base__", "b", "a", "c", "b", "a"]
+    rng = np.random.default_rng(5)
+    x_np, G = rng.standard_normal((len(ids), 2, 5)), rng.standard_normal((len(ids), 2, 3))
+    x = ml.tensor(x_np, requires_grad=True, dtype="float64")
+    with lora.mixed_batch(model, ids) as groups:
+        out = model(x)
+        assert groups.names == ("a", "b", "c")
+    assert model.inp.row_groups is None and model.out.row_groups is None  # routing ends with the block
+    (out * bk.asarray(G)).sum().backward()
+    mixed_out, mixed_dx = to_np(out.data), to_np(x.grad)
+    mixed_grads = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for name in ["a", "b", "c", "__base__"]:
+        rows = [i for i, n in enumerate(ids) if n == name]
+        x_rows = ml.tensor(x_np[rows], requires_grad=True, dtype="float64")
+        if name == "__base__":
+            with lora.disable_adapters(model):
+                ref = model(x_rows)
+        else:
+            lora.set_adapter(model, name)
+            ref = model(x_rows)
+        (ref * bk.asarray(G[rows])).sum().backward()
+        assert_close(mixed_out[rows], ref.data, rtol=1e-12, atol=1e-12, what=f"output rows of {name}")
+        assert_close(mixed_dx[rows], x_rows.grad, rtol=1e-12, atol=1e-12, what=f"dL/dx rows of {name}")
+    separate_grads = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    assert set(mixed_grads) == set(separate_grads) == set(lora.lora_parameter_names(model))
+    for n, grad in mixed_grads.items():
+        assert np.abs(grad).max() > 0, n  # every adapter got a gradient from its rows
+        assert_close(grad, separate_grads[n], rtol=1e-10, atol=1e-12, what=n)
+
+
+def test_mixed_batch_on_a_module_written_here_gradcheck(backend):
+    model = _two_linears_with_adapters()
+    model.to(backend=backend)
+    ids = ["c", "a", "__base__", "b", "a"]
+    x = ml.tensor(np.random.default_rng(6).standard_normal((len(ids), 2, 5)), requires_grad=True, dtype="float64")
+    lora_params = [p for n, p in model.named_parameters() if n in set(lora.lora_parameter_names(model))]
+
+    def routed(x, *_params):  # the parameters are the model's own: gradcheck perturbs them in place
+        with lora.mixed_batch(model, ids):
+            return model(x)
+
+    assert ml.gradcheck(routed, [x, *lora_params], atol=1e-7, rtol=1e-6)
+
+
+def test_mixed_batch_nests_and_restores():
+    model = _two_linears_with_adapters()
+    with lora.mixed_batch(model, ["a", "b"]) as outer:
+        with lora.mixed_batch(model, ["c"]) as inner:
+            assert model.inp.row_groups is inner and model.out.row_groups is inner
+        assert model.inp.row_groups is outer
+        with pytest.raises(RuntimeError, match="boom"), lora.mixed_batch(model, ["b"]):
+            raise RuntimeError("boom")
+        assert model.out.row_groups is outer  # restored on an exception as well
+    assert model.inp.row_groups is None
+    with pytest.raises(TypeError, match="one adapter name per row"):
+        with lora.mixed_batch(model, "a"):
+            pass
+
+
+def test_fit_trains_several_adapters_in_one_mixed_batch():
+    """train.fit(adapter_ids=...): one loss, one backward per step, every named adapter learns from its rows."""
+    from minilora import optim
+    from minilora.train import fit
+
+    model = tiny_gpt()
+    for name in ("a", "b", "idle"):
+        lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8, target_modules=("q", "v", "fc", "proj")), name)
+    lora.mark_only_lora_as_trainable(model)
+    params = dict(model.named_parameters())
+    idle_before = {n: to_np(p.data).copy() for n, p in params.items() if n.endswith(".idle")}
+    ids = ["a", "b", "__base__", "a", "b"]
+    rng = np.random.default_rng(7)
+    idx = rng.integers(0, 24, (len(ids), 8))
+    targets = np.where(np.arange(len(ids))[:, None] % 2 == 0, 3, 11) * np.ones((1, 8), dtype=np.int64)  # rows differ
+
+    def row_losses():
+        with lora.mixed_batch(model, ids), ml.no_grad():
+            logits = to_np(model(idx).data)  # (rows, T, V)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        return -np.take_along_axis(logp, targets[..., None], -1).mean(axis=(1, 2))  # (rows,)
+
+    before = row_losses()
+    opt = optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.0)
+    history = fit(model, opt, lambda step: (idx, targets, None), steps=30, progress=False, grad_clip=None, adapter_ids=ids)
+    after = row_losses()
+    assert history.losses[-1] < history.losses[0]
+    trained = [i for i, n in enumerate(ids) if n != "__base__"]
+    # (the tied head of a 0.02-init GPT bounds how far logits can move: about 0.3 nats here in 30 steps)
+    assert np.all(after[trained] < before[trained] - 0.15), (before, after)
+    assert after[2] == before[2]  # the base row reaches no trainable parameter: its loss cannot move
+    for n, p in params.items():
+        if ".lora_B." in n:
+            moved = np.abs(to_np(p.data)).max() > 0
+            assert moved == (not n.endswith(".idle")), n  # a and b learned; the adapter in no row did not
+    for n, value in idle_before.items():
+        assert np.array_equal(to_np(params[n].data), value), n
+    assert all(layer.row_groups is None for _, layer in lora.lora_layers(model))
+
+
 def test_mixed_batch_errors_and_base_rows():
     model = tiny_gpt()
     lora.apply_lora(model, CFG, "a")
@@ -618,16 +749,23 @@ def test_mixed_batch_errors_and_base_rows():
     randomize_lora(model)
     idx = ids_batch(3)
     with pytest.raises(ValueError, match=r"unknown adapter 'zz' in adapter_ids; the model's adapters are \['a', 'b'\]"):
-        model(idx, adapter_ids=["a", "zz", "b"])
+        with lora.mixed_batch(model, ["a", "zz", "b"]):
+            model(idx)
     with ml.no_grad():
         with lora.disable_adapters(model):
             base = to_np(model(idx).data)
-        assert np.array_equal(to_np(model(idx, adapter_ids=["__base__"] * 3).data), base)
-        with lora.disable_adapters(model):
-            assert np.array_equal(to_np(model(idx, adapter_ids=["a", "b", "a"]).data), base)
+        with lora.mixed_batch(model, ["__base__"] * 3):
+            assert np.array_equal(to_np(model(idx).data), base)
+        with lora.disable_adapters(model), lora.mixed_batch(model, ["a", "b", "a"]):
+            assert np.array_equal(to_np(model(idx).data), base)
         layer = model.blocks[0].attn.q
         with pytest.raises(ValueError, match=r"adapter_ids has 2 names but the input of shape \(3, 16\) has 3 rows"):
-            layer(ml.tensor(np.ones((3, 16))), adapter_ids=["a", "b"])
+            with lora.mixed_batch(layer, ["a", "b"]):
+                layer(ml.tensor(np.ones((3, 16))))
+        with pytest.raises(ValueError, match=r"adapter_ids has 3 names but the input of shape \(2, 8, 16\) has 2 rows"):
+            with lora.mixed_batch(model, ["a", "b", "a"]):  # the batch has 2 rows (moved here from test_gpt)
+                model(idx[:2])
+    assert all(layer.row_groups is None for _, layer in lora.lora_layers(model))  # every block restored it
 
 
 # ============================================================================ adapter files
@@ -732,9 +870,9 @@ def test_mismatched_file_raises_naming_the_first_mismatch(tmp_path):
     from safetensors.numpy import save_file
 
     meta = _file_meta(path)
-    from minilora.lora.files import _digest
+    from minilora.io import digest
 
-    meta["sha256"] = _digest(arrays)
+    meta["sha256"] = digest(arrays, meta)  # a well-formed file (the SHA-256 covers tensors and metadata)
     save_file(arrays, str(path), metadata={"minilora": json.dumps(meta)})
     before = snapshot(model)
     with pytest.raises(lora.AdapterFileError, match=rf"{path}: the model expects blocks\.1\.attn\.v\.lora_B\.e2e \(16, 2\)"):
@@ -775,13 +913,15 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
 def test_adapter_with_trained_biases_round_trips(tmp_path):
     model = _trained(cfg=lora.LoRAConfig(r=2, alpha=4, target_modules=("q",), bias="lora_only"))
-    assert "blocks.0.attn.q.bias" in lora.lora_state_dict(model, "e2e")
-    model.blocks[0].attn.q.bias.data[...] = 0.5
+    assert "blocks.0.attn.q.lora_bias.e2e" in lora.lora_state_dict(model, "e2e")  # the adapter's own Δb
+    model.blocks[0].attn.q.lora_bias["e2e"].data[...] = 0.5
     path = tmp_path / "b.safetensors"
     lora.save_adapter(path, model, "e2e")
     fresh = tiny_gpt()
     lora.load_adapter(path, fresh)
-    assert np.array_equal(to_np(fresh.blocks[0].attn.q.bias.data), to_np(model.blocks[0].attn.q.bias.data))
+    assert np.array_equal(to_np(fresh.blocks[0].attn.q.lora_bias["e2e"].data),
+                          to_np(model.blocks[0].attn.q.lora_bias["e2e"].data))
+    assert np.array_equal(to_np(fresh.blocks[0].attn.q.bias.data), to_np(tiny_gpt().blocks[0].attn.q.bias.data))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         idx = ids_batch(2)

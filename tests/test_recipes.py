@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from minilora import recipes
 from minilora.data import Tokenizer, load_task, prompt_ids
 from minilora.models import GPT, GPTConfig
 from minilora.recipes import evaluate, finetune
@@ -15,11 +16,12 @@ def test_evaluate_lets_every_prompt_run_to_block_size(monkeypatch):
     assert len(set(lengths)) > 1
     seen = {}
 
-    def fake_generate(prompts, max_new_tokens, **kwargs):
+    def fake_generate(generating_model, prompts, max_new_tokens, **kwargs):
+        assert generating_model is model
         seen["budget"] = max_new_tokens
         return [[] for _ in prompts]
 
-    monkeypatch.setattr(model, "generate", fake_generate)
+    monkeypatch.setattr(recipes, "generate", fake_generate)  # the free function recipes calls
     evaluate(model, "parse", examples, tok)
     # the shortest prompt may need every position up to block_size (generate() caps each row itself)
     assert seen["budget"] == model.config.block_size - min(lengths)

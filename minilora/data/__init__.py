@@ -9,7 +9,7 @@
 Pure Python + NumPy; nothing here depends on the autograd engine.
 """
 
-from .batching import Batch, batch_iterator, collate, encode_example, lm_collate, num_batches, prompt_ids
+from .batching import Batch, collate, encode_example, lm_collate, prompt_ids
 from .metrics import TASK_METRICS, accuracy, exact_match, slot_error_rate, slot_errors, task_metric
 from .tasks import LABELS, SPLIT_SIZES, SPLITS, TASKS, Example, load_task, pretrain_corpus
 from .tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, Tokenizer
@@ -42,7 +42,6 @@ __all__ = [
     "Rng",
     "Tokenizer",
     "accuracy",
-    "batch_iterator",
     "collate",
     "describe",
     "encode_example",
@@ -51,7 +50,6 @@ __all__ = [
     "linearise",
     "lm_collate",
     "load_task",
-    "num_batches",
     "parse_mr",
     "pretrain_corpus",
     "prompt_ids",

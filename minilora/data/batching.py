@@ -11,18 +11,14 @@ tokens and the final <eos>), and 0.0 on the prompt, the separator and the paddin
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 
 from .tasks import Example
 from .tokenizer import Tokenizer
-from .world import MAX_SEQUENCE_TOKENS, Rng
-
-T = TypeVar("T")
-
+from .world import MAX_SEQUENCE_TOKENS
 
 @dataclass(frozen=True)
 class Batch:
@@ -92,29 +88,3 @@ def lm_collate(texts: Sequence[str], tokenizer: Tokenizer, block_size: int = MAX
     """A language-modelling batch of [bos] text [eos] sequences; every real token counts (eq. 1)."""
     sequences = [[tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id] for text in texts]
     return _pad(sequences, [1] * len(sequences), tokenizer.pad_id, block_size, pad_to_block, "text")
-
-
-def num_batches(n_items: int, batch_size: int, drop_last: bool = False) -> int:
-    """Batches per epoch."""
-    return n_items // batch_size if drop_last else -(-n_items // batch_size)
-
-
-def batch_iterator(items: Sequence[T], batch_size: int, seed: int = 0, shuffle: bool = True,
-                   drop_last: bool = False) -> Iterator[list[T]]:
-    """Lists of `batch_size` items, epoch after epoch, forever; each epoch is a fresh permutation
-    (the same permutations for the same seed). The last batch of an epoch may be smaller unless
-    `drop_last=True`."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if len(items) == 0 or (drop_last and len(items) < batch_size):
-        raise ValueError(f"{len(items)} items cannot fill a batch of {batch_size}")
-    rng = Rng(seed)
-    order = list(range(len(items)))
-    while True:
-        if shuffle:
-            order = rng.shuffled(order)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            if drop_last and len(chunk) < batch_size:
-                break
-            yield [items[i] for i in chunk]

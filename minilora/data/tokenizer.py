@@ -57,10 +57,6 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.id_to_token)
 
-    @property
-    def special_ids(self) -> tuple[int, ...]:
-        return tuple(self.token_to_id[t] for t in SPECIAL_TOKENS)
-
     def encode(self, text: str) -> list[int]:
         """Text -> token ids; raises ValueError on a word outside the closed vocabulary."""
         ids = []

@@ -352,10 +352,6 @@ def question(slot: str, value: str) -> str:
 # Finding slot values in a text (what the slot error rate counts)
 # ---------------------------------------------------------------------------------------------
 
-def _alternatives(values: Sequence[str]) -> str:
-    return "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
-
-
 _NEAR_CUE = r"(?:near|close to)"
 _VALUE_PATTERNS = {
     "eatType": {v: re.compile(rf"\b{re.escape(v)}\b") for v in VALUES["eatType"]},

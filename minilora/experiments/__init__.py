@@ -10,24 +10,32 @@
     subspace       Figs. 3 and 4            φ between A of r = 8 and r = 64, and of two seeds
     amplification  Table 7                  ‖ΔW‖_F / ‖UᵀWVᵀ‖_F: ΔW amplifies directions W under-uses
     latency        Table 1                  forward latency of adapters vs merged / unmerged LoRA
+    variants       after the paper          DoRA, PiSSA, LoRA+, rsLoRA (an r sweep), LoRA on an NF4 base
     all            everything, one Markdown file (``all.md``) and every PNG
 
 Each experiment writes ``<name>.md`` (a Markdown table, the settings, links to its figures) and
 its PNGs into ``out_dir``. ``fast=True`` shrinks every run to a few steps and examples so that
 each experiment takes seconds (the tests); the numbers are then meaningless. Runs that several
 experiments share (e.g. LoRA r = 4 on Wq, Wv) are trained once per call.
+
+The package: ``settings`` (how big: full or fast), ``runs`` (the fine-tuning runs, through the
+one pipeline ``minilora.recipes.finetune``), ``report`` (Markdown tables, figures), and one
+module per experiment.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 
-from ._common import FAST, FULL, Context, Settings  # noqa: F401
+from . import amplification, baselines, latency, rank, subspace, targets, variants
+from .runs import Context
+from .settings import FAST_SETTINGS, FULL_SETTINGS, Settings
 
-__all__ = ["EXPERIMENTS", "Context", "Settings", "run_experiment"]
+__all__ = ["EXPERIMENTS", "FAST_SETTINGS", "FULL_SETTINGS", "Context", "Settings", "run_experiment"]
 
-EXPERIMENTS = ("baselines", "targets", "rank", "subspace", "amplification", "latency")
+MODULES = {"baselines": baselines, "targets": targets, "rank": rank, "subspace": subspace,
+           "amplification": amplification, "latency": latency, "variants": variants}
+EXPERIMENTS = tuple(MODULES)
 
 
 def run_experiment(name: str, out_dir="minilora-out/experiments", fast: bool = False, progress: bool = True,
@@ -44,7 +52,7 @@ def run_experiment(name: str, out_dir="minilora-out/experiments", fast: bool = F
         raise ValueError(f"unknown experiment {name!r}; choose one of {list(EXPERIMENTS) + ['all']}")
     ctx = Context(out_dir, fast=fast, progress=progress, base=base, workers=workers)
     names = EXPERIMENTS if name == "all" else (name,)
-    modules = {n: importlib.import_module(f".{n}", __name__) for n in names}
+    modules = {n: MODULES[n] for n in names}
     if len(names) > 1:  # train every run of every experiment first: one pool, no idle worker between experiments
         ctx.prefetch([config for n in names for config in modules[n].plan(ctx)], "fine-tuning runs")
     results = {}

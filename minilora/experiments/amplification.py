@@ -12,7 +12,9 @@ import numpy as np
 
 from .. import backend as bk
 from ..analysis import amplification_report
-from ._common import LORA_ALPHA, Context, markdown_table, new_figure, save_figure, write_markdown
+from .report import markdown_table, new_figure, write_figure, write_markdown
+from .runs import Context
+from .settings import LORA_ALPHA
 
 TITLE = "How the update relates to the pre-trained weight (Table 7)"
 
@@ -84,4 +86,4 @@ def _plot(ctx, reports, runs) -> str:
         ax.set_title(f"r = {r}", fontsize=9)
         if j == 0:
             ax.legend(fontsize=6)
-    return save_figure(fig, ctx, "amplification.png")
+    return write_figure(ctx, fig, "amplification.png")

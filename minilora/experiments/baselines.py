@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..baselines import METHODS, PAPER_NAMES
 from ..data import TASK_METRICS, TASKS
-from ._common import Context, markdown_table, new_figure, nll, save_figure, write_markdown
+from ..methods import METHODS, PAPER_NAMES
+from .report import markdown_table, new_figure, nll, write_figure, write_markdown
+from .runs import Context
 
 TITLE = "Baselines (Tables 2–4): every method × every task"
 
@@ -63,7 +64,7 @@ def _bars(ctx, results) -> str:
     ax.set_ylabel("test metric (higher is better)")
     ax.set_title("Every method on every task")
     ax.legend(fontsize=7, ncol=4, loc="upper center")
-    return save_figure(fig, ctx, "baselines_metric.png")
+    return write_figure(ctx, fig, "baselines_metric.png")
 
 
 def _scatter(ctx, results) -> str:
@@ -80,4 +81,4 @@ def _scatter(ctx, results) -> str:
         if j == 0:
             ax.set_ylabel("test NLL (nats/token) ↓")
     fig.axes[-1].legend(fontsize=6)
-    return save_figure(fig, ctx, "baselines_params.png")
+    return write_figure(ctx, fig, "baselines_params.png")

@@ -12,13 +12,17 @@ most where the pass is short (batch 1, few tokens): the paper's +20–30 % on GP
 from __future__ import annotations
 
 import copy
-import time
+import functools
 
 import numpy as np
 
-from ..baselines import apply_method
+from .. import backend as bk
+from .. import lora
+from ..methods import apply_method, randomize_zero_init
 from ..tensor import no_grad
-from ._common import Context, markdown_table, new_figure, save_figure, write_markdown
+from ..timing import interleaved, median
+from .report import markdown_table, new_figure, write_figure, write_markdown
+from .runs import Context
 
 TITLE = "Inference latency of adapters and LoRA (Table 1)"
 
@@ -28,19 +32,12 @@ NAMES = {"base": "base", "lora_merged": "LoRA (merged)", "lora_unmerged": "LoRA 
 
 
 def build_models(base) -> dict:
-    from .. import backend as bk
-    from .. import lora
-
     models = {"base": copy.deepcopy(base)}
     for name, method in (("lora_merged", "lora"), ("lora_unmerged", "lora"), ("adapter_h", "adapter_h"),
                          ("adapter_l", "adapter_l")):
-        model = copy.deepcopy(base)
         bk.manual_seed(0)
-        apply_method(model, method)
-        for pname, p in model.named_parameters(trainable_only=True):  # non-zero updates: a trained adapter
-            if ".lora_B." in pname or ".up." in pname:
-                p.data[...] = bk.random_normal(p.shape, p.dtype, backend=p.backend, std=0.01)
-        model.eval()
+        model = apply_method(copy.deepcopy(base), method)
+        randomize_zero_init(model, std=0.01)  # non-zero updates: a trained adapter
         if name == "lora_merged":
             lora.merge(model)
         models[name] = model
@@ -53,18 +50,9 @@ def build_models(base) -> dict:
 def time_cell(models: dict, batch: int, length: int, repeats: int, vocab: int, seed: int = 0) -> dict:
     """Median seconds of one forward pass per model, timed interleaved in a rotating order."""
     idx = np.random.default_rng(seed).integers(0, vocab, size=(batch, length))
-    names = list(models)
-    times = {n: [] for n in names}
     with no_grad():
-        for n in names:  # warm-up
-            models[n](idx)
-        for rep in range(repeats):
-            shift = rep % len(names)
-            for n in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                models[n](idx)
-                times[n].append(time.perf_counter() - start)
-    return {n: float(np.median(t)) for n, t in times.items()}
+        times = interleaved({n: functools.partial(model, idx) for n, model in models.items()}, repeats)
+    return {n: median(t) for n, t in times.items()}
 
 
 def plan(ctx: Context) -> list:
@@ -116,4 +104,4 @@ def _plot(ctx, medians, s) -> str:
         if j == 0:
             ax.set_ylabel("latency over the base (%)")
             ax.legend(fontsize=7)
-    return save_figure(fig, ctx, "latency.png")
+    return write_figure(ctx, fig, "latency.png")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..data import TASK_METRICS
-from ._common import LORA_ALPHA, Context, markdown_table, new_figure, nll, save_figure, write_markdown
+from .report import markdown_table, new_figure, nll, write_figure, write_markdown
+from .runs import Context
+from .settings import LORA_ALPHA
 from .targets import label
 
 TITLE = "The rank r (Table 6)"
@@ -65,4 +67,4 @@ def _plot(ctx, results, tasks, rs) -> str:
                 ax.set_ylim(0, 1.05)
             ax.set_title(f"{task}: {ylabel}", fontsize=9)
             ax.legend(fontsize=7)
-    return save_figure(fig, ctx, "rank.png")
+    return write_figure(ctx, fig, "rank.png")

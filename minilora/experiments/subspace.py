@@ -18,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis import subspace_similarity_grid
-from ._common import LORA_ALPHA, Context, markdown_table, new_figure, write_markdown
+from .report import markdown_table, new_figure, write_figure, write_markdown
+from .runs import Context
+from .settings import LORA_ALPHA
 
 TITLE = "Subspace similarity between adapters (Figs. 3 and 4)"
 
@@ -124,5 +126,4 @@ def _heatmaps(ctx, name, layer, grids, kind, random_grid, title, xlabel, ylabel)
         ax.tick_params(labelsize=7)
     fig.suptitle(f"{title}, {layer}", fontsize=10)
     fig.colorbar(image, ax=list(fig.axes), shrink=0.9, label="φ")
-    fig.savefig(ctx.path(name), dpi=110)
-    return name
+    return write_figure(ctx, fig, name, tight=False)  # constrained layout already

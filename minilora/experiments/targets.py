@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..data import TASK_METRICS
-from ._common import LORA_ALPHA, Context, markdown_table, new_figure, nll, save_figure, write_markdown
+from .report import markdown_table, new_figure, nll, write_figure, write_markdown
+from .runs import Context
+from .settings import LORA_ALPHA
 
 TITLE = "Which weight matrices to adapt (Table 5): a fixed budget of trainable parameters"
 
@@ -74,4 +76,4 @@ def _plot(ctx, results, tasks) -> str:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     fig.suptitle("Same budget, different weight matrices", fontsize=10)
-    return save_figure(fig, ctx, "targets.png")
+    return write_figure(ctx, fig, "targets.png")

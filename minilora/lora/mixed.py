@@ -1,29 +1,46 @@
 """A batch that mixes tasks: row i goes through W0 and its own adapter, h_i = W0 x_i + b + s_a B_a A_a x_i.
 
+    with lora.mixed_batch(model, ["e2e", "parse", "__base__"]):   # one adapter name per row
+        logits = model(idx)                                        # idx: (3, T)
+
 The paper names the limitation (Sec. 4.2): "it is not straightforward to batch inputs to
 different tasks with different A and B in a single forward pass" once W0 + BA is merged.
 Unmerged, it is easy: the base product W0 x is shared by every row, and each adapter adds
-a rank-r correction to its own rows only. Punica (Chen et al. 2023) and S-LoRA (Sheng et
-al. 2023) do this on a GPU with gathered kernels: BGMV gathers A and B per row, SGMV runs
-one small matmul per *segment* of rows that share an adapter. Here rows are grouped once
-per ``adapter_ids`` tuple (the grouping is cached: every LoRA layer of a forward pass, and
-every step of a generation, sees the same tuple) and each group costs two thin matmuls —
-the SGMV shape. Rows of one adapter that sit next to each other are a slice (a view, no
-copy); scattered rows are gathered with an index array.
+a rank-r correction to its own rows only (``lora.function.MixedLoRALinearFn``). Punica (Chen
+et al. 2023) and S-LoRA (Sheng et al. 2023) do this on a GPU with gathered kernels: BGMV
+gathers A and B per row, SGMV runs one small matmul per *segment* of rows that share an
+adapter. Here rows are grouped once per ``adapter_ids`` tuple (the grouping is cached: every
+step of a generation sees the same tuples again) and each group costs two thin matmuls — the
+SGMV shape. Rows of one adapter that sit next to each other are a slice (a view, no copy);
+scattered rows are gathered with an index array.
+
+How the names reach the layers: the model's code is not involved at all. ``mixed_batch``
+finds every ``LoRALinear`` inside the module it is given (any Module: a GPT, a user's own
+model, a single layer), checks the names once, and sets each layer's ``row_groups`` for the
+duration of the ``with`` block (restoring the previous value afterwards, so blocks nest).
+A LoRALinear with ``row_groups`` set routes row i of its input through adapter
+``adapter_ids[i]``; "row" means an index of the input's first axis, so the batch axis must
+come first and keep its order through the model (true of any model that does not reorder or
+mix batch rows, which is what a batch is). Training works the same way: the backward of the
+op is hand-written, so one ``loss.backward()`` after the block updates every adapter from its
+own rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import numpy as np
 
 from .. import backend as bk
-from ..function import Function
-from ..functional import dropout_mask
+from ..nn import Module
+from .bias import bias_hosts
 from .config import BASE_ADAPTER
+from .layer import LoRALinear
+from .model import _check_unmerged, list_adapters
 
-__all__ = ["MixedLoRALinear", "RowGroups", "group_rows", "mixed_lora_linear"]
+__all__ = ["RowGroups", "group_rows", "mixed_batch"]
 
 
 class RowGroups:
@@ -82,107 +99,47 @@ def group_rows(adapter_ids, backend: str = "numpy") -> RowGroups:
     return groups
 
 
-def _check_shapes(x, weight, lora_As, lora_Bs):
-    d, k = weight.shape
-    if x.ndim < 2 or x.shape[-1] != k:
-        raise ValueError(
-            f"mixed_lora_linear: x must be (rows, ..., {k}) for a weight of shape {tuple(weight.shape)}, "
-            f"got {tuple(x.shape)}"
-        )
-    for j, (lora_A, lora_B) in enumerate(zip(lora_As, lora_Bs)):
-        r = lora_A.shape[0]
-        if lora_A.shape != (r, k) or lora_B.shape != (d, r):
-            raise ValueError(
-                f"mixed_lora_linear: adapter {j}: for a weight of shape {(d, k)} (d, k) lora_A must be (r, k) and "
-                f"lora_B (d, r), got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
-            )
 
 
-class MixedLoRALinear(Function):
-    """h_i = W₀x_i + b + s_j B_j A_j drop_j(x_i) for every row i of group j (W₀x_i + b for base rows).
+def _lora_layers(model: Module) -> list:
+    """Every LoRALinear in ``model`` (itself included), unordered: a walk without building path names."""
+    found, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, LoRALinear):
+            found.append(module)
+        stack.extend(module._modules.values())
+    return found
 
-    Inputs: x (rows, ..., k), weight (d, k), bias, then A_1..A_n, then B_1..B_n. A "row" is an
-    index of the first axis (a sequence of a (bk, T, k) batch). Per group j with rows R_j, the
-    backward is the one of ``F.lora_linear`` restricted to R_j (g: ∂L/∂h):
 
-        ∂L/∂x[R_j] += s_j (g[R_j] B_j) A_j ⊙ mask_j        (∂L/∂x = g W₀ for every row first)
-        ∂L/∂A_j     = s_j (g[R_j] B_j)ᵀ drop_j(x[R_j])    — only its own rows reach A_j, B_j
-        ∂L/∂B_j     = s_j g[R_j]ᵀ u_j,  u_j = drop_j(x[R_j]) A_jᵀ  (s_j multiplies the thin
-                                                          (n_j, r) factors, never an (n_j, d) product)
-        ∂L/∂W₀ = gᵀ x, ∂L/∂b = Σ g                        — only when they require grad.
+@contextlib.contextmanager
+def mixed_batch(model: Module, adapter_ids):
+    """``with lora.mixed_batch(model, adapter_ids):`` row i of every forward uses adapter ``adapter_ids[i]``.
+
+    ``adapter_ids``: one adapter name per row of the batch (the first axis of the model's input),
+    or ``"__base__"`` for the base model's output. Works on any Module containing LoRALinear
+    layers; a layer that an adapter does not adapt gives that adapter's rows W0 x + b. Gives
+    exactly the rows that running each adapter alone on its rows gives, forward and backward.
+    Yields the RowGroups. Raises for an unknown name, or while adapters are merged (a merged
+    W0 + BA cannot serve other tasks' rows: call lora.unmerge first).
     """
-
-    def forward(self, x, weight, bias, *lora, selectors=(), scalings=(), dropouts=(), training=False):
-        n = len(selectors)
-        lora_As, lora_Bs = lora[:n], lora[n:]
-        _check_shapes(x, weight, lora_As, lora_Bs)
-        rows, k, d = x.shape[0], x.shape[-1], weight.shape[0]
-        x3 = x.reshape(rows, -1, k)  # (rows, T, k): T = the product of the middle axes (1 for 2-D x)
-        T = x3.shape[1]
-        h = x3.reshape(-1, k) @ weight.T  # (rows·T, d): the base product, once for every row
-        if bias is not None:
-            h += bias
-        h3 = h.reshape(rows, T, d)
-        saved = []
-        for sel, lora_A, lora_B, s, p in zip(selectors, lora_As, lora_Bs, scalings, dropouts):
-            x_g = x3[sel].reshape(-1, k)  # (n_j·T, k): a view when sel is a slice
-            mask = None
-            if training and p > 0.0:
-                mask = dropout_mask(x_g.shape, p, x_g.dtype, backend=bk.backend_of(x_g))
-                x_g = x_g * mask
-            u_s = x_g @ lora_A.T  # (n_j·T, r)
-            u_s *= s  # scale the thin factor, not the (n_j·T, d) product
-            h3[sel] += (u_s @ lora_B.T).reshape(-1, T, d)
-            saved.append((x_g, mask, u_s))
-        self.save_for_backward(x3, weight, lora_As, lora_Bs, saved)
-        self.selectors, self.scalings, self.in_shape = selectors, scalings, x.shape
-        return h.reshape(*x.shape[:-1], d)
-
-    def backward(self, grad):
-        x3, weight, lora_As, lora_Bs, saved = self.saved
-        n = len(lora_As)
-        need_x, need_w, need_b = self.needs_input_grad[:3]
-        need_As, need_Bs = self.needs_input_grad[3:3 + n], self.needs_input_grad[3 + n:]
-        rows, T, k = x3.shape
-        d = weight.shape[0]
-        g3 = grad.reshape(rows, T, d)
-        g = g3.reshape(-1, d)
-        dx3 = (g @ weight).reshape(rows, T, k) if need_x else None
-        dAs, dBs = [None] * n, [None] * n
-        for j, (sel, s, (x_g, mask, u_s)) in enumerate(zip(self.selectors, self.scalings, saved)):
-            g_g = g3[sel].reshape(-1, d)  # (n_j·T, d): this adapter's rows only
-            if need_x or need_As[j]:
-                g_Bs = g_g @ lora_Bs[j]  # (n_j·T, r)
-                g_Bs *= s
-                if need_As[j]:
-                    dAs[j] = g_Bs.T @ x_g  # (r, k)
-                if need_x:
-                    low_rank = g_Bs @ lora_As[j]  # (n_j·T, k)
-                    if mask is not None:
-                        low_rank *= mask
-                    dx3[sel] += low_rank.reshape(-1, T, k)
-            if need_Bs[j]:
-                dBs[j] = g_g.T @ u_s  # (d, r): s gᵀu with u_s = s·u
-        dw = g.T @ x3.reshape(-1, k) if need_w else None  # (d, k): full fine-tuning only
-        db = g.sum(axis=0) if need_b else None
-        dx = dx3.reshape(self.in_shape) if need_x else None
-        return (dx, dw, db, *dAs, *dBs)
-
-
-def mixed_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, selectors, dropouts=None, training=False):
-    """The mixed-task LoRA layer: adapter j (A_j, B_j, scaling_j) acts on the rows ``selectors[j]``.
-
-    ``selectors`` come from ``group_rows(adapter_ids).selectors``: slices or index arrays over
-    the first axis of ``x``; rows in no group get the base output W₀x + b.
-    """
-    n = len(selectors)
-    if not (len(lora_As) == len(lora_Bs) == len(scalings) == n):
+    layers = _lora_layers(model)
+    groups = group_rows(adapter_ids, layers[0].weight.backend if layers else "numpy")
+    known = set().union(*(layer.lora_A.keys() for layer in layers))
+    unknown = [name for name in groups.names if name not in known]
+    if unknown:
         raise ValueError(
-            f"mixed_lora_linear: {n} row groups need as many lora_As, lora_Bs and scalings, got "
-            f"{len(lora_As)}, {len(lora_Bs)} and {len(scalings)}"
+            f"unknown adapter {unknown[0]!r} in adapter_ids; the model's adapters are {list_adapters(model)} "
+            f"(and {BASE_ADAPTER!r} for the base model)"
         )
-    dropouts = tuple(dropouts) if dropouts is not None else (0.0,) * n
-    return MixedLoRALinear.apply(
-        x, weight, bias, *lora_As, *lora_Bs, selectors=tuple(selectors), scalings=tuple(float(s) for s in scalings),
-        dropouts=dropouts, training=training,
-    )
+    if any(layer.merged for layer in layers):
+        _check_unmerged(model, "run a mixed-task batch (it needs the unmerged W0)")  # raises, naming a layer
+    layers += [deltas for _, _, deltas in bias_hosts(model)]  # per-adapter bias deltas: row i adds its own Δb
+    previous = [layer.row_groups for layer in layers]
+    for layer in layers:
+        object.__setattr__(layer, "row_groups", groups)
+    try:
+        yield groups
+    finally:
+        for layer, before in zip(layers, previous):
+            object.__setattr__(layer, "row_groups", before)

@@ -5,8 +5,10 @@ blocks (eps 1e-5) of causal multi-head self-attention (separate q, k, v, o
 projections, scores scaled by 1/√head_dim) and a GELU-tanh MLP (fc: d → 4d,
 proj: 4d → d), biases on every Linear, a final LayerNorm, and an LM head tied to
 the token embedding. Parameter names follow GPT-2 (``blocks.0.attn.q.weight``),
-so checkpoints and the PyTorch oracle line up. LoRA (``minilora.lora``) swaps the
-Linears it adapts for ``LoRALinear``; the model code does not change.
+so checkpoints and the PyTorch oracle line up. This file knows nothing of LoRA:
+``minilora.lora.apply_lora`` swaps the Linears it adapts for ``LoRALinear`` from outside, and
+``lora.mixed_batch`` routes rows to adapters inside those layers. Generation is the free
+function ``minilora.generate.generate(model, prompts, ...)``.
 
 Shapes: B batch, T time (tokens), C = d_model channels, H heads, D = C / H, V vocab.
 """
@@ -57,7 +59,7 @@ class GPTConfig:
 class KVCache:
     """Keys and values of the positions seen so far, per layer: generation without recomputation.
 
-    Each layer stores arrays of shape (bk, H, T_past, D); a forward pass with a cache feeds
+    Each layer stores arrays of shape (B, H, T_past, D); a forward pass with a cache feeds
     only the new tokens, attends to past + new keys, and appends the new ones.
     """
 
@@ -67,7 +69,7 @@ class KVCache:
         self.length = 0  # positions stored (the same in every layer)
 
     def update(self, layer: int, k, v):
-        """Append this step's (bk, H, T_new, D) arrays; return all keys and values so far."""
+        """Append this step's (B, H, T_new, D) arrays; return all keys and values so far."""
         if self.keys[layer] is not None:
             xp = bk.get_array_module(k)
             k = xp.concatenate([self.keys[layer], k], axis=2)
@@ -94,20 +96,20 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def _heads(self, x, Bsz, T):
-        # (bk, T, C) -> (bk, H, T, D)
+        # (B, T, C) -> (B, H, T, D)
         return x.reshape(Bsz, T, self.n_head, -1).transpose(0, 2, 1, 3)
 
-    def forward(self, x, adapter_ids=None, cache: KVCache | None = None):
+    def forward(self, x, cache: KVCache | None = None):
         Bsz, T, C = x.shape
-        q = self._heads(self.q(x, adapter_ids), Bsz, T)  # (bk, H, T, D)
-        k = self._heads(self.k(x, adapter_ids), Bsz, T)  # (bk, H, T, D)
-        v = self._heads(self.v(x, adapter_ids), Bsz, T)  # (bk, H, T, D)
+        q = self._heads(self.q(x), Bsz, T)  # (B, H, T, D)
+        k = self._heads(self.k(x), Bsz, T)  # (B, H, T, D)
+        v = self._heads(self.v(x), Bsz, T)  # (B, H, T, D)
         if cache is not None:  # generation: attend to the cached past as well (no graph is built)
             k_all, v_all = cache.update(self.layer, k.data, v.data)
             k, v = Tensor._from_op(k_all, False), Tensor._from_op(v_all, False)
-        y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (bk, H, T, D)
-        y = y.transpose(0, 2, 1, 3).reshape(Bsz, T, C)  # (bk, T, C): heads side by side
-        return self.resid_drop(self.o(y, adapter_ids))
+        y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, D)
+        y = y.transpose(0, 2, 1, 3).reshape(Bsz, T, C)  # (B, T, C): heads side by side
+        return self.resid_drop(self.o(y))
 
 
 class MLP(nn.Module):
@@ -117,9 +119,9 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, adapter_ids=None):
-        h = F.gelu(self.fc(x, adapter_ids))  # (bk, T, 4C)
-        return self.drop(self.proj(h, adapter_ids))  # (bk, T, C)
+    def forward(self, x):
+        h = F.gelu(self.fc(x))  # (B, T, 4C)
+        return self.drop(self.proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -132,13 +134,13 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, adapter_ids=None, cache=None):
-        x = x + self.attn(self.ln1(x), adapter_ids, cache)  # (bk, T, C)
-        return x + self.mlp(self.ln2(x), adapter_ids)  # (bk, T, C)
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln1(x), cache)  # (B, T, C)
+        return x + self.mlp(self.ln2(x))  # (B, T, C)
 
 
 class GPT(nn.Module):
-    """The language model: ``model(idx)`` -> logits (bk, T, V); ``model.loss(idx, targets, mask)``."""
+    """The language model: ``model(idx)`` -> logits (B, T, V); ``model.loss(idx, targets, mask)``."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -162,10 +164,9 @@ class GPT(nn.Module):
                 std = residual_std if name.endswith(("attn.o.weight", "mlp.proj.weight")) else 0.02
                 p.data[...] = bk.random_normal(p.shape, p.dtype, std=std)
 
-    def forward(self, idx, adapter_ids=None, cache: KVCache | None = None) -> Tensor:
-        """Token ids (bk, T) -> logits (bk, T, V).
+    def forward(self, idx, cache: KVCache | None = None) -> Tensor:
+        """Token ids (B, T) -> logits (B, T, V).
 
-        adapter_ids: one adapter name per row (a batch that mixes tasks; see ``minilora.lora``).
         cache: a KVCache for generation; ``idx`` then holds only the new tokens.
         """
         idx = idx.data if isinstance(idx, Tensor) else idx
@@ -175,38 +176,42 @@ class GPT(nn.Module):
         if not np.issubdtype(idx.dtype, np.integer):
             raise TypeError(f"GPT expects integer token ids, got dtype {idx.dtype}")
         Bsz, T = idx.shape
+        if Bsz == 0 or T == 0:
+            raise ValueError(f"GPT needs at least one row and one token, got token ids of shape {tuple(idx.shape)} "
+                             "(an empty batch or empty prompts?)")
+        return self.forward_embeddings(self.wte(idx), cache)  # (B, T, C) token vectors in
+
+    def forward_embeddings(self, x, cache: KVCache | None = None) -> Tensor:
+        """Input vectors (B, T, C), before positions are added -> logits (B, T, V).
+
+        What ``forward`` does after the token lookup; PreEmbed (``minilora.methods``) calls it
+        with its trained vectors inserted among the token embeddings.
+        """
+        T = x.shape[1]  # (B, T, C)
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}; "
                 "shorten the input or build the model with a larger GPTConfig.block_size"
             )
-        if adapter_ids is not None and len(adapter_ids) != Bsz:
-            raise ValueError(f"adapter_ids has {len(adapter_ids)} entries but the batch has {Bsz} rows (one name per row)")
         if cache is not None and is_grad_enabled():
             raise RuntimeError("a KVCache is for generation: run it under ml.no_grad()")
-        xp = bk.get_array_module(idx)
+        xp = bk.get_array_module(x.data)
         positions = xp.arange(past, past + T)
-        x = self.wte(idx) + self.wpe(positions)  # (bk, T, C) + (T, C)
+        x = x + self.wpe(positions)  # (B, T, C) + (T, C)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, adapter_ids, cache)  # (bk, T, C)
+            x = block(x, cache)  # (B, T, C)
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
-        return F.linear(x, self.wte.weight)  # (bk, T, V): the head is tied to the token embedding
+        return F.linear(x, self.wte.weight)  # (B, T, V): the head is tied to the token embedding
 
-    def loss(self, idx, targets, mask=None, adapter_ids=None) -> Tensor:
+    def loss(self, idx, targets, mask=None) -> Tensor:
         """Mean next-token NLL over the positions where mask == 1 (all positions without a mask).
 
         With mask = 1 on the y tokens only this is the objective of eq. 2 (LoRA) or eq. 1
         (full fine-tuning): Σ_t log P(y_t | x, y_<t), the prompt x itself is not scored.
         """
-        logits = self(idx, adapter_ids=adapter_ids)
+        logits = self(idx)
         return F.cross_entropy(logits, targets, mask=mask)
-
-    def generate(self, prompts, max_new_tokens: int, **kwargs):
-        """Continue token-id prompts; see ``minilora.generate.generate`` for the options."""
-        from ..generate import generate
-
-        return generate(self, prompts, max_new_tokens, **kwargs)

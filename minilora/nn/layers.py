@@ -25,9 +25,7 @@ class Linear(Module):
         self.weight = Parameter(bk.random_uniform((out_features, in_features), dtype, low=-bound, high=bound))
         self.bias = Parameter(bk.random_uniform((out_features,), dtype, low=-bound, high=bound)) if bias else None
 
-    def forward(self, x, adapter_ids=None):
-        """``adapter_ids`` (one adapter name per row of a mixed batch) is accepted and ignored:
-        a layer without LoRA computes the same W x for every task."""
+    def forward(self, x):
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -5,11 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend as bk
-from ..tensor import Tensor
-
-
-def _is_float(dtype) -> bool:
-    return np.issubdtype(dtype, np.floating)
+from ..tensor import Tensor, _is_float
 
 
 def operands(a, b):

@@ -4,9 +4,6 @@ Logits, the masked loss (eq. 1/2: only mask == 1 positions count) and the gradie
 parameter must agree to a relative error of 1e-9 in float64.
 """
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -15,8 +12,7 @@ torch = pytest.importorskip("torch", reason="PyTorch oracle not installed: pip i
 from minilora import backend as bk
 from minilora.models import GPT, GPTConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from torch_gpt import build_torch_gpt
+from benchmarks.torch_gpt import build_torch_gpt  # the repository root is on sys.path (tests/conftest.py)
 
 RTOL = 1e-9
 
@@ -110,7 +106,7 @@ def test_torch_gpt_plugs_lora_branch():
     zero_lora = build_torch_gpt(cfg, state, lora={"blocks.1.attn.q": (A, B_zero, s)})
     np.testing.assert_array_equal(zero_lora(idx).detach().numpy(), base)
     names = {n for n, _ in zero_lora.named_parameters()}
-    assert {"blocks.1.attn.q.lora_A", "blocks.1.attn.q.lora_B", "blocks.1.attn.q.weight"} <= names
+    assert {"blocks.1.attn.q.lora_A.0", "blocks.1.attn.q.lora_B.0", "blocks.1.attn.q.weight"} <= names
     B_rand = rng.standard_normal((8, r))
     lora = build_torch_gpt(cfg, state, lora={"blocks.0.attn.v": (A, B_rand, s)})
     # the same change written into W0 directly: W = W0 + s B A
@@ -156,6 +152,6 @@ def test_whole_model_with_lora_on_q_v_matches_torch(backend, cfg_kwargs, batch):
             assert p.grad is None, f"frozen {name} received a gradient"
             continue
         module, kind = name.rsplit(".lora_", 1)
-        expected = ref_params[f"{module}.lora_{kind.split('.')[0]}"].grad.numpy()
+        expected = ref_params[f"{module}.lora_{kind.split('.')[0]}.0"].grad.numpy()
         err = rel_error(bk.to_numpy(p.grad), expected)
         assert err <= RTOL, f"gradient of {name}: relative error {err:.3g} > {RTOL:g}"

@@ -1,4 +1,4 @@
-"""The paper's baselines: parameter formulas, gradients (float64 gradcheck), start-equal-to-base, PreEmbed lengths."""
+"""The fine-tuning methods (the paper's baselines, full, LoRA): parameter formulas, gradients (float64 gradcheck), start-equal-to-base, PreEmbed lengths."""
 
 import numpy as np
 import pytest
@@ -7,18 +7,20 @@ from conftest import assert_close, to_np
 import minilora as ml
 from minilora import backend as bk
 from minilora import functional as F
-from minilora.baselines import (
-    DEFAULT_HP,
+from minilora.methods import (
+    HYPERPARAMS,
     METHODS,
     PreEmbedGPT,
     apply_method,
     bottleneck_adapter,
     expected_trainable,
-    finetune_method,
     gather_positions,
     insert_prompt_vectors,
+    randomize_zero_init,
 )
+from minilora.generate import generate
 from minilora.models import GPT, GPTConfig
+from minilora.recipes import finetune
 
 TINY = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, d_model=8)
 SEP = 3  # the separator id used with TINY
@@ -40,13 +42,6 @@ def hp_for(method):
     return {"sep_id": SEP} if method == "preembed" else {}
 
 
-def randomize_zero_inits(model):
-    """B = 0 and up = 0 make the model start at the base; a gradcheck needs them non-zero."""
-    for name, p in model.named_parameters(trainable_only=True):
-        if ".lora_B." in name or ".up." in name:
-            p.data[...] = bk.random_normal(p.shape, p.dtype, backend=p.backend, std=0.5)
-
-
 # ----------------------------------------------------------------------------- parameter counts
 @pytest.mark.parametrize("cfg", [TINY, GPTConfig()], ids=["tiny", "shipped-size"])
 @pytest.mark.parametrize("method, hp", [
@@ -57,9 +52,9 @@ def randomize_zero_inits(model):
     ("preembed", {"l_p": 2, "l_i": 1}), ("preembed", {"l_p": 0, "l_i": 3}), ("preembed", {"l_p": 3, "l_i": 0}),
 ])
 def test_trainable_counts_follow_the_papers_formulas(cfg, method, hp):
-    model = GPT(cfg)
-    n = apply_method(model, method, **hp)
-    assert n == model.num_parameters(trainable_only=True) == expected_trainable(method, cfg, **hp)
+    model = apply_method(GPT(cfg), method, **hp)
+    n = model.num_parameters(trainable_only=True)
+    assert n == expected_trainable(method, cfg, **hp)
     d, L = cfg.d_model, cfg.n_layer
     if method == "lora":  # 2·L̂·d·r
         assert n == 2 * (len(hp["targets"]) * L) * d * hp["r"]
@@ -75,13 +70,13 @@ def test_trainable_counts_follow_the_papers_formulas(cfg, method, hp):
 def test_counts_of_full_top2_and_bitfit():
     cfg = GPTConfig(vocab_size=11, block_size=12, n_layer=3, n_head=2, d_model=8)
     total = GPT(cfg).num_parameters()
-    assert apply_method(GPT(cfg), "full") == total
-    model = GPT(cfg)
-    top2 = apply_method(model, "ft_top2")
+    assert apply_method(GPT(cfg), "full").num_parameters(trainable_only=True) == total
+    model = apply_method(GPT(cfg), "ft_top2")
+    top2 = model.num_parameters(trainable_only=True)
     assert top2 == sum(p.size for name, p in model.named_parameters() if name.startswith(("blocks.1.", "blocks.2.")))
     assert all(name.startswith(("blocks.1.", "blocks.2.")) for name, _ in model.named_parameters(trainable_only=True))
-    model = GPT(cfg)
-    n_bias = apply_method(model, "bitfit")
+    model = apply_method(GPT(cfg), "bitfit")
+    n_bias = model.num_parameters(trainable_only=True)
     d, L = cfg.d_model, cfg.n_layer
     # per block: q, k, v, o (d each), fc (4d), proj (d), ln1, ln2 (d each); plus ln_f
     assert n_bias == L * (4 * d + 4 * d + d + 2 * d) + d
@@ -93,8 +88,7 @@ def test_counts_of_full_top2_and_bitfit():
     ("lora", (".lora_A.", ".lora_B.")),
 ])
 def test_only_the_methods_own_parameters_train(method, marks):
-    model = GPT(TINY)
-    apply_method(model, method, **hp_for(method))
+    model = apply_method(GPT(TINY), method, **hp_for(method))
     names = [n for n, _ in model.named_parameters(trainable_only=True)]
     assert names and all(any(m in n for m in marks) for n in names)
     assert "blocks.0.attn.o.weight" in dict(model.named_parameters())  # base names are unchanged
@@ -103,8 +97,7 @@ def test_only_the_methods_own_parameters_train(method, marks):
 
 def test_base_checkpoint_loads_into_an_adapted_model():
     base = GPT(TINY)
-    model = GPT(TINY)
-    apply_method(model, "adapter_h")
+    model = apply_method(GPT(TINY), "adapter_h")
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and all(".adapter." in n for n in missing)
 
@@ -116,10 +109,11 @@ def test_apply_method_rejects_unknown_methods_and_hyperparameters():
         apply_method(GPT(TINY), "adapter_l", rank=4)
     with pytest.raises(ValueError, match="bottleneck width"):
         apply_method(GPT(TINY), "adapter_h", r=0)
-    model = GPT(TINY)
-    apply_method(model, "adapter_h")
+    model = apply_method(GPT(TINY), "adapter_h")
     with pytest.raises(TypeError, match="applied already"):
         apply_method(model, "adapter_l")
+    with pytest.raises(TypeError, match="got PreEmbedGPT"):
+        apply_method(apply_method(GPT(TINY), "preembed", sep_id=SEP), "lora")
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -127,9 +121,8 @@ def test_apply_method_rejects_unknown_methods_and_hyperparameters():
 def test_every_method_gradchecks_on_a_tiny_gpt(method):
     """d loss / d Θ of the whole model, for exactly the parameters the method trains (float64)."""
     ml.manual_seed(0)
-    model = tiny_model()
-    apply_method(model, method, **hp_for(method))
-    randomize_zero_inits(model)
+    model = apply_method(tiny_model(), method, **hp_for(method))
+    randomize_zero_init(model, std=0.5)  # B = 0 and up = 0 start at the base; a gradcheck needs them non-zero
     params = model.parameters(trainable_only=True)
     if method in ("full", "ft_top2"):  # every parameter of a block is gradchecked elsewhere; sample a few
         params = params[:2] + params[-4:]
@@ -191,22 +184,31 @@ def test_the_adapted_model_starts_equal_to_the_base(backend, method):
     """Adapters' up-projection and LoRA's B start at 0: the first forward pass is the base model's."""
     model = GPT(TINY)
     before = to_np(model(IDX).data)
-    apply_method(model, method)
+    assert apply_method(model, method) is model  # in place: only PreEmbed wraps the model
     np.testing.assert_array_equal(to_np(model(IDX).data), before)
 
 
 # ----------------------------------------------------------------------------- PreEmbed
 def test_preembed_shrinks_the_usable_length_and_says_so():
-    model = tiny_model()
-    apply_method(model, "preembed", l_p=2, l_i=1, sep_id=SEP)
-    assert isinstance(model, PreEmbedGPT)
+    base = tiny_model()
+    model = apply_method(base, "preembed", l_p=2, l_i=1, sep_id=SEP)
+    assert isinstance(model, PreEmbedGPT) and model.gpt is base
     assert model.config.block_size == TINY.block_size - 3 and model.preembed.context_size == TINY.block_size
+    assert base.config.block_size == TINY.block_size  # the GPT itself is unchanged: it runs the longer input
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in base.named_parameters()] + [
+        "preembed.prefix", "preembed.infix"]  # GPT-2's names, then the vectors
     fits = np.array([[1, SEP] + [4] * 7])  # 9 tokens + 3 vectors = 12 positions
     assert model(fits).shape == (1, 9, TINY.vocab_size)
     with pytest.raises(ValueError, match=r"PreEmbed: 10 tokens \+ 2 prefix \+ 1 infix vectors = 13 positions"):
         model(np.array([[1, SEP] + [4] * 8]))
     with pytest.raises(ValueError, match="after the separator"):
         model(np.array([[1, 2, 4, 5]]))
+
+
+def test_forward_embeddings_is_forward_after_the_token_lookup():
+    """PreEmbed runs the GPT through GPT.forward_embeddings: with no vectors inserted it is model(idx) exactly."""
+    model = tiny_model()
+    np.testing.assert_array_equal(to_np(model.forward_embeddings(model.wte(IDX)).data), to_np(model(IDX).data))
 
 
 def test_preembed_infix_only_leaves_the_prompt_untouched():
@@ -218,7 +220,7 @@ def test_preembed_infix_only_leaves_the_prompt_untouched():
     base = tiny_model()
     model = tiny_model()
     model.load_state_dict(base.state_dict())
-    apply_method(model, "preembed", l_p=0, l_i=2, sep_id=SEP)
+    model = apply_method(model, "preembed", l_p=0, l_i=2, sep_id=SEP)
     out, ref = to_np(model(IDX).data), to_np(base(IDX).data)
     np.testing.assert_allclose(out[0, :2], ref[0, :2], rtol=1e-12, atol=1e-12)  # row 0: sep at t = 2
     np.testing.assert_allclose(out[1, :1], ref[1, :1], rtol=1e-12, atol=1e-12)  # row 1: sep at t = 1
@@ -229,29 +231,28 @@ def test_preembed_prefix_shifts_every_position():
     base = tiny_model()
     model = tiny_model()
     model.load_state_dict(base.state_dict())
-    apply_method(model, "preembed", l_p=2, l_i=0, sep_id=SEP)
+    model = apply_method(model, "preembed", l_p=2, l_i=0, sep_id=SEP)
     assert not np.allclose(to_np(model(IDX).data)[:, 0], to_np(base(IDX).data)[:, 0])
 
 
 def test_preembed_generation_with_and_without_the_cache_agree():
-    model = tiny_model()
-    apply_method(model, "preembed", l_p=2, l_i=2, sep_id=SEP)
+    model = apply_method(tiny_model(), "preembed", l_p=2, l_i=2, sep_id=SEP)
     model.eval()
     prompts = [[1, 2, SEP], [4, 5, SEP]]
     with ml.no_grad():
-        cached = model.generate(prompts, max_new_tokens=20)
-        plain = model.generate(prompts, max_new_tokens=20, use_cache=False)
+        cached = generate(model, prompts, max_new_tokens=20)
+        plain = generate(model, prompts, max_new_tokens=20, use_cache=False)
     assert cached == plain
     assert all(len(c) == model.config.block_size - 3 for c in cached)  # stops at the usable length
 
 
 # ----------------------------------------------------------------------------- fine-tuning
 @pytest.mark.parametrize("method", ["adapter_l", "preembed"])
-def test_finetune_method_runs_and_reports(method):
+def test_finetune_runs_every_method_and_reports(method):
     base = GPT(GPTConfig(vocab_size=96, block_size=64, n_layer=1, n_head=2, d_model=16))
-    run = finetune_method("classify", method, base=base, steps=2, batch_size=4, n_train=8, n_eval=2,
-                          max_new_tokens=2, progress=False)
+    run = finetune("classify", method, base=base, steps=2, batch_size=4, n_train=8, n_eval=2,
+                   max_new_tokens=2, progress=False)
     assert 0.0 <= run.metric <= 1.0 and run.trainable_params == run.model.num_parameters(trainable_only=True)
-    assert run.config["lr"] == DEFAULT_HP[method]["lr"] and run.config["steps"] == 2
-    assert np.isfinite(run.config["eval_loss"]) and run.config["eval_loss"] > 0
+    assert run.config["lr"] == HYPERPARAMS[method]["lr"] and run.config["steps"] == 2
+    assert np.isfinite(run.eval_loss) and run.eval_loss > 0
     assert base.num_parameters(trainable_only=True) == base.num_parameters()  # the base is untouched

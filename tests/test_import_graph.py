@@ -1,0 +1,114 @@
+"""The package's module-level imports form no cycle (issue 11): dependencies a reader can follow.
+
+Links that would be cycles are made openly in ``minilora/__init__`` instead (``tensor.install_ops``,
+``functional.lora_linear``). The graph is read from the source with ``ast``: every top-level
+``import`` / ``from ... import`` between minilora modules, where importing ``a.b.c`` also imports
+the packages ``a.b`` and ``a`` (their ``__init__`` runs first).
+"""
+
+import ast
+import os
+
+import minilora
+
+PACKAGE = os.path.dirname(minilora.__file__)
+
+
+def _modules() -> dict:
+    """{dotted name: (path, is_package)} for every .py file of the package."""
+    found = {}
+    root = os.path.dirname(PACKAGE)
+    for folder, _, files in os.walk(PACKAGE):
+        for file in files:
+            if file.endswith(".py"):
+                path = os.path.join(folder, file)
+                dotted = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
+                is_package = dotted.endswith(".__init__")
+                found[dotted[: -len(".__init__")] if is_package else dotted] = (path, is_package)
+    return found
+
+
+def _with_parents(name: str) -> set:
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+def _import_graph() -> dict:
+    modules = _modules()
+    graph = {}
+    for name, (path, is_package) in modules.items():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        targets = set()
+        for node in tree.body:  # module level only: imports inside functions run later
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+                targets |= {t for t in [target] + [f"{target}.{a.name}" for a in node.names] if t in modules}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minilora"):
+                targets |= {t for t in [node.module] + [f"{node.module}.{a.name}" for a in node.names] if t in modules}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name in modules}
+        reached = set().union(*(_with_parents(t) for t in targets)) if targets else set()
+        graph[name] = reached - _with_parents(name)  # a module's own packages are importing it already
+    return graph
+
+
+def _cycles(graph: dict) -> list:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index, low, on_stack, stack, components, counter = {}, {}, set(), [], [], [0]
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = counter[0]
+        counter[0] += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    components.append(sorted(component))
+    return components
+
+
+def test_the_graph_reader_sees_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_graph_has_the_expected_edges():
+    graph = _import_graph()
+    assert "minilora.backend" in graph["minilora.tensor"]
+    assert "minilora.tensor" in graph["minilora.function"]
+    assert {"minilora.nn", "minilora.lora.function"} <= graph["minilora.lora.layer"]
+    assert "minilora.lora" not in graph["minilora.functional"]  # functional cannot import lora: lora -> nn -> functional
+    assert "minilora.generate" not in graph["minilora.models.gpt"]
+
+
+def test_no_module_level_import_cycle():
+    assert _cycles(_import_graph()) == []
