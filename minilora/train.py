@@ -345,14 +345,17 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
     model.load_state_dict(params, strict=False, source=path)
     if optimizer is not None:
         kept = {k: getattr(optimizer, k) for k in optimizer._hyperparameters}
+        kept_groups = [{k: group[k] for k in optimizer._group_options if k in group} for group in optimizer.param_groups]
         optimizer.load_state_dict(meta["optimizer"], opt)
-        if not restore_hyperparameters:
+        if not restore_hyperparameters:  # the optimizer's own lr (and per-group options) win over the saved ones
             for k, v in kept.items():
                 setattr(optimizer, k, v)
+            for group, options in zip(optimizer.param_groups, kept_groups):
+                group.update(options)
     if scheduler is not None:
         state = dict(meta["scheduler"])
         if not restore_hyperparameters:
-            state["base_lr"] = scheduler.base_lr
+            state["base_lr"], state["base_lrs"] = scheduler.base_lr, list(scheduler.base_lrs)
         scheduler.load_state_dict(state)
     if rng_state is not None:
         bk.rng("numpy").bit_generator.state = rng_state
