@@ -234,11 +234,8 @@ def manual_seed(seed: int) -> None:
 
 
 def rng(backend: str | None = None):
-    """The seeded generator of a backend (``numpy.random.Generator``, CuPy's, or the strict one).
-
-    The strict backend's generator is its own stream, as a GPU's is: ``manual_seed`` seeds it,
-    and its draws are strict arrays that differ from the NumPy generator's.
-    """
+    """The seeded generator of a backend (``numpy.random.Generator``, CuPy's, or the strict one: a
+    stream of its own, as a GPU's, seeded by ``manual_seed``, whose draws differ from NumPy's)."""
     name = backend or _active()
     gen = _generators.get(name)
     if gen is None:
@@ -282,8 +279,7 @@ def scatter_add(target, indices, values) -> None:
         if target.dtype not in _SCATTER_ADD_DTYPES:
             raise TypeError(f"scatter_add only supports {', '.join(str(d) for d in _SCATTER_ADD_DTYPES)} on a "
                             f"device (CuPy's atomicAdd), got {target.dtype}; accumulate in float32/float64 or int32")
-        key = tuple(_unwrap_index(k) for k in indices) if isinstance(indices, tuple) else _unwrap_index(indices)
-        np.add.at(target._a, key, _unwrap_operand(values))
+        np.add.at(target._a, _unwrap_key(indices), _unwrap_operand(values))
     elif _is_cupy_array(target):
         import cupyx  # noqa: PLC0415
 
@@ -302,7 +298,8 @@ _NOT_ON_DEVICE = frozenset({"errstate", "seterr", "geterr", "nditer", "ndenumera
                             "ma", "char", "rec", "memmap", "recarray", "printoptions", "set_printoptions"})
 _OPERATOR_UFUNCS = frozenset({np.add, np.subtract, np.multiply, np.true_divide, np.floor_divide, np.remainder,
                               np.power, np.matmul, np.less, np.less_equal, np.equal, np.not_equal, np.greater,
-                              np.greater_equal, np.bitwise_and, np.bitwise_or, np.bitwise_xor})
+                              np.greater_equal, np.bitwise_and, np.bitwise_or, np.bitwise_xor, np.left_shift,
+                              np.right_shift})
 _ARRAY_METHODS = frozenset({
     "all", "any", "argmax", "argmin", "argpartition", "argsort", "astype", "choose", "clip", "compress", "conj",
     "conjugate", "copy", "cumprod", "cumsum", "diagonal", "dot", "fill", "flatten", "item", "max", "mean", "min",
@@ -345,13 +342,10 @@ def _unwrap_arg(x, host_ok: bool = False):
     return x
 
 
-def _unwrap_index(k):
-    """An index: device arrays unwrapped; host arrays and lists are allowed (CuPy copies them over)."""
-    return k._a if isinstance(k, StrictArray) else k
-
-
 def _unwrap_key(key):
-    return tuple(_unwrap_index(k) for k in key) if isinstance(key, tuple) else _unwrap_index(key)
+    """An index: device arrays unwrapped; host arrays and lists are allowed (CuPy copies them over)."""
+    unwrap = lambda k: k._a if isinstance(k, StrictArray) else k  # noqa: E731
+    return tuple(map(unwrap, key)) if isinstance(key, tuple) else unwrap(key)
 
 
 def _wrap(r):
@@ -453,8 +447,7 @@ class StrictArray:
             raise TypeError(f"Unsupported type {type(value)} assigned into a device array; use xp.asarray(...)")
         self._a[_unwrap_key(key)] = value
 
-    def __len__(self) -> int:
-        return len(self._a)
+    __len__ = lambda self: len(self._a)
 
     def __iter__(self):
         if self._a.ndim == 0:
@@ -491,7 +484,7 @@ class StrictArray:
     __str__ = lambda self: str(self._a)
     __format__ = lambda self, spec: format(self._a, spec)
     __copy__ = __deepcopy__ = lambda self, memo=None: StrictArray(self._a.copy())
-    __reduce__ = lambda self: (_strict_from_host, (self._a.copy(),))
+    __reduce__ = lambda self: (StrictArray, (self._a.copy(),))
     __neg__ = lambda self: StrictArray(-self._a)
     __pos__ = lambda self: self
     __abs__ = lambda self: StrictArray(abs(self._a))
@@ -500,16 +493,12 @@ class StrictArray:
 
 for _name in ("shape", "dtype", "ndim", "size", "nbytes", "itemsize", "strides", "flags"):
     setattr(StrictArray, _name, property(operator.attrgetter(f"_a.{_name}")))
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor"):
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift", "rshift"):
     for _form in ("__{}__", "__r{}__"):
         setattr(StrictArray, _form.format(_name), _binary(_form.format(_name)))
     setattr(StrictArray, f"__i{_name}__", _inplace(f"__i{_name}__"))
 for _name in ("lt", "le", "eq", "ne", "gt", "ge"):
     setattr(StrictArray, f"__{_name}__", _binary(f"__{_name}__"))
-
-
-def _strict_from_host(a: np.ndarray) -> StrictArray:
-    return StrictArray(a)
 
 
 class _StrictUfunc:

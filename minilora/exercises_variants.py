@@ -65,7 +65,7 @@ def _call(fn, *args):
 def _as_array(value, what, shape):
     if value is None:
         raise ExerciseError(f"{what}: your function returned None; did you forget `return`?")
-    a = np.asarray(bk.to_numpy(getattr(value, "data", value)), dtype=np.float64)
+    a = np.asarray(bk.to_numpy(value), dtype=np.float64)  # a Tensor or an array (a device array's .data is memory)
     if a.shape != tuple(shape):
         raise ExerciseError(f"{what}: your result has shape {a.shape}, expected {tuple(shape)}")
     if not np.all(np.isfinite(a)):
