@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
+import stat
 import sys
 from pathlib import Path
 
 from . import lora
+from .backend import BackendUnavailableError
 from .data import TASKS, Tokenizer, prompt_ids
 from .demo import run_demo
 from .experiments import EXPERIMENTS, run_experiment
@@ -16,6 +19,7 @@ from .generate import DECODING_METHODS, generate
 from .models import load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
 from .recipes import finetune, pretrain
+from .train import TrainingDivergedError
 
 __all__ = ["main"]
 
@@ -23,7 +27,69 @@ __all__ = ["main"]
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+# ----------------------------------------------------------------------------- argument checks
+# argparse turns an ArgumentTypeError into "argument --flag: <message>" and exit 2, so every
+# message names its flag; these run before any model is loaded or trained.
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(high: float = math.inf):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and 0.0 < value <= high):
+            limit = f"(0, {high:g}]" if math.isfinite(high) else "> 0 and finite"
+            raise argparse.ArgumentTypeError(f"must be {limit}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _targets(text: str) -> tuple:
+    names = tuple(t.strip() for t in text.split(","))
+    if not names or any(not t or " " in t for t in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated layer names such as q,v")
+    return names
+
+
+def _check_folder(flag: str, folder: str, files=()) -> None:
+    """``--flag folder`` must be (or become) a writable folder, and ``files`` inside it must be writable files."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag} {folder}: is a file, not a folder; give a folder to write into")
+    parent = folder
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: permission denied ({parent} is not writable for this user)")
+    for name in files:
+        _check_file(flag, os.path.join(folder, name))
+
+
+def _check_file(flag: str, path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path} is a directory, so the output file cannot be written there")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{flag}: {path} exists and is not a regular file")
+
+
 def _cmd_demo(args) -> int:
+    _check_folder("--out", args.out)
+    if args.json:
+        _check_file("--json", args.json)
     run_demo(fast=args.fast, json_path=args.json, out_dir=args.out, progress=not args.no_progress)
     return 0
 
@@ -31,6 +97,7 @@ def _cmd_demo(args) -> int:
 def _cmd_pretrain(args) -> int:
     weights = os.path.join(args.out, "base.safetensors") if args.out else BASE_WEIGHTS
     config = os.path.join(args.out, "base.json") if args.out else BASE_CONFIG
+    _check_folder("--out", os.path.dirname(weights) or ".", [os.path.basename(weights), os.path.basename(config)])
     _, history, held_out = pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                     out_weights=weights, out_config=config, progress=not args.no_progress)
     print(f"pretrained {args.steps} steps in {history.seconds:.1f} s; final train loss {history.losses[-1]:.4f}, "
@@ -40,7 +107,9 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    targets = tuple(t for t in args.targets.split(",") if t)
+    targets = args.targets
+    name = f"{args.task}.safetensors" if args.method == "lora" else f"{args.task}-full.safetensors"
+    _check_folder("--out", args.out, [name, f"{args.task}-full.json"])
     lora_hp = {"r": args.r, "alpha": args.alpha, "targets": targets} if args.method == "lora" else {}
     run = finetune(args.task, args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    progress=not args.no_progress, **lora_hp)
@@ -74,6 +143,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
+    _check_folder("--out", args.out)
     run_experiment(args.name, out_dir=args.out, fast=args.fast)
     return 0
 
@@ -107,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("pretrain", help="train the base GPT on the free-description corpus (the shipped asset)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_int_at_least(1), default=3000)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    p.add_argument("--lr", type=_positive_float(1.0), default=3e-3, help="learning rate in (0, 1] (default 3e-3)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out", default=None, help="folder to write to (default: minilora/assets/)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_pretrain)
@@ -118,13 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="adapt the base model to one task (LoRA or full fine-tuning)")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--method", default="lora", choices=("lora", "full"))
-    p.add_argument("--r", type=int, default=4, help="LoRA rank (default 4)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
-    p.add_argument("--targets", default="q,v", help="comma-separated module names to adapt (default q,v)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--r", type=_int_at_least(1), default=4, help="LoRA rank (default 4)")
+    p.add_argument("--alpha", type=_positive_float(), default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--targets", type=_targets, default=("q", "v"),
+                   help="comma-separated module names to adapt (default q,v)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    p.add_argument("--lr", type=_positive_float(1.0), default=None, help="learning rate in (0, 1]")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out", default="minilora-out", help="folder for the adapter / model file")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_finetune)
@@ -133,11 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help='e.g. "name[the eagle] food[french]"')
     p.add_argument("--adapter", help="a LoRA adapter file written by `minilora finetune`")
     p.add_argument("--method", default="greedy", choices=DECODING_METHODS)
-    p.add_argument("--beams", type=int, default=4)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--beams", type=_int_at_least(1), default=4)
+    p.add_argument("--temperature", type=_positive_float(), default=1.0)
+    p.add_argument("--top-k", type=_int_at_least(1), default=None)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=48)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("experiment", help="the paper's experiments in miniature (tables + PNGs)")
@@ -162,7 +233,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message says what and how to fix it
+    # bad input, a file that cannot be read or written, a backend this machine lacks, a run that
+    # diverged: the message says what and how to fix it (a traceback would only hide it)
+    except (ValueError, OSError, BackendUnavailableError, TrainingDivergedError) as exc:
         print(f"minilora {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

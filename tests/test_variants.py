@@ -327,7 +327,7 @@ def test_dora_trains_and_all_bias_modes_work():
             opt.step()
             losses.append(loss.item())
         assert losses[-1] < losses[0] - 0.05, (bias, losses)
-        assert any(n.endswith(".bias") for n in opt.names) == (bias != "none")
+        assert any(".lora_bias." in n for n in opt.names) == (bias != "none")  # the adapter's own Δb
 
 
 # ============================================================================ PiSSA
@@ -396,8 +396,8 @@ def test_pissa_to_lora_is_a_rank_2r_lora_on_the_original_weights(tmp_path, use_r
     assert converted.alpha == (6 * math.sqrt(2) if use_rslora else 12.0)
     assert converted.scaling == pytest.approx(cfg.scaling, rel=1e-15)
     assert_close(plain(idx).data, trained, rtol=1e-12, atol=1e-12)
-    for name, p in original.named_parameters():  # W₀ is back, to the rounding of W_res + s·B₀·A₀
-        np.testing.assert_allclose(to_np(dict(plain.named_parameters())[name].data), to_np(p.data), atol=1e-14)
+    for name, p in original.named_parameters():  # W₀ is back, exactly
+        np.testing.assert_array_equal(to_np(dict(plain.named_parameters())[name].data), to_np(p.data))
     path = lora.save_adapter(tmp_path / "plain.safetensors", plain, "default")
     lora.load_adapter(path, original)  # a plain LoRA now: W₀ is not touched
     assert_close(original(idx).data, trained, rtol=1e-12, atol=1e-12)
@@ -486,6 +486,15 @@ def test_lora_layer_over_nf4_gradcheck_and_mixed_batch():
         lora.merge(model)
     with pytest.raises(ValueError, match="before lora.quantize_base"):
         lora.apply_lora(model, lora.LoRAConfig(r=1, alpha=1, target_modules=("q",), init="pissa"), "p")
+
+
+def test_nf4_base_keeps_the_adapters_bias_deltas():
+    """bias="all" gives plain Linear layers a Δb child and hook; quantize_base must carry them over."""
+    model, reference = quantized_pair(lora.LoRAConfig(r=2, alpha=4, target_modules=("q",), bias="all"))
+    assert isinstance(dict(model.named_modules())["blocks.0.mlp.fc"], lora.NF4Linear)
+    assert "blocks.0.mlp.fc.lora_bias.default" in dict(model.named_parameters())
+    idx = ids_batch(2)
+    assert_close(model(idx).data, reference(idx).data, rtol=1e-12, atol=1e-12)  # perturb() moved every Δb
 
 
 def test_quantized_lora_model_trains_and_reports_memory():

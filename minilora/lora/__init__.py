@@ -13,12 +13,13 @@
 Files: ``function`` (THE equation h = W₀x + (α/r)·B·A·x: the fused op, the mixed op, their
 backward), ``config`` (LoRAConfig), ``layer`` (LoRALinear and its adapters), ``mixed`` (mixed
 batches: grouping rows by adapter, ``mixed_batch``), ``model`` (apply, freeze, count, merge),
-``files`` (adapter files). ``minilora.functional.lora_linear`` is ``function.lora_linear``.
+``bias`` (an adapter's own bias deltas), ``files`` (adapter files). ``minilora.functional.lora_linear`` is ``function.lora_linear``.
 Beyond the paper: DoRA (``LoRAConfig(use_dora=True)``, ``function.dora_linear``), PiSSA
 (``init="pissa"``; ``variants.pissa_to_lora``), rsLoRA (``use_rslora``), and a 4-bit NF4 base
 (``quantized.quantize_base``, QLoRA).
 """
 
+from .bias import BiasDeltas  # noqa: F401
 from .config import BASE_ADAPTER, BIAS_MODES, INIT_MODES, LoRAConfig  # noqa: F401
 from .files import AdapterFileError, adapter_nbytes, load_adapter, save_adapter  # noqa: F401
 from .layer import AdapterDict, LoRALinear  # noqa: F401
@@ -38,6 +39,7 @@ from .model import (  # noqa: F401
     MergeWarning,
     TrainableSummary,
     apply_lora,
+    bias_delta_names,
     delete_adapter,
     disable_adapters,
     get_adapter_config,

@@ -50,8 +50,9 @@ class LoRAConfig:
     target_modules: Linear layers to adapt, by the last component of their path ("q" matches
        ``blocks.0.attn.q``) or by a dotted suffix / full path ("blocks.0.attn.q").
     dropout: dropout on the adapter's input x (the base path W0 x is not dropped), as in loralib.
-    bias: which biases ``mark_only_lora_as_trainable`` trains: "none", "all", or "lora_only"
-       (those of adapted layers). Trained biases are saved with the adapter.
+    bias: which biases the adapter trains: "none", "all", or "lora_only" (those of adapted layers).
+       They train as the adapter's own deltas ``<module>.lora_bias.<adapter>`` (``lora.bias``), never
+       in the base biases, and are saved with the adapter.
     init: how A and B start (the adapted model always starts equal to the base):
        "kaiming" — U(-1/√k, 1/√k), loralib's ``kaiming_uniform_(A, a=√5)`` (and PEFT's default);
        "gaussian" — N(0, σ²) with σ = 1/r, PEFT's ``init_lora_weights="gaussian"``; the paper
