@@ -1,4 +1,5 @@
-"""The command line: ``minilora demo | pretrain | finetune | generate | experiment | bench``."""
+"""The command line: ``minilora demo | pretrain | finetune | generate | experiment | bench``, and the
+Hugging Face bridge ``export | import-peft | analyze`` (``minilora.hf.commands``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import sys
 from pathlib import Path
 
 from . import lora
+from .allocator import keep_freed_memory
 from .backend import BackendUnavailableError
 from .data import TASKS, Tokenizer, prompt_ids
 from .demo import run_demo
 from .experiments import EXPERIMENTS, run_experiment
 from .generate import DECODING_METHODS, generate
+from .hf import commands as hf_commands
+from .joint import finetune_joint
 from .models import load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
 from .recipes import finetune, pretrain
@@ -106,7 +110,44 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _cmd_finetune_joint(args, tasks) -> int:
+    if args.method != "lora":
+        raise ValueError(f"--joint trains one LoRA adapter per task in a mixed batch; it needs --method lora, "
+                         f"not {args.method!r} (full fine-tuning has one set of weights for every task)")
+    targets = tuple(args.targets) if args.targets else None
+    result = finetune_joint(tasks, steps=args.steps, batch_size=args.batch_size, lr=args.lr, r=args.r,
+                            alpha=args.alpha, targets=targets, seed=args.seed, progress=not args.no_progress)
+    os.makedirs(args.out, exist_ok=True)
+    for task, run in result.runs.items():
+        path = os.path.join(args.out, f"{task}.safetensors")
+        lora.save_adapter(path, result.model, adapter_name=task)
+        print(f"{task}/lora (joint): {run.metric_name} = {run.metric:.3f} on the test split; trainable "
+              f"{run.trainable_params:,}; wrote {path} ({os.path.getsize(path) / 1e3:.1f} kB)")
+    print(f"trained {len(tasks)} adapters in one mixed batch: {result.train_seconds:.1f} s")
+    return 0
+
+
+def _task_list(value: str) -> tuple:
+    """``--task e2e`` or ``--task e2e,parse,classify``: distinct known task names."""
+    tasks = tuple(t.strip() for t in value.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise argparse.ArgumentTypeError(f"{value!r}: give distinct task names from {', '.join(TASKS)}")
+    return tasks
+
+
 def _cmd_finetune(args) -> int:
+    if args.base or args.text:  # LoRA on an imported GPT-2 and a text file
+        return hf_commands.cmd_finetune_text(args)
+    if not args.task:
+        raise ValueError("finetune needs --task (e2e, parse or classify), or --base HF_DIR --text FILE")
+    tasks = args.task
+    if args.joint:
+        return _cmd_finetune_joint(args, tasks)
+    if len(tasks) > 1:
+        raise ValueError(f"--task {','.join(tasks)}: several tasks need --joint (one LoRA adapter per task, "
+                         "trained together in mixed batches); otherwise give one task")
+    args.task = tasks[0]
     targets = args.targets
     name = f"{args.task}.safetensors" if args.method == "lora" else f"{args.task}-full.safetensors"
     _check_folder("--out", args.out, [name, f"{args.task}-full.json"])
@@ -185,8 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="adapt the base model to one task (LoRA or full fine-tuning)")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p = sub.add_parser("finetune", help="adapt the base model to one task (LoRA or full fine-tuning), "
+                                        "or several LoRA adapters together (--joint)")
+    p.add_argument("--task", type=_task_list, metavar="TASK[,TASK...]",
+                   help=f"one of {', '.join(TASKS)}; several, comma-separated, with --joint; not needed with --base HF_DIR --text FILE")
+    p.add_argument("--joint", action="store_true",
+                   help="LoRA only: one adapter per task, trained together in mixed batches (rows of every task)")
     p.add_argument("--method", default="lora", choices=("lora", "full"))
     p.add_argument("--r", type=_int_at_least(1), default=4, help="LoRA rank (default 4)")
     p.add_argument("--alpha", type=_positive_float(), default=None, help="LoRA alpha (default 2r)")
@@ -198,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out", default="minilora-out", help="folder for the adapter / model file")
     p.add_argument("--no-progress", action="store_true")
+    hf_commands.add_finetune_flags(p)
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("generate", help="continue a prompt with the base model (and an adapter file)")
@@ -217,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
     p.set_defaults(func=_cmd_experiment)
 
+    hf_commands.add_parsers(sub)  # export, import-peft, analyze
+
     # `minilora bench ...` is forwarded to `python -m benchmarks.bench ...` by main(); listed here for --help
     sub.add_parser("bench", help="benchmarks (JSON lines), optionally side by side with PyTorch; "
                                  "see `minilora bench --help`")
@@ -225,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # fewer page faults for NumPy's temporaries (see minilora/allocator.py)
     if argv[:1] == ["bench"]:  # every option after `bench` belongs to `python -m benchmarks.bench`
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import backend as bk
 from . import lora
-from .data import TASKS, Tokenizer, load_task, prompt_ids
+from .data import TASKS, Tokenizer, load_task, prompt_ids, task_metric
 from .generate import generate
 from .io import save_json
 from .methods import HYPERPARAMS
@@ -145,24 +145,31 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     print()
 
     # ---------------------------------------------------------------- 4. one mixed batch
-    print("[4/4] one batch, three tasks: each row routed through its own adapter")
+    print("[4/4] one batch, three tasks: each row routed through its own adapter "
+          "(the first test example of each task)")
     server = load_base()
     for task, path in adapter_paths.items():
         lora.load_adapter(path, server, adapter_name=task)
     server.eval()
-    examples = [load_task(task, "test", 1)[0] for task in TASKS]
+    examples = [load_task(task, "test", 1)[0] for task in TASKS]  # the first, not picked
     outputs = generate(server, [prompt_ids(tokenizer, ex.prompt) for ex in examples], max_new_tokens=40,
                        eos_id=tokenizer.eos_id, adapter_ids=list(TASKS))
     mixed = {}
     for task, ex, out in zip(TASKS, examples, outputs):
         answer = tokenizer.decode(out, skip_special=True)
-        mixed[task] = {"prompt": ex.prompt, "answer": answer, "reference": ex.target}
-        print(f"  [{task}] {ex.prompt}\n      => {answer}")
+        metric_name, value = task_metric(task, [answer], [ex])
+        correct = bool(value == 1.0)  # by the task's metric: every slot / the exact MR / the label
+        mixed[task] = {"prompt": ex.prompt, "answer": answer, "reference": ex.target, "correct": correct}
+        print(f"  [{task}] prompt:    {ex.prompt}\n"
+              f"  {'':<{len(task) + 2}} answer:    {answer}\n"
+              f"  {'':<{len(task) + 2}} reference: {ex.target}\n"
+              f"  {'':<{len(task) + 2}} {'✓' if correct else '✗'} ({metric_name} {value:.2f})")
     # the same rows served one task at a time must agree with the mixed batch
     separately = [generate(server, [prompt_ids(tokenizer, ex.prompt)], max_new_tokens=40, eos_id=tokenizer.eos_id,
                            adapter_ids=[task])[0] for task, ex in zip(TASKS, examples)]
     agree = all(list(a) == list(b) for a, b in zip(outputs, separately))
-    print(f"  mixed batch == one adapter at a time: {agree}")
+    print(f"  {sum(m['correct'] for m in mixed.values())}/{len(mixed)} correct; "
+          f"mixed batch == one adapter at a time: {agree}")
 
     wall = time.perf_counter() - started
     print(f"\ndone in {wall:.1f} s; outputs in {out_dir}/")

@@ -36,11 +36,11 @@ from .data import (
     task_metric,
 )
 from .generate import generate
-from .methods import HYPERPARAMS, METHODS, TRAINING_KEYS, apply_method
+from .methods import HYPERPARAMS, METHODS, apply_method
 from .models import GPT, GPTConfig, load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
 from .tensor import no_grad
-from .train import History, epoch_batches, fit
+from .train import History, epoch_batches, fit, length_grouped_batches
 
 __all__ = [
     "FAST",
@@ -90,9 +90,21 @@ class RunResult:
         }
 
 
-def task_batches(examples, tokenizer: Tokenizer, batch_size: int, seed: int, block_size: int):
-    """``get_batch(step)`` for ``fit``: shuffled epochs of collated task batches."""
-    rows = epoch_batches(len(examples), batch_size, seed)
+def batch_rows(examples, tokenizer: Tokenizer, batch_size: int, seed: int, length_group: int = 1):
+    """``rows(step)``: the example indices of each step (``length_group`` > 1: similar lengths together)."""
+    if length_group <= 1:
+        return epoch_batches(len(examples), batch_size, seed)
+    lengths = [len(encode_example(tokenizer, ex)[0]) for ex in examples]
+    return length_grouped_batches(lengths, batch_size, seed, group=length_group)
+
+
+def task_batches(examples, tokenizer: Tokenizer, batch_size: int, seed: int, block_size: int, length_group: int = 1):
+    """``get_batch(step)`` for ``fit``: shuffled epochs of collated task batches.
+
+    ``length_group`` > 1 puts examples of similar length in a batch (``train.length_grouped_batches``):
+    a batch is padded to its longest row, so this trains on fewer padding tokens per step.
+    """
+    rows = batch_rows(examples, tokenizer, batch_size, seed, length_group)
 
     def get_batch(step):
         b = collate([examples[i] for i in rows(step)], tokenizer, block_size=block_size)
@@ -222,7 +234,8 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
         settings["steps"] = 40
     if method == "lora":
         settings.setdefault("adapter_name", task)
-    lr, weight_decay, steps = (settings.pop(k) for k in TRAINING_KEYS)
+    lr, weight_decay, steps = (settings.pop(k) for k in ("lr", "weight_decay", "steps"))
+    length_group = settings.pop("length_group", 1)  # batches of similar lengths (1: plain shuffled batches)
     model = copy.deepcopy(base) if base is not None else load_base()
     bk.manual_seed(seed)
     model = apply_method(model, method, **settings)
@@ -235,7 +248,7 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
     train = [ex for ex in train_all if len(encode_example(tokenizer, ex)[0]) <= block_size]
     if not train:
         raise ValueError(f"{method}: no training example of {task} fits in {block_size} tokens")
-    get_batch = task_batches(train, tokenizer, batch_size, seed, block_size)
+    get_batch = task_batches(train, tokenizer, batch_size, seed, block_size, length_group=length_group)
     peak = peak_step_memory(model, optimizer, get_batch) if measure_memory else 0
     history = fit(model, optimizer, get_batch, steps, scheduler=scheduler, progress=progress, desc=f"{task}/{method}")
     evaluation = load_task(task, eval_split, n_eval if n_eval is not None else (40 if FAST else None))
@@ -247,7 +260,8 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
         optimizer_state_bytes=optimizer.state_bytes(), train_seconds=history.seconds, peak_memory_bytes=peak,
         eval_loss=target_loss(model, evaluation, tokenizer), skipped_train=len(train_all) - len(train),
         config={"method": method, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
-                "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed},
+                "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+                "length_group": length_group},
     )
 
 

@@ -17,6 +17,7 @@ import contextlib
 import math
 import numbers
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from .io import FileFormatError, load_arrays, save_arrays
 from .lora import mixed_batch
 from .optim import clip_grad_norm_
 
-__all__ = ["fit", "History", "TrainingDivergedError", "epoch_batches", "save_checkpoint", "load_checkpoint"]
+__all__ = ["fit", "History", "Progress", "length_grouped_batches", "TrainingDivergedError", "epoch_batches", "save_checkpoint", "load_checkpoint"]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -75,6 +76,50 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int):
             cache.clear()
             cache[epoch] = order
         return order[i * batch_size:(i + 1) * batch_size]
+
+    return rows
+
+
+def length_grouped_batches(lengths, batch_size: int, seed: int, group: int = 16):
+    """``rows(step)`` like ``epoch_batches``, with rows of similar length in a batch: less padding.
+
+    A batch is padded to its longest row, so mixing lengths 30 and 62 wastes a quarter of the
+    tokens (the task batches here: 23-26 %). Each epoch is the same seeded permutation as
+    ``epoch_batches``, cut into windows of ``group`` batches; a window is sorted by length, cut
+    into batches, and its batches are visited in a seeded random order. Every example is still
+    seen once per epoch, and batches still draw on the whole length range over an epoch. A pure
+    function of the step, so resume stays exact. ``group=1`` is ``epoch_batches``.
+    """
+    lengths = np.asarray(lengths)
+    n_examples = len(lengths)
+    if n_examples < 1 or batch_size < 1 or group < 1:
+        raise ValueError(f"length_grouped_batches: need examples, batch_size >= 1 and group >= 1, got "
+                         f"{n_examples}, {batch_size}, {group}")
+    if group == 1:
+        return epoch_batches(n_examples, batch_size, seed)
+    per_epoch = max(1, n_examples // batch_size)
+    cache: dict[int, list] = {}
+
+    def epoch_order(epoch: int) -> list:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(n_examples)
+        batches = []
+        window = group * batch_size
+        for start in range(0, per_epoch * batch_size, window):
+            chunk = order[start:min(start + window, per_epoch * batch_size)]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]  # similar lengths side by side
+            cut = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            batches += [cut[j] for j in rng.permutation(len(cut))]  # and no short-to-long sweep
+        return batches
+
+    def rows(step: int) -> np.ndarray:
+        epoch, i = divmod(step, per_epoch)
+        batches = cache.get(epoch)
+        if batches is None:
+            batches = epoch_order(epoch)
+            cache.clear()
+            cache[epoch] = batches
+        return batches[i]
 
     return rows
 
@@ -315,12 +360,67 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
 
 
 # ----------------------------------------------------------------------------- the loop
-def _progress(total, initial, desc, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class Progress:
+    """Training progress: a widget in a Jupyter kernel, a tqdm bar on a terminal, a few plain lines in a log.
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+    ``update(done, loss, history)`` after each step, ``close()`` at the end. Without a TTY a
+    redrawn bar would write one line per step into the log, so instead a line is printed at
+    25 %, 50 %, 75 % and 100 % of the steps: step, loss, tokens per second. In a kernel without
+    ipywidgets a text bar would print TqdmWarning and store every redraw in the notebook, so
+    there is no bar (``TQDM_DISABLE=1`` turns every bar off; tqdm.notebook ignores it itself).
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0, stream=None):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.bar = None
+        self.marks = sorted({max(1, (total * q) // 4) for q in (1, 2, 3, 4)}) if total > 0 else []
+        if enabled and os.environ.get("TQDM_DISABLE", "").strip() not in ("", "0"):
+            self.enabled = False
+        kwargs = dict(total=total, initial=initial, desc=desc, unit="step", leave=False)
+        if self.enabled and _in_kernel():
+            self.marks = []  # a notebook: the widget or nothing, never printed lines
+            try:
+                import ipywidgets  # noqa: F401  (tqdm.notebook needs it)
+                from tqdm.notebook import tqdm as notebook_tqdm
+            except ImportError:
+                return
+            self.bar = notebook_tqdm(**kwargs)
+        elif self.enabled and _is_tty(self.stream):
+            from tqdm import tqdm
+
+            self.bar = tqdm(dynamic_ncols=True, file=self.stream, **kwargs)
+
+    def update(self, done: int, loss: float, history: History) -> None:
+        if not self.enabled:
+            return
+        tok_s = history.tokens / max(history.seconds, 1e-9)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
+        elif done in self.marks:
+            print(f"  {self.desc}: step {done}/{self.total}, loss {loss:.4f}, {tok_s:,.0f} tok/s, "
+                  f"{history.seconds:.1f} s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _in_kernel() -> bool:
+    """True inside a Jupyter kernel (IPython exists only where Jupyter is installed)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), "kernel", None) is not None
 
 
 def _finite_params(params) -> bool:
@@ -366,7 +466,7 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
                              f"pass steps >= {start} to continue it (or another checkpoint_dir for a new run)")
         saved_step = start
     params = model.parameters(trainable_only=True)
-    bar = _progress(steps, start, desc, progress)
+    bar = Progress(steps, desc, progress, initial=start)
     model.train()
     t_start = time.perf_counter() - history.seconds
 
@@ -439,9 +539,7 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
             history.lrs.append(float(optimizer.lr))
             history.tokens += n_tokens
             history.seconds = time.perf_counter() - t_start
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{history.tokens / max(history.seconds, 1e-9):.0f}")
+            bar.update(step + 1, value, history)
             done = step + 1
             if eval_fn is not None and eval_every and done % eval_every == 0 and done < steps:
                 evaluate(done)
@@ -451,8 +549,7 @@ def fit(model, optimizer, get_batch, steps: int, *, scheduler=None, grad_clip: f
         if eval_fn is not None:
             evaluate(steps)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     history.seconds = time.perf_counter() - t_start
     if last_path and save_every:
         save(last_path, optimizer, steps)

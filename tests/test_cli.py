@@ -1,6 +1,7 @@
 """The command line: every command is listed, and the main job runs end to end (fast mode)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -27,13 +28,23 @@ def test_demo_fast_runs_end_to_end(tmp_path):
     """`minilora demo --fast`: the table, merged == unmerged, adapter files, the mixed batch, the PNG, the JSON."""
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "minilora.cli", "demo", "--fast", "--no-progress", "--out", str(out),
-         "--json", str(tmp_path / "demo.json")],
+        [sys.executable, "-m", "minilora.cli", "demo", "--fast", "--out", str(out), "--json", str(tmp_path / "demo.json")],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mixed batch == one adapter at a time: True" in result.stdout
+    # progress without a TTY (a pipe here): a few plain lines per run, never a redrawn bar
+    progress = [line for line in result.stderr.splitlines() if "/full: step" in line or "/lora: step" in line]
+    assert 6 <= len(progress) <= 6 * 4 and "\r" not in result.stderr
     results = json.loads((tmp_path / "demo.json").read_text())
+    from minilora.data import load_task
+
+    for task, shown in results["mixed_batch"].items():  # the showcase: the FIRST test example of each task
+        first = load_task(task, "test", 1)[0]
+        assert shown["prompt"] == first.prompt and shown["reference"] == first.target
+        assert isinstance(shown["correct"], bool) and isinstance(shown["answer"], str)
+        assert f"reference: {first.target}" in result.stdout
+    assert result.stdout.count("✓") + result.stdout.count("✗") == 3
     for task in ("e2e", "parse", "classify"):
         cells = results["tasks"][task]
         for method in ("full", "lora"):
@@ -56,3 +67,26 @@ def test_bad_input_is_a_clean_error_not_a_traceback():
     assert result.returncode == 2
     assert "unknown word 'frenchh'" in result.stderr and "close words: 'french'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_finetune_joint_trains_three_adapters_from_the_command_line(tmp_path):
+    env = {**os.environ, "MINILORA_FAST": "1"}  # 40 test examples per task
+    result = subprocess.run(
+        [sys.executable, "-m", "minilora.cli", "finetune", "--task", "e2e,parse,classify", "--method", "lora",
+         "--joint", "--steps", "3", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for task in ("e2e", "parse", "classify"):
+        assert f"{task}/lora (joint):" in result.stdout
+        assert (tmp_path / f"{task}.safetensors").stat().st_size > 0
+    assert "trained 3 adapters in one mixed batch" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "e2e,parse", "--method", "full", "--joint"], "--joint trains one LoRA adapter per task"),
+    (["--task", "e2e,parse"], "several tasks need --joint"),
+])
+def test_finetune_joint_misuse_is_a_clean_error(argv, message):
+    result = subprocess.run([sys.executable, "-m", "minilora.cli", "finetune", *argv], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -743,3 +743,26 @@ def test_bias_of_wrong_shape_names_the_shapes(op, backend):
             F.linear(x, T(np.ones((4, 4)), backend), bias)
         else:
             F.layer_norm(x, T(np.ones(4), backend), bias)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gelu_in_cache_blocks_equals_gelu_in_one_pass(monkeypatch, dtype):
+    """A large input goes through GELU in blocks of rows (the L2-cache fast path): the same bits."""
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((3, 70, 1000)).astype(dtype)  # 210 rows of 1000: 4 blocks, the last one partial
+    g_np = rng.standard_normal(x_np.shape).astype(dtype)
+    results = []
+    for block in (F._BLOCK_ELEMENTS, 10**9):  # blocked, then one pass over the whole array
+        monkeypatch.setattr(F, "_BLOCK_ELEMENTS", block)
+        x = ml.tensor(x_np, requires_grad=True)
+        y = F.gelu(x)
+        y.backward(g_np)
+        results.append((y.data, x.grad))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    xd = x_np.astype(np.float64)
+    t = np.tanh(GELU_C * (xd + GELU_A * xd ** 3))
+    dydx = 0.5 * (1 + t) + 0.5 * xd * (1 - t * t) * GELU_C * (1 + 3 * GELU_A * xd * xd)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(results[0][0], np_gelu(xd), rtol=tol, atol=tol)
+    np.testing.assert_allclose(results[0][1], dydx * g_np, rtol=tol, atol=tol)

@@ -117,3 +117,41 @@ def test_only_trainable_parameters_are_checkpointed(tmp_path):
     arrays, _ = load_arrays(tmp_path / "last.safetensors")
     saved = {k[len("param/"):] for k in arrays if k.startswith("param/")}
     assert saved == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_progress_without_a_tty_prints_a_few_lines_not_one_per_step():
+    import io
+
+    from minilora.train import History, Progress
+
+    stream = io.StringIO()  # not a TTY: a log file, CI
+    bar = Progress(200, "e2e/full", True, stream=stream)
+    history = History()
+    for step in range(200):
+        history.tokens += 100
+        history.seconds += 0.01
+        bar.update(step + 1, 1.0 / (step + 1), history)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4 and "\r" not in stream.getvalue()
+    assert lines[-1].startswith("  e2e/full: step 200/200, loss 0.0050")
+    silent = io.StringIO()
+    Progress(10, "x", False, stream=silent).update(10, 0.1, history)
+    assert silent.getvalue() == ""
+
+
+def test_length_grouped_batches_see_every_example_once_per_epoch_with_less_padding():
+    from minilora.train import length_grouped_batches
+
+    lengths = np.random.default_rng(0).integers(10, 64, 200)
+    rows = length_grouped_batches(lengths, 8, seed=3, group=5)
+    plain = epoch_batches(200, 8, seed=3)
+    epoch = np.concatenate([rows(s) for s in range(25)])
+    assert sorted(epoch.tolist()) == list(range(200))  # a permutation: each example once per epoch
+    assert np.array_equal(rows(7), length_grouped_batches(lengths, 8, seed=3, group=5)(7))  # a pure function
+    assert not np.array_equal(rows(25), rows(0))  # the next epoch is a new draw
+    padded = sum(lengths[rows(s)].max() for s in range(25))
+    padded_plain = sum(lengths[plain(s)].max() for s in range(25))
+    assert padded < 0.85 * padded_plain
+    same = length_grouped_batches(lengths, 8, seed=3, group=1)  # group 1: the plain shuffled batches
+    assert all(np.array_equal(same(s), plain(s)) for s in range(30))

@@ -1,0 +1,232 @@
+"""Train several LoRA adapters at once, in ONE mixed batch: each row through its own task's adapter.
+
+    result = finetune_joint(("e2e", "parse", "classify"), base=load_base(), steps=400)
+    result.model                 # the base model with three adapters, named after the tasks
+    result.runs["parse"].metric  # each task's test metric, as finetune() reports it
+
+A serving system already runs mixed batches (``lora.mixed``); the same Function has a
+hand-written backward, so one step can also TRAIN every adapter in the batch. Each step
+takes ``batch_size`` rows of every task (the rows a separate run of that task would take at
+that step), pads them to one width and runs one forward/backward pass through the frozen
+W₀ with row i routed through adapter ``task(i)``.
+
+The loss. Let L_t be the mean token NLL over the y tokens of task t's rows (what a separate
+run of task t minimises, eq. 2). The joint loss is their SUM, L = Σ_t L_t: every row is
+weighted by 1 / (number of y tokens of its task in this batch). Because A_t, B_t only touch
+the rows of task t and W₀ is frozen, ∂L/∂(A_t, B_t) = ∂L_t/∂(A_t, B_t): each adapter gets
+exactly the gradient of its own rows' loss, whatever the other tasks' row counts or lengths.
+Gradient clipping is per adapter (the norm of one adapter's gradient, as a separate run
+clips it), AdamW is per parameter, and every adapter starts from the same seeded draw as a
+separate run. So a joint run equals the separate runs, step by step, when the batches hold
+the same rows; ``tests/test_joint.py`` checks both statements.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backend as bk
+from . import functional as F
+from . import lora, optim
+from .data import TASKS, Tokenizer, collate, load_task, prompt_ids, task_metric
+from .generate import generate
+from .models import GPT, load_base
+from .tensor import no_grad
+from .train import History, Progress
+
+__all__ = ["JointResult", "joint_loss", "joint_batches", "joint_model", "train_joint", "finetune_joint", "decode"]
+
+
+def _logits(model, idx, adapter_ids):
+    with lora.mixed_batch(model, adapter_ids):  # row i through adapter adapter_ids[i]; the model knows nothing of it
+        return model(idx)
+
+
+def joint_loss(model, idx, targets, mask, adapter_ids):
+    """L = Σ_t L_t, L_t = the mean NLL over the counted tokens of the rows routed to adapter t.
+
+    Row i's counted tokens get weight 1 / n_t(i), n_t = the counted tokens of its task; the
+    weighted mean that ``F.cross_entropy`` computes divides by Σ weights = the number of
+    tasks K, so the sum is K times it.
+    """
+    mask = np.asarray(bk.to_numpy(mask), dtype=np.float64)
+    ids = np.asarray(adapter_ids)
+    weights = np.zeros_like(mask)
+    tasks = list(dict.fromkeys(adapter_ids))
+    for task in tasks:
+        rows = ids == task
+        n = mask[rows].sum()
+        if n <= 0:
+            raise ValueError(f"joint_loss: the rows of {task!r} count no token (their mask is all 0)")
+        weights[rows] = mask[rows] / n
+    logits = _logits(model, idx, list(adapter_ids))
+    weights = bk.asarray(weights, dtype=logits.dtype, backend=bk.backend_of(logits.data))
+    return F.cross_entropy(logits, targets, mask=weights) * float(len(tasks))
+
+
+def joint_batches(examples: dict, tokenizer: Tokenizer, batch_size: int, seed: int, block_size: int,
+                  length_group: int = 1):
+    """``get_batch(step) -> (idx, targets, mask, adapter_ids)``: each task's rows of that step, stacked.
+
+    Task t contributes the rows a separate run would train on at ``step`` (the same
+    ``recipes.batch_rows``), right-padded to the widest task's width; padding sits after every
+    real token, so causal attention never sees it.
+    """
+    from .recipes import batch_rows
+
+    rows = {task: batch_rows(ex, tokenizer, batch_size, seed, length_group) for task, ex in examples.items()}
+
+    def get_batch(step):
+        parts = {task: collate([ex[i] for i in rows[task](step)], tokenizer, block_size=block_size)
+                 for task, ex in examples.items()}
+        width = max(b.idx.shape[1] for b in parts.values())
+        idx, targets, mask, ids = [], [], [], []
+        for task, b in parts.items():
+            pad = width - b.idx.shape[1]
+            idx.append(np.pad(b.idx, ((0, 0), (0, pad)), constant_values=tokenizer.pad_id))
+            targets.append(np.pad(b.targets, ((0, 0), (0, pad)), constant_values=tokenizer.pad_id))
+            mask.append(np.pad(b.mask, ((0, 0), (0, pad))))
+            ids += [task] * b.idx.shape[0]
+        return np.concatenate(idx), np.concatenate(targets), np.concatenate(mask), ids
+
+    return get_batch
+
+
+@dataclass
+class JointResult:
+    model: GPT  # the base model with one adapter per task (named after the task)
+    history: History
+    runs: dict  # task -> RunResult (its metric, its adapter's parameter counts; model = the shared one)
+    train_seconds: float
+    eval_seconds: float
+
+
+def _adapter_params(model, task):
+    return [p for name, p in model.named_parameters() if name.endswith(f".lora_A.{task}") or name.endswith(f".lora_B.{task}")]
+
+
+def joint_model(base: GPT, tasks, r: int = 4, alpha: float | None = None, targets=("q", "v"), seed: int = 0) -> GPT:
+    """A copy of ``base`` with one trainable LoRA adapter per task (named after it), W₀ frozen.
+
+    Every adapter starts from the same seeded draw that a separate run of its task makes.
+    """
+    model = copy.deepcopy(base)
+    config = lora.LoRAConfig(r=r, alpha=float(alpha if alpha is not None else 2 * r), target_modules=tuple(targets))
+    for task in tasks:
+        bk.manual_seed(seed)
+        lora.apply_lora(model, config, adapter_name=task)
+    lora.mark_only_lora_as_trainable(model)
+    return model
+
+
+def train_joint(model, tasks, get_batch, steps: int, lr: float, weight_decay: float = 0.0, warmup: int | None = None,
+                grad_clip: float | None = 1.0, progress: bool = True, desc: str = "joint") -> History:
+    """The joint training loop: one AdamW step per mixed batch, clipping each adapter on its own."""
+    groups = {task: _adapter_params(model, task) for task in tasks}
+    optimizer = optim.AdamW([p for ps in groups.values() for p in ps], lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 10) if warmup is None else warmup
+    scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=warmup))
+    history, bar = History(), Progress(steps, desc, progress)
+    model.train()
+    started = time.perf_counter()
+    for step in range(steps):
+        idx, targets, mask, adapter_ids = get_batch(step)
+        loss = joint_loss(model, idx, targets, mask, adapter_ids)
+        value = float(loss.item())
+        if not math.isfinite(value):
+            raise RuntimeError(f"joint training: loss became {value} at step {step}; lower the learning rate")
+        optimizer.zero_grad()
+        loss.backward()
+        if grad_clip:
+            for params in groups.values():  # per adapter: as a separate run of that task clips it
+                optim.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        scheduler.step()
+        history.steps.append(step)
+        history.losses.append(value)
+        history.lrs.append(float(optimizer.lr))
+        history.tokens += int(np.asarray(mask).sum())
+        history.seconds = time.perf_counter() - started
+        bar.update(step + 1, value, history)
+    bar.close()
+    history.seconds = time.perf_counter() - started
+    return history
+
+
+def finetune_joint(tasks=TASKS, *, base: GPT | None = None, steps: int | None = None, batch_size: int = 16,
+                   lr: float | None = None, weight_decay: float | None = None, r: int | None = None,
+                   alpha: float | None = None, targets=None, seed: int = 0, n_train: int | None = None,
+                   n_eval: int | None = None, eval_split: str = "test", progress: bool = True,
+                   tokenizer: Tokenizer | None = None) -> JointResult:
+    """LoRA on every task of ``tasks`` at once: ``batch_size`` rows per task in each mixed batch.
+
+    Settings default to ``HYPERPARAMS["lora"]`` (the same as ``finetune(task, "lora")``), so a
+    joint run trains each adapter as the separate run would. Returns the shared model (one
+    adapter per task) and, per task, a RunResult whose metric comes from decoding that task's
+    ``eval_split`` prompts through its own adapter, all tasks in ONE mixed generation batch.
+    """
+    from .methods import HYPERPARAMS
+    from .recipes import FAST, RunResult, target_loss
+
+    tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"finetune_joint: tasks must be distinct names from {list(TASKS)}, got {list(tasks)}")
+    hp = HYPERPARAMS["lora"]
+    steps = (40 if FAST else hp["steps"]) if steps is None else steps
+    n_eval = 40 if FAST and n_eval is None else n_eval  # MINILORA_FAST=1: a smoke run, as finetune()
+    lr = hp["lr"] if lr is None else lr
+    weight_decay = hp["weight_decay"] if weight_decay is None else weight_decay
+    r = hp["r"] if r is None else r
+    targets = tuple(hp["targets"] if targets is None else targets)
+    tokenizer = tokenizer or Tokenizer.default()
+    model = joint_model(base if base is not None else load_base(), tasks, r, alpha, targets, seed)
+    train = {task: load_task(task, "train", n_train) for task in tasks}
+    length_group = hp.get("length_group", 1)
+    get_batch = joint_batches(train, tokenizer, batch_size, seed, model.config.block_size, length_group)
+    history = train_joint(model, tasks, get_batch, steps, lr, weight_decay, progress=progress,
+                          desc="+".join(tasks) + "/lora-joint")
+    started = time.perf_counter()
+    model.eval()
+    evaluation = {task: load_task(task, eval_split, n_eval) for task in tasks}
+    examples = [ex for task in tasks for ex in evaluation[task]]
+    preds = decode(model, examples, tokenizer, [task for task in tasks for _ in evaluation[task]])
+    runs, start = {}, 0
+    for task in tasks:
+        n = len(evaluation[task])
+        metric_name, metric = task_metric(task, preds[start:start + n], evaluation[task])
+        start += n
+        lora.set_adapter(model, task)  # target_loss runs plain batches: through this task's adapter
+        eval_loss = target_loss(model, evaluation[task], tokenizer)
+        trainable = sum(p.size for p in _adapter_params(model, task))
+        runs[task] = RunResult(
+            task=task, method="lora", model=model, history=history, metric_name=metric_name, metric=metric,
+            trainable_params=trainable, total_params=base_params(model) + trainable,
+            optimizer_state_bytes=2 * trainable * np.dtype(model.wte.weight.dtype).itemsize,
+            train_seconds=history.seconds / len(tasks), eval_loss=eval_loss,
+            config={"method": "lora", "r": r, "targets": list(targets), "steps": steps, "batch_size": batch_size,
+                    "lr": lr, "weight_decay": weight_decay, "seed": seed, "length_group": length_group,
+                    "joint": list(tasks)},
+        )
+    return JointResult(model=model, history=history, runs=runs, train_seconds=history.seconds,
+                       eval_seconds=time.perf_counter() - started)
+
+
+def decode(model, examples, tokenizer: Tokenizer, adapter_ids=None) -> list[str]:
+    """Greedy answers to every example's prompt, row i through adapter ``adapter_ids[i]``: ONE mixed batch."""
+    prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
+    room = model.config.block_size - min(len(p) for p in prompts)  # generate() stops each row at block_size
+    with no_grad():
+        outputs = generate(model, prompts, max_new_tokens=room, eos_id=tokenizer.eos_id, adapter_ids=adapter_ids)
+    return [tokenizer.decode(out, skip_special=True) for out in outputs]
+
+
+def base_params(model) -> int:
+    """Parameters of the model that are not LoRA matrices (W₀, biases, embeddings, norms)."""
+    return sum(p.size for name, p in model.named_parameters() if ".lora_" not in name)
