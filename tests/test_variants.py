@@ -518,3 +518,31 @@ def test_quantized_lora_model_trains_and_reports_memory():
     saved = lora.lora_state_dict(model)
     assert all(".lora_" in n for n in saved)  # the adapter file is unchanged by the 4-bit base
     assert quant.NF4_LEVELS[0] == -1.0
+
+
+# ============================================================================ tutorial 09's checks
+def test_tutorial_09_checks_diagnose_wrong_answers():
+    from minilora import exercises as ex
+
+    def dm(x, W, A, B, m, grad_h, s):
+        V = W + s * B @ A
+        return (grad_h * (x @ V.T)).sum(axis=0) / np.linalg.norm(V, axis=1)
+
+    def dm_times_n(x, W, A, B, m, grad_h, s):
+        V = W + s * B @ A
+        return (grad_h * (x @ V.T)).sum(axis=0) * np.linalg.norm(V, axis=1)
+
+    assert ex.check_dora_dm(dm) is True
+    with pytest.raises(ex.ExerciseError, match="divide by n_i"):
+        ex.check_dora_dm(dm_times_n)
+
+    def pissa_without_s(W, r, s):
+        U, S, Vt = np.linalg.svd(W, full_matrices=False)
+        A, B = np.sqrt(S[:r])[:, None] * Vt[:r], U[:, :r] * np.sqrt(S[:r])
+        return A, B, W - B @ A
+
+    with pytest.raises(ex.ExerciseError, match="divide the singular values by s"):
+        ex.check_pissa_init(pissa_without_s)
+    with pytest.raises(ex.ExerciseError, match="round the number of blocks up"):
+        ex.check_nf4_bytes(lambda n, block, dq: n // 2 + 4 * (n // block))
+    assert ex.check_nf4_bytes(lambda n, block, dq: quant.quantize_nf4(np.ones(n), block, double_quant=dq).nbytes)

@@ -36,12 +36,16 @@ top to bottom before you have done its exercises.
     06.2                       check_random_subspace_baseline
     07.1  07_gpu               check_softmax_any_backend
     07.2                       check_host_logits
+    09.1  09_after_the_paper   check_dora_dm
+    09.2                       check_pissa_init
+    09.3                       check_nf4_bytes
 
 One module per tutorial (``autograd``, ``lora_layer``, ``transformer``, ``finetune``, ``serve``,
-``rank``, ``gpu``) holds its checks, hints and solutions; ``harness`` the shared machinery and
+``rank``, ``gpu``, ``after_the_paper``) holds its checks, hints and solutions; ``harness`` the shared machinery and
 the two figure helpers the tutorials use, ``output_dir()`` and ``save_figure(fig, name)``.
 """
 
+from .after_the_paper import check_dora_dm, check_nf4_bytes, check_pissa_init
 from .autograd import check_backward_by_hand, check_sigmoid
 from .finetune import check_optimizer_state_bytes, check_trainable_params
 from .gpu import check_host_logits, check_softmax_any_backend
@@ -56,13 +60,16 @@ __all__ = [
     "check_backward_by_hand",
     "check_dA",
     "check_dB",
+    "check_dora_dm",
     "check_host_logits",
     "check_lora_param_count",
     "check_loss_mask",
     "check_masked_loss",
     "check_merge",
     "check_mixed_batch",
+    "check_nf4_bytes",
     "check_optimizer_state_bytes",
+    "check_pissa_init",
     "check_random_subspace_baseline",
     "check_sigmoid",
     "check_softmax_any_backend",
