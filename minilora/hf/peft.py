@@ -78,7 +78,10 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     ``mlp.c_proj``. Modules of another rank or scaling get ``rank_pattern`` / ``alpha_pattern``
     entries. Biases trained with the adapter (``LoRAConfig.bias``) are written as PEFT writes them.
 
-    The export is exact for inference and for merging (``merge_and_unload``). Training it further
+    A DoRA adapter (``use_dora``) also writes PEFT's ``lora_magnitude_vector`` per module; PEFT
+    normalises the rows of the whole fused ``c_attn``, so the rows of an unadapted q, k or v part get
+    m = ‖W₀ rows‖, which makes them the base's. The export is exact for inference and for merging
+    (``merge_and_unload``). Training it further
     inside PEFT trains the whole c_attn block — its zero blocks and the k rows too — a superset
     of minilora's structure on q and v.
     """
@@ -88,20 +91,25 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     if not layers:
         raise ValueError(f"the model has no adapter {adapter_name!r}; its adapters are {lora.list_adapters(model)}")
     configs = [layer.lora_config[adapter_name] for _, layer in layers]
+    dora = configs[0].use_dora
     for (p, _), cfg in zip(layers, configs):
-        if getattr(cfg, "use_dora", False):
-            raise ValueError(f"{p}: adapter {adapter_name!r} uses DoRA, which save_peft_adapter does not export yet")
+        if cfg.use_dora != dora:
+            raise ValueError(f"{p}: adapter {adapter_name!r} is DoRA in some layers and not in others; PEFT's use_dora "
+                             "is one flag per adapter")
         if not _OUR_PATH.match(p):
             raise ValueError(f"{p}: adapter {adapter_name!r} adapts a layer with no GPT-2 counterpart "
                              "(expected blocks.N.attn.q/k/v/o or blocks.N.mlp.fc/proj)")
     rslora = configs[0].use_rslora
     modules = {}  # HF module path -> [(our part, A, B, scaling)]
+    magnitudes = {}  # DoRA: (HF module path, our part) -> m
     for (p, layer), cfg in zip(layers, configs):
         i, part = _OUR_PATH.match(p).groups()
         hf = f"transformer.h.{i}." + ("attn.c_attn" if part in ("attn.q", "attn.k", "attn.v") else HF_OF[part])
         a = _host(layer.lora_A[adapter_name].data)
         b = _host(layer.lora_B[adapter_name].data)
         modules.setdefault(hf, []).append((part, a, b, cfg.scaling))
+        if dora:
+            magnitudes[(hf, part)] = _host(layer.lora_magnitude[adapter_name].data)
     d = model.config.d_model
     tensors, ranks = {}, {}
     for hf, members in modules.items():
@@ -120,6 +128,18 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
             (_, lora_A, lora_B, scaling), = members
         tensors[f"{PREFIX}{hf}.lora_A.weight"] = np.ascontiguousarray(lora_A)
         tensors[f"{PREFIX}{hf}.lora_B.weight"] = np.ascontiguousarray(lora_B)
+        if dora:  # PEFT normalises every row of the fused c_attn: an unadapted q/k/v part keeps m = ‖W₀ rows‖ (c = 1)
+            parts = [m[0] for m in members]
+            if hf.endswith("c_attn"):
+                params = dict(model.named_parameters())
+                block = hf.split(".")[2]
+                pieces = [magnitudes[(hf, f"attn.{x}")] if f"attn.{x}" in parts else
+                          np.linalg.norm(_host(params[f"blocks.{block}.attn.{x}.weight"].data), axis=1).astype(lora_A.dtype)
+                          for x in "qkv"]
+                magnitude = np.concatenate(pieces)
+            else:
+                magnitude = magnitudes[(hf, parts[0])]
+            tensors[f"{PREFIX}{hf}.lora_magnitude_vector"] = np.ascontiguousarray(magnitude)
         ranks[hf] = (lora_A.shape[0], _alpha_for(scaling, lora_A.shape[0], rslora))
     bias = configs[0].bias
     if bias != "none":
@@ -142,7 +162,7 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
         "lora_dropout": float(configs[0].dropout), "target_modules": targets, "fan_in_fan_out": True,
         "bias": bias, "use_rslora": bool(rslora), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": bool(dora),
     }
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
