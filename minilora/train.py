@@ -343,16 +343,19 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
             raise FileFormatError(f"{path}: the stored RNG state is invalid ({exc})") from None
     # ---- every check passed: now change things
     model.load_state_dict(params, strict=False, source=path)
-    if optimizer is not None:
-        kept = {k: getattr(optimizer, k) for k in optimizer._hyperparameters}
+    if optimizer is not None:  # what to keep: each parameter group's options, and the optimizer-wide ones
+        kept_groups = [{k: group[k] for k in optimizer._group_options} for group in optimizer.param_groups]
+        kept = {k: getattr(optimizer, k) for k in optimizer._hyperparameters if k not in optimizer._group_options}
         optimizer.load_state_dict(meta["optimizer"], opt)
         if not restore_hyperparameters:
+            for group, options in zip(optimizer.param_groups, kept_groups):
+                group.update(options)
             for k, v in kept.items():
                 setattr(optimizer, k, v)
     if scheduler is not None:
         state = dict(meta["scheduler"])
         if not restore_hyperparameters:
-            state["base_lr"] = scheduler.base_lr
+            state["base_lr"], state["base_lrs"] = scheduler.base_lr, list(scheduler.base_lrs)
         scheduler.load_state_dict(state)
     if rng_state is not None:
         bk.rng("numpy").bit_generator.state = rng_state
