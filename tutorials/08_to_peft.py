@@ -34,7 +34,7 @@ import numpy as np
 import minilora as ml
 from minilora import hf, lora
 from minilora.analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
-from minilora.exercises import output_dir, save_figure
+from minilora.exercises import output_dir, save_figure, show_hint, show_solution
 from minilora.generate import generate
 from minilora.hf.commands import adapter_updates
 from minilora.hf.exercises import check_block_B, check_pack_c_attn
@@ -270,22 +270,9 @@ check_block_B(my_block_B)
 
 # %% [markdown]
 # ## Solutions
-
-# %%
-def solution_pack_c_attn(W_q, W_k, W_v):
-    return np.concatenate([W_q.T, W_k.T, W_v.T], axis=1)   # Conv1D (in, out): transpose, then side by side
-
-
-def solution_block_B(B_q, B_v):
-    d, r = B_q.shape
-    B = np.zeros((3 * d, 2 * r))
-    B[:d, :r] = B_q            # the q outputs read A_q
-    B[2 * d:, r:] = B_v        # the v outputs read A_v; the k rows stay 0
-    return B
-
-
-check_pack_c_attn(solution_pack_c_attn)
-check_block_B(solution_block_B)
+#
+# Not in this file: try first. `show_hint("08.1")` gives a hint (`show_hint("08.1", 2)` the
+# formula), and `show_solution("08.1")` prints a solution.
 
 # %% [markdown]
 # **Next:** `docs/paper_map.md` maps every equation and table of the paper to the code; with

@@ -35,7 +35,8 @@ from matplotlib.figure import Figure
 import minilora as ml
 from minilora import lora, optim, quant
 from minilora.data import Tokenizer, collate, load_task
-from minilora.exercises import check_dora_dm, check_nf4_bytes, check_pissa_init, save_figure
+from minilora.exercises import save_figure, show_hint, show_solution
+from minilora.exercises_variants import check_dora_dm, check_nf4_bytes, check_pissa_init
 from minilora.models import load_base
 from minilora.recipes import FAST, task_batches
 from minilora.train import fit
@@ -301,7 +302,7 @@ check_nf4_bytes(my_nf4_bytes)
 # ## Solutions
 #
 # Not in this file: try first. `show_hint("09.1")` gives a hint (`show_hint("09.1", 2)` the
-# formula), and `show_solution("09.1")` prints a solution (likewise "09.2" and "09.3").
+# formula), and `show_solution("09.1")` prints a solution.
 
 # %% [markdown]
 # **Next:** `minilora experiment variants` runs these variants on all three tasks; its table and
