@@ -183,8 +183,7 @@ class LoRALinear(Module):
 
         W₀ is replaced, in place, by the residual W₀ − s·B·A (formed in float64), so the layer's
         output is unchanged up to rounding. Returns (A, B) in the weight's dtype; (A₀, B₀, the
-        original W₀) are kept in ``pissa_init``: ``lora.pissa_to_lora`` restores W₀ from them, and
-        adapter files fingerprint the original base (``files.base_fingerprint``), which the file fits.
+        original W₀) are kept in ``pissa_init``, from which ``lora.pissa_to_lora`` restores W₀ exactly.
         """
         if self.quantized:
             raise ValueError(f"{self.layer_name}: init='pissa' rewrites W0 into its residual, but W0 is stored in NF4 "
