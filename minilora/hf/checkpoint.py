@@ -135,18 +135,22 @@ def _read_weights(folder: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- config
-def _read_config(folder: str) -> dict:
-    path = os.path.join(folder, "config.json")
+def read_json_object(folder: str, name: str, what: str) -> tuple[str, dict]:
+    """(path, object) of the JSON file ``name`` in ``folder``; missing, unreadable or not an object raises.
+
+    ``what`` names the folder in the error of a missing file ("a PEFT adapter folder").
+    """
+    path = os.path.join(folder, name)
     if not os.path.exists(path):
-        raise HFFormatError(f"{folder}: no config.json (a Hugging Face model folder has one)")
+        raise HFFormatError(f"{folder}: no {name} ({what} has one)")
     try:
         with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+            obj = json.load(f)
     except (OSError, ValueError) as exc:
         raise HFFormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
+    if not isinstance(obj, dict):
         raise HFFormatError(f"{path}: expected a JSON object")
-    return cfg
+    return path, obj
 
 
 def gpt_config_from_hf(cfg: dict, source: str = "config.json", dropout: float = 0.0) -> GPTConfig:
@@ -290,8 +294,8 @@ def load_gpt2(path, dtype="float32", dropout: float = 0.0, cache_dir=None) -> GP
     minilora has no attention dropout. Every parameter is trainable, as after ``GPT(config)``.
     """
     folder = resolve_dir(path, cache_dir)
-    cfg_json = _read_config(folder)
-    cfg = gpt_config_from_hf(cfg_json, os.path.join(folder, "config.json"), dropout=dropout)
+    cfg_path, cfg_json = read_json_object(folder, "config.json", "a Hugging Face model folder")
+    cfg = gpt_config_from_hf(cfg_json, cfg_path, dropout=dropout)
     state = from_hf_state(_read_weights(folder), cfg, folder)
     if dtype is None:
         found = np.result_type(*[a.dtype for a in state.values()])

@@ -19,7 +19,6 @@ DoRA's magnitudes are per output row, so c_attn's (3d,) vector is [m_q; m_k; m_v
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -33,7 +32,7 @@ from .. import lora
 from ..io import atomic_write, save_json
 from ..lora.config import check_adapter_name
 from ..models.gpt import GPT
-from .checkpoint import HFFormatError, read_safetensors, resolve_dir, to_hf_state
+from .checkpoint import HFFormatError, read_json_object, read_safetensors, resolve_dir, to_hf_state
 
 __all__ = ["load_peft_adapter", "read_peft_adapter", "save_peft_adapter", "split_c_attn"]
 
@@ -200,16 +199,7 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
     Whatever minilora cannot represent raises HFFormatError naming it.
     """
     folder = resolve_dir(path, what="PEFT adapter folder")
-    cfg_path = os.path.join(folder, CONFIG)
-    if not os.path.exists(cfg_path):
-        raise HFFormatError(f"{folder}: no {CONFIG} (a PEFT adapter folder has one)")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise HFFormatError(f"{cfg_path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise HFFormatError(f"{cfg_path}: expected a JSON object")
+    cfg_path, cfg = read_json_object(folder, CONFIG, "a PEFT adapter folder")
     if cfg.get("peft_type") != "LORA":
         raise HFFormatError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} — minilora reads LoRA adapters only")
     for field, what in _UNSUPPORTED:
