@@ -117,7 +117,7 @@ class Context:
                     self._runs[key] = train_run(self.base, self.settings, task, method, seed, hp, full_hp)
                     bar.update(1)
                 return
-            with _one_blas_thread_for_children(), cf.ProcessPoolExecutor(
+            with one_blas_thread_for_children(), cf.ProcessPoolExecutor(
                     max_workers=min(self.workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
                     initializer=_init_worker, initargs=(self.base, self.settings)) as pool:
                 futures = {pool.submit(_worker_run, *args): key for key, args in todo}
@@ -132,7 +132,7 @@ _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @contextlib.contextmanager
-def _one_blas_thread_for_children():
+def one_blas_thread_for_children():
     """Processes started inside see one BLAS thread (BLAS reads these variables when it loads); restored after."""
     saved = {k: os.environ.get(k) for k in _THREAD_VARS}
     os.environ.update({k: "1" for k in _THREAD_VARS})

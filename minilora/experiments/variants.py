@@ -31,14 +31,17 @@ import concurrent.futures as cf
 import copy
 import functools
 import multiprocessing
-import os
 
 import numpy as np
 
 from .. import backend as bk
-from ..data import TASK_METRICS, TASKS
+from .. import lora, optim
+from ..data import TASK_METRICS, TASKS, Tokenizer, encode_example, load_task
+from ..nn import Linear
+from ..recipes import evaluate, peak_step_memory, target_loss, task_batches
+from ..train import fit
 from .report import markdown_table, new_figure, nll, write_figure
-from .runs import Context
+from .runs import Context, one_blas_thread_for_children
 from .settings import LORA_ALPHA
 
 TITLE = "Beyond the paper: DoRA, PiSSA, LoRA+, rsLoRA and an NF4 base (QLoRA)"
@@ -88,12 +91,6 @@ def size(ctx: Context) -> dict:
 
 def train_variant(base, s: dict, task: str, variant: str, r: int, seed: int = 0) -> dict:
     """One fine-tuning run of ``variant`` at rank ``r`` on ``task`` (``s``: ``size(ctx)``): one table row."""
-    from .. import lora, optim
-    from ..data import Tokenizer, encode_example, load_task
-    from ..nn import Linear
-    from ..recipes import evaluate, peak_step_memory, target_loss, task_batches
-    from ..train import fit
-
     tokenizer = Tokenizer.default()
     model = copy.deepcopy(base)
     bk.manual_seed(seed)
@@ -153,23 +150,13 @@ def _train_all(ctx: Context, todo: list) -> dict:
                 results[job] = train_variant(ctx.base, size(ctx), *job)
                 bar.update(1)
             return results
-        threads = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        saved = {k: os.environ.get(k) for k in threads}
-        os.environ.update({k: "1" for k in threads})
-        try:
-            with cf.ProcessPoolExecutor(max_workers=min(ctx.workers, len(todo)),
-                                        mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init, initargs=(ctx.base, size(ctx))) as pool:
-                futures = {pool.submit(_work, *job): job for job in todo}
-                for future in cf.as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.update(1)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        with one_blas_thread_for_children(), cf.ProcessPoolExecutor(
+                max_workers=min(ctx.workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init, initargs=(ctx.base, size(ctx))) as pool:
+            futures = {pool.submit(_work, *job): job for job in todo}
+            for future in cf.as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
     return results
 
 
