@@ -7,7 +7,7 @@ import numpy as np
 from .. import backend as bk
 from .. import lora, optim
 from ..models import GPT, GPTConfig
-from .harness import Wrong, call, exercise, num, register
+from .harness import Wrong, as_number, call, exercise, known_mistake, num, register
 
 __all__ = ["check_optimizer_state_bytes", "check_trainable_params"]
 
@@ -62,13 +62,13 @@ def check_optimizer_state_bytes(fn) -> str:
             n = model.num_parameters(trainable_only=True)
             itemsize = np.dtype(dtype).itemsize
             expected = optim.AdamW(model.parameters(), lr=1e-3).state_bytes()
-            got = call(fn, {"n_trainable": n, "bytes_per_value": itemsize})
+            got = as_number(call(fn, {"n_trainable": n, "bytes_per_value": itemsize}), "the state's bytes")
             if got != expected:
-                why = ""
-                if isinstance(got, (int, float, np.number)) and expected and float(got) / expected in (0.5, 1.5, 2.0):
-                    why = f" Yours is {num(float(got) / expected)}× AdamW's: how many arrays of state per value?"
-                if dtype == "float64" and got == 2 * n * 4:
-                    why = " Right for float32 but not here: use bytes_per_value, not 4."
+                mistakes = [(f * expected, f"Yours is {num(f)}× AdamW's: how many arrays of state per value?")
+                            for f in (0.5, 1.5, 2.0)]
+                if dtype == "float64":  # first: in float64 this one is also the 0.5× case
+                    mistakes.insert(0, (2 * n * 4, "Right for float32 but not here: use bytes_per_value, not 4."))
+                why = known_mistake(got, mistakes)
                 raise Wrong(f"{method} fine-tuning in {dtype}: {num(n)} trainable values of {itemsize} bytes; you give "
                             f"{num(got)} bytes, AdamW holds {num(expected)}.{why}")
     return "matches AdamW.state_bytes() for full fine-tuning and LoRA, float32 and float64"

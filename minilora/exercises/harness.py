@@ -265,6 +265,24 @@ def as_array(value, what: str, shape=None) -> np.ndarray:
     return a
 
 
+def as_number(value, what: str) -> float:
+    """The student's scalar result as a float; None or something that is no number raises Wrong."""
+    if value is None:
+        raise Wrong(f"{what}: your function returned None; did you forget `return`?", with_hints=False)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise Wrong(f"{what} must be a number, got {type(value).__name__}", with_hints=False) from None
+
+
+def known_mistake(got: float, mistakes, rel_tol=1e-9) -> str:
+    """" <why>" for the first ``(wrong value, why)`` of ``mistakes`` that ``got`` equals (to ``rel_tol``), else ""."""
+    for wrong, why in mistakes:
+        if math.isclose(got, wrong, rel_tol=rel_tol):
+            return " " + why
+    return ""
+
+
 def diagnose(got: np.ndarray, expected: np.ndarray, factors: dict | None = None, rtol=1e-6, atol=1e-9) -> str | None:
     """None when ``got`` equals ``expected``; else what is wrong, as a person would say it.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..analysis import subspace_similarity
-from .harness import Wrong, call, exercise, num, register, rng
+from .harness import Wrong, as_number, call, exercise, known_mistake, num, register, rng
 
 __all__ = ["check_subspace_similarity", "check_random_subspace_baseline"]
 
@@ -46,17 +46,11 @@ def check_subspace_similarity(fn) -> str:
     A1, A2 = r.standard_normal((4, 10)), r.standard_normal((8, 10))
     A2[:2] += 3 * A1[:2]  # some shared directions, so φ is neither ~0 nor 1
     for i, j in ((1, 1), (2, 5), (4, 8), (3, 2)):
-        got = call(fn, {"A1": A1.copy(), "A2": A2.copy(), "i": i, "j": j})
-        try:
-            got = float(got)
-        except (TypeError, ValueError):
-            raise Wrong(f"φ must be a number, got {type(got).__name__}", with_hints=False) from None
+        got = as_number(call(fn, {"A1": A1.copy(), "A2": A2.copy(), "i": i, "j": j}), "φ")
         expected = subspace_similarity(A1, A2, i, j)
         if not math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-9):
-            ratio = got / expected if expected else float("nan")
-            why = ""
-            if math.isclose(ratio, min(i, j), rel_tol=1e-6):
-                why = " That is min(i, j) × φ: did you forget to divide by min(i, j)?"
+            why = known_mistake(got, [(min(i, j) * expected, "That is min(i, j) × φ: did you forget to divide by "
+                                                             "min(i, j)?")], rel_tol=1e-6)
             raise Wrong(f"φ(A1, A2, i={i}, j={j}) with A1 {A1.shape}, A2 {A2.shape}: you give {num(got)}, minilora gives "
                         f"{num(expected)}.{why} Remember: U holds the RIGHT singular vectors.")
     return "equal to analysis.subspace_similarity for four (i, j)"
@@ -66,20 +60,12 @@ def check_subspace_similarity(fn) -> str:
 def check_random_subspace_baseline(fn) -> str:
     """fn(i, j, k) -> E[φ] for a random i-dimensional and a random j-dimensional subspace of R^k."""
     for i, j, k in ((1, 1, 128), (8, 64, 128), (4, 2, 16), (3, 3, 12288)):
-        got = call(fn, {"i": i, "j": j, "k": k})
+        value = as_number(call(fn, {"i": i, "j": j, "k": k}), "E[φ]")
         expected = max(i, j) / k
-        try:
-            ok = math.isclose(float(got), expected, rel_tol=1e-9)
-        except (TypeError, ValueError):
-            raise Wrong(f"E[φ] must be a number, got {type(got).__name__}", with_hints=False) from None
-        if not ok:
-            value = float(got)
-            why = ""
-            if math.isclose(value, i * j / k, rel_tol=1e-9):
-                why = " That is E‖U₁ⁱᵀU₂ʲ‖²_F itself; φ then divides by min(i, j)."
-            elif math.isclose(value, min(i, j) / k, rel_tol=1e-9):
-                why = " That is min(i, j)/k: count the squared cosines again, then divide by min(i, j)."
-            elif math.isclose(value, 1 / k, rel_tol=1e-9):
-                why = " 1/k is the mean of ONE squared cosine; ‖U₁ⁱᵀU₂ʲ‖²_F adds up i·j of them."
+        if not math.isclose(value, expected, rel_tol=1e-9):
+            why = known_mistake(value, [
+                (i * j / k, "That is E‖U₁ⁱᵀU₂ʲ‖²_F itself; φ then divides by min(i, j)."),
+                (min(i, j) / k, "That is min(i, j)/k: count the squared cosines again, then divide by min(i, j)."),
+                (1 / k, "1/k is the mean of ONE squared cosine; ‖U₁ⁱᵀU₂ʲ‖²_F adds up i·j of them.")])
             raise Wrong(f"i={i}, j={j}, k={k}: you give {num(value)}, the expectation is {num(expected)}.{why}")
     return "max(i, j)/k: tiny for GPT-3's k = 12288, but 1/16 already for i = j = 8 at our k = 128"
