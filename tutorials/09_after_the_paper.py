@@ -47,6 +47,13 @@ base = load_base()
 tokenizer = Tokenizer.default()
 print(f"{STEPS} steps per run{' (FAST mode: the numbers mean nothing)' if FAST else ''}")
 
+
+def adapted(**variant):
+    """A copy of the shipped base with LoRA (r = 4, α = 8 on Wq, Wv) and the variant's options; only LoRA trains."""
+    model = copy.deepcopy(base)
+    lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), **variant))
+    return lora.mark_only_lora_as_trainable(model)
+
 # %% [markdown]
 # ## 1. DoRA: a length and a direction
 #
@@ -101,12 +108,11 @@ for name in ("A", "B", "m"):
 
 # %%
 batch = collate(load_task(TASK, "test", 4), tokenizer)
-dora_model = copy.deepcopy(base)
-lora.apply_lora(dora_model, lora.LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), use_dora=True))
+dora_model = adapted(use_dora=True)
 with ml.no_grad():
     same = np.array_equal(dora_model(batch.idx).data, base(batch.idx).data)
 print("fresh DoRA == base, bit for bit:", same)
-print(lora.trainable_summary(lora.mark_only_lora_as_trainable(dora_model)))
+print(lora.trainable_summary(dora_model))
 
 # %% [markdown]
 # ## 2. PiSSA: start from the top of the spectrum
@@ -124,8 +130,7 @@ S = np.linalg.svd(W0, compute_uv=False)
 r = 4
 print(f"{path}: the top {r} of {S.size} singular values hold {np.sum(S[:r] ** 2) / np.sum(S ** 2):.1%} "
       f"of ‖W₀‖²_F")
-pissa_model = copy.deepcopy(base)
-lora.apply_lora(pissa_model, lora.LoRAConfig(r=r, alpha=8, target_modules=("q", "v"), init="pissa"))
+pissa_model = adapted(init="pissa")  # r = 4
 with ml.no_grad():
     gap = np.abs(pissa_model(batch.idx).data - base(batch.idx).data).max()
 print(f"PiSSA model vs base: max |Δ logit| = {gap:.1e} (float32 rounding of W_res + s·B·A)")
@@ -156,9 +161,7 @@ print("wrote", save_figure(fig, "09_spectrum.png"))
 # parameter groups, which `optim.AdamW` accepts like `torch.optim` does:
 
 # %%
-lp_model = copy.deepcopy(base)
-lora.apply_lora(lp_model, lora.LoRAConfig(r=4, alpha=8, target_modules=("q", "v")))
-lora.mark_only_lora_as_trainable(lp_model)
+lp_model = adapted()
 groups = optim.lora_plus_param_groups(lp_model, lr=2.5e-3, ratio=16)
 for group in groups:
     print(f"group {group['name']}: {len(group['params'])} tensors, lr {group['lr']:g}")
@@ -174,12 +177,8 @@ test = collate(load_task(TASK, "test", 8 if FAST else 100), tokenizer)
 
 
 def race(variant):
-    model = copy.deepcopy(base)
     ml.manual_seed(0)
-    cfg = lora.LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), use_dora=variant == "DoRA",
-                          init="pissa" if variant == "PiSSA" else "kaiming")
-    lora.apply_lora(model, cfg)
-    lora.mark_only_lora_as_trainable(model)
+    model = adapted(use_dora=variant == "DoRA", init="pissa" if variant == "PiSSA" else "kaiming")
     if variant == "NF4 base":
         lora.quantize_base(model, "nf4", block_size=64)
     params = (optim.lora_plus_param_groups(model, lr=2.5e-3, ratio=16) if variant == "LoRA+"
@@ -245,9 +244,7 @@ ax.legend(fontsize=8)
 print("wrote", save_figure(fig, "09_nf4.png"))
 
 # %%
-nf4_base = copy.deepcopy(base)
-lora.apply_lora(nf4_base, lora.LoRAConfig(r=4, alpha=8, target_modules=("q", "v")))
-lora.mark_only_lora_as_trainable(nf4_base)
+nf4_base = adapted()
 report = lora.quantize_base(nf4_base, "nf4", block_size=64)
 print(report)
 with ml.no_grad():
