@@ -8,7 +8,6 @@ against the unmerged / one-adapter-at-a-time / in-memory models they must equal.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import pytest
 from conftest import assert_close, to_np
 from hypothesis import given
 from hypothesis import strategies as st
+from lora_helpers import assert_mixed_batch_equals_each_adapter_alone, ids_batch, tiny_gpt
 
 import minilora as ml
 from minilora import backend as bk
@@ -58,11 +58,6 @@ def primitive_lora(x, W, b, A, Bm, s, x_adapter=None):
     return h + ((x_adapter @ A.swapaxes(-1, -2)) @ Bm.swapaxes(-1, -2)) * s
 
 
-def tiny_gpt(dtype="float64", n_layer=2, d=16, vocab=24, block=8, heads=2, seed=0):
-    ml.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=heads, d_model=d)).to(dtype=dtype)
-
-
 def randomize_lora(model, seed=1, scale=0.3):
     """A fresh adapter has B = 0, which hides bugs: give every LoRA matrix random values."""
     rng = np.random.default_rng(seed)
@@ -70,10 +65,6 @@ def randomize_lora(model, seed=1, scale=0.3):
     for name in lora.lora_parameter_names(model):
         p = params[name]
         p.data[...] = bk.asarray(rng.standard_normal(p.shape) * scale, dtype=p.dtype, backend=p.backend)
-
-
-def ids_batch(n_rows, T=8, vocab=24, seed=0):
-    return np.random.default_rng(seed).integers(0, vocab, (n_rows, T))
 
 
 def snapshot(model):
@@ -589,29 +580,7 @@ def test_mixed_batch_equals_each_adapter_run_separately(backend):
     lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=2, target_modules=("q",)), "d")  # absent from v and fc
     lora.mark_only_lora_as_trainable(model)
     randomize_lora(model)
-    ids = ["a", "__base__", "b", "a", "c", "d", "b", "c"]
-    idx = ids_batch(len(ids))
-    G = np.random.default_rng(3).standard_normal((len(ids), 8, 24))
-    with lora.mixed_batch(model, ids):
-        out = model(idx)
-    (out * bk.asarray(G)).sum().backward()  # after the block: the graph remembers each row's adapter
-    mixed_out = to_np(out.data)
-    mixed_grads = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    for name in ["a", "b", "c", "d", "__base__"]:
-        rows = [i for i, n in enumerate(ids) if n == name]
-        ctx = lora.disable_adapters(model) if name == "__base__" else contextlib.nullcontext()
-        if name != "__base__":
-            lora.set_adapter(model, name)
-        with ctx:
-            ref = model(idx[rows])
-            if name != "__base__":  # base rows reach no trainable parameter (W0 is frozen)
-                (ref * bk.asarray(G[rows])).sum().backward()
-        assert_close(mixed_out[rows], ref.data, rtol=1e-10, atol=1e-12, what=name)
-    separate_grads = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
-    assert set(mixed_grads) == set(separate_grads) == set(lora.lora_parameter_names(model))
-    for n, grad in mixed_grads.items():
-        assert_close(grad, separate_grads[n], rtol=1e-9, atol=1e-12, what=n)
+    assert_mixed_batch_equals_each_adapter_alone(model, ["a", "__base__", "b", "a", "c", "d", "b", "c"])
 
 
 class TwoLinears(nn.Module):

@@ -10,7 +10,6 @@ dequantized base, with no gradient for W₀.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
@@ -19,13 +18,13 @@ import pytest
 from conftest import assert_close, to_np
 from hypothesis import given
 from hypothesis import strategies as st
+from lora_helpers import assert_mixed_batch_equals_each_adapter_alone, ids_batch, tiny_gpt, train_steps
 
 import minilora as ml
 from minilora import backend as bk
 from minilora import functional as F
-from minilora import lora, nn, optim, quant
+from minilora import lora, nn, quant
 from minilora.lora.function import dora_norms
-from minilora.models import GPT, GPTConfig
 
 
 def T(a, grad=True):
@@ -176,15 +175,6 @@ def test_mixed_op_with_dora_equals_each_row_alone(backend, case):
 
 
 # ============================================================================ DoRA in a model
-def tiny_gpt(dtype="float64", seed=0, d=16):
-    ml.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=24, block_size=8, n_layer=2, n_head=2, d_model=d)).to(dtype=dtype)
-
-
-def ids_batch(n_rows, T=8, seed=0):
-    return np.random.default_rng(seed).integers(0, 24, (n_rows, T))
-
-
 def perturb(model, names=None, scale=0.1, seed=1):
     """A fresh adapter hides bugs (B = 0, m = ‖W₀‖): move every trainable parameter a little."""
     rng = np.random.default_rng(seed)
@@ -266,29 +256,7 @@ def test_dora_mixed_batch_equals_each_adapter_alone(backend):
                                            dora_detach_norm=True), "e")
     lora.mark_only_lora_as_trainable(model)
     perturb(model)
-    ids = ["d", "l", "__base__", "e", "d", "l"]
-    idx = ids_batch(len(ids))
-    G = np.random.default_rng(3).standard_normal((len(ids), 8, 24))
-    with lora.mixed_batch(model, ids):
-        out = model(idx)
-    (out * bk.asarray(G)).sum().backward()
-    mixed_out = to_np(out.data)
-    mixed_grads = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    for name in ["d", "l", "e", "__base__"]:
-        rows = [i for i, n in enumerate(ids) if n == name]
-        ctx = lora.disable_adapters(model) if name == "__base__" else contextlib.nullcontext()
-        if name != "__base__":
-            lora.set_adapter(model, name)
-        with ctx:
-            ref = model(idx[rows])
-            if name != "__base__":
-                (ref * bk.asarray(G[rows])).sum().backward()
-        assert_close(mixed_out[rows], ref.data, rtol=1e-10, atol=1e-12, what=name)
-    separate = {n: to_np(p.grad) for n, p in model.named_parameters() if p.grad is not None}
-    assert set(mixed_grads) == set(separate) == set(lora.lora_parameter_names(model))
-    for n, grad in mixed_grads.items():
-        assert_close(grad, separate[n], rtol=1e-9, atol=1e-12, what=n)
+    assert_mixed_batch_equals_each_adapter_alone(model, ["d", "l", "__base__", "e", "d", "l"])
 
 
 def test_dora_save_load_is_exact(tmp_path):
@@ -317,15 +285,7 @@ def test_dora_trains_and_all_bias_modes_work():
         model = tiny_gpt()
         lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v"), use_dora=True, bias=bias))
         lora.mark_only_lora_as_trainable(model)
-        opt = optim.AdamW(model.named_parameters(), lr=3e-2, weight_decay=0.0)
-        idx = ids_batch(4)
-        losses = []
-        for _ in range(12):
-            loss = model.loss(idx[:, :-1], idx[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses, opt = train_steps(model)
         assert losses[-1] < losses[0] - 0.05, (bias, losses)
         assert any(".lora_bias." in n for n in opt.names) == (bias != "none")  # the adapter's own bias deltas
 
@@ -505,15 +465,7 @@ def test_quantized_lora_model_trains_and_reports_memory():
     n_linear = 2 * (4 * 16 * 16 + 2 * 64 * 16)
     assert report.values == n_linear and len(report.layers) == 12
     assert report.nf4_bytes == n_linear // 2 + 4 * n_linear // 16
-    opt = optim.AdamW(model.named_parameters(), lr=3e-2, weight_decay=0.0)
-    idx = ids_batch(4)
-    losses = []
-    for _ in range(12):
-        loss = model.loss(idx[:, :-1], idx[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, _ = train_steps(model)
     assert losses[-1] < losses[0] - 0.05, losses
     saved = lora.lora_state_dict(model)
     assert all(".lora_" in n for n in saved)  # the adapter file is unchanged by the 4-bit base
