@@ -16,7 +16,7 @@ batches: grouping rows by adapter, ``mixed_batch``), ``model`` (apply, freeze, c
 ``bias`` (an adapter's own bias deltas), ``files`` (adapter files). ``minilora.functional.lora_linear`` is ``function.lora_linear``.
 Beyond the paper: DoRA (``LoRAConfig(use_dora=True)``, ``function.dora_linear``), PiSSA
 (``init="pissa"``; ``variants.pissa_to_lora``), rsLoRA (``use_rslora``), and a 4-bit NF4 base
-(``quantized.quantize_base``, QLoRA).
+(``qlora.quantize_base``, QLoRA; the NF4 weight and layer in ``quantized``).
 """
 
 from .bias import BiasDeltas  # noqa: F401
@@ -34,7 +34,8 @@ from .function import (  # noqa: F401
 )
 from .mixed import RowGroups, group_rows, mixed_batch  # noqa: F401
 from .variants import pissa_to_lora  # noqa: F401
-from .quantized import NF4Linear, QuantizationReport, QuantizedWeight, nf4_linear, quantize_base  # noqa: F401
+from .quantized import NF4Linear, QuantizedWeight, nf4_linear  # noqa: F401
+from .qlora import QuantizationReport, quantize_base  # noqa: F401
 from .model import (  # noqa: F401
     MergeWarning,
     TrainableSummary,

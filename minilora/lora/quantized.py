@@ -1,9 +1,7 @@
-"""A 4-bit frozen base under LoRA adapters, as in QLoRA (Dettmers et al. 2023): ``lora.quantize_base``.
+"""A 4-bit frozen W₀ under LoRA adapters, as in QLoRA (Dettmers et al. 2023): the weight and its layer.
 
-    lora.apply_lora(model, cfg); lora.mark_only_lora_as_trainable(model)
-    report = lora.quantize_base(model, "nf4", block_size=64)   # every frozen Linear weight -> NF4
-    report.original_bytes, report.nf4_bytes, report.nf4_double_quant_bytes
-    loss = model.loss(idx, targets); loss.backward()          # A and B learn; W0 stays 4-bit
+``QuantizedWeight`` (an NF4 W₀ that ``LoRALinear`` computes with), ``nf4_linear`` and ``NF4Linear``
+(a plain Linear on it). ``lora.quantize_base`` (``qlora.py``) puts them into a model.
 
 QLoRA's point: the frozen W₀ is only *read*, so it may be stored in 4 bits and dequantized on
 the fly, while the adapters (and all gradients) stay in the compute dtype. For a Linear layer
@@ -25,19 +23,16 @@ which loses the adapter's precision; serve unmerged, or merge into a float copy 
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import backend as bk
 from .. import quant
 from ..function import Function
-from ..nn import Linear, Module, Parameter
+from ..nn import Linear, Module
 from ..quant import NF4Tensor
 
-__all__ = ["NF4Linear", "NF4LinearFn", "QuantizationReport", "QuantizedWeight", "nf4_linear", "quantize_base"]
-
-METHODS = ("nf4",)
+__all__ = ["DequantBuffer", "NF4Linear", "NF4LinearFn", "QuantizedWeight", "nf4_linear"]
 
 
 class DequantBuffer:
@@ -187,99 +182,3 @@ class NF4Linear(Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nf4 block_size={self.qweight.q.block_size}{', double quant' if self.qweight.q.double_quant else ''}")
-
-
-@dataclass
-class QuantizationReport:
-    """What ``quantize_base`` did, and the bytes of the quantized weights in each storage."""
-
-    layers: list = field(default_factory=list)  # paths of the quantized Linear weights
-    skipped: dict = field(default_factory=dict)  # path -> why it was left alone
-    values: int = 0  # number of quantized weight values
-    original_bytes: int = 0  # in their dtype before (float32: 4 per value)
-    nf4_bytes: int = 0  # codes + float32 absmax per block
-    nf4_double_quant_bytes: int = 0  # codes + 8-bit absmax + float32 per 256 blocks
-    buffer_bytes: int = 0  # the shared dequantization buffer (grows to the largest chunk used)
-
-    def __str__(self) -> str:
-        mib = 1 / 2**20
-        return (f"{len(self.layers)} Linear weights, {self.values:,} values: {self.original_bytes * mib:.3f} MiB -> NF4 "
-                f"{self.nf4_bytes * mib:.3f} MiB ({8 * self.nf4_bytes / max(1, self.values):.3f} bits/value), "
-                f"with double quantization {self.nf4_double_quant_bytes * mib:.3f} MiB "
-                f"({8 * self.nf4_double_quant_bytes / max(1, self.values):.3f} bits/value)")
-
-
-def _nf4_nbytes(size: int, block_size: int, double_quant: bool, dq_block_size: int = 256) -> int:
-    n_blocks = -(-size // block_size)
-    codes = n_blocks * block_size // 2
-    if double_quant:
-        return codes + n_blocks + 4 * -(-n_blocks // dq_block_size) + 4
-    return codes + 4 * n_blocks
-
-
-def quantize_base(model: Module, method: str = "nf4", block_size: int = 64, double_quant: bool = False,
-                  chunk_values: int = 1 << 16) -> QuantizationReport:
-    """Store every frozen Linear weight of ``model`` in NF4 (QLoRA); returns a QuantizationReport.
-
-    Frozen means ``requires_grad=False``: call ``lora.mark_only_lora_as_trainable(model)`` first.
-    Plain ``nn.Linear`` layers become ``NF4Linear``; a ``LoRALinear``'s W₀ becomes a
-    ``QuantizedWeight`` under its adapters. A weight shared by several modules is left alone
-    (listed in ``report.skipped``). All checks run before anything changes.
-    """
-    from .layer import LoRALinear  # noqa: PLC0415 - layer.py imports this module for the quantized path
-
-    if method not in METHODS:
-        raise ValueError(f"quantize_base: unknown quantization {method!r}; the methods are {METHODS} "
-                         "(4-bit NormalFloat, QLoRA)")
-    quant._check_block_size(block_size)
-    buffer = DequantBuffer(chunk_values)
-    users: dict[int, int] = {}
-    for _, module in model.named_modules():
-        for p in module._parameters.values():
-            if p is not None:
-                users[id(p)] = users.get(id(p), 0) + 1
-    report, plan = QuantizationReport(), []
-    for path, module in model.named_modules():
-        if not isinstance(module, (Linear, LoRALinear)) or not isinstance(module.weight, Parameter):
-            continue
-        weight = module.weight
-        if weight.requires_grad:
-            report.skipped[path] = "trainable (requires_grad=True)"
-        elif users[id(weight)] > 1:
-            report.skipped[path] = "shared with another module (tied weight)"
-        elif not path and not isinstance(module, LoRALinear):
-            raise ValueError("quantize_base: the model itself is an nn.Linear; put it inside a Module to quantize it")
-        elif isinstance(module, LoRALinear) and module.merged:
-            raise RuntimeError(f"quantize_base: {path} has merged adapters {module.merged_adapters}; "
-                               "call lora.unmerge(model) first (quantizing W0 + BA would bake the adapter in)")
-        else:
-            plan.append((path, module))
-    if not plan:
-        raise ValueError(
-            f"quantize_base: {type(model).__name__} has no frozen Linear weight to quantize "
-            f"(skipped: {report.skipped or 'no Linear layers'}); call lora.mark_only_lora_as_trainable(model) first"
-        )
-    quantized = [(path, module, quant.quantize_nf4(module.weight.data, block_size, double_quant=double_quant))
-                 for path, module in plan]
-    # All checked and quantized: now change the model.
-    for path, module, q in quantized:
-        weight = QuantizedWeight(q, buffer)
-        if isinstance(module, LoRALinear):
-            module.weight = weight  # Module.__setattr__ drops the Parameter "weight"
-        else:
-            _replace(model, path, NF4Linear(module, weight))
-        report.layers.append(path)
-        report.values += q.size
-        report.original_bytes += q.size * q.dtype.itemsize
-        report.nf4_bytes += _nf4_nbytes(q.size, block_size, False)
-        report.nf4_double_quant_bytes += _nf4_nbytes(q.size, block_size, True)
-    report.buffer_bytes = max(min(q.shape[0], max(1, buffer.chunk_values // q.shape[1])) * q.shape[1]
-                              * q.dtype.itemsize for _, _, q in quantized)
-    return report
-
-
-def _replace(model: Module, path: str, new: Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = dict(model.named_modules())[parent_path] if parent_path else model
-    parent._modules[attr] = new  # an existing key keeps its place: parameter order is unchanged
-    object.__setattr__(parent, attr, new)
