@@ -14,6 +14,7 @@ imports functional).
 """
 
 from . import backend, functional, lora, nn, ops, tensor as _tensor
+from ._version import __version__  # noqa: F401 (minilora.__version__)
 from .backend import BackendUnavailableError, get_backend, manual_seed, set_backend
 from .function import Function
 from .gradcheck import GradcheckError, gradcheck
@@ -25,8 +26,6 @@ from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 
 _tensor.install_ops(ops)  # x + y, x @ w, x.sum(), ... call minilora.ops
 functional.lora_linear = lora.lora_linear  # F.lora_linear(x, W0, b, A, B, scaling, dropout, training)
-
-__version__ = "0.1.0"
 
 __all__ = [
     "backend", "functional", "lora", "nn", "ops",

@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from .. import backend as bk
+from .._version import __version__
 from ..io import FileFormatError, atomic_write, check_digest, digest, read_safetensors
 from ..nn import Linear, Module
 from .bias import bias_targets
@@ -81,8 +82,6 @@ def adapter_nbytes(model: Module, adapter_name: str = "default") -> int:
 def save_adapter(path, model: Module, adapter_name: str = "default") -> str:
     """Write adapter ``adapter_name`` of ``model`` to ``path`` (safetensors, atomic: temp file + rename)."""
     from safetensors.numpy import save_file
-
-    from .. import __version__
 
     host = {n: np.ascontiguousarray(bk.to_numpy(a)) for n, a in lora_state_dict(model, adapter_name).items()}
     meta = {
