@@ -237,7 +237,7 @@ class InsertPromptVectors(Function):
 
 
 def insert_prompt_vectors(x, prefix, infix, token_pos, infix_pos, length):
-    """x (bk, T, C) -> (bk, length, C) with the prefix (l_p, C) first and the infix (l_i, C) at ``infix_pos``."""
+    """x (B, T, C) -> (B, length, C) with the prefix (l_p, C) first and the infix (l_i, C) at ``infix_pos``."""
     return InsertPromptVectors.apply(x, prefix, infix, token_pos=token_pos, infix_pos=infix_pos, length=length)
 
 
@@ -260,7 +260,7 @@ class GatherPositions(Function):
 
 
 def gather_positions(h, pos):
-    """h (bk, T', C), pos (bk, T) distinct per row -> (bk, T, C)."""
+    """h (B, T', C), pos (B, T) distinct per row -> (B, T, C)."""
     return GatherPositions.apply(h, pos=pos)
 
 
