@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from .. import quant
 from ..nn import Linear, Module, Parameter
 from .layer import LoRALinear
+from .model import _replace_child
 from .quantized import DequantBuffer, NF4Linear, QuantizedWeight
 
 __all__ = ["METHODS", "QuantizationReport", "quantize_base"]
@@ -99,7 +100,7 @@ def quantize_base(model: Module, method: str = "nf4", block_size: int = 64, doub
         if isinstance(module, LoRALinear):
             module.weight = weight  # Module.__setattr__ drops the Parameter "weight"
         else:
-            _replace(model, path, NF4Linear(module, weight))
+            _replace_child(model, path, NF4Linear(module, weight))
         report.layers.append(path)
         report.values += q.size
         report.original_bytes += q.size * q.dtype.itemsize
@@ -109,9 +110,3 @@ def quantize_base(model: Module, method: str = "nf4", block_size: int = 64, doub
                               * q.dtype.itemsize for _, _, q in quantized)
     return report
 
-
-def _replace(model: Module, path: str, new: Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = dict(model.named_modules())[parent_path] if parent_path else model
-    parent._modules[attr] = new  # an existing key keeps its place: parameter order is unchanged
-    object.__setattr__(parent, attr, new)
