@@ -163,7 +163,8 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> tuple[int, H
 class Progress:
     """Training progress: a tqdm bar on a terminal; in a log (no TTY) a few plain lines.
 
-    ``update(done, loss, history)`` after each step, ``close()`` at the end. Without a TTY a
+    ``update(done, loss, history)`` after each step, ``close()`` at the end. Without a TTY (or
+    with ``enabled="lines"``: several processes writing to one terminal) a
     redrawn bar would write one line per step into the log, so instead a line is printed at
     25 %, 50 %, 75 % and 100 % of the steps: step, loss, tokens per second.
     """
@@ -173,7 +174,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.bar = None
         self.marks = sorted({max(1, (total * q) // 4) for q in (1, 2, 3, 4)}) if total > 0 else []
-        if enabled and _is_tty(self.stream):
+        if enabled is True and _is_tty(self.stream):  # enabled="lines": plain lines even on a terminal
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False,
