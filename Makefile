@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,11 @@ lint: $(BIN)/python
 bench: $(BIN)/python
 	$(BIN)/python -m benchmarks.bench --compare-torch
 
+# The course site: every tutorial executed (full mode: a few minutes), the docs pages and the API
+# reference, into site/ (open site/index.html; no network needed). MINILORA_FAST=1 for a smoke build.
+docs: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	$(BIN)/python docs/build_site.py --out site
+
 clean:
-	rm -rf $(VENV) build *.egg-info minilora-out .pytest_cache .hypothesis
+	rm -rf $(VENV) site build *.egg-info minilora-out .pytest_cache .hypothesis

@@ -6,6 +6,8 @@ arrays or Tensors.
 
 - ``subspace_similarity(A1, A2, i, j)`` gives φ of eq. 4, and ``subspace_similarity_grid``
   gives φ for every (i, j), for heatmaps like Figs. 3 and 4.
+- ``low_rank_svd(lora_B, lora_A, scaling)`` gives the SVD of ΔW = s·B·A without forming the d × k
+  matrix: its singular values are the spectrum that ``minilora analyze`` prints.
 - ``amplification_factor(delta_W, W, r)`` gives ‖ΔW‖_F / ‖UᵀWVᵀ‖_F of Table 7. Its pieces are
   ``projection_norm`` and ``random_projection_norm``, and ``amplification_report`` returns
   the whole Table 7 row.
@@ -22,6 +24,7 @@ from . import backend as bk
 __all__ = [
     "amplification_factor",
     "amplification_report",
+    "low_rank_svd",
     "projection_norm",
     "random_projection_norm",
     "right_singular_vectors",
@@ -183,3 +186,20 @@ def amplification_report(delta_W, W, r: int, seed: int = 0) -> dict:
         "norm_delta_W": float(np.linalg.norm(dw)),
         "amplification_factor": amplification_factor(dw, w, r),
     }
+
+
+# ----------------------------------------------------------------------------- the spectrum of ΔW
+def low_rank_svd(lora_B, lora_A, scaling: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thin SVD (U (d, r), S (r,), Vh (r, k)) of ΔW = s·B·A, from B (d, r) and A (r, k), in float64.
+
+    ΔW is never formed: with B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), ΔW = Q_B (s·R_B R_Aᵀ) Q_Aᵀ,
+    so the SVD of the r × r core gives ΔW's. The cost is O((d + k)·r²), not O(d·k·r). S holds
+    the r singular values in decreasing order (zeros where B A has rank below r); ‖ΔW‖_F = ‖S‖.
+    """
+    b, a = _matrix(lora_B, "lora_B"), _matrix(lora_A, "lora_A")
+    if b.shape[1] != a.shape[0]:
+        raise ValueError(f"lora_B {b.shape} and lora_A {a.shape} disagree on the rank r (B is (d, r), A is (r, k))")
+    q_b, r_b = np.linalg.qr(b)
+    q_a, r_a = np.linalg.qr(a.T)
+    u, s, vh = np.linalg.svd(float(scaling) * (r_b @ r_a.T))
+    return q_b @ u, s, vh @ q_a.T

@@ -103,18 +103,27 @@ def _check_name(name: str) -> str:
 
 
 _current = "numpy"
+_env_error: Exception | None = None  # a bad MINILORA_BACKEND, raised at first use (not at import)
+
+
+def _active() -> str:
+    """The current backend's name; a bad MINILORA_BACKEND is raised here, where a caller can catch it."""
+    if _env_error is not None:
+        raise _env_error
+    return _current
 
 
 def set_backend(name: str) -> None:
     """Select the backend new tensors and parameters are created on."""
-    global _current
+    global _current, _env_error
     if _check_name(name) == "cupy":
         _load_cupy()
     _current = name
+    _env_error = None  # an explicit choice replaces a bad MINILORA_BACKEND
 
 
 def get_backend() -> str:
-    return _current
+    return _active()
 
 
 @contextlib.contextmanager
@@ -135,7 +144,7 @@ def module_for(name: str):
 
 def xp():
     """The array module of the current backend."""
-    return np if _current == "numpy" else _load_cupy()
+    return np if _active() == "numpy" else _load_cupy()
 
 
 def _is_cupy_array(a) -> bool:
@@ -175,7 +184,7 @@ def to_numpy(a) -> np.ndarray:
 
 def asarray(data, dtype=None, backend: str | None = None):
     """``data`` as an array of ``backend`` (default: the current one), copying across devices."""
-    module = module_for(backend or _current)
+    module = module_for(backend or _active())
     if module is np:
         return np.asarray(to_numpy(data) if _is_cupy_array(data) else data, dtype=dtype)
     return module.asarray(data, dtype=dtype)
@@ -197,7 +206,7 @@ def manual_seed(seed: int) -> None:
 
 def rng(backend: str | None = None):
     """The seeded generator of a backend (``numpy.random.Generator`` or CuPy's)."""
-    name = backend or _current
+    name = backend or _active()
     gen = _generators.get(name)
     if gen is None:
         if name == "numpy":
@@ -211,7 +220,7 @@ def rng(backend: str | None = None):
 
 def random_uniform(shape, dtype, backend: str | None = None, low=0.0, high=1.0):
     """Uniform samples in [low, high) of ``dtype`` on a backend (the RNG gap lives here)."""
-    name = backend or _current
+    name = backend or _active()
     gen = rng(name)
     if name == "numpy":
         return gen.uniform(low, high, size=shape).astype(dtype, copy=False)
@@ -220,7 +229,7 @@ def random_uniform(shape, dtype, backend: str | None = None, low=0.0, high=1.0):
 
 def random_normal(shape, dtype, backend: str | None = None, std=1.0):
     """Gaussian samples N(0, std²) of ``dtype`` on a backend."""
-    name = backend or _current
+    name = backend or _active()
     gen = rng(name)
     if name == "numpy":
         return (gen.standard_normal(size=shape) * std).astype(dtype, copy=False)
@@ -242,12 +251,15 @@ def scatter_add(target, indices, values) -> None:
 
 
 def _init_from_env() -> None:
+    """Apply MINILORA_BACKEND. A bad value does not break ``import minilora`` (a traceback nobody can
+    catch, e.g. in the CLI): it is raised, naming the variable, by the first call that needs the backend."""
+    global _env_error
     name = os.environ.get("MINILORA_BACKEND", "").strip().lower()
     if name:
         try:
             set_backend(name)
         except (ValueError, BackendUnavailableError) as exc:  # say where the bad name came from
-            raise type(exc)(f"environment variable MINILORA_BACKEND={name!r}: {exc}") from None
+            _env_error = type(exc)(f"environment variable MINILORA_BACKEND={name!r}: {exc}")
 
 
 _init_from_env()

@@ -1,23 +1,29 @@
-"""The command line: ``minilora demo | pretrain | finetune | generate | experiment | bench``."""
+"""The command line: ``minilora demo | pretrain | finetune | generate | experiment | bench``, and the
+Hugging Face bridge ``export | import-peft | analyze`` (``minilora.hf.commands``)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
+import stat
 import sys
 from pathlib import Path
 
 from . import lora
 from .allocator import keep_freed_memory
+from .backend import BackendUnavailableError
 from .data import TASKS, Tokenizer, prompt_ids
 from .demo import run_demo
 from .experiments import EXPERIMENTS, run_experiment
 from .generate import DECODING_METHODS, generate
+from .hf import commands as hf_commands
 from .joint import finetune_joint
 from .models import load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
 from .recipes import finetune, pretrain
+from .train import TrainingDivergedError
 
 __all__ = ["main"]
 
@@ -25,7 +31,69 @@ __all__ = ["main"]
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+# ----------------------------------------------------------------------------- argument checks
+# argparse turns an ArgumentTypeError into "argument --flag: <message>" and exit 2, so every
+# message names its flag; these run before any model is loaded or trained.
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(high: float = math.inf):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and 0.0 < value <= high):
+            limit = f"(0, {high:g}]" if math.isfinite(high) else "> 0 and finite"
+            raise argparse.ArgumentTypeError(f"must be {limit}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _targets(text: str) -> tuple:
+    names = tuple(t.strip() for t in text.split(","))
+    if not names or any(not t or " " in t for t in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated layer names such as q,v")
+    return names
+
+
+def _check_folder(flag: str, folder: str, files=()) -> None:
+    """``--flag folder`` must be (or become) a writable folder, and ``files`` inside it must be writable files."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag} {folder}: is a file, not a folder; give a folder to write into")
+    parent = folder
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: permission denied ({parent} is not writable for this user)")
+    for name in files:
+        _check_file(flag, os.path.join(folder, name))
+
+
+def _check_file(flag: str, path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path} is a directory, so the output file cannot be written there")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{flag}: {path} exists and is not a regular file")
+
+
 def _cmd_demo(args) -> int:
+    _check_folder("--out", args.out)
+    if args.json:
+        _check_file("--json", args.json)
     run_demo(fast=args.fast, json_path=args.json, out_dir=args.out, progress=not args.no_progress, workers=args.workers)
     return 0
 
@@ -33,6 +101,7 @@ def _cmd_demo(args) -> int:
 def _cmd_pretrain(args) -> int:
     weights = os.path.join(args.out, "base.safetensors") if args.out else BASE_WEIGHTS
     config = os.path.join(args.out, "base.json") if args.out else BASE_CONFIG
+    _check_folder("--out", os.path.dirname(weights) or ".", [os.path.basename(weights), os.path.basename(config)])
     _, history, held_out = pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                     out_weights=weights, out_config=config, progress=not args.no_progress)
     print(f"pretrained {args.steps} steps in {history.seconds:.1f} s; final train loss {history.losses[-1]:.4f}, "
@@ -45,7 +114,7 @@ def _cmd_finetune_joint(args, tasks) -> int:
     if args.method != "lora":
         raise ValueError(f"--joint trains one LoRA adapter per task in a mixed batch; it needs --method lora, "
                          f"not {args.method!r} (full fine-tuning has one set of weights for every task)")
-    targets = tuple(t for t in args.targets.split(",") if t) if args.targets else None
+    targets = tuple(args.targets) if args.targets else None
     result = finetune_joint(tasks, steps=args.steps, batch_size=args.batch_size, lr=args.lr, r=args.r,
                             alpha=args.alpha, targets=targets, seed=args.seed, progress=not args.no_progress)
     os.makedirs(args.out, exist_ok=True)
@@ -68,6 +137,10 @@ def _task_list(value: str) -> tuple:
 
 
 def _cmd_finetune(args) -> int:
+    if args.base or args.text:  # LoRA on an imported GPT-2 and a text file
+        return hf_commands.cmd_finetune_text(args)
+    if not args.task:
+        raise ValueError("finetune needs --task (e2e, parse or classify), or --base HF_DIR --text FILE")
     tasks = args.task
     if args.joint:
         return _cmd_finetune_joint(args, tasks)
@@ -75,7 +148,9 @@ def _cmd_finetune(args) -> int:
         raise ValueError(f"--task {','.join(tasks)}: several tasks need --joint (one LoRA adapter per task, "
                          "trained together in mixed batches); otherwise give one task")
     args.task = tasks[0]
-    targets = tuple(t for t in args.targets.split(",") if t)
+    targets = args.targets
+    name = f"{args.task}.safetensors" if args.method == "lora" else f"{args.task}-full.safetensors"
+    _check_folder("--out", args.out, [name, f"{args.task}-full.json"])
     lora_hp = {"r": args.r, "alpha": args.alpha, "targets": targets} if args.method == "lora" else {}
     run = finetune(args.task, args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    progress=not args.no_progress, **lora_hp)
@@ -109,6 +184,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
+    _check_folder("--out", args.out)
     run_experiment(args.name, out_dir=args.out, fast=args.fast)
     return 0
 
@@ -139,46 +215,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--out", default="minilora-out", help="folder for PNGs and adapters (default: ./minilora-out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_int_at_least(1), default=None,
                    help="fine-tuning runs at a time, each in its own process (default: one per CPU core, at most 6)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("pretrain", help="train the base GPT on the free-description corpus (the shipped asset)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_int_at_least(1), default=3000)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    p.add_argument("--lr", type=_positive_float(1.0), default=3e-3, help="learning rate in (0, 1] (default 3e-3)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out", default=None, help="folder to write to (default: minilora/assets/)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("finetune", help="adapt the base model to one task (LoRA or full fine-tuning), "
                                         "or several LoRA adapters together (--joint)")
-    p.add_argument("--task", required=True, type=_task_list, metavar="TASK[,TASK...]",
-                   help=f"one of {', '.join(TASKS)}; several, comma-separated, with --joint")
+    p.add_argument("--task", type=_task_list, metavar="TASK[,TASK...]",
+                   help=f"one of {', '.join(TASKS)}; several, comma-separated, with --joint; not needed with --base HF_DIR --text FILE")
     p.add_argument("--joint", action="store_true",
                    help="LoRA only: one adapter per task, trained together in mixed batches (rows of every task)")
     p.add_argument("--method", default="lora", choices=("lora", "full"))
-    p.add_argument("--r", type=int, default=4, help="LoRA rank (default 4)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
-    p.add_argument("--targets", default="q,v", help="comma-separated module names to adapt (default q,v)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--r", type=_int_at_least(1), default=4, help="LoRA rank (default 4)")
+    p.add_argument("--alpha", type=_positive_float(), default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--targets", type=_targets, default=("q", "v"),
+                   help="comma-separated module names to adapt (default q,v)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    p.add_argument("--lr", type=_positive_float(1.0), default=None, help="learning rate in (0, 1]")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out", default="minilora-out", help="folder for the adapter / model file")
     p.add_argument("--no-progress", action="store_true")
+    hf_commands.add_finetune_flags(p)
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("generate", help="continue a prompt with the base model (and an adapter file)")
     p.add_argument("prompt", help='e.g. "name[the eagle] food[french]"')
     p.add_argument("--adapter", help="a LoRA adapter file written by `minilora finetune`")
     p.add_argument("--method", default="greedy", choices=DECODING_METHODS)
-    p.add_argument("--beams", type=int, default=4)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--beams", type=_int_at_least(1), default=4)
+    p.add_argument("--temperature", type=_positive_float(), default=1.0)
+    p.add_argument("--top-k", type=_int_at_least(1), default=None)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=48)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("experiment", help="the paper's experiments in miniature (tables + PNGs)")
@@ -186,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="minilora-out/experiments")
     p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
     p.set_defaults(func=_cmd_experiment)
+
+    hf_commands.add_parsers(sub)  # export, import-peft, analyze
 
     # `minilora bench ...` is forwarded to `python -m benchmarks.bench ...` by main(); listed here for --help
     sub.add_parser("bench", help="benchmarks (JSON lines), optionally side by side with PyTorch; "
@@ -204,7 +284,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message says what and how to fix it
+    # bad input, a file that cannot be read or written, a backend this machine lacks, a run that
+    # diverged: the message says what and how to fix it (a traceback would only hide it)
+    except (ValueError, OSError, BackendUnavailableError, TrainingDivergedError) as exc:
         print(f"minilora {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

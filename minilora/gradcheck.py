@@ -92,7 +92,7 @@ def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 1
                 worst = np.unravel_index(int(np.argmax(np.where(np.isfinite(error), error - bound, np.inf))), x.shape)
                 raise GradcheckError(
                     f"gradcheck failed for input {i} (shape {tuple(x.shape)}): at index {tuple(int(k) for k in worst)} "
-                    f"the analytic gradient is {grad[worst]!r} but central differences give {numeric[worst]!r} "
+                    f"the analytic gradient is {float(grad[worst])!r} but central differences give {float(numeric[worst])!r} "
                     f"(|difference| {error[worst]:.3g} > atol {atol:g} + rtol {rtol:g} * |numeric|); "
                     f"{int((error > bound).sum())} of {error.size} elements are off"
                 )

@@ -1,74 +1,268 @@
 """Files: atomic safetensors writes and checked reads (no pickle anywhere).
 
-Every file minilora writes goes to a temporary file in the same folder first and is
-then renamed over the target (``os.replace`` is atomic on POSIX and Windows), so a
-write killed half-way leaves the previous file intact.
+Writes. Every file minilora writes goes to a temporary file beside the target first
+(``.<name>.tmp-<pid>-<random>``) and is then renamed over it (``os.replace`` is atomic on
+POSIX and Windows), so a write killed half-way leaves the previous file intact; the temporary
+files such a kill leaves are removed by the next write of the same target. New files get the
+mode a plain ``open()`` would give (0o666 less the umask, so usually 0644); a file that is
+replaced keeps its mode. A symlink is written *through*: the link stays and the file it points
+to is replaced. A target that is a directory, a FIFO or a device is refused.
+
+Reads. The path is opened without blocking and checked to be a regular file before a byte is
+read (a FIFO never hangs a load); a missing, unreadable, directory or non-regular path gets a
+message that says which. ``save_arrays`` stores a SHA-256 over the tensors *and* the metadata;
+``load_arrays`` checks it, so one flipped bit anywhere in a tensor or in the metadata is found.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 
 import numpy as np
 
 from . import backend as bk
 
-__all__ = ["atomic_write", "save_arrays", "load_arrays", "FileFormatError", "save_json", "load_json"]
+__all__ = [
+    "FileFormatError", "atomic_write", "digest", "load_arrays", "load_json", "read_safetensors", "save_arrays",
+    "save_json",
+]
 
 
 class FileFormatError(ValueError):
     """A file is missing, truncated, corrupt, or does not fit what it is loaded into."""
 
 
-def atomic_write(path, write) -> None:
-    """Call ``write(tmp_path)`` and move the finished file onto ``path`` in one step."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
+# ----------------------------------------------------------------------------- writing
+_TMP = ".tmp-"
+_in_progress: set = set()  # temp files this process is writing right now (never "stale")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would end the process: assume alive
+        return True
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process (or no way to tell): leave its file alone
+    return True
+
+
+def _remove_stale_temps(folder: str, base: str) -> None:
+    """Delete temp files of ``base`` left by killed writers (their process is gone)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    own = f".{base}{_TMP}"
+    for name in names:
+        full = os.path.join(folder, name)
+        stale = False
+        if name.startswith(own):
+            pid = name[len(own):].split("-", 1)[0]
+            stale = full not in _in_progress and (not pid.isdigit() or not _pid_alive(int(pid))
+                                                 or int(pid) == os.getpid())
+        elif name.startswith(_TMP) and name.endswith(base) and len(name) > len(_TMP) + len(base):
+            stale = True  # the naming of minilora <= 0.1 (mkstemp: ".tmp-XXXXXXXX<name>")
+        if stale:
+            with contextlib.suppress(OSError):
+                os.remove(full)
+
+
+def _resolve_target(path: str) -> str:
+    """The regular file a write of ``path`` replaces: symlinks are followed (written through)."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return real
+    except PermissionError:
+        raise PermissionError(f"{path}: cannot write: permission denied (a folder on the way may not be entered)") from None
+    except OSError as exc:
+        raise FileFormatError(f"{path}: cannot write there ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FileFormatError(f"{path}: is a directory; give a file name inside it, e.g. {os.path.join(path, 'file.safetensors')}")
+    if not stat.S_ISREG(st.st_mode):
+        raise FileFormatError(f"{path}: is a {_kind(st.st_mode)}, not a regular file; minilora writes only regular files")
+    return real
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(tmp_path)`` and move the finished file onto ``path`` in one step.
+
+    ``tmp_path`` already exists (empty, with the final mode); ``write`` may overwrite it.
+    """
+    path = os.fspath(path)
+    target = _resolve_target(path)
+    folder, base = os.path.split(target)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise type(exc)(f"{path}: cannot create the folder {folder} ({exc.strerror})") from None
+    _remove_stale_temps(folder, base)
+    tmp = os.path.join(folder, f".{base}{_TMP}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+    except PermissionError:
+        raise PermissionError(f"{path}: cannot write: permission denied in the folder {folder}") from None
+    except OSError as exc:
+        raise type(exc)(f"{path}: cannot write in {folder} ({exc.strerror})") from None
+    _in_progress.add(tmp)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 less the umask, as a plain open() gives
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(os.stat(target).st_mode)  # replacing a file keeps its mode
+        os.close(fd)
         write(tmp)
+        os.chmod(tmp, mode)  # after write(): a writer may have recreated the file (safetensors does, as 0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+    finally:
+        _in_progress.discard(tmp)
+    with contextlib.suppress(OSError, AttributeError):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+# ----------------------------------------------------------------------------- integrity
+def digest(arrays: dict, meta: dict | None = None) -> str:
+    """SHA-256 over the metadata (canonical JSON, without its own "sha256") and every tensor.
+
+    Tensors are hashed as (name, dtype, shape, bytes) in name order; ``meta=None`` hashes the
+    tensors only (what adapter files of format_version 1 stored).
+    """
+    h = hashlib.sha256()
+    if meta is not None:
+        body = {k: v for k, v in meta.items() if k != "sha256"}
+        h.update(b"meta|" + json.dumps(body, sort_keys=True).encode() + b"|")
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- reading
+def read_safetensors(path, error=FileFormatError) -> tuple[dict, dict | None]:
+    """({name: numpy array}, the header's ``__metadata__`` or None), or ``error`` naming the problem.
+
+    The path is opened non-blocking and must be a regular file; then safetensors checks the
+    whole header (offsets, sizes, dtypes) and copies the tensors out of a memory map, so a
+    large file is never held twice in memory.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except PermissionError:
+        raise error(f"{path}: permission denied: this user may not read it (check its mode and owner, e.g. `ls -l`)") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot open it ({exc.strerror})") from None
+
+    def bad(detail):
+        return error(f"{path}: not a readable safetensors file ({detail})")
+
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise error(f"{path}: is a directory, not a file")
+        raise error(f"{path}: is a {_kind(st.st_mode)}, not a regular file")
+    with os.fdopen(fd, "rb") as f:  # held open while safetensors reads the same file
+        try:
+            prefix = f.read(8)
+        except OSError as exc:
+            raise error(f"{path}: cannot read it ({exc.strerror})") from None
+        if len(prefix) < 8:
+            raise bad(f"{st.st_size} bytes: shorter than the 8-byte header length")
+        n = int.from_bytes(prefix, "little")
+        if n > st.st_size - 8:
+            raise bad(f"the header length {n} exceeds the {st.st_size}-byte file: truncated?")
+        try:
+            with safe_open(path, framework="numpy") as g:
+                metadata = g.metadata()
+                arrays = {name: g.get_tensor(name) for name in g.keys()}  # noqa: SIM118 (keys(), no __iter__)
+        except Exception as exc:  # noqa: BLE001 (safetensors raises its own types for bad headers)
+            raise bad(f"{type(exc).__name__}: {exc}") from None
+    return arrays, metadata
 
 
 def save_arrays(path, arrays: dict, meta: dict | None = None) -> None:
     """Write {name: array} as safetensors (host copies; contiguous) with JSON-able ``meta``.
 
-    The metadata is stored as one JSON string under the key "minilora".
+    The metadata is stored as one JSON string under the key "minilora", with a "sha256" over
+    the tensors and the rest of the metadata added (``digest``).
     """
     from safetensors.numpy import save_file
 
     host = {name: np.ascontiguousarray(bk.to_numpy(a)) for name, a in arrays.items()}
-    metadata = {"minilora": json.dumps(meta or {}, sort_keys=True)}
+    meta = json.loads(json.dumps(meta or {}))  # what a reader will see (tuples become lists)
+    meta["sha256"] = digest(host, meta)
+    metadata = {"minilora": json.dumps(meta, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(host, tmp, metadata=metadata))
 
 
-def load_arrays(path) -> tuple[dict, dict]:
-    """Read a file written by ``save_arrays``: ({name: numpy array}, meta)."""
-    from safetensors import safe_open
+def load_arrays(path, require_digest: bool = False, error=FileFormatError) -> tuple[dict, dict]:
+    """Read a file written by ``save_arrays``: ({name: numpy array}, meta), the SHA-256 checked (and removed).
 
+    A file without a "sha256" (written by minilora <= 0.1, or by another program) loads
+    unchecked unless ``require_digest``.
+    """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileFormatError(f"{path}: no such file")
+    arrays, metadata = read_safetensors(path, error)
+    raw = (metadata or {}).get("minilora", "{}")
     try:
-        with safe_open(path, framework="numpy") as f:
-            raw_meta = (f.metadata() or {}).get("minilora", "{}")
-            arrays = {name: f.get_tensor(name) for name in f.keys()}
-        meta = json.loads(raw_meta)
-    except FileFormatError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
-        raise FileFormatError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+        meta = json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise error(f"{path}: the minilora metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise error(f"{path}: the minilora metadata is a {type(meta).__name__}, not a JSON object")
+    check_digest(path, arrays, meta, required=require_digest, error=error)
+    meta.pop("sha256", None)  # checked: the caller gets back the meta that was saved
     return arrays, meta
+
+
+def check_digest(path, arrays: dict, meta: dict, required: bool = True, error=FileFormatError,
+                 tensors_only: bool = False) -> None:
+    """Raise ``error`` unless ``meta["sha256"]`` is the digest of ``arrays`` (and of ``meta``)."""
+    stored = meta.get("sha256")
+    if stored is None and not required:
+        return
+    if not isinstance(stored, str) or len(stored) != 64:
+        raise error(f"{path}: the metadata's 'sha256' is {stored!r}, not a 64-digit SHA-256; the file is corrupt "
+                    "or was not written by minilora")
+    actual = digest(arrays, None if tensors_only else meta)
+    if actual != stored:
+        raise error(
+            f"{path}: the tensor data is corrupt or the metadata was changed (SHA-256 {actual[:12]}... differs from "
+            f"{stored[:12]}... stored when it was written)"
+        )
 
 
 def save_json(path, obj) -> None:

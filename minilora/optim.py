@@ -1,4 +1,4 @@
-"""Optimizers for the trainable parameters only: SGD, AdamW, gradient clipping, LR schedules.
+"""Optimizers for the trainable parameters only: SGD, AdamW, parameter groups (LoRA+), gradient clipping.
 
 LoRA's memory saving happens here (Sec. 4.2 of the paper). An optimizer keeps state only for
 the parameters with ``requires_grad=True``. The frozen W₀ gets no moment buffers, so AdamW
@@ -21,6 +21,9 @@ Every optimizer here follows these rules, and the tests check them:
 - State and scratch space are allocated once, at construction; ``step()`` allocates nothing.
 - The set of trained parameters is fixed at construction. Make the optimizer after
   ``mark_only_lora_as_trainable`` and after ``model.to(...)``.
+
+The LR schedules (``warmup_linear``, ``warmup_cosine``, ``LRScheduler``) live in
+``minilora.schedules`` and are importable from here.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import math
 from collections.abc import Mapping
 
 from . import backend as bk
+from .schedules import LRScheduler, warmup_cosine, warmup_linear
 from .tensor import Tensor
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "LRScheduler",
     "Optimizer",
     "clip_grad_norm_",
+    "lora_plus_param_groups",
     "warmup_cosine",
     "warmup_linear",
 ]
@@ -65,37 +70,105 @@ def _named_tensors(params, where: str) -> list[tuple[str | None, Tensor]]:
     return out
 
 
+def _split_groups(params, where: str) -> list[tuple[dict, list]]:
+    """[(group options, [(name or None, Tensor)])]: one group, or one per ``{"params": [...], ...}`` dict."""
+    if not isinstance(params, (Tensor, Mapping)):
+        params = list(params)
+        if params and all(isinstance(g, Mapping) for g in params):
+            groups = []
+            for k, group in enumerate(params):
+                if "params" not in group:
+                    raise ValueError(f"{where}: parameter group {k} has no 'params' key: {sorted(group)}")
+                options = {key: value for key, value in group.items() if key not in ("params", "name")}
+                options["name"] = str(group.get("name", k))
+                groups.append((options, _named_tensors(group["params"], f"{where} (parameter group {k})")))
+            return groups
+    return [({}, _named_tensors(params, where))]
+
+
 def _layout(a) -> tuple:
     return bk.backend_of(a), a.dtype, a.shape
 
 
+class _GroupValue:
+    """``opt.lr``, ``opt.weight_decay``, ...: the value of the first parameter group.
+
+    Setting it changes the only group. With several groups (LoRA+), set
+    ``opt.param_groups[i]["lr"]`` instead, or let ``LRScheduler`` scale them all.
+    """
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, opt, owner=None):
+        if opt is None:
+            return self
+        return opt.param_groups[0][self.name]
+
+    def __set__(self, opt, value):
+        if len(opt.param_groups) != 1:
+            raise AttributeError(
+                f"{type(opt).__name__} has {len(opt.param_groups)} parameter groups; set "
+                f"opt.param_groups[i][{self.name!r}] for each group (LRScheduler scales every group's lr)"
+            )
+        opt.param_groups[0][self.name] = opt._check_option(self.name, value)
+
+
 # ----------------------------------------------------------------------------- base
 class Optimizer:
-    """The shared part: trainable parameters, preallocated state, checkpointing.
+    """The shared part: trainable parameters in groups, preallocated state, checkpointing.
+
+    ``params`` is an iterable of Tensors, of (name, Tensor) pairs (``model.named_parameters()``),
+    a {name: Tensor} dict, or a list of parameter groups, each a dict
+    ``{"params": <any of those>, "lr": ..., "weight_decay": ...}`` whose missing options take the
+    constructor's values (as in ``torch.optim``; ``lora_plus_param_groups`` makes such a list).
 
     A subclass names its per-parameter state arrays in ``_state_keys`` (each is allocated as
-    ``zeros_like(p.data)``), its hyperparameters in ``_hyperparameters``, and implements
-    ``_update(i, param, grad, lr)``, which changes ``param`` (= ``p.data``) in place.
+    ``zeros_like(p.data)``), its hyperparameters in ``_hyperparameters`` (those a group may set
+    in ``_group_options``), validates one value in ``_check_option(name, value)``, and implements
+    ``_update(i, param, grad, group)``, which changes ``param`` (= ``p.data``) in place using the
+    hyperparameters of the parameter's ``group``.
 
     Attributes: ``params`` (the trained Tensors), ``names`` (their names, or "0", "1", ... when
-    the optimizer was given plain Tensors), ``lr`` (set it freely; ``LRScheduler`` does),
-    ``state`` (one {key: array} dict per parameter) and ``steps`` (per-parameter update counts;
-    a parameter whose ``grad`` is None at a step is skipped and its count does not advance, as
-    in PyTorch).
+    the optimizer was given plain Tensors), ``param_groups`` (one dict of hyperparameters per
+    group, plus "params": the group's trained Tensors), ``group_of`` (each parameter's group
+    index), ``lr`` (the first group's; set it freely when there is one group; ``LRScheduler``
+    scales every group), ``state`` (one {key: array} dict per parameter) and ``steps``
+    (per-parameter update counts; a parameter whose ``grad`` is None at a step is skipped and
+    its count does not advance, as in PyTorch).
     """
 
     _state_keys: tuple[str, ...] = ()
     _hyperparameters: tuple[str, ...] = ("lr",)
+    _group_options: tuple[str, ...] = ("lr",)
     _n_scratch = 1  # scratch buffers of the largest parameter's size, shared by all parameters
+    lr = _GroupValue()
 
-    def __init__(self, params, lr: float):
+    def __init__(self, params, **defaults):
         where = type(self).__name__
-        named, seen = [], set()
-        for position, (name, p) in enumerate(_named_tensors(params, where)):
-            if id(p) in seen or not p.requires_grad:  # tied weights count once; frozen W0 gets nothing
-                continue
-            seen.add(id(p))
-            named.append((str(position) if name is None else name, p))
+        defaults = {key: self._check_option(key, value) for key, value in defaults.items()}
+        named, seen, self.param_groups, self.group_of = [], {}, [], []
+        position = 0
+        for k, (options, items) in enumerate(_split_groups(params, where)):
+            label = options.pop("name", str(k))
+            unknown = sorted(set(options) - set(self._group_options))
+            if unknown:
+                raise ValueError(f"{where}: parameter group {k} sets {unknown}; a group may set {list(self._group_options)} "
+                                 "(the other hyperparameters are the optimizer's)")
+            group = {**defaults, **{key: self._check_option(key, value) for key, value in options.items()},
+                     "name": label, "params": []}
+            for name, p in items:
+                if id(p) in seen:  # tied weights count once; in two groups is an error
+                    if seen[id(p)] != k:
+                        raise ValueError(f"{where}: parameter {name or position!r} is in groups {seen[id(p)]} and {k}; "
+                                         "a parameter may belong to one group only")
+                elif p.requires_grad:  # frozen W0 gets nothing
+                    seen[id(p)] = k
+                    named.append((str(position) if name is None else name, p))
+                    group["params"].append(p)
+                    self.group_of.append(k)
+                position += 1
+            self.param_groups.append(group)
         if not named:
             raise ValueError(
                 f"{where} got no parameter with requires_grad=True. For LoRA, call "
@@ -107,7 +180,6 @@ class Optimizer:
             duplicates = sorted({n for n in self.names if self.names.count(n) > 1})
             raise ValueError(f"{where}: two parameters share a name: {duplicates}")
         self.params = [p for _, p in named]
-        self.lr = float(lr)
         self.steps = [0] * len(self.params)
         self._layouts = [_layout(p.data) for p in self.params]
         self.state = [
@@ -123,6 +195,14 @@ class Optimizer:
             for key, size in sizes.items()
         }
 
+    def _check_option(self, name: str, value):
+        """Validate and normalise one hyperparameter (a subclass checks its own)."""
+        if name == "lr":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{type(self).__name__}: lr must be a number >= 0, got {value!r}")
+            return float(value)
+        return value
+
     # ------------------------------------------------------------------ the loop
     def zero_grad(self) -> None:
         """Drop the gradients (``p.grad = None``). The next backward starts from nothing."""
@@ -131,7 +211,6 @@ class Optimizer:
 
     def step(self) -> None:
         """Update, in place, every trained parameter that has a gradient."""
-        lr = float(self.lr)
         for i, p in enumerate(self.params):
             grad = p.grad
             if grad is None:
@@ -149,9 +228,9 @@ class Optimizer:
                     f"{_layout(grad)}; a gradient must match its parameter's backend, dtype and shape"
                 )
             self.steps[i] += 1
-            self._update(i, param, grad, lr)
+            self._update(i, param, grad, self.param_groups[self.group_of[i]])
 
-    def _update(self, i: int, param, grad, lr: float) -> None:
+    def _update(self, i: int, param, grad, group: dict) -> None:
         raise NotImplementedError
 
     def _scratch_for(self, param, slot: int = 0):
@@ -170,20 +249,30 @@ class Optimizer:
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._hyperparameters)
+        groups = f"; {len(self.param_groups)} groups" if len(self.param_groups) > 1 else ""
         n = sum(p.size for p in self.params)
-        return f"{type(self).__name__}({hyper}; {len(self.params)} tensors, {n:,} values, state {self.state_bytes():,} bytes)"
+        return (f"{type(self).__name__}({hyper}{groups}; {len(self.params)} tensors, {n:,} values, "
+                f"state {self.state_bytes():,} bytes)")
 
     # ------------------------------------------------------------------ checkpoints
     def state_meta(self) -> dict:
-        """The JSON-able part of the state: the optimizer's type, hyperparameters, and per-parameter name, shape, dtype and step count."""
-        hyper = {}
-        for key in self._hyperparameters:
-            value = getattr(self, key)
-            hyper[key] = list(value) if isinstance(value, tuple) else value
+        """The JSON-able part of the state: type, hyperparameters, groups, and per-parameter name, shape, dtype and step.
+
+        ``hyperparameters`` holds the first group's values (all a one-group optimizer has);
+        ``param_groups`` lists every group's options and parameter names.
+        """
+        def plain(value):
+            return list(value) if isinstance(value, tuple) else value
+
         return {
             "optimizer": type(self).__name__,
             "format": 1,
-            "hyperparameters": hyper,
+            "hyperparameters": {key: plain(getattr(self, key)) for key in self._hyperparameters},
+            "param_groups": [
+                {**{key: plain(group[key]) for key in self._group_options},
+                 "params": [n for n, g in zip(self.names, self.group_of) if g == k]}
+                for k, group in enumerate(self.param_groups)
+            ],
             "params": [
                 {"name": name, "shape": list(shape), "dtype": str(dtype), "step": step}
                 for name, (_, dtype, shape), step in zip(self.names, self._layouts, self.steps)
@@ -243,15 +332,40 @@ class Optimizer:
             for key in self._state_keys:
                 if tuple(arrays[f"{name}.{key}"].shape) != tuple(shape):
                     raise ValueError(f"{where}: {name}.{key} has shape {tuple(arrays[f'{name}.{key}'].shape)}, expected {tuple(shape)}")
+        group_options = self._saved_group_options(meta, where)
         # All checked: now change things.
         for key, value in meta["hyperparameters"].items():
-            if key in self._hyperparameters:
+            if key in self._hyperparameters and key not in self._group_options:
                 setattr(self, key, tuple(value) if isinstance(value, list) else value)
+        for group, options in zip(self.param_groups, group_options):
+            group.update(options)
         for i, (name, buffers) in enumerate(zip(self.names, self.state)):
             self.steps[i] = int(saved[name]["step"])
             for key, buf in buffers.items():
                 source = bk.asarray(arrays[f"{name}.{key}"], dtype=buf.dtype, backend=bk.backend_of(buf))
                 bk.get_array_module(buf).copyto(buf, source)
+
+    def _saved_group_options(self, meta: dict, where: str) -> list[dict]:
+        """Each group's saved options, checked against this optimizer's groups (nothing is changed)."""
+        def unlist(value):
+            return tuple(value) if isinstance(value, list) else value
+
+        saved_groups = meta.get("param_groups")
+        if saved_groups is None:  # a state saved before parameter groups existed: one group
+            if len(self.param_groups) != 1:
+                raise ValueError(f"{where}: the state has one parameter group, this optimizer {len(self.param_groups)}")
+            saved_groups = [{key: value for key, value in meta["hyperparameters"].items() if key in self._group_options}]
+        else:
+            ours = [[n for n, g in zip(self.names, self.group_of) if g == k] for k in range(len(self.param_groups))]
+            theirs = [list(group["params"]) for group in saved_groups]
+            if ours != theirs:
+                raise ValueError(
+                    f"{where}: the saved parameter groups {[len(t) for t in theirs]} (parameters per group) do not "
+                    f"match this optimizer's {[len(o) for o in ours]}, or hold other names; build the optimizer "
+                    "from the same groups (e.g. the same lora_plus_param_groups call)"
+                )
+        return [{key: self._check_option(key, unlist(value)) for key, value in group.items()
+                 if key in self._group_options} for group in saved_groups]
 
 
 # ----------------------------------------------------------------------------- SGD
@@ -263,27 +377,38 @@ class SGD(Optimizer):
         d ← d + μ·b   if nesterov,   else   d ← b
         p ← p − lr·d
 
+    A parameter group may set its own ``lr`` and ``weight_decay``; momentum and nesterov are
+    the optimizer's (they decide which state arrays exist).
     State: one ``momentum_buffer`` per parameter when μ > 0, and none otherwise.
     """
 
     _hyperparameters = ("lr", "momentum", "weight_decay", "nesterov")
+    _group_options = ("lr", "weight_decay")
+    weight_decay = _GroupValue()
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False):
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"SGD: lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
+        if momentum < 0:
+            raise ValueError(f"SGD: momentum must be >= 0, got {momentum}")
         if nesterov and momentum <= 0:
             raise ValueError("SGD: nesterov=True needs momentum > 0")
-        self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self._state_keys = ("momentum_buffer",) if self.momentum else ()
         self._n_scratch = 2 if self.nesterov else 1
-        super().__init__(params, lr)
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
 
-    def _update(self, i, param, grad, lr):
+    def _check_option(self, name, value):
+        if name == "weight_decay":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"SGD: weight_decay must be a number >= 0, got {value!r}")
+            return float(value)
+        return super()._check_option(name, value)
+
+    def _update(self, i, param, grad, group):
         xp = bk.get_array_module(param)
         scratch = self._scratch_for(param)
         d = grad  # read only: never written
-        if self.weight_decay:
-            xp.multiply(param, self.weight_decay, out=scratch)
+        if group["weight_decay"]:
+            xp.multiply(param, group["weight_decay"], out=scratch)
             scratch += grad  # d = g + λp
             d = scratch
         if self.momentum:
@@ -297,7 +422,7 @@ class SGD(Optimizer):
                 d = look_ahead
             else:
                 d = buf
-        xp.multiply(d, lr, out=scratch)
+        xp.multiply(d, group["lr"], out=scratch)
         param -= scratch  # p = p - lr·d
 
 
@@ -317,30 +442,40 @@ class AdamW(Optimizer):
     agrees with PyTorch to rounding (≤ 1e-12 in float64 in the oracle tests). The update makes 13
     in-place elementwise passes and allocates nothing.
 
+    A parameter group may set its own ``lr``, ``betas``, ``eps`` and ``weight_decay``.
     State: ``exp_avg`` and ``exp_avg_sq`` per trained parameter, so 2 × the parameters' bytes.
     For LoRA those are the A and B matrices only.
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")
     _hyperparameters = ("lr", "betas", "eps", "weight_decay")
+    _group_options = ("lr", "betas", "eps", "weight_decay")
+    betas, eps, weight_decay = _GroupValue(), _GroupValue(), _GroupValue()
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
-        beta1, beta2 = (float(b) for b in betas)
-        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-            raise ValueError(f"AdamW: betas must lie in [0, 1), got {tuple(betas)}")
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"AdamW: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
-        self.betas, self.eps, self.weight_decay = (beta1, beta2), float(eps), float(weight_decay)
-        super().__init__(params, lr)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
-    def _update(self, i, param, grad, lr):
+    def _check_option(self, name, value):
+        if name == "betas":
+            beta1, beta2 = (float(b) for b in value)
+            if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+                raise ValueError(f"AdamW: betas must lie in [0, 1), got {tuple(value)}")
+            return beta1, beta2
+        if name in ("eps", "weight_decay"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"AdamW: {name} must be a number >= 0, got {value!r}")
+            return float(value)
+        return super()._check_option(name, value)
+
+    def _update(self, i, param, grad, group):
         xp = bk.get_array_module(param)
-        beta1, beta2 = self.betas
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
         t = self.steps[i]
         m, v = self.state[i]["exp_avg"], self.state[i]["exp_avg_sq"]
         scratch = self._scratch_for(param)
-        if self.weight_decay:
-            param *= 1.0 - lr * self.weight_decay  # p = p(1 - lr·λ)
+        if weight_decay:
+            param *= 1.0 - lr * weight_decay  # p = p(1 - lr·λ)
         m *= beta1
         xp.multiply(grad, 1.0 - beta1, out=scratch)
         m += scratch  # m = β1 m + (1-β1) g
@@ -351,7 +486,7 @@ class AdamW(Optimizer):
         bias_correction1 = 1.0 - beta1**t
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
         xp.sqrt(v, out=scratch)
-        scratch += self.eps * bias_correction2_sqrt  # √v + ε√(1-β2ᵗ)
+        scratch += eps * bias_correction2_sqrt  # √v + ε√(1-β2ᵗ)
         xp.divide(m, scratch, out=scratch)
         scratch *= lr * bias_correction2_sqrt / bias_correction1
         param -= scratch
@@ -392,81 +527,34 @@ def clip_grad_norm_(params, max_norm: float, error_if_nonfinite: bool = False) -
     return total
 
 
-# ----------------------------------------------------------------------------- schedules
-def _check_schedule(step: int, total: int, warmup: int) -> None:
-    if total < 1 or not 0 <= warmup <= total:
-        raise ValueError(f"schedule: need total >= 1 and 0 <= warmup <= total, got total={total}, warmup={warmup}")
-    if step < 0:
-        raise ValueError(f"schedule: step must be >= 0, got {step}")
+# ----------------------------------------------------------------------------- LoRA+
+def lora_plus_param_groups(model, lr: float, ratio: float = 16.0, weight_decay: float = 0.0) -> list[dict]:
+    """Parameter groups for LoRA+ (Hayou et al. 2024, arXiv 2402.12354): lr_B = ratio × lr_A.
 
+    LoRA+ argues that with width n → ∞ the same learning rate for A and B is inefficient and
+    that B should learn faster, by a fixed ratio λ = lr_B / lr_A (the paper recommends ~16 for
+    large models; ratio=1 gives plain LoRA). Returns, for the model's trainable parameters:
 
-def warmup_linear(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: a linear ramp 0 → 1 over ``warmup`` steps, then linear decay to 0 at ``total``.
+        [{"name": "lora_A", "params": [(name, A), ...], "lr": lr,         "weight_decay": wd},
+         {"name": "lora_B", "params": [(name, B), ...], "lr": ratio · lr, "weight_decay": wd},
+         {"name": "other",  "params": [...],            "lr": lr,         "weight_decay": wd}]
 
-        step < warmup:  step / warmup
-        otherwise:      max(0, (total − step) / max(1, total − warmup))
-
-    This is the Hugging Face ``get_linear_schedule_with_warmup``, the schedule of the paper's
-    GPT-2 experiments. Its value is 0 at step 0, 1 at ``warmup`` and 0 at ``total``.
+    "other" (trained biases, DoRA magnitudes, a trained head) is left out when empty. The
+    "name" key is a label only (``optim.AdamW(groups, ...)`` ignores it). A and B are found
+    by their parameter names (``.lora_A.`` / ``.lora_B.``), so any model made with
+    ``lora.apply_lora`` works.
     """
-    _check_schedule(step, total, warmup)
-    if step < warmup:
-        return step / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: a linear ramp 0 → 1 over ``warmup`` steps, then a half cosine down to ``min_ratio``.
-
-        step < warmup:  step / warmup
-        otherwise:      min_ratio + (1 − min_ratio) · ½ · (1 + cos(π · q)),
-                        q = min(1, (step − warmup) / max(1, total − warmup))
-
-    Its value is 1 at ``warmup``, ``min_ratio`` at ``total``, and it stays there afterwards.
-    """
-    _check_schedule(step, total, warmup)
-    if not 0.0 <= min_ratio <= 1.0:
-        raise ValueError(f"warmup_cosine: min_ratio must lie in [0, 1], got {min_ratio}")
-    if step < warmup:
-        return step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class LRScheduler:
-    """Sets ``optimizer.lr = base_lr · fn(step)``, like ``torch.optim.lr_scheduler.LambdaLR``.
-
-    ``base_lr`` is the optimizer's lr at construction. The constructor already applies
-    ``fn(0)``. Call ``step()`` after each ``optimizer.step()``.
-
-        sched = LRScheduler(opt, functools.partial(warmup_cosine, total=1000, warmup=50))
-
-    To resume, restore the optimizer's state first and then ``sched.load_state_dict(...)``,
-    which re-applies the lr of the saved step.
-    """
-
-    def __init__(self, optimizer: Optimizer, fn):
-        self.optimizer = optimizer
-        self.fn = fn
-        self.base_lr = float(optimizer.lr)
-        self.last_step = 0
-        self._apply()
-
-    def _apply(self) -> None:
-        self.optimizer.lr = self.base_lr * float(self.fn(self.last_step))
-
-    def step(self) -> None:
-        self.last_step += 1
-        self._apply()
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.lr
-
-    def state_dict(self) -> dict:
-        return {"base_lr": self.base_lr, "last_step": self.last_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.base_lr = float(state["base_lr"])
-        self.last_step = int(state["last_step"])
-        self._apply()
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0):
+        raise ValueError(f"lora_plus_param_groups: ratio = lr_B / lr_A must be a number > 0, got {ratio!r}")
+    groups = {"lora_A": [], "lora_B": [], "other": []}
+    for name, p in model.named_parameters(trainable_only=True):
+        kind = "lora_A" if ".lora_A." in name else "lora_B" if ".lora_B." in name else "other"
+        groups[kind].append((name, p))
+    if not groups["lora_A"] or not groups["lora_B"]:
+        raise ValueError(
+            "lora_plus_param_groups: the model has no trainable lora_A / lora_B parameters; call "
+            "lora.apply_lora(model, cfg) and lora.mark_only_lora_as_trainable(model) first"
+        )
+    lrs = {"lora_A": float(lr), "lora_B": float(lr) * float(ratio), "other": float(lr)}
+    return [{"name": kind, "params": params, "lr": lrs[kind], "weight_decay": float(weight_decay)}
+            for kind, params in groups.items() if params]

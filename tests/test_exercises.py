@@ -1,9 +1,16 @@
 """Every exercise check of ``minilora.exercises``: a right answer passes, a wrong one fails helpfully.
 
-A wrong answer must raise ExerciseError (an AssertionError) whose message names what differs and
-gives a hint; a function that still raises NotImplementedError (an exercise not tried yet) makes
-the check print a reminder and return False, so the tutorials run before the exercises are done.
+A wrong answer must raise ExerciseError (an AssertionError) whose message diagnoses what differs
+and gives a hint; the formula only at hint_level=2. A function that still raises
+NotImplementedError (an exercise not tried yet) makes the check print a reminder and return False,
+so the tutorials run before the exercises are done. Every registered solution passes its check,
+and no solution sits in a tutorial.
 """
+
+import glob
+import os
+import re
+
 
 import numpy as np
 import pytest
@@ -14,13 +21,15 @@ from minilora import exercises as ex
 from minilora import functional as F
 
 
-def _fails(check, answer, *fragments):
+def _fails(check, answer, *fragments, hint_level=1):
     with pytest.raises(ex.ExerciseError) as info:
-        check(answer)
+        check(answer, hint_level=hint_level)
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, message
     assert "Hint" in message or "hint" in message or "use " in message or "return " in message, message
+    assert not re.search(r"np\.float(32|64)\(-?\d", message), message  # plain numbers, not np.float64(0.25…)
+    assert "input 0" not in message, message  # parameters by name
     return message
 
 
@@ -37,7 +46,9 @@ def test_backward_by_hand():
         return dh @ w.T, a.T @ dh
 
     assert ex.check_backward_by_hand(right) is True
-    _fails(ex.check_backward_by_hand, forgets_tanh_derivative, "dx", "(1 − a²)")
+    message = _fails(ex.check_backward_by_hand, forgets_tanh_derivative, "dx", "dw is right", "through tanh")
+    assert "(1 − a²)" not in message  # the formula only on request
+    _fails(ex.check_backward_by_hand, forgets_tanh_derivative, "dx", "(1 − a²)", hint_level=2)
 
 
 def test_backward_by_hand_wrong_shape_and_none():
@@ -65,8 +76,10 @@ class _SigmoidForgetsOneMinus(_Sigmoid):
 
 def test_sigmoid():
     assert ex.check_sigmoid(_Sigmoid) is True
-    message = _fails(ex.check_sigmoid, _SigmoidForgetsOneMinus, "backward is wrong", "input 0", "y (1 − y)")
+    message = _fails(ex.check_sigmoid, _SigmoidForgetsOneMinus, "backward is wrong", "for x (shape (3, 5))")
     assert "central differences" in message  # gradcheck's own words are passed on
+    assert "y (1 − y)" not in message
+    _fails(ex.check_sigmoid, _SigmoidForgetsOneMinus, "backward is wrong", "for x", "y (1 − y)", hint_level=2)
     with pytest.raises(ex.ExerciseError, match="Function subclass"):
         ex.check_sigmoid(lambda x: x)
 
@@ -129,7 +142,7 @@ def test_loss_mask():
         return mask
 
     assert ex.check_loss_mask(right) is True
-    _fails(ex.check_loss_mask, off_by_one, "row 0", "seq[t + 1]")
+    _fails(ex.check_loss_mask, off_by_one, "row 0", "seq[t + 1]", "shifted by +1")
     _fails(ex.check_loss_mask, lambda n_prompt, n_tokens, width: np.ones(width + 1), "shape")
 
 
@@ -148,7 +161,8 @@ def test_masked_loss():
         return F.cross_entropy(logits.detach(), targets, mask=mask)
 
     assert ex.check_masked_loss(right) is True
-    _fails(ex.check_masked_loss, ignores_mask, "loss value", "mask.sum()")
+    _fails(ex.check_masked_loss, ignores_mask, "loss value", "every position", "mask = 1")
+    _fails(ex.check_masked_loss, ignores_mask, "loss value", "mask.sum()", hint_level=2)
     with pytest.raises(ex.ExerciseError, match="does not require grad"):
         ex.check_masked_loss(detached)
     with pytest.raises(ex.ExerciseError, match="Tensor"):
@@ -158,7 +172,10 @@ def test_masked_loss():
 # ----------------------------------------------------------------------------- 04
 def test_optimizer_state_bytes():
     assert ex.check_optimizer_state_bytes(lambda n, size: 2 * n * size) is True
-    _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "AdamW holds", "two running averages")
+    message = _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "AdamW holds", "0.5×")
+    assert "two running averages" not in message
+    _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "AdamW holds", "two running averages",
+           hint_level=2)
     _fails(ex.check_optimizer_state_bytes, lambda n, size: 2 * n * 4, "float64")
 
 
@@ -278,3 +295,86 @@ def test_output_dir_and_save_figure(tmp_path, monkeypatch):
 def test_a_crash_in_the_students_code_is_reported():
     with pytest.raises(ex.ExerciseError, match="ZeroDivisionError"):
         ex.check_lora_param_count(lambda d, k, r, n: 1 / 0)
+
+
+def test_a_crash_names_the_line_and_the_arguments():
+    def crashes(d, k, r, n_matrices):
+        return d / 0
+
+    _fails(ex.check_lora_param_count, crashes, "ZeroDivisionError", "line", "return d / 0", "d = a int")
+
+
+# ----------------------------------------------------------------------------- graduated hints
+def test_hints_graduate_from_diagnosis_to_formula():
+    def forgot_scaling(x, lora_A, lora_B, grad_h, scaling):
+        return (grad_h @ lora_B).T @ x
+
+    level0 = _fails(ex.check_dA, forgot_scaling, "0.4× the right one", "drop the scaling s", hint_level=0)
+    assert "Hint: " not in level0 and "Formula" not in level0
+    level1 = _fails(ex.check_dA, forgot_scaling, "0.4× the right one", "Hint: A is reached only through u")
+    assert "Formula" not in level1 and "(grad_h B)ᵀ x" not in level1 and "show_hint('02.1', 2)" in level1
+    level2 = _fails(ex.check_dA, forgot_scaling, "Formula:", "s·(grad_h B)ᵀ x", "show_solution('02.1')", hint_level=2)
+    assert len(level0) < len(level1) < len(level2)
+
+
+def test_scaling_applied_twice_is_named():
+    _fails(ex.check_dB, lambda x, A, Bm, g, s: s * s * g.T @ (x @ A.T), "2.5× the right one", "scaling s twice")
+
+
+def test_a_key_error_gets_a_hint_about_the_key_not_the_shapes():
+    def looks_up_every_row(x, W0, bias, adapters, adapter_ids):
+        h = x @ W0.T + bias
+        for i, name in enumerate(adapter_ids):
+            A, Bm, s = adapters[name]
+            h[i] += s * (x[i] @ A.T) @ Bm.T
+        return h
+
+    message = _fails(ex.check_mixed_batch, looks_up_every_row, "KeyError('__base__')", "is not an adapter",
+                     "adapters[name]")
+    assert "shape" not in message
+
+
+def test_a_shape_error_names_every_argument():
+    message = _fails(ex.check_dA, lambda x, lora_A, lora_B, grad_h, scaling: x @ lora_B, "shape mismatch",
+                     "x = a numpy array of shape (5, 6)", "lora_B = a numpy array of shape (4, 3)")
+    assert "input 0" not in message
+
+
+@pytest.mark.parametrize("exercise", ex.exercises(), ids=lambda e: e.id)
+def test_every_solution_passes_its_check(exercise, capsys):
+    check = getattr(ex, exercise.check)
+    assert check(ex.solution(exercise.id)) is True
+    assert "✓" in capsys.readouterr().out
+    first, formula = exercise.hints
+    assert first and formula and first != formula
+
+
+def test_show_hint_then_formula_then_solution(capsys):
+    ex.show_hint("05.2", 1)
+    out = capsys.readouterr().out
+    assert "Hint:" in out and "Formula:" not in out
+    ex.show_hint("05.2", 2)
+    out = capsys.readouterr().out
+    assert "Formula:" in out and "s′·B′ A′" in out
+    source = ex.show_solution("05.2")
+    assert "def solution_switch" in capsys.readouterr().out and "def solution_switch" in source
+    with pytest.raises(KeyError, match="02.1"):
+        ex.show_hint("99.9")
+
+
+def test_every_exercise_of_every_tutorial_is_registered_and_no_solution_is_in_a_tutorial():
+    tutorials = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tutorials")
+    ids = {e.id for e in ex.exercises()}
+    for path in sorted(glob.glob(os.path.join(tutorials, "0[1-7]_*.py"))):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        number = os.path.basename(path)[:2]
+        n_exercises = len(re.findall(r"\*\*Exercise \d", text))
+        assert {f"{number}.{i}" for i in range(1, n_exercises + 1)} <= ids, path
+        assert "def solution" not in text and "class Solution" not in text, f"{path} holds a solution"
+        for exercise in ex.exercises():
+            if exercise.id.startswith(number):
+                body = [line.strip() for line in exercise.solution.splitlines()
+                        if line.strip().startswith("return ")]
+                for line in body:
+                    assert line not in text, f"{path} prints the answer of {exercise.id}: {line}"

@@ -210,7 +210,7 @@ def test_config_scaling_and_round_trip():
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
     ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
     ({"bias": "some"}, r"bias must be one of \('none', 'all', 'lora_only'\)"),
-    ({"init": "xavier"}, r"init must be one of \('kaiming', 'gaussian'\)"),
+    ({"init": "xavier"}, r"init must be one of \('kaiming', 'gaussian', 'pissa'\)"),
     ({"target_modules": ()}, r"target_modules must be a non-empty sequence"),
     ({"target_modules": ("q", "")}, r"target_modules must be a non-empty sequence"),
     ({"target_modules": 3}, r"target_modules must be a name or a sequence"),
@@ -332,19 +332,20 @@ def test_parameter_ratio_of_a_1024_layer():
 
 @pytest.mark.parametrize("bias, trainable_biases", [
     ("none", set()),
-    ("lora_only", {"blocks.0.attn.q.bias", "blocks.0.attn.v.bias", "blocks.1.attn.q.bias", "blocks.1.attn.v.bias"}),
+    ("lora_only", {"blocks.0.attn.q", "blocks.0.attn.v", "blocks.1.attn.q", "blocks.1.attn.v"}),
     ("all", "every"),
 ])
 def test_mark_only_lora_as_trainable(bias, trainable_biases):
+    """Trained biases are the adapter's own deltas <module>.lora_bias.<adapter>; the base biases stay frozen."""
     model = tiny_gpt()
     lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v"), bias=bias))
     lora.mark_only_lora_as_trainable(model)  # bias taken from the config
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    biases = {n for n in trainable if n.endswith(".bias")}
+    biases = {n for n in trainable if ".lora_bias." in n}
     if trainable_biases == "every":
-        assert biases == {n for n, _ in model.named_parameters() if n.endswith(".bias")}
-    else:
-        assert biases == trainable_biases
+        trainable_biases = {n[: -len(".bias")] for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert biases == {f"{m}.lora_bias.default" for m in trainable_biases}
+    assert not any(n.endswith(".bias") for n in trainable)
     assert trainable - biases == set(lora.lora_parameter_names(model))
     # frozen W0: no gradient after backward, and no optimizer state
     idx = ids_batch(3)
@@ -869,9 +870,9 @@ def test_mismatched_file_raises_naming_the_first_mismatch(tmp_path):
     from safetensors.numpy import save_file
 
     meta = _file_meta(path)
-    from minilora.lora.files import _digest
+    from minilora.io import digest
 
-    meta["sha256"] = _digest(arrays)
+    meta["sha256"] = digest(arrays, meta)  # a well-formed file (the SHA-256 covers tensors and metadata)
     save_file(arrays, str(path), metadata={"minilora": json.dumps(meta)})
     before = snapshot(model)
     with pytest.raises(lora.AdapterFileError, match=rf"{path}: the model expects blocks\.1\.attn\.v\.lora_B\.e2e \(16, 2\)"):
@@ -912,13 +913,15 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
 def test_adapter_with_trained_biases_round_trips(tmp_path):
     model = _trained(cfg=lora.LoRAConfig(r=2, alpha=4, target_modules=("q",), bias="lora_only"))
-    assert "blocks.0.attn.q.bias" in lora.lora_state_dict(model, "e2e")
-    model.blocks[0].attn.q.bias.data[...] = 0.5
+    assert "blocks.0.attn.q.lora_bias.e2e" in lora.lora_state_dict(model, "e2e")  # the adapter's own Δb
+    model.blocks[0].attn.q.lora_bias["e2e"].data[...] = 0.5
     path = tmp_path / "b.safetensors"
     lora.save_adapter(path, model, "e2e")
     fresh = tiny_gpt()
     lora.load_adapter(path, fresh)
-    assert np.array_equal(to_np(fresh.blocks[0].attn.q.bias.data), to_np(model.blocks[0].attn.q.bias.data))
+    assert np.array_equal(to_np(fresh.blocks[0].attn.q.lora_bias["e2e"].data),
+                          to_np(model.blocks[0].attn.q.lora_bias["e2e"].data))
+    assert np.array_equal(to_np(fresh.blocks[0].attn.q.bias.data), to_np(tiny_gpt().blocks[0].attn.q.bias.data))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         idx = ids_batch(2)

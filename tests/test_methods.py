@@ -205,6 +205,12 @@ def test_preembed_shrinks_the_usable_length_and_says_so():
         model(np.array([[1, 2, 4, 5]]))
 
 
+def test_forward_embeddings_is_forward_after_the_token_lookup():
+    """PreEmbed runs the GPT through GPT.forward_embeddings: with no vectors inserted it is model(idx) exactly."""
+    model = tiny_model()
+    np.testing.assert_array_equal(to_np(model.forward_embeddings(model.wte(IDX)).data), to_np(model(IDX).data))
+
+
 def test_preembed_infix_only_leaves_the_prompt_untouched():
     """With l_p = 0 nothing is inserted before the separator: those outputs equal the base model's.
 

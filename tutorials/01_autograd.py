@@ -27,7 +27,7 @@ import inspect
 import numpy as np
 
 import minilora as ml
-from minilora.exercises import check_backward_by_hand, check_sigmoid, save_figure
+from minilora.exercises import check_backward_by_hand, check_sigmoid, save_figure, show_hint, show_solution
 
 ml.manual_seed(0)
 
@@ -232,33 +232,8 @@ check_sigmoid(MySigmoid)
 # %% [markdown]
 # ## Solutions
 #
-# Try the exercises first. These are one way to write them; the checks run on them here so
-# that you can see what a pass looks like.
-
-# %%
-def solution_backward(x, w):
-    a = np.tanh(x)
-    h = a @ w
-    dL_dh = 2 * h
-    dL_dw = a.T @ dL_dh
-    dL_da = dL_dh @ w.T
-    dL_dx = dL_da * (1 - a * a)
-    return dL_dx, dL_dw
-
-
-class SolutionSigmoid(ml.Function):
-    def forward(self, x):
-        y = 1.0 / (1.0 + ml.backend.get_array_module(x).exp(-x))
-        self.save_for_backward(y)
-        return y
-
-    def backward(self, grad):
-        (y,) = self.saved
-        return grad * y * (1.0 - y)
-
-
-check_backward_by_hand(solution_backward)
-check_sigmoid(SolutionSigmoid)
+# Not in this file: try first. `show_hint("01.1")` gives a hint (`show_hint("01.1", 2)` the
+# formula), and `show_solution("01.1")` prints a solution.
 
 # %% [markdown]
 # **Next:** `02_lora_layer.py` — the LoRA layer h = W₀x + (α/r)·B A x, its backward derived on

@@ -24,7 +24,9 @@ import numpy as np
 import minilora as ml
 from minilora import functional as F
 from minilora import lora, nn, optim
-from minilora.exercises import check_dA, check_dB, check_lora_param_count, save_figure
+from minilora.exercises import (
+    check_dA, check_dB, check_lora_param_count, save_figure, show_hint, show_solution,
+)
 
 ml.manual_seed(0)
 
@@ -34,6 +36,14 @@ ml.manual_seed(0)
 # `lora.LoRALinear` wraps an ordinary `nn.Linear` and adds named adapters. The Linear keeps its
 # own weight (the frozen W₀) and bias; each adapter adds `lora_A` (r × k) and `lora_B` (d × r).
 # In a whole model `lora.apply_lora` does this wrapping for you (tutorial 03).
+#
+# The paper's Fig. 1 draws the layer: x reaches h along the frozen W₀ and along the thin path
+# A then B, whose width is the rank r. Here it is to scale for the layer built below:
+
+# %%
+from minilora.diagrams import draw_reparametrisation
+
+print("wrote", save_figure(draw_reparametrisation(d=4, k=6, r=2), "02_reparametrisation.png"))
 
 # %%
 k, d, r = 6, 4, 2  # in_features, out_features, rank
@@ -64,30 +74,32 @@ h_lora = layer(x)              # W0 x + b + s B A x
 print("LoRA output == base output:", np.array_equal(h_lora.data, h_base.data))
 
 # %% [markdown]
-# Why not start *both* at zero? Then BA would stay zero forever: the gradient of A is
-# proportional to B and the gradient of B to A (you will see it in the formulas below), so two
-# zero matrices never move. One random factor breaks the symmetry; the zero one keeps ΔW = 0.
+# Why not start *both* at zero? Then BA would stay zero forever: two zero matrices never move
+# (exercises 1–2 will show you why, once you have written their gradients). One random factor
+# breaks the symmetry; the zero one keeps ΔW = 0.
 #
 # ## 3. The backward pass, on paper
 #
-# minilora computes the layer as **one fused Function**, `F.lora_linear` (the Function class is
-# `lora.LoRALinearFn`, in `minilora/lora/function.py`), with a hand-written
-# backward. Write u = x Aᵀ (the N × r bottleneck) and s = α/r. Then h = x W₀ᵀ + b + s·u Bᵀ, and
-# with g = ∂L/∂h (N × d) the chain rule gives
+# minilora computes the layer as **one fused op**, `F.lora_linear` (the Function class is
+# `lora.LoRALinearFn`, in `minilora/lora/function.py`), with a hand-written backward. Write
+# u = x Aᵀ (the N × r bottleneck) and s = α/r. Then
 #
-#     ∂L/∂x  = g W₀ + s·(g B) A           (N × k)
-#     ∂L/∂A  = s·(g B)ᵀ x                 (r × k)
-#     ∂L/∂B  = s·gᵀ u                     (d × r)
-#     ∂L/∂W₀ = gᵀ x                       (d × k) — only if W₀ requires grad
+#     h = x W₀ᵀ + b + s·u Bᵀ,      u = x Aᵀ
 #
-# The last line is the point of LoRA's backward: for a frozen W₀ the d × k product is **never
-# formed**. Everything else costs O(N·r·(d + k)) — thin matrices only. Here is the docstring
-# of the file that holds the fused op, which states the same derivation:
-
-# %%
-print(lora.function.__doc__)
-
-# %% [markdown]
+# and the backward receives g = ∂L/∂h (N × d). Here is one line of it, worked through. x reaches h
+# along two paths, the frozen one and the adapter; the chain rule adds them:
+#
+#     ∂L/∂x = g W₀  +  (∂L/∂u) A,      with ∂L/∂u = s·g B   (N × r)
+#           = g W₀ + s·(g B) A                               (N × k)
+#
+# Check the shapes: g is N × d, W₀ is d × k, B is d × r, A is r × k. The same two steps, "what
+# does this matrix multiply?" and "which shape must the result have?", give ∂L/∂A and ∂L/∂B.
+# You will derive those two yourself in exercises 1 and 2.
+#
+# One more line matters for LoRA: ∂L/∂W₀ = gᵀx is a d × k matrix, and for a frozen W₀ the fused
+# backward **never forms it**. Everything else costs O(N·r·(d + k)), thin matrices only. That is
+# where LoRA's backward saves time and memory (tutorial 04 measures it).
+#
 # ## 4. Check it with gradcheck
 #
 # B = 0 would hide mistakes (every term with B in it vanishes), so for the check we give B random
@@ -106,9 +118,8 @@ s = 2.0
 print(ml.gradcheck(lambda x, A, B: F.lora_linear(x, W0, b, A, B, s), [x, A, B]))
 
 # %% [markdown]
-# gradcheck agrees with the fused backward. Let us also reproduce one line of the derivation
-# ourselves — ∂L/∂x — with an explicit upstream gradient g (you will write ∂L/∂A and ∂L/∂B in the
-# exercises):
+# gradcheck agrees with the fused backward. Now check the worked line of section 3, ∂L/∂x, with
+# an explicit upstream gradient g (∂L/∂A and ∂L/∂B are yours to write, in the exercises):
 
 # %%
 g = rng.standard_normal((5, d))
@@ -212,9 +223,11 @@ print("wrote", save_figure(fig, "02_update_scale.png"))
 # ## Exercises
 #
 # **Exercise 1 — write ∂L/∂A yourself.** `my_dA(x, lora_A, lora_B, grad_h, scaling)` receives
-# NumPy arrays x (N × k), A (r × k), B (d × r), g = ∂L/∂h (N × d) and s, and returns ∂L/∂A. Use
-# the derivation in section 3 (or derive it again). `check_dA` runs `ml.gradcheck` on a LoRA
-# layer whose backward uses *your* formula, then compares it with `F.lora_linear`'s.
+# NumPy arrays x (N × k), A (r × k), B (d × r), g = ∂L/∂h (N × d) and s, and returns ∂L/∂A.
+# Derive it on paper first, as section 3 did for ∂L/∂x. `check_dA` runs `ml.gradcheck` on a LoRA
+# layer whose backward uses *your* formula, then compares it with `F.lora_linear`'s. A wrong
+# answer gets a diagnosis; `show_hint("02.1")` gives a hint, `check_dA(my_dA, hint_level=2)`
+# the formula, and `show_solution("02.1")` a solution.
 
 # %%
 def my_dA(x, lora_A, lora_B, grad_h, scaling):
@@ -224,8 +237,8 @@ def my_dA(x, lora_A, lora_B, grad_h, scaling):
 check_dA(my_dA)
 
 # %% [markdown]
-# **Exercise 2 — and ∂L/∂B.** Same arguments, returns the (d × r) gradient of B. Hint: what
-# does B multiply in the forward pass?
+# **Exercise 2 — and ∂L/∂B.** Same arguments, returns the (d × r) gradient of B. What does B
+# multiply in the forward pass? (`show_hint("02.2")` if you are stuck.)
 
 # %%
 def my_dB(x, lora_A, lora_B, grad_h, scaling):
@@ -248,23 +261,10 @@ check_lora_param_count(my_count)
 
 # %% [markdown]
 # ## Solutions
-
-# %%
-def solution_dA(x, lora_A, lora_B, grad_h, scaling):
-    return scaling * (grad_h @ lora_B).T @ x          # (r, N) @ (N, k)
-
-
-def solution_dB(x, lora_A, lora_B, grad_h, scaling):
-    return scaling * grad_h.T @ (x @ lora_A.T)        # (d, N) @ (N, r)
-
-
-def solution_count(d, k, r, n_matrices):
-    return n_matrices * (d * r + r * k)               # B is d × r, A is r × k
-
-
-check_dA(solution_dA)
-check_dB(solution_dB)
-check_lora_param_count(solution_count)
+#
+# Not in this file: try first. A wrong answer gets a diagnosis; `show_hint("02.1")` gives a hint
+# (`show_hint("02.1", 2)` the formula), and `show_solution("02.1")` (also "02.2", "02.3") prints
+# a solution with a comment on each line.
 
 # %% [markdown]
 # **Next:** `03_tiny_transformer.py` — where these layers go inside a GPT, and the loss of eq. 2.

@@ -19,7 +19,7 @@ import minilora as ml
 from minilora import functional as F
 from minilora import lora
 from minilora.data import Tokenizer, collate, load_task
-from minilora.exercises import check_loss_mask, check_masked_loss, save_figure
+from minilora.exercises import check_loss_mask, check_masked_loss, save_figure, show_hint, show_solution
 from minilora.models import load_base
 
 ml.manual_seed(0)
@@ -47,6 +47,11 @@ print(model.blocks[0])
 # the paper's W₀ ∈ R^{d×k} and a Linear computes y = x Wᵀ + b.
 
 # %%
+from minilora.diagrams import draw_block
+
+print("wrote", save_figure(draw_block(targets=(), d_model=model.config.d_model), "03_block.png"))
+
+# %%
 for name, p in model.named_parameters():
     if name.startswith("blocks.0.") and name.endswith(".weight"):
         print(f"{name:<26} {tuple(p.shape)!s:<11} {p.size:>7,}")
@@ -64,7 +69,13 @@ for group, count in counts.items():
 # `lora.apply_lora` replaces the Linear layers named in `target_modules` by `LoRALinear`
 # layers (tutorial 02). The paper's main setting adapts only Wq and Wv (Sec. 4.2 and Table 5).
 # The names of the frozen weights do not change, so a base checkpoint still loads into the
-# adapted model.
+# adapted model. Here is the block above, with the paper's choice:
+
+# %%
+print("wrote", save_figure(draw_block(targets=("q", "v"), r=4, d_model=model.config.d_model), "03_block_lora.png"))
+
+# %% [markdown]
+# Now on the model itself:
 
 # %%
 base_logits_idx = np.array([[1, 5, 9, 12, 3]])
@@ -162,29 +173,34 @@ print("W0.grad:", q.weight.grad, "  (frozen: never computed, no memory spent on 
 # %% [markdown]
 # ### A picture of the batch
 #
-# Each row below is one example of a `classify` batch (a description and a question, then a
-# one-word answer), and each column a position. Orange cells are the positions whose target
-# token is counted by the loss.
+# Each column below is one example of a `classify` batch (a description and a question, then a
+# one-word answer), and each row a position t, written as the token the model must predict there
+# (seq[t + 1]). The colour says whether the loss counts it.
 
 # %%
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-short = collate(load_task("classify", "train", 4), tokenizer)
+short = collate(load_task("classify", "train", 3), tokenizer)
 kind = np.where(short.mask == 1, 2, np.where(short.targets != tokenizer.pad_id, 1, 0))  # 0 pad, 1 prompt, 2 counted
-T = kind.shape[1]
-fig = Figure(figsize=(max(6.0, 0.33 * T), 3.2))
+T = min(kind.shape[1], int((kind > 0).any(axis=0).nonzero()[0][-1]) + 2)  # the real positions (+ 1 padded)
+colours = ["#eeeeee", "#9ecae1", "#fd8d3c"]
+fig = Figure(figsize=(7.6, 0.24 * T + 1.2))
 ax = fig.add_subplot(1, 1, 1)
-ax.imshow(kind, cmap=ListedColormap(["#eeeeee", "#9ecae1", "#fd8d3c"]), vmin=0, vmax=2, aspect="auto")
+ax.imshow(kind[:, :T].T, cmap=ListedColormap(colours), vmin=0, vmax=2, aspect="auto")
 for b in range(kind.shape[0]):
     for t in range(T):
         if kind[b, t]:
-            ax.text(t, b, tokenizer.decode([short.targets[b, t]]), rotation=90, ha="center", va="center", fontsize=6)
-ax.set_xlabel("position t (cell text: the target token, seq[t + 1])")
-ax.set_ylabel("example")
-ax.set_yticks(range(kind.shape[0]))
-ax.set_title("Loss mask of eq. 2 — blue: prompt (not scored), orange: y and <eos> (scored), grey: padding",
-             fontsize=9)
+            ax.text(b, t, tokenizer.decode([short.targets[b, t]]), ha="center", va="center", fontsize=8)
+ax.set_xticks(range(kind.shape[0]))
+ax.set_xticklabels([f"example {b}" for b in range(kind.shape[0])])
+ax.xaxis.tick_top()
+ax.set_ylabel("position t (cell: the target token seq[t + 1])")
+ax.legend(handles=[Patch(facecolor=c, edgecolor="#666666", label=label) for c, label in
+                   zip(colours, ["padding (no loss)", "prompt x (no loss)", "y and <eos> (loss counts: mask = 1)"])],
+          loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3, fontsize=8, frameon=False)
+ax.set_title("The loss mask of eq. 2 on a classify batch", fontsize=10, pad=22)
 print("wrote", save_figure(fig, "03_loss_mask.png"))
 
 # %% [markdown]
@@ -219,22 +235,9 @@ check_masked_loss(my_loss)
 
 # %% [markdown]
 # ## Solutions
-
-# %%
-def solution_mask(n_prompt, n_tokens, width):
-    mask = np.zeros(width)
-    mask[n_prompt - 1:n_tokens - 1] = 1.0   # positions whose next token is in y (or is the final <eos>)
-    return mask
-
-
-def solution_loss(logits, targets, mask):
-    logp = F.log_softmax(logits, axis=-1)                          # (B, T, V)
-    pick = np.eye(logits.shape[-1])[targets] * mask[..., None]     # one-hot of the targets, zeroed off the mask
-    return -(logp * ml.tensor(pick, dtype=logits.dtype)).sum() / float(mask.sum())
-
-
-check_loss_mask(solution_mask)
-check_masked_loss(solution_loss)
+#
+# Not in this file: try first. `show_hint("03.1")` gives a hint (call it again with 2 for the
+# formula), `show_solution("03.1")` and `show_solution("03.2")` print solutions.
 
 # %% [markdown]
 # **Next:** `04_finetune.py` — train it: full fine-tuning against LoRA on the shipped base.

@@ -31,9 +31,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny matrices: one BLAS th
 import numpy as np
 
 import minilora as ml
-from minilora import lora, nn
+from minilora import lora
+from minilora.methods import apply_method
 from minilora.data import Tokenizer, collate, load_task, prompt_ids
-from minilora.exercises import check_merge, check_mixed_batch, check_switch, output_dir, save_figure
+from minilora.exercises import (
+    check_merge, check_mixed_batch, check_switch, output_dir, save_figure, show_hint, show_solution,
+)
 from minilora.generate import generate
 from minilora.models import load_base
 from minilora.models.pretrained import BASE_WEIGHTS
@@ -58,8 +61,18 @@ paths = {}
 for task in TASKS:
     run = finetune(task, base=base, steps=STEPS, n_eval=3 if FAST else 20, seed=0, progress=not FAST, **LORA)
     paths[task] = lora.save_adapter(os.path.join(output_dir(), f"05_{task}.safetensors"), run.model, adapter_name=task)
-    print(f"{task:<9} {run.metric_name} {run.metric:.2f}   adapter file {os.path.getsize(paths[task]) / 1e3:,.0f} kB")
+    chance = "   (chance level for 3 labels: 0.33)" if task == "classify" else ""
+    print(f"{task:<9} {run.metric_name} {run.metric:.2f}{chance}   adapter file "
+          f"{os.path.getsize(paths[task]) / 1e3:,.0f} kB")
 print(f"the base model's weights: {os.path.getsize(BASE_WEIGHTS) / 1e3:,.0f} kB")
+
+# %% [markdown]
+# Be honest about these numbers. 80 steps are enough for `e2e` to write sentences that carry most
+# of the facts, but not for `classify`: its accuracy sits near chance (one of three labels, 0.33).
+# The adapter has learned the *form* of the answer (one label word after `=>`), not yet the
+# decision. `minilora demo` trains for longer and gets far above chance. This tutorial keeps the
+# short run because what it shows, merging, switching and mixing, does not depend on how good the
+# adapters are; expect the classify answers below to be wrong about as often as a guess.
 
 # %% [markdown]
 # One server holds the base once and loads both adapters under their names:
@@ -90,6 +103,37 @@ print(server.blocks[0].attn.q)
 print(f"max |merged − unmerged| logit: {np.abs(merged_logits - unmerged_logits).max():.2e}  (float32 rounding)")
 
 # %% [markdown]
+# What merge did to one weight, `blocks.0.attn.q` (128 × 128): it added the rank-4 matrix
+# s·B A to W₀, and the layer is one matrix again. The update is small next to W₀ (note the two
+# colour scales) and has rank r: four singular values, the rest zero up to rounding.
+
+# %%
+from matplotlib.figure import Figure
+
+q_layer = server.blocks[0].attn.q
+delta = ml.backend.to_numpy(q_layer.delta_weight("e2e")).astype(np.float64)   # s·B A, (d, k)
+W_merged = ml.backend.to_numpy(q_layer.weight.data).astype(np.float64)        # W₀ + s·B A
+W0 = W_merged - delta
+fig = Figure(figsize=(12, 3.4), layout="constrained")
+scale, dscale = np.abs(W0).max(), np.abs(delta).max()
+panels = [("W₀ (frozen)", W0, scale), ("+ s·B A (rank 4, own colour scale)", delta, dscale),
+          ("= W, what the merged layer uses", W_merged, scale)]
+for n, (title, matrix, vmax) in enumerate(panels):
+    ax = fig.add_subplot(1, 4, n + 1)
+    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("k (input)")
+    ax.set_ylabel("d (output)") if n == 0 else None
+    fig.colorbar(image, ax=ax, shrink=0.8)
+ax = fig.add_subplot(1, 4, 4)
+singular = np.linalg.svd(delta, compute_uv=False)
+ax.semilogy(np.arange(1, 13), np.maximum(singular[:12], 1e-12), "o-")
+ax.set_xlabel("index")
+ax.set_title("singular values of s·B A", fontsize=9)
+fig.suptitle("lora.merge: W = W₀ + s·B A, then the layer is a plain matmul (unmerge subtracts it back)", fontsize=10)
+print("wrote", save_figure(fig, "05_merge.png"))
+
+# %% [markdown]
 # ### Latency at batch size 1 (Table 1)
 #
 # We time one forward pass of a 32-token sequence at batch size 1. The four models are timed
@@ -100,47 +144,21 @@ print(f"max |merged − unmerged| logit: {np.abs(merged_logits - unmerged_logits
 # - **base**: the pre-trained model;
 # - **LoRA merged**: `server` as it is now;
 # - **LoRA unmerged**: W₀x + s·B(Ax), two extra thin matmuls per adapted layer;
-# - **Adapter^H**: Houlsby adapters (a d → 4 → d bottleneck with a skip connection) after the
-#   attention output and after the MLP of every block. This is the paper's adapter baseline,
-#   `minilora.methods`.
+# - **Adapterᴴ**: Houlsby adapters (a d → 4 → d bottleneck with a skip connection) after the
+#   attention output and after the MLP of every block. This is the paper's adapter baseline
+#   ("Adapter^H" in its tables), `minilora.methods.apply_method(model, "adapter_h")`.
 
 # %%
 unmerged = copy.deepcopy(server)
 lora.unmerge(unmerged)
 
-try:
-    from minilora.methods import apply_method
-
-    adapter_model = copy.deepcopy(base)
-    apply_method(adapter_model, "adapter_h", r=4)
-    adapter_label = "Adapter^H (minilora.methods)"
-except ImportError:  # an older minilora without baselines: compose the same adapter from nn pieces
-    class Bottleneck(nn.Module):
-        """h + up(relu(down(h))): Houlsby's adapter, from two nn.Linear layers."""
-
-        def __init__(self, d, r):
-            super().__init__()
-            self.down, self.up = nn.Linear(d, r), nn.Linear(r, d)
-
-        def forward(self, h):
-            return h + self.up(ml.relu(self.down(h)))
-
-    class LinearThenAdapter(nn.Module):
-        def __init__(self, linear, d, r):
-            super().__init__()
-            self.linear, self.adapter = linear, Bottleneck(d, r)
-
-        def forward(self, x):
-            return self.adapter(self.linear(x))
-
-    adapter_model = copy.deepcopy(base)
-    for block in adapter_model.blocks:
-        block.attn.o = LinearThenAdapter(block.attn.o, base.config.d_model, 4)
-        block.mlp.proj = LinearThenAdapter(block.mlp.proj, base.config.d_model, 4)
-    adapter_label = "Adapter^H (built from nn.Linear)"
+adapter_model = copy.deepcopy(base)
+apply_method(adapter_model, "adapter_h", r=4)
 adapter_model.eval()
 
-models = {"base": base, "LoRA merged": server, "LoRA unmerged": unmerged, "Adapter^H": adapter_model}
+models = {"base": base, "LoRA merged": server, "LoRA unmerged": unmerged, "Adapterᴴ": adapter_model}
+if FAST:
+    print(f"FAST mode: {ROUNDS} rounds on a busy machine — these timings mean nothing; run in full mode to measure.")
 one = collate(load_task("e2e", "test", 1), tokenizer).idx[:, :32]      # (1, 32): batch 1, 32 tokens
 timings = {name: [] for name in models}
 with ml.no_grad():
@@ -158,11 +176,8 @@ median = {name: 1e3 * float(np.median(t)) for name, t in timings.items()}
 overhead = {name: 100 * float(np.median(np.array(t) / np.array(timings["base"])) - 1) for name, t in timings.items()}
 for name, ms in median.items():
     print(f"{name:<14} {ms:6.2f} ms   {overhead[name]:+6.1f} % over the base (median of per-round ratios)")
-print("adapter model:", adapter_label)
 
 # %%
-from matplotlib.figure import Figure
-
 fig = Figure(figsize=(6.4, 3.6))
 ax = fig.add_subplot(1, 1, 1)
 names = list(median)
@@ -176,7 +191,8 @@ for i, n in enumerate(names):
     ax.text(i, 50, f"{overhead[n]:+.0f} %\n{median[n]:.1f} ms", ha="center", color="white", fontsize=9,
             fontweight="bold")
 ax.set_ylabel("latency, % of the base (per round)")
-ax.set_title("Batch-1 inference latency, 32 tokens (Table 1 in miniature)", fontsize=10)
+ax.set_title("Batch-1 inference latency, 32 tokens (Table 1 in miniature)"
+             + ("\nFAST mode: 5 rounds, these timings mean nothing" if FAST else ""), fontsize=10)
 print("wrote", save_figure(fig, "05_latency.png"))
 
 # %% [markdown]
@@ -191,7 +207,9 @@ print("wrote", save_figure(fig, "05_latency.png"))
 # ## 3. Switch tasks: subtract B A, add B′A′
 #
 # Merged weights hold one task. To serve the other, `unmerge` (W back to W₀), `set_adapter`, and
-# `merge` again. In arithmetic: W ← W − s·B A + s′·B′A′ (exercise 2 asks you to write it).
+# `merge` again. (What that does to the numbers in W, without keeping a copy of W₀, is exercise 2.)
+# The question is a `classify` one; remember from section 1 that this short-trained classify
+# adapter is near chance, so its answer may well differ from the reference.
 
 # %%
 question = load_task("classify", "test", 1)[0]
@@ -207,7 +225,10 @@ print("with the e2e adapter merged     :", answer(server))
 lora.unmerge(server)
 lora.set_adapter(server, "classify")
 lora.merge(server)
-print("with the classify adapter merged:", answer(server))
+reply = answer(server)
+right = reply.split()[-1:] == question.target.split()  # the label is the last word of the answer
+print("with the classify adapter merged:", reply, " (right)" if right else
+      " (wrong: the adapter is near chance, see section 1)")
 lora.unmerge(server)
 
 # %% [markdown]
@@ -281,28 +302,9 @@ check_mixed_batch(my_mixed)
 
 # %% [markdown]
 # ## Solutions
-
-# %%
-def solution_merge(W0, lora_A, lora_B, scaling):
-    return W0 + scaling * lora_B @ lora_A
-
-
-def solution_switch(W, old, new):
-    (A, B, s), (A_new, B_new, s_new) = old, new
-    return W - s * B @ A + s_new * B_new @ A_new
-
-
-def solution_mixed(x, W0, bias, adapters, adapter_ids):
-    h = x @ W0.T + bias                                   # shared by every row
-    for name, (A, B, s) in adapters.items():
-        rows = [i for i, n in enumerate(adapter_ids) if n == name]
-        h[rows] += s * (x[rows] @ A.T) @ B.T              # only this adapter's rows
-    return h
-
-
-check_merge(solution_merge)
-check_switch(solution_switch)
-check_mixed_batch(solution_mixed)
+#
+# Not in this file: try first. `show_hint("05.1")` (and "05.2", "05.3") gives a hint, with 2 the
+# formula; `show_solution("05.1")` prints a solution.
 
 # %% [markdown]
 # **Next:** `06_what_rank.py` — how small can r be? A rank sweep, and what the learned subspaces

@@ -29,7 +29,9 @@ from minilora import backend as bk
 from minilora import lora
 from minilora.analysis import subspace_similarity, subspace_similarity_grid
 from minilora.data import Tokenizer, collate, load_task
-from minilora.exercises import check_random_subspace_baseline, check_subspace_similarity, save_figure
+from minilora.exercises import (
+    check_random_subspace_baseline, check_subspace_similarity, save_figure, show_hint, show_solution,
+)
 from minilora.models import load_base
 from minilora.recipes import FAST, finetune
 
@@ -47,8 +49,8 @@ print(f"ranks {RANKS}, {STEPS} steps each{' (FAST mode: the numbers mean nothing
 # ## 1. The rank sweep
 #
 # One LoRA run per rank, on Wq and Wv, with the same α, learning rate and number of steps. The
-# learning rate is 1e-2, larger than the recipe's default 4e-3, so that A moves well away from
-# its random start in a short run. Each run gets its own random seed (seed = r). That way two
+# learning rate is 1e-2, larger than `finetune`'s default for LoRA (tutorial 04 prints it), so
+# that A moves well away from its random start in a short run. Each run gets its own random seed (seed = r). That way two
 # ranks never start from the same random rows of A, which matters in section 2. Quality is
 # measured twice: the test loss of eq. 2 (the mean NLL of the reference meaning
 # representations) and exact match of the greedy parses (one wrong slot makes a parse wrong).
@@ -173,14 +175,14 @@ print("wrote", save_figure(fig, "06_subspace.png"))
 
 # %% [markdown]
 # Read the top-left cell of each panel: φ(1, 1) compares the single most important direction of
-# the two adapters. For two random matrices it is about 1/k = 1/128. The trained adapters share
+# the two adapters. For two random matrices it is tiny (right panel). The trained adapters share
 # far more than that, although they started from unrelated random A's and had different ranks.
 # Moving right along the top row, the r = 1 direction lies more and more inside the span of the
 # larger adapter. Moving down the diagonal, the extra directions agree less: they are more like
 # noise. The paper draws the same conclusion in Sec. 7.2: the update's useful subspace is small,
 # so a small r captures it. (Two caveats on a model this small. With k = 128, random subspaces
-# already overlap by max(i, j)/k; exercise 2 derives that. And a short run leaves part of the
-# random initialisation in A. `minilora experiment subspace` runs the paper's r = 8 vs r = 64
+# already overlap a little, and more as i and j grow; exercise 2 asks how much. And a short run
+# leaves part of the random initialisation in A. `minilora experiment subspace` runs the paper's r = 8 vs r = 64
 # comparison, and two seeds, as in Fig. 4.)
 #
 # ## Exercises
@@ -210,23 +212,9 @@ check_random_subspace_baseline(my_baseline)
 
 # %% [markdown]
 # ## Solutions
-
-# %%
-def solution_phi(A1, A2, i, j):
-    U1 = np.linalg.svd(A1, full_matrices=False)[2][:i]   # top-i right-singular vectors, as rows (i, k)
-    U2 = np.linalg.svd(A2, full_matrices=False)[2][:j]   # (j, k)
-    return float(np.sum((U1 @ U2.T) ** 2) / min(i, j))
-
-
-def solution_baseline(i, j, k):
-    return max(i, j) / k          # i·j squared cosines of mean 1/k, divided by min(i, j)
-
-
-check_subspace_similarity(solution_phi)
-check_random_subspace_baseline(solution_baseline)
-simulated = np.mean([subspace_similarity(rng.standard_normal((2, k)), rng.standard_normal((8, k)), 2, 8)
-                     for _ in range(200)])
-print(f"simulated E[φ(2, 8)] for k = {k}: {simulated:.4f}   formula max(i, j)/k = {solution_baseline(2, 8, k):.4f}")
+#
+# Not in this file: try first. `show_hint("06.1")` gives a hint (`show_hint("06.1", 2)` the
+# formula), and `show_solution("06.1")` prints a solution.
 
 # %% [markdown]
 # **Next:** `07_gpu.py` — the same code on a GPU, by one switch.

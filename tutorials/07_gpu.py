@@ -29,7 +29,9 @@ from minilora import backend as bk
 from minilora import functional as F
 from minilora import lora, optim
 from minilora.data import Tokenizer, collate, load_task
-from minilora.exercises import check_host_logits, check_softmax_any_backend, save_figure
+from minilora.exercises import (
+    check_host_logits, check_softmax_any_backend, save_figure, show_hint, show_solution,
+)
 from minilora.models import load_base
 from minilora.recipes import FAST
 
@@ -171,6 +173,8 @@ for backend in bk.available_backends():
         train_steps(model, opt, b, repeats)
         step_ms[backend].append(1e3 * (time.perf_counter() - start) / repeats)
     print(f"{backend:<6}", "  ".join(f"batch {s}: {ms:7.1f} ms" for s, ms in zip(batch_sizes, step_ms[backend])))
+if FAST:
+    print("FAST mode: one batch size, one repeat — these timings mean nothing; run in full mode to measure.")
 
 # %%
 from matplotlib.figure import Figure
@@ -188,7 +192,8 @@ ax.set_ylabel("ms per LoRA training step")
 ax.set_yscale("log")
 ax.legend()
 title = "NumPy vs CuPy" if len(step_ms) > 1 else "NumPy only (no GPU on this machine)"
-ax.set_title(f"One LoRA training step: {title}", fontsize=10)
+ax.set_title(f"One LoRA training step: {title}" + ("\nFAST mode: one repeat, these timings mean nothing"
+                                                    if FAST else ""), fontsize=10)
 print("wrote", save_figure(fig, "07_step_time.png"))
 
 # %% [markdown]
@@ -220,21 +225,9 @@ check_host_logits(my_host_logits)
 
 # %% [markdown]
 # ## Solutions
-
-# %%
-def solution_softmax(a):
-    xp = bk.get_array_module(a)
-    e = xp.exp(a - a.max(axis=-1, keepdims=True))   # the largest logit becomes 0: no overflow
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def solution_host_logits(model, idx):
-    with ml.no_grad():
-        return bk.to_numpy(model(idx))
-
-
-check_softmax_any_backend(solution_softmax)
-check_host_logits(solution_host_logits)
+#
+# Not in this file: try first. `show_hint("07.1")` gives a hint, `show_solution("07.1")` and
+# `show_solution("07.2")` print solutions.
 
 # %% [markdown]
 # That is the end of the course. You built autograd, the LoRA layer with its backward, put it in

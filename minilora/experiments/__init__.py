@@ -10,6 +10,7 @@
     subspace       Figs. 3 and 4            φ between A of r = 8 and r = 64, and of two seeds
     amplification  Table 7                  ‖ΔW‖_F / ‖UᵀWVᵀ‖_F: ΔW amplifies directions W under-uses
     latency        Table 1                  forward latency of adapters vs merged / unmerged LoRA
+    variants       after the paper          DoRA, PiSSA, LoRA+, rsLoRA (an r sweep), LoRA on an NF4 base
     all            everything, one Markdown file (``all.md``) and every PNG
 
 Each experiment writes ``<name>.md`` (a Markdown table, the settings, links to its figures) and
@@ -26,14 +27,14 @@ from __future__ import annotations
 
 import os
 
-from . import amplification, baselines, latency, rank, subspace, targets
+from . import amplification, baselines, latency, rank, subspace, targets, variants
 from .runs import Context
 from .settings import FAST_SETTINGS, FULL_SETTINGS, Settings
 
 __all__ = ["EXPERIMENTS", "FAST_SETTINGS", "FULL_SETTINGS", "Context", "Settings", "run_experiment"]
 
 MODULES = {"baselines": baselines, "targets": targets, "rank": rank, "subspace": subspace,
-           "amplification": amplification, "latency": latency}
+           "amplification": amplification, "latency": latency, "variants": variants}
 EXPERIMENTS = tuple(MODULES)
 
 

@@ -13,18 +13,33 @@
 Files: ``function`` (THE equation h = W₀x + (α/r)·B·A·x: the fused op, the mixed op, their
 backward), ``config`` (LoRAConfig), ``layer`` (LoRALinear and its adapters), ``mixed`` (mixed
 batches: grouping rows by adapter, ``mixed_batch``), ``model`` (apply, freeze, count, merge),
-``files`` (adapter files). ``minilora.functional.lora_linear`` is ``function.lora_linear``.
+``bias`` (an adapter's own bias deltas), ``files`` (adapter files). ``minilora.functional.lora_linear`` is ``function.lora_linear``.
+Beyond the paper: DoRA (``LoRAConfig(use_dora=True)``, ``function.dora_linear``), PiSSA
+(``init="pissa"``; ``variants.pissa_to_lora``), rsLoRA (``use_rslora``), and a 4-bit NF4 base
+(``quantized.quantize_base``, QLoRA).
 """
 
+from .bias import BiasDeltas  # noqa: F401
 from .config import BASE_ADAPTER, BIAS_MODES, INIT_MODES, LoRAConfig  # noqa: F401
 from .files import AdapterFileError, adapter_nbytes, load_adapter, save_adapter  # noqa: F401
 from .layer import AdapterDict, LoRALinear  # noqa: F401
-from .function import LoRALinearFn, MixedLoRALinearFn, delta_weight, lora_linear, mixed_lora_linear  # noqa: F401
+from .function import (  # noqa: F401
+    DoRALinearFn,
+    LoRALinearFn,
+    MixedLoRALinearFn,
+    delta_weight,
+    dora_linear,
+    lora_linear,
+    mixed_lora_linear,
+)
 from .mixed import RowGroups, group_rows, mixed_batch  # noqa: F401
+from .variants import pissa_to_lora  # noqa: F401
+from .quantized import NF4Linear, QuantizationReport, QuantizedWeight, nf4_linear, quantize_base  # noqa: F401
 from .model import (  # noqa: F401
     MergeWarning,
     TrainableSummary,
     apply_lora,
+    bias_delta_names,
     delete_adapter,
     disable_adapters,
     get_adapter_config,

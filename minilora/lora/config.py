@@ -2,10 +2,13 @@
 
     cfg = LoRAConfig(r=4, alpha=32, target_modules=("q", "v"))
     cfg.scaling            # alpha / r = 8.0   (alpha / sqrt(r) with use_rslora=True)
+    LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), use_dora=True)   # DoRA: a learned magnitude per row
+    LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), init="pissa")    # PiSSA: A, B from the top-r SVD of W0
 
 The paper (Hu et al. 2021, Sec. 4.1) scales ΔW x by α/r so that changing r needs
 little re-tuning of the learning rate; rsLoRA (Kalajdzievski 2023, arXiv 2312.03732)
-argues for α/√r so that larger ranks keep learning.
+argues for α/√r so that larger ranks keep learning. DoRA (Liu et al. 2024, arXiv 2402.09353)
+and PiSSA (Meng et al. 2024, arXiv 2404.02948) are switches of the same config.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, fields
 __all__ = ["BASE_ADAPTER", "BIAS_MODES", "INIT_MODES", "LoRAConfig", "check_adapter_name"]
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("kaiming", "gaussian")
+INIT_MODES = ("kaiming", "gaussian", "pissa")
 
 # The name a mixed-task batch uses for "no adapter: the base model" (``lora.mixed_batch(model, [...])``).
 BASE_ADAPTER = "__base__"
@@ -47,13 +50,20 @@ class LoRAConfig:
     target_modules: Linear layers to adapt, by the last component of their path ("q" matches
        ``blocks.0.attn.q``) or by a dotted suffix / full path ("blocks.0.attn.q").
     dropout: dropout on the adapter's input x (the base path W0 x is not dropped), as in loralib.
-    bias: which biases ``mark_only_lora_as_trainable`` trains: "none", "all", or "lora_only"
-       (those of adapted layers). Trained biases are saved with the adapter.
-    init: how A starts (B always starts at 0, so the adapted model starts equal to the base):
+    bias: which biases the adapter trains: "none", "all", or "lora_only" (those of adapted layers).
+       They train as the adapter's own deltas ``<module>.lora_bias.<adapter>`` (``lora.bias``), never
+       in the base biases, and are saved with the adapter.
+    init: how A and B start (the adapted model always starts equal to the base):
        "kaiming" — U(-1/√k, 1/√k), loralib's ``kaiming_uniform_(A, a=√5)`` (and PEFT's default);
        "gaussian" — N(0, σ²) with σ = 1/r, PEFT's ``init_lora_weights="gaussian"``; the paper
        (Sec. 4.1) says only "a random Gaussian initialization for A".
+       "pissa" — A and B from the top-r singular triplets of W₀ and W₀ replaced by the residual
+       (Meng et al. 2024), so again the model starts equal to the base (``lora.layer``).
     use_rslora: scale by alpha / √r instead of alpha / r (rank-stabilised LoRA).
+    use_dora: DoRA, W′ = m ⊙ (W₀ + s·B·A) / ‖W₀ + s·B·A‖ row by row, with a learned magnitude m
+       (``<layer>.lora_magnitude.<adapter>``, shape (d,)) that starts at the row norms of W₀.
+    dora_detach_norm: treat ‖W₀ + s·B·A‖ as a constant in the backward (DoRA paper, Sec. 4.3, and
+       PEFT); the default, False, is the exact gradient.
     """
 
     r: int
@@ -63,6 +73,8 @@ class LoRAConfig:
     bias: str = "none"
     init: str = "kaiming"
     use_rslora: bool = False
+    use_dora: bool = False
+    dora_detach_norm: bool = False
 
     def __post_init__(self):
         r = self.r
@@ -99,11 +111,14 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig: bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INIT_MODES:
             raise ValueError(
-                f"LoRAConfig: init must be one of {INIT_MODES} ('kaiming' as loralib, 'gaussian' as the paper), "
+                f"LoRAConfig: init must be one of {INIT_MODES} ('kaiming' as loralib, 'gaussian' as the paper, 'pissa' from the SVD of W0), "
                 f"got {self.init!r}"
             )
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"LoRAConfig: use_rslora must be True or False, got {self.use_rslora!r}")  # noqa: TRY004
+        for flag in ("use_rslora", "use_dora", "dora_detach_norm"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"LoRAConfig: {flag} must be True or False, got {getattr(self, flag)!r}")  # noqa: TRY004
+        if self.dora_detach_norm and not self.use_dora:
+            raise ValueError("LoRAConfig: dora_detach_norm=True only means something for DoRA; pass use_dora=True too")
 
     @property
     def scaling(self) -> float:

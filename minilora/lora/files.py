@@ -6,38 +6,48 @@
 The paper's point (Sec. 4.2): a 350 GB GPT-3 checkpoint becomes a 35 MB adapter per task.
 A file holds the adapter's tensors under the model's own names (``blocks.0.attn.q.lora_A.e2e``)
 and, in its metadata (one JSON string under the key "minilora", as ``minilora.io`` writes),
-the LoRAConfig, the adapter name, the minilora version, the dtype and a SHA-256 of the tensor
-bytes (safetensors checks the header and the file length, not the data: the digest catches
-flipped bytes). ``load_adapter`` checks everything against the model before it changes anything.
+the LoRAConfig, the adapter name, the minilora version, the dtype, a fingerprint of the base
+model it was trained on (a SHA-256 of the frozen weights) and a SHA-256 over the tensor bytes
+*and* the rest of the metadata (safetensors checks the header and the file length, not the
+data: the digest catches a flipped byte anywhere, the config included). ``load_adapter`` checks
+everything against the model before it changes anything: names, shapes, dtypes, finite values,
+a config in the ranges below, a finite ΔW = s·B A, and the same base weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import numpy as np
 
 from .. import backend as bk
-from ..io import FileFormatError, atomic_write
+from ..io import FileFormatError, atomic_write, check_digest, digest, read_safetensors
 from ..nn import Module
+from .bias import bias_targets
 from .config import LoRAConfig, check_adapter_name
 from .model import (
-    _bias_names,
     _check_unmerged,
     apply_lora,
+    bias_delta_names,
     get_adapter_config,
     list_adapters,
+    lora_layers,
+    lora_parameter_names,
     lora_state_dict,
     resolve_targets,
     set_adapter,
 )
 
-__all__ = ["FORMAT", "AdapterFileError", "adapter_nbytes", "load_adapter", "save_adapter"]
+__all__ = ["FORMAT", "AdapterFileError", "adapter_nbytes", "base_fingerprint", "load_adapter", "save_adapter"]
 
 FORMAT = "minilora-lora-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the SHA-256 covers the metadata too, and the base fingerprint is recorded
+READS_VERSIONS = (1, 2)  # 1: SHA-256 over the tensors only, no base fingerprint
+
+# Ranges a real adapter never leaves: a file outside them is corrupt or crafted, not an experiment.
+MAX_SCALING = 1e4  # s = alpha / r (or alpha / sqrt(r)); the paper's runs use s of about 1..32
+MAX_DROPOUT = 0.9  # LoRAConfig allows [0, 1); above 0.9 the adapter sees almost nothing of x
 
 
 class AdapterFileError(FileFormatError):
@@ -45,13 +55,28 @@ class AdapterFileError(FileFormatError):
 
 
 def _digest(arrays: dict) -> str:
-    """SHA-256 over (name, dtype, shape, bytes) of every tensor, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor, in name order (format_version 1)."""
+    return digest(arrays)
+
+
+def base_fingerprint(model: Module, exclude=()) -> str:
+    """SHA-256 of the base model's weights: every parameter but the LoRA ones and ``exclude``.
+
+    Two bases with the same shapes but other values (another pre-training run, a base trained
+    further) get different fingerprints; the same weights in memory always get the same one.
+    """
+    skip = set(lora_parameter_names(model)) | set(bias_delta_names(model)) | set(exclude)
+    arrays = {n: bk.to_numpy(p.data) for n, p in model.named_parameters() if n not in skip}
+    for path, layer in lora_layers(model):  # a merged weight holds W0 + ΔW: fingerprint its W0
+        if layer.merged:
+            original = layer._merge_records[0][1]  # the weight before the first merge (keep_original=True)
+            if original is None:
+                raise RuntimeError(
+                    f"{path} is merged without a copy of W0 (keep_original=False), so the base it was trained on "
+                    "cannot be fingerprinted; call lora.unmerge(model) before saving the adapter"
+                )
+            arrays[f"{path}.weight"] = bk.to_numpy(original)
+    return digest(arrays)
 
 
 def adapter_nbytes(model: Module, adapter_name: str = "default") -> int:
@@ -73,8 +98,9 @@ def save_adapter(path, model: Module, adapter_name: str = "default") -> str:
         "config": get_adapter_config(model, adapter_name).to_dict(),
         "minilora_version": __version__,
         "dtype": ",".join(sorted({str(a.dtype) for a in host.values()})),
-        "sha256": _digest(host),
+        "base_sha256": base_fingerprint(model, exclude=host),
     }
+    meta["sha256"] = digest(host, meta)
     metadata = {"minilora": json.dumps(meta, sort_keys=True)}
     path = os.fspath(path)
     atomic_write(path, lambda tmp: save_file(host, tmp, metadata=metadata))
@@ -83,16 +109,8 @@ def save_adapter(path, model: Module, adapter_name: str = "default") -> str:
 
 def _read(path: str):
     """(arrays, meta) of an adapter file, or AdapterFileError naming the file and the problem."""
-    from safetensors import safe_open
-
-    if not os.path.exists(path):
-        raise AdapterFileError(f"{path}: no such file")
-    try:
-        with safe_open(path, framework="numpy") as f:
-            raw = (f.metadata() or {}).get("minilora")
-            arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has keys(), no __iter__)
-    except Exception as exc:  # noqa: BLE001 (safetensors raises its own types: truncated file, bad header, ...)
-        raise AdapterFileError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    arrays, metadata = read_safetensors(path, AdapterFileError)
+    raw = (metadata or {}).get("minilora")
     if raw is None:
         raise AdapterFileError(f"{path}: no minilora metadata; is it an adapter written by lora.save_adapter?")
     try:
@@ -105,13 +123,41 @@ def _read(path: str):
     for key in ("adapter_name", "config", "sha256"):
         if key not in meta:
             raise AdapterFileError(f"{path}: the metadata has no {key!r}")
-    digest = _digest(arrays)
-    if digest != meta["sha256"]:
+    version = meta.get("format_version")
+    if isinstance(version, bool) or version not in READS_VERSIONS:
         raise AdapterFileError(
-            f"{path}: the tensor data is corrupt (SHA-256 {digest[:12]}... differs from {meta['sha256'][:12]}... "
-            "stored when it was written)"
+            f"{path}: adapter format_version {version!r}; this minilora reads versions {list(READS_VERSIONS)} "
+            "(a file from a newer minilora? upgrade it; otherwise the file is corrupt)"
         )
+    check_digest(path, arrays, meta, error=AdapterFileError, tensors_only=version == 1)
     return arrays, meta
+
+
+def _check_ranges(path: str, config: LoRAConfig) -> None:
+    if not config.scaling <= MAX_SCALING:
+        raise AdapterFileError(
+            f"{path}: the stored config gives a scaling s = {config.scaling:.3g} (alpha {config.alpha:.3g}, r {config.r}), "
+            f"outside (0, {MAX_SCALING:g}]: no trained adapter has it, so the file is corrupt or crafted"
+        )
+    if not config.dropout <= MAX_DROPOUT:
+        raise AdapterFileError(
+            f"{path}: the stored config has dropout {config.dropout}, outside [0, {MAX_DROPOUT}]: the file is corrupt or crafted"
+        )
+
+
+def _check_delta(path: str, renamed: dict, targets, name: str, scaling: float) -> None:
+    """ΔW = s·B A of every layer must be finite in the weight's dtype (a finite B and A can still overflow)."""
+    for layer_path, layer in targets:
+        A = renamed[f"{layer_path}.lora_A.{name}"][1].astype(np.float64)
+        B = renamed[f"{layer_path}.lora_B.{name}"][1].astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            delta = (B @ A) * scaling
+            largest = float(np.abs(delta).max()) if delta.size else 0.0
+        if not largest <= float(np.finfo(layer.weight.dtype).max):
+            raise AdapterFileError(
+                f"{path}: the adapter's update ΔW = s·B A of {layer_path} is not finite in {layer.weight.dtype} "
+                f"(largest |ΔW| {largest:.3g}); the file is corrupt or crafted"
+            )
 
 
 def _expected(model: Module, config: LoRAConfig, name: str) -> dict:
@@ -124,13 +170,15 @@ def _expected(model: Module, config: LoRAConfig, name: str) -> dict:
         d, k = layer.weight.shape
         out[f"{path}.lora_A.{name}"] = ((config.r, k), np.dtype(layer.weight.dtype))
         out[f"{path}.lora_B.{name}"] = ((d, config.r), np.dtype(layer.weight.dtype))
-    params = dict(model.named_parameters())
-    for n in _bias_names(model, config.bias, targets):
-        out[n] = (tuple(params[n].shape), np.dtype(params[n].dtype))
+        if config.use_dora:
+            out[f"{path}.lora_magnitude.{name}"] = ((d,), np.dtype(layer.weight.dtype))
+    for path, module in bias_targets(model, config.bias, targets):
+        out[f"{path}.lora_bias.{name}"] = (tuple(module.bias.shape), np.dtype(module.bias.dtype))
     return out
 
 
-def load_adapter(path, model: Module, adapter_name: str | None = None, activate: bool = True) -> str:
+def load_adapter(path, model: Module, adapter_name: str | None = None, activate: bool = True,
+                 check_base: bool = True) -> str:
     """Load an adapter file into ``model``; returns the adapter's name in the model.
 
     adapter_name: the name to load it under (default: the name stored in the file). A model
@@ -138,6 +186,10 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
     shape and dtype is checked before anything changes: a corrupt, truncated or mismatched
     file raises AdapterFileError naming the file and the first mismatch, model untouched.
     With ``activate`` the loaded adapter becomes the active one.
+
+    check_base: refuse a file whose recorded base fingerprint (``base_fingerprint``) differs
+    from the model's: same shapes, other weights, so B A would be added to a W₀ it was never
+    trained against. Pass False when that is intended (e.g. a base you trained further).
     """
     path = os.fspath(path)
     arrays, meta = _read(path)
@@ -145,6 +197,7 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
         config = LoRAConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:
         raise AdapterFileError(f"{path}: the stored LoRAConfig is invalid ({exc})") from None
+    _check_ranges(path, config)
     stored_name = meta["adapter_name"]
     try:
         check_adapter_name(stored_name)
@@ -167,7 +220,7 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
         raise AdapterFileError(f"{path}: the adapter does not fit this model: {exc}") from None
 
     def model_key(file_key: str) -> str:
-        for part in ("lora_A", "lora_B"):
+        for part in ("lora_A", "lora_B", "lora_magnitude", "lora_bias"):
             suffix = f".{part}.{stored_name}"
             if file_key.endswith(suffix):
                 return file_key[: -len(suffix)] + f".{part}.{name}"
@@ -180,7 +233,9 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
             raise AdapterFileError(f"{path}: the model expects {key} {shape} {dtype} but the file has no such tensor")
         file_key, a = renamed[key]
         if key not in expected:
-            raise AdapterFileError(f"{path}: the file has {file_key} {tuple(a.shape)}, which the model has no place for")
+            legacy = (" (minilora 0.1 saved an adapter's trained biases in place of the base's; now they are "
+                      "deltas <module>.lora_bias.<adapter>: re-train or convert the file)") if key.endswith(".bias") else ""
+            raise AdapterFileError(f"{path}: the file has {file_key} {tuple(a.shape)}, which the model has no place for{legacy}")
         shape, dtype = expected[key]
         if tuple(a.shape) != shape:
             raise AdapterFileError(
@@ -194,6 +249,16 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
             )
         if not np.isfinite(a).all():
             raise AdapterFileError(f"{path}: {file_key} holds NaN or inf values")
+    _check_delta(path, renamed, resolve_targets(model, config), name, config.scaling)
+    recorded = meta.get("base_sha256")
+    if check_base and recorded is not None:
+        here = base_fingerprint(model, exclude=[k for k in expected if ".lora_" not in k])
+        if here != recorded:
+            raise AdapterFileError(
+                f"{path}: the adapter was trained on another base model: the model's base weights have SHA-256 "
+                f"{here[:12]}..., the file records {str(recorded)[:12]}... (same shapes, other values). Load it into the "
+                "base it was trained on, or pass check_base=False if this base is meant (e.g. one you trained further)"
+            )
     # ---- every check passed: now change the model
     if not exists:
         apply_lora(model, config, adapter_name=name, activate=False)

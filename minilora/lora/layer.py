@@ -2,7 +2,8 @@
 
 The wrapped layer keeps its own Parameters under their own names, so the state-dict key of
 the frozen weight stays ``blocks.0.attn.q.weight`` and a base checkpoint loads unchanged;
-each adapter adds ``blocks.0.attn.q.lora_A.<adapter>`` (r, k) and ``...lora_B.<adapter>`` (d, r).
+each adapter adds ``blocks.0.attn.q.lora_A.<adapter>`` (r, k) and ``...lora_B.<adapter>`` (d, r),
+and a DoRA adapter also ``...lora_magnitude.<adapter>`` (d,).
 
     layer = LoRALinear(nn.Linear(128, 128))
     layer.add_adapter("e2e", LoRAConfig(r=4, alpha=8, target_modules=("q",)))
@@ -16,6 +17,11 @@ active while something is merged raises: merging is explicit, never a side effec
 Several active adapters add their updates; inside ``lora.mixed_batch`` (which sets
 ``row_groups``) row i of the input uses its own adapter instead. Every path is an op of
 ``lora/function.py``, where the equation and its backward are written once.
+
+Variants (``LoRAConfig``): ``use_dora`` routes the forward through ``dora_linear`` (a merged DoRA
+weight is the plain matrix m ⊙ V / ‖V‖_row); ``init="pissa"`` starts A and B at the top-r
+singular triplets of W₀ and replaces W₀ by the residual (``_pissa_init``); after
+``lora.quantize_base`` the weight is an NF4 ``QuantizedWeight`` (no merging, no PiSSA).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from .. import functional as F
 from ..nn import Linear, Module, Parameter
 from ..tensor import is_grad_enabled
 from .config import LoRAConfig, check_adapter_name
-from .function import delta_weight, lora_linear, mixed_lora_linear
+from .function import delta_weight, dora_linear, dora_norms, lora_linear, mixed_lora_linear
+from .quantized import QuantizedWeight, nf4_linear
 
 __all__ = ["AdapterDict", "LoRALinear"]
 
@@ -88,10 +95,12 @@ class LoRALinear(Module):
         self.bias = base.bias
         self.lora_A = AdapterDict()  # adapter name -> (r, in_features)
         self.lora_B = AdapterDict()  # adapter name -> (out_features, r)
+        self.lora_magnitude = AdapterDict()  # DoRA adapters only: adapter name -> (out_features,)
+        self.pissa_init: dict = {}  # PiSSA adapters only: name -> (A₀, B₀) arrays, for lora.pissa_to_lora
         self.lora_config: dict[str, LoRAConfig] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-        self._merge_records: list = []  # [(adapter names, pre-merge weight copy or None)], oldest first
+        self._merge_records: list = []  # [(adapter names, pre-merge weight copy, None, or (DoRA row norms,))], oldest first
         self._disabled = 0
         self.layer_name = layer_name or "LoRALinear"
         self.row_groups = None  # set by lora.mixed_batch for its block: one adapter per row of the input
@@ -112,6 +121,16 @@ class LoRALinear(Module):
         if name not in self.lora_A:
             raise ValueError(f"{self.layer_name} has no adapter {name!r}; its adapters are {self.adapters}")
         return name
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.weight, QuantizedWeight)
+
+    def _base(self, x):
+        """W₀x + b alone (the base layer; NF4 after ``lora.quantize_base``)."""
+        if self.quantized:
+            return nf4_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def _where(self) -> str:
         return f"{self.layer_name} (weight {tuple(self.weight.shape)})"
@@ -141,16 +160,51 @@ class LoRALinear(Module):
             raise RuntimeError(self._merged_message(f"activate the new adapter {name!r}"))
         dtype, backend = self.weight.dtype, self.weight.backend
         r = config.r
-        if config.init == "kaiming":  # loralib: kaiming_uniform_(A, a=√5) -> U(-1/√k, 1/√k)
-            bound = 1.0 / math.sqrt(k)
-            lora_A = bk.random_uniform((r, k), dtype, backend=backend, low=-bound, high=bound)
-        else:  # "gaussian": the paper's "random Gaussian", with PEFT's σ = 1/r
-            lora_A = bk.random_normal((r, k), dtype, backend=backend, std=1.0 / r)
+        if config.init == "pissa":
+            lora_A, lora_B = self._pissa_init(name, config)
+        else:
+            if config.init == "kaiming":  # loralib: kaiming_uniform_(A, a=√5) -> U(-1/√k, 1/√k)
+                bound = 1.0 / math.sqrt(k)
+                lora_A = bk.random_uniform((r, k), dtype, backend=backend, low=-bound, high=bound)
+            else:  # "gaussian": the paper's "random Gaussian", with PEFT's σ = 1/r
+                lora_A = bk.random_normal((r, k), dtype, backend=backend, std=1.0 / r)
+            lora_B = bk.module_for(backend).zeros((d, r), dtype=dtype)
         self.lora_A[name] = Parameter(lora_A)
-        self.lora_B[name] = Parameter(bk.module_for(backend).zeros((d, r), dtype=dtype))
+        self.lora_B[name] = Parameter(lora_B)
+        if config.use_dora:  # m = ‖W₀ + s·B·A‖ row by row, computed as the forward does: c = m/n = 1 exactly
+            weight = self.weight if self.quantized else self.weight.data
+            self.lora_magnitude[name] = Parameter(dora_norms(weight, lora_A, lora_B, config.scaling)[0])
         self.lora_config[name] = config
         if activate:
             self.active_adapters = [name]
+
+    def _pissa_init(self, name: str, config: LoRAConfig):
+        """PiSSA (Meng et al. 2024): W₀ = U S Vᵀ; A = √(S_r/s)·V_rᵀ, B = U_r·√(S_r/s), so s·B·A = U_r S_r V_rᵀ.
+
+        W₀ is replaced, in place, by the residual W₀ − s·B·A (formed in float64), so the layer's
+        output is unchanged up to rounding. Returns (A, B) in the weight's dtype; (A₀, B₀) are kept
+        in ``pissa_init`` for ``lora.pissa_to_lora``.
+        """
+        if self.quantized:
+            raise ValueError(f"{self.layer_name}: init='pissa' rewrites W0 into its residual, but W0 is stored in NF4 "
+                             "here; add the PiSSA adapter before lora.quantize_base(model)")
+        if self.lora_A:
+            raise ValueError(
+                f"{self.layer_name}: init='pissa' replaces W0 by its residual, which would change what the adapters "
+                f"{self.adapters} were trained on; add the PiSSA adapter {name!r} to a layer without adapters"
+            )
+        xp = bk.module_for(self.weight.backend)
+        W = self.weight.data.astype(np.float64)
+        U, S, Vt = xp.linalg.svd(W, full_matrices=False)  # W = U diag(S) Vᵀ, S descending
+        r, s = config.r, config.scaling
+        root = xp.sqrt(S[:r] / s)  # √(S_r / s)
+        lora_A = root[:, None] * Vt[:r]  # (r, k)
+        lora_B = U[:, :r] * root[None, :]  # (d, r)
+        self.weight.data[...] = (W - s * (lora_B @ lora_A)).astype(self.weight.dtype)
+        dtype = self.weight.dtype
+        lora_A, lora_B = lora_A.astype(dtype), lora_B.astype(dtype)
+        self.pissa_init[name] = (lora_A.copy(), lora_B.copy())
+        return lora_A, lora_B
 
     def set_adapter(self, names) -> None:
         """Make ``names`` (one name or a list: their updates add up) the active adapter(s)."""
@@ -168,6 +222,9 @@ class LoRALinear(Module):
             self.unmerge()
         del self.lora_A[name]
         del self.lora_B[name]
+        if name in self.lora_magnitude:
+            del self.lora_magnitude[name]
+        self.pissa_init.pop(name, None)
         del self.lora_config[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
@@ -192,25 +249,24 @@ class LoRALinear(Module):
     def forward(self, x):
         """h = W₀x + b + Σ_active s·B·A·drop(x); under ``lora.mixed_batch`` row i uses its own adapter."""
         if self._disabled:
-            return F.linear(x, self.weight, self.bias)
+            return self._base(x)
         if self.merged:
             self._check_not_training_merged()
         if self.row_groups is not None:
             return self._forward_mixed(x, self.row_groups)
         pending = [a for a in self.active_adapters if a not in self.merged_adapters]
         if not pending:  # no adapter, or every active one is merged into the weight: the base cost
-            return F.linear(x, self.weight, self.bias)
+            return self._base(x)
         if len(pending) == 1:
-            cfg = self.lora_config[pending[0]]
-            return lora_linear(x, self.weight, self.bias, self.lora_A[pending[0]], self.lora_B[pending[0]],
-                               cfg.scaling, dropout=cfg.dropout, training=self.training)
+            return self._fused(x, pending[0])
         # several active adapters: the mixed op with every row in each group (their updates add up)
         if x.ndim < 2:  # the mixed op wants a row axis first
             return self._mixed(x.reshape(1, -1), pending, [slice(None)] * len(pending)).reshape(-1)
         return self._mixed(x, pending, [slice(None)] * len(pending))
 
     def _check_not_training_merged(self) -> None:
-        trainable = [a for a in self.merged_adapters if self.lora_A[a].requires_grad or self.lora_B[a].requires_grad]
+        trainable = [a for a in self.merged_adapters if self.lora_A[a].requires_grad or self.lora_B[a].requires_grad
+                     or (a in self.lora_magnitude and self.lora_magnitude[a].requires_grad)]
         if trainable and self.training and is_grad_enabled():
             raise RuntimeError(
                 f"{self.layer_name}: adapters {trainable} are merged into the weight, so training now would "
@@ -218,11 +274,23 @@ class LoRALinear(Module):
                 "before training; for inference call model.eval() or run under ml.no_grad()"
             )
 
+    def _fused(self, x, name):
+        """One adapter on every row: the fused LoRA op, or DoRA's."""
+        cfg = self.lora_config[name]
+        if cfg.use_dora:
+            return dora_linear(x, self.weight, self.bias, self.lora_A[name], self.lora_B[name],
+                               self.lora_magnitude[name], cfg.scaling, dropout=cfg.dropout, training=self.training,
+                               detach_norm=cfg.dora_detach_norm)
+        return lora_linear(x, self.weight, self.bias, self.lora_A[name], self.lora_B[name],
+                           cfg.scaling, dropout=cfg.dropout, training=self.training)
+
     def _mixed(self, x, names, selectors):
         configs = [self.lora_config[n] for n in names]
         return mixed_lora_linear(
             x, self.weight, self.bias, [self.lora_A[n] for n in names], [self.lora_B[n] for n in names],
             [c.scaling for c in configs], selectors, dropouts=[c.dropout for c in configs], training=self.training,
+            magnitudes=[self.lora_magnitude[n] if c.use_dora else None for n, c in zip(names, configs)],
+            detach_norms=[c.dora_detach_norm for c in configs],
         )
 
     def _forward_mixed(self, x, groups):
@@ -236,12 +304,10 @@ class LoRALinear(Module):
         # an adapter that does not adapt this layer (lora.mixed_batch checked every name): W0 x + b for its rows
         chosen = [(name, sel) for name, sel in zip(groups.names, groups.selectors) if name in self.lora_A]
         if not chosen:
-            return F.linear(x, self.weight, self.bias)
+            return self._base(x)
         names, selectors = [n for n, _ in chosen], [sel for _, sel in chosen]
         if len(names) == 1 and isinstance(selectors[0], slice) and selectors[0] == slice(0, groups.n_rows):
-            cfg = self.lora_config[names[0]]  # one adapter for every row: the plain fused op
-            return lora_linear(x, self.weight, self.bias, self.lora_A[names[0]], self.lora_B[names[0]],
-                               cfg.scaling, dropout=cfg.dropout, training=self.training)
+            return self._fused(x, names[0])  # one adapter for every row: the plain fused op
         return self._mixed(x, names, selectors)
 
     # ------------------------------------------------------------------ merge
@@ -254,7 +320,11 @@ class LoRALinear(Module):
         return delta
 
     def plan_merge(self, names) -> object:
-        """W₀ + ΔW in the weight's dtype, checked finite; nothing is written (see ``lora.merge``)."""
+        """W₀ + ΔW in the weight's dtype, checked finite; nothing is written (see ``lora.merge``).
+
+        For a DoRA adapter the merged weight is m ⊙ (W₀ + ΔW) / ‖W₀ + ΔW‖_row (a plain matrix:
+        no extra latency either); it must be merged alone, into an unmerged W₀.
+        """
         names = _as_names(names)
         for name in names:
             self._require(name)
@@ -263,6 +333,18 @@ class LoRALinear(Module):
                     f"{self.layer_name}: adapter {name!r} has dropout={self.lora_config[name].dropout} and the layer "
                     "is in training mode, where its update is random; call model.eval() before merging"
                 )
+        if self.quantized:
+            raise RuntimeError(
+                f"{self.layer_name}: W0 is stored in NF4 (lora.quantize_base), and W0 + ΔW would have to be "
+                "re-quantized, losing the adapter's precision; serve it unmerged, or merge into a float copy of the "
+                "model made before quantize_base"
+            )
+        dora = [n for n in names if self.lora_config[n].use_dora]
+        if dora and (len(names) > 1 or self.merged):
+            raise RuntimeError(
+                f"{self.layer_name}: the DoRA adapter {dora[0]!r} rescales the rows of W0 + ΔW, so it merges alone "
+                f"into an unmerged W0 (asked: {names}, merged already: {self.merged_adapters})"
+            )
         xp = bk.module_for(self.weight.backend)
         delta = self.delta_weight(names)
         if not bool(xp.isfinite(delta).all()):
@@ -272,7 +354,11 @@ class LoRALinear(Module):
                 "values (NaN or inf in lora_A / lora_B); no weight was changed"
             )
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below, with the layer's name
-            merged = (self.weight.data.astype(np.float64) + delta).astype(self.weight.dtype)
+            merged = self.weight.data.astype(np.float64) + delta
+            if dora:  # c = m / ‖V‖ per row, V = W0 + ΔW
+                merged *= (self.lora_magnitude[dora[0]].data.astype(np.float64)
+                           / xp.sqrt((merged * merged).sum(axis=1)))[:, None]
+            merged = merged.astype(self.weight.dtype)
         if not bool(xp.isfinite(merged).all()):
             raise FloatingPointError(
                 f"merge refused: W0 + ΔW of adapter(s) {names} in {self._where()} is not finite in "
@@ -283,6 +369,10 @@ class LoRALinear(Module):
     def commit_merge(self, names, merged_weight, keep_original: bool = True) -> None:
         """Write a planned W₀ + ΔW into the weight, in place (references to it stay valid)."""
         original = self.weight.data.copy() if keep_original else None
+        dora = [n for n in _as_names(names) if self.lora_config[n].use_dora]
+        if dora and not keep_original:  # unmerge needs ‖W0 + ΔW‖ per row, which W' alone does not hold
+            V = self.weight.data.astype(np.float64) + self.delta_weight(names)
+            original = (bk.get_array_module(V).sqrt((V * V).sum(axis=1)),)
         self.weight.data[...] = merged_weight
         self._merge_records.append((tuple(_as_names(names)), original))
         self.merged_adapters.extend(_as_names(names))
@@ -295,7 +385,12 @@ class LoRALinear(Module):
         weight: at most 1 ulp of W₀ + ΔW per element (about 6e-8 relative in float32).
         """
         for names, original in reversed(self._merge_records):
-            if original is not None:
+            if isinstance(original, tuple):  # DoRA without a copy: (row norms ‖V‖ at the merge,), V = W'·‖V‖/m
+                (norms,) = original
+                scale = norms / self.lora_magnitude[names[0]].data.astype(np.float64)
+                restored = self.weight.data.astype(np.float64) * scale[:, None] - self.delta_weight(names)
+                self.weight.data[...] = restored.astype(self.weight.dtype)
+            elif original is not None:
                 self.weight.data[...] = bk.asarray(original, dtype=self.weight.dtype, backend=self.weight.backend)
             else:
                 restored = self.weight.data.astype(np.float64) - self.delta_weight(names)

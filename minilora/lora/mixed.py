@@ -35,6 +35,7 @@ import numpy as np
 
 from .. import backend as bk
 from ..nn import Module
+from .bias import bias_hosts
 from .config import BASE_ADAPTER
 from .layer import LoRALinear
 from .model import _check_unmerged, list_adapters
@@ -133,11 +134,12 @@ def mixed_batch(model: Module, adapter_ids):
         )
     if any(layer.merged for layer in layers):
         _check_unmerged(model, "run a mixed-task batch (it needs the unmerged W0)")  # raises, naming a layer
+    layers += [deltas for _, _, deltas in bias_hosts(model)]  # per-adapter bias deltas: row i adds its own Δb
     previous = [layer.row_groups for layer in layers]
     for layer in layers:
-        layer.row_groups = groups
+        object.__setattr__(layer, "row_groups", groups)
     try:
         yield groups
     finally:
         for layer, before in zip(layers, previous):
-            layer.row_groups = before
+            object.__setattr__(layer, "row_groups", before)

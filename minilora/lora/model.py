@@ -14,6 +14,7 @@ import warnings
 from collections import OrderedDict
 
 from ..nn import Linear, Module
+from .bias import add_bias_delta, bias_hosts, bias_targets
 from .config import BIAS_MODES, LoRAConfig, check_adapter_name
 from .layer import LoRALinear, _as_names
 
@@ -21,6 +22,7 @@ __all__ = [
     "MergeWarning",
     "TrainableSummary",
     "apply_lora",
+    "bias_delta_names",
     "delete_adapter",
     "disable_adapters",
     "get_adapter_config",
@@ -138,11 +140,19 @@ def apply_lora(model: Module, config: LoRAConfig, adapter_name: str = "default",
             f"lora.delete_adapter(model, {adapter_name!r}) first"
         )
     _check_unmerged(model, f"add adapter {adapter_name!r}")
+    wrapped = []
     for path, module in targets:
         if isinstance(module, Linear):
+            deltas = module._modules.get("lora_bias")
             module = LoRALinear(module, layer_name=path)
+            if deltas is not None:  # bias deltas of other adapters (bias="all") move with the layer
+                module.lora_bias = deltas
+                module.register_forward_hook(deltas)
             _replace_child(model, path, module)
         module.add_adapter(adapter_name, config, activate=False)
+        wrapped.append((path, module))
+    for _, module in bias_targets(model, config.bias, wrapped):
+        add_bias_delta(module, adapter_name)  # Δb = 0: the outputs do not change
     if activate:
         set_adapter(model, adapter_name)
     return model
@@ -161,45 +171,78 @@ def set_adapter(model: Module, names) -> None:
     _check_unmerged(model, f"set the active adapter to {names}")
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in dict.fromkeys(names) if n in layer.lora_A]
+    for _, _, deltas in bias_hosts(model):
+        deltas.active[:] = [n for n in dict.fromkeys(names) if n in deltas]
 
 
 def delete_adapter(model: Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer (merged layers are unmerged first)."""
-    for _, layer in _layers_with(model, name):
+    """Remove adapter ``name`` from every layer; where it is merged, the layer is unmerged first.
+
+    Refused (RuntimeError, nothing changed) where ``name`` is merged together with other
+    adapters: unmerging would silently unmerge them too. Deleting the only active adapter
+    leaves the model computing the base model's outputs, and a warning says so.
+    """
+    layers = _layers_with(model, name)
+    for path, layer in layers:
+        others = [a for a in layer.merged_adapters if a != name]
+        if name in layer.merged_adapters and others:
+            raise RuntimeError(
+                f"cannot delete adapter {name!r}: in {path} it is merged into the weight together with {others}, "
+                "and deleting it would unmerge those too. Call lora.unmerge(model) first (then merge again what "
+                "should stay merged)"
+            )
+    was_active = any(name in layer.active_adapters for _, layer in lora_layers(model))
+    for _, layer in layers:
         layer.delete_adapter(name)
+    for _, _, deltas in bias_hosts(model):  # the base biases were never changed: dropping Δb is enough
+        if name in deltas:
+            del deltas[name]
+            deltas.active[:] = [a for a in deltas.active if a != name]
+    if was_active and list_adapters(model) and not any(layer.active_adapters for _, layer in lora_layers(model)):
+        warnings.warn(
+            f"deleted adapter {name!r}, which was active: no adapter is active now, so the model computes the base "
+            f"model's outputs; lora.set_adapter(model, name) activates one of {list_adapters(model)}",
+            UserWarning, stacklevel=2,
+        )
 
 
 @contextlib.contextmanager
 def disable_adapters(model: Module):
     """``with lora.disable_adapters(model):`` the model computes the base model's outputs."""
     _check_unmerged(model, "disable the adapters")
+    hosts = [deltas for _, _, deltas in bias_hosts(model)]
     with contextlib.ExitStack() as stack:
         for _, layer in lora_layers(model):
             stack.enter_context(layer.disable_adapters())
+        for deltas in hosts:
+            deltas.disabled += 1
+            stack.callback(lambda d=deltas: setattr(d, "disabled", d.disabled - 1))
         yield model
 
 
 # ----------------------------------------------------------------------------- training
+ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude")  # lora_magnitude: DoRA adapters only
+
+
 def lora_parameter_names(model: Module) -> list:
-    """Names of every lora_A / lora_B parameter (all adapters)."""
+    """Names of every lora_A / lora_B (and DoRA lora_magnitude) parameter (all adapters)."""
     return [f"{path}.{part}.{name}" for path, layer in lora_layers(model)
-            for part in ("lora_A", "lora_B") for name in getattr(layer, part)]
+            for part in ADAPTER_PARTS for name in getattr(layer, part)]
 
 
-def _bias_names(model: Module, mode: str, layers) -> set:
-    if mode == "all":
-        return {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
-    if mode == "lora_only":
-        return {f"{path}.bias" for path, layer in layers if layer.bias is not None}
-    return set()
+def bias_delta_names(model: Module, adapter_name: str | None = None) -> list:
+    """Names of the bias deltas ``<module>.lora_bias.<adapter>`` (of one adapter, or of all)."""
+    return [f"{path}.lora_bias.{name}" for path, _, deltas in bias_hosts(model) for name in deltas
+            if adapter_name is None or name == adapter_name]
 
 
 def mark_only_lora_as_trainable(model: Module, bias: str | None = None) -> Module:
     """Freeze everything but the LoRA matrices (and the biases ``bias`` names): eq. 2 trains Θ only.
 
-    bias: "none", "all" (every ``*.bias``), or "lora_only" (biases of adapted layers); None takes
-    the adapters' ``LoRAConfig.bias``. Frozen parameters have requires_grad=False and grad None,
-    so backward never computes their gradient and optimizers keep no state for them.
+    bias: None takes the adapters' ``LoRAConfig.bias``: an adapter with bias "all" or "lora_only"
+    trains its own bias deltas ``<module>.lora_bias.<adapter>`` (see ``lora.bias``), never the base
+    biases; "none" freezes the deltas too. Frozen parameters have requires_grad=False and grad
+    None, so backward never computes their gradient and optimizers keep no state for them.
     """
     layers = lora_layers(model)
     if not layers:
@@ -211,7 +254,7 @@ def mark_only_lora_as_trainable(model: Module, bias: str | None = None) -> Modul
         bias = modes[0] if modes else "none"
     if bias not in BIAS_MODES:
         raise ValueError(f"mark_only_lora_as_trainable: bias must be one of {BIAS_MODES}, got {bias!r}")
-    trainable = set(lora_parameter_names(model)) | _bias_names(model, bias, layers)
+    trainable = set(lora_parameter_names(model)) | (set(bias_delta_names(model)) if bias != "none" else set())
     for name, p in model.named_parameters():
         p.requires_grad = name in trainable
         if not p.requires_grad:
@@ -220,14 +263,13 @@ def mark_only_lora_as_trainable(model: Module, bias: str | None = None) -> Modul
 
 
 def lora_state_dict(model: Module, adapter_name: str = "default") -> OrderedDict[str, object]:
-    """{name: array} of one adapter: its lora_A / lora_B (and the biases its config trains).
+    """{name: array} of one adapter: its lora_A / lora_B, DoRA's lora_magnitude, and its bias deltas (``...lora_bias.<adapter>``).
 
     Names are the model's own (``blocks.0.attn.q.lora_A.<adapter>``); the arrays are not copies.
     """
     layers = _layers_with(model, adapter_name)
-    config = layers[0][1].lora_config[adapter_name]
-    wanted = {f"{path}.{part}.{adapter_name}" for path, _ in layers for part in ("lora_A", "lora_B")}
-    wanted |= _bias_names(model, config.bias, layers)
+    wanted = {f"{path}.{part}.{adapter_name}" for path, _ in layers for part in ADAPTER_PARTS}
+    wanted |= set(bias_delta_names(model, adapter_name))
     return OrderedDict((n, p.data) for n, p in model.named_parameters() if n in wanted)
 
 
@@ -253,7 +295,7 @@ def trainable_summary(model: Module) -> TrainableSummary:
 def load_base_state_dict(model: Module, state: dict, source: str = "base checkpoint"):
     """Load a base model's state dict into a LoRA model: every non-LoRA name must match, LoRA ones may be absent."""
     _check_unmerged(model, "load base weights")
-    lora_names = set(lora_parameter_names(model))
+    lora_names = set(lora_parameter_names(model)) | set(bias_delta_names(model))
     params = [n for n, _ in model.named_parameters()]
     missing = [n for n in params if n not in state and n not in lora_names]
     unexpected = [n for n in state if n not in set(params)]
@@ -299,9 +341,18 @@ def merge(model: Module, adapter_names=None, safe: bool = True, keep_original: b
         plans = [(layer, names, layer.plan_merge(names)) for layer, names in todo]  # raises before any write
         for layer, names, weight in plans:
             layer.commit_merge(names, weight, keep_original)
-    else:
-        for layer, names in todo:
-            layer.commit_merge(names, layer.plan_merge(names), keep_original)
+    else:  # one layer at a time: memory for one merged weight, but a failure leaves the earlier layers merged
+        for done, (layer, names) in enumerate(todo):
+            try:
+                weight = layer.plan_merge(names)
+            except FloatingPointError as exc:
+                reason = str(exc).replace("; no weight was changed", "")
+                raise FloatingPointError(
+                    f"merge(safe=False) stopped at {layer.layer_name}: {done} of {len(todo)} layers were merged before "
+                    f"it and stay merged (lora.unmerge(model) restores them; safe=True checks every layer before "
+                    f"writing any); this layer and the {len(todo) - done - 1} after it are unchanged. {reason}"
+                ) from None
+            layer.commit_merge(names, weight, keep_original)
     return model
 
 
@@ -338,6 +389,13 @@ def merge_and_unload(model: Module, adapter_names=None, safe: bool = True) -> Mo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MergeWarning)
         merge(model, adapter_names, safe=safe, keep_original=False)
+    for _, module, deltas in bias_hosts(model):  # fold the merged adapters' Δb into b, then drop the deltas
+        folded = deltas.active if adapter_names is None else [n for n in _as_names(adapter_names) if n in deltas]
+        if not deltas.disabled:
+            for name in folded:
+                module.bias.data += deltas[name].data
+        del module.lora_bias
+        module.remove_forward_hook(deltas)
     for path, layer in layers:
         _replace_child(model, path, _plain_linear(layer))
     return model

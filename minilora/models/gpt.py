@@ -175,6 +175,10 @@ class GPT(nn.Module):
             raise ValueError(f"GPT expects token ids of shape (batch, time), got {tuple(idx.shape)}")
         if not np.issubdtype(idx.dtype, np.integer):
             raise TypeError(f"GPT expects integer token ids, got dtype {idx.dtype}")
+        Bsz, T = idx.shape
+        if Bsz == 0 or T == 0:
+            raise ValueError(f"GPT needs at least one row and one token, got token ids of shape {tuple(idx.shape)} "
+                             "(an empty batch or empty prompts?)")
         return self.forward_embeddings(self.wte(idx), cache)  # (B, T, C) token vectors in
 
     def forward_embeddings(self, x, cache: KVCache | None = None) -> Tensor:

@@ -54,7 +54,22 @@ class Module:
         object.__delattr__(self, name)
 
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        out = self.forward(*args, **kwargs)
+        for hook in self.__dict__.get("_forward_hooks", ()):  # none on plain modules: one dict lookup
+            out = hook(self, out)
+        return out
+
+    def register_forward_hook(self, hook) -> None:
+        """Call ``hook(module, output)`` after every forward; its return value replaces the output.
+
+        How code outside a model changes what one of its modules computes, without editing the
+        model (LoRA's per-adapter bias deltas use it). ``remove_forward_hook`` undoes it.
+        """
+        hooks = self.__dict__.get("_forward_hooks", ())
+        object.__setattr__(self, "_forward_hooks", (*hooks, hook))
+
+    def remove_forward_hook(self, hook) -> None:
+        object.__setattr__(self, "_forward_hooks", tuple(h for h in self.__dict__.get("_forward_hooks", ()) if h is not hook))
 
     def forward(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} has no forward()")

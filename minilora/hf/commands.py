@@ -1,0 +1,307 @@
+"""The Hugging Face commands of the CLI: ``export``, ``import-peft``, ``analyze`` and ``finetune --base``.
+
+    minilora export --adapter e2e.safetensors --to-peft e2e-peft --base-to-hf base-hf
+    minilora import-peft some-peft-adapter --base gpt2-dir --out adapter.safetensors
+    minilora analyze e2e-peft --against other-adapter.safetensors --base base-hf
+    minilora finetune --base gpt2-dir --text notes.txt --r 4 --targets q,v --steps 100 --batch-size 1
+
+``analyze`` runs the paper's Sec. 7 analyses on any adapter, minilora's or PEFT's: per adapted
+matrix the singular values of ΔW = s·B·A, the amplification factor ‖ΔW‖_F / ‖UᵀWVᵀ‖_F of
+Table 7 (when the base weights are at hand) and, with ``--against``, the subspace similarity φ
+of Sec. 7.2 between the two adapters' A matrices; a table on stdout, a PNG and a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .. import backend as bk
+from .. import lora, optim
+from ..analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
+from ..io import load_arrays
+from ..models import load_base
+from ..tensor import no_grad
+from ..train import fit
+from .checkpoint import HFFormatError, load_gpt2, save_gpt2
+from .peft import OURS_OF, load_peft_adapter, read_peft_adapter, save_peft_adapter, split_c_attn
+from .tokenizer import load_tokenizer
+
+__all__ = ["add_finetune_flags", "add_parsers", "adapter_updates", "cmd_analyze", "cmd_export",
+           "cmd_finetune_text", "cmd_import_peft"]
+
+
+# ----------------------------------------------------------------------------- base models
+def _load_base(base, dtype="float32"):
+    """``--base``: a Hugging Face GPT-2 folder or cached hub name; none: the shipped base model."""
+    if base:
+        return load_gpt2(base, dtype=dtype)
+    return load_base(dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- export / import
+def cmd_export(args) -> int:
+    if not (args.to_peft or args.base_to_hf):
+        raise ValueError("say what to write: --to-peft DIR (the adapter) and/or --base-to-hf DIR (the base model)")
+    if args.to_peft and not args.adapter:
+        raise ValueError("--to-peft needs --adapter FILE (a minilora adapter file)")
+    model = _load_base(args.base)
+    name = lora.load_adapter(args.adapter, model) if args.to_peft else None  # in the file's dtype (float32)
+    if args.float64:
+        model.to(dtype="float64")
+    if args.base_to_hf:
+        save_gpt2(args.base_to_hf, model)  # the base weights W0 (LoRA matrices are not part of it)
+        print(f"wrote the base model as a Hugging Face GPT-2 folder: {args.base_to_hf} "
+              f"({os.path.getsize(os.path.join(args.base_to_hf, 'model.safetensors')) / 1e6:.2f} MB)")
+    if args.to_peft:
+        origin = args.base_to_hf or args.base
+        save_peft_adapter(args.to_peft, model, adapter_name=name,
+                          base_model_name_or_path=os.path.abspath(origin) if origin and os.path.isdir(origin) else origin)
+        with open(os.path.join(args.to_peft, "adapter_config.json")) as f:
+            cfg = json.load(f)
+        print(f"wrote adapter {name!r} as a PEFT LoRA adapter: {args.to_peft} (target_modules {cfg['target_modules']}, "
+              f"r {cfg['r']}, lora_alpha {cfg['lora_alpha']}, rank_pattern {cfg['rank_pattern'] or '{}'})")
+    return 0
+
+
+def cmd_import_peft(args) -> int:
+    base = args.base
+    if not base:
+        cfg, _, _ = read_peft_adapter(args.folder)
+        named = cfg.get("base_model_name_or_path")
+        if named:
+            try:
+                _load_base(named)
+                base = named
+            except (ValueError, FileNotFoundError):
+                base = None
+    model = _load_base(base)
+    name = load_peft_adapter(args.folder, model, adapter_name=args.name)
+    lora.save_adapter(args.out, model, adapter_name=name)
+    cfg = lora.get_adapter_config(model, name)
+    print(f"imported {args.folder} into {'the shipped base model' if not base else base}: adapter {name!r}, "
+          f"r {cfg.r}, alpha {cfg.alpha}, targets {list(cfg.target_modules)}")
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e3:.1f} kB)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- analyze
+def adapter_updates(path) -> tuple[dict, dict]:
+    """{matrix: (A, B, scaling)} of a minilora adapter file or a PEFT folder, in minilora's names.
+
+    A PEFT ``c_attn`` is split into q, k and v (``split_c_attn``). Also returns a small info dict
+    (kind, name, base_model_name_or_path).
+    """
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        cfg, modules, _ = read_peft_adapter(path)
+        out = {}
+        for hf, (a, b, s) in sorted(modules.items(), key=lambda kv: (int(kv[0].split(".")[1]), kv[0])):
+            i, kind = hf.split(".", 2)[1:]
+            if kind == "attn.c_attn":
+                for p, (a_p, b_p) in split_c_attn(a, b).items():
+                    out[f"blocks.{i}.attn.{p}"] = (a_p, b_p, s)
+            else:
+                out[f"blocks.{i}.{OURS_OF[kind]}"] = (a, b, s)
+        return out, {"kind": "PEFT", "base": cfg.get("base_model_name_or_path")}
+    arrays, meta = load_arrays(path)
+    if meta.get("format") != "minilora-lora-adapter":
+        raise HFFormatError(f"{path}: neither a PEFT adapter folder nor a minilora adapter file")
+    config, name = lora.LoRAConfig.from_dict(meta["config"]), meta["adapter_name"]
+    out = {}
+    for key in arrays:
+        if key.endswith(f".lora_A.{name}"):
+            layer = key[: -len(f".lora_A.{name}")]
+            out[layer] = (arrays[key], arrays[f"{layer}.lora_B.{name}"], config.scaling)
+    return out, {"kind": "minilora", "name": name, "base": None}
+
+
+def _row(name, a, b, s, weights, other):
+    _, sv, _ = low_rank_svd(b, a, s)
+    row = {"matrix": name, "shape": [int(b.shape[0]), int(a.shape[1])], "r": int(a.shape[0]),
+           "norm_delta_W": float(np.linalg.norm(sv)), "singular_values": [float(x) for x in sv]}
+    W = weights.get(name)
+    if W is not None and W.shape == (b.shape[0], a.shape[1]):
+        delta = s * (np.asarray(b, np.float64) @ np.asarray(a, np.float64))
+        row["amplification"] = amplification_factor(delta, W, min(a.shape[0], min(W.shape)))
+    if other is not None and name in other:
+        grid = subspace_similarity_grid(a, other[name][0])
+        row["phi_grid"] = grid.tolist()
+        row["phi_1_1"], row["phi_r_r"] = float(grid[0, 0]), float(grid[-1, -1])
+    return row
+
+
+def cmd_analyze(args) -> int:
+    updates, info = adapter_updates(args.adapter)
+    other = adapter_updates(args.against)[0] if args.against else None
+    weights, where = {}, None
+    candidates = [args.base] if args.base else ([info["base"]] if info["base"] else []) + ([None] if info["kind"] == "minilora" else [])
+    for base in candidates:
+        try:
+            model = _load_base(base, dtype="float64")
+        except (ValueError, FileNotFoundError):
+            continue
+        weights = {n[: -len(".weight")]: np.asarray(bk.to_numpy(p.data)) for n, p in model.named_parameters()
+                   if n.endswith(".weight")}
+        where = base or "the shipped base model"
+        break
+    rows = [_row(n, a, b, s, weights, other) for n, (a, b, s) in updates.items()]
+    header = f"{'matrix':<22} {'shape':>11} {'r':>3} {'‖ΔW‖_F':>9}  {'σ_1 .. σ_r of ΔW':<34} {'amplif.':>8}"
+    header += f" {'φ(1,1)':>7} {'φ(r,r′)':>7}" if other is not None else ""
+    print(f"{info['kind']} adapter {args.adapter}: {len(rows)} adapted matrices"
+          + (f"; base weights from {where}" if where else "; no base weights (pass --base) for the amplification"))
+    print(header)
+    for row in rows:
+        sv = " ".join(f"{x:.3g}" for x in row["singular_values"][:5]) + (" …" if row["r"] > 5 else "")
+        amp = f"{row['amplification']:8.2f}" if "amplification" in row else f"{'-':>8}"
+        line = f"{row['matrix']:<22} {str(tuple(row['shape'])):>11} {row['r']:>3} {row['norm_delta_W']:9.4f}  {sv:<34} {amp}"
+        if other is not None:
+            line += f" {row['phi_1_1']:7.3f} {row['phi_r_r']:7.3f}" if "phi_1_1" in row else f" {'-':>7} {'-':>7}"
+        print(line)
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "analyze.json")
+    with open(json_path, "w") as f:
+        json.dump({"adapter": args.adapter, "against": args.against, "base": where, "rows": rows}, f, indent=1)
+    png = _figure(rows, args, os.path.join(args.out, "analyze.png"))
+    print(f"wrote {json_path}" + (f" and {png}" if png else " (no PNG: matplotlib is not installed)"))
+    return 0
+
+
+def _figure(rows, args, path):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    with_phi = [r for r in rows if "phi_grid" in r]
+    with_amp = [r for r in rows if "amplification" in r and np.isfinite(r["amplification"])]
+    panels = 1 + bool(with_amp) + bool(with_phi)
+    fig = Figure(figsize=(4.2 * panels, 3.4), layout="constrained")
+    ax = fig.add_subplot(1, panels, 1)
+    for row in rows:
+        sv = np.asarray(row["singular_values"])
+        if sv[0] > 0:
+            ax.plot(np.arange(1, len(sv) + 1), sv / sv[0], marker=".", alpha=0.6, label=row["matrix"])
+    ax.set_xticks(range(1, max(len(r["singular_values"]) for r in rows) + 1))
+    ax.set_xlabel("i")
+    ax.set_ylabel("σ_i / σ_1 of ΔW")
+    ax.set_title("spectrum of each ΔW = s·B·A", fontsize=9)
+    if len(rows) <= 8:
+        ax.legend(fontsize=6)
+    n = 2
+    if with_amp:
+        ax = fig.add_subplot(1, panels, n)
+        ax.bar(range(len(with_amp)), [r["amplification"] for r in with_amp])
+        ax.set_xticks(range(len(with_amp)))
+        ax.set_xticklabels([r["matrix"].replace("blocks.", "") for r in with_amp], rotation=90, fontsize=6)
+        ax.set_ylabel("‖ΔW‖_F / ‖UᵀWVᵀ‖_F")
+        ax.set_title("amplification factor (Sec. 7.3)", fontsize=9)
+        n += 1
+    if with_phi:
+        row = with_phi[len(with_phi) // 2]
+        grid = np.asarray(row["phi_grid"])
+        ax = fig.add_subplot(1, panels, n)
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto",
+                          extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
+        fig.colorbar(image, ax=ax, shrink=0.85)
+        ax.set_xticks(range(1, grid.shape[1] + 1))
+        ax.set_yticks(range(1, grid.shape[0] + 1))
+        ax.set_xlabel(f"j ({os.path.basename(os.path.normpath(args.against))})")
+        ax.set_ylabel(f"i ({os.path.basename(os.path.normpath(args.adapter))})")
+        ax.set_title(f"φ(i, j), {row['matrix']} (Sec. 7.2)", fontsize=9)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ----------------------------------------------------------------------------- finetune --base --text
+def cmd_finetune_text(args) -> int:
+    """LoRA on a text file with the folder's tokenizer: the causal LM loss on every token (eq. 2)."""
+    if not (args.base and args.text):
+        raise ValueError("finetune on a text file needs both --base HF_DIR (a GPT-2 folder with its tokenizer) "
+                         "and --text FILE")
+    model = load_gpt2(args.base, dtype="float32")
+    tokenizer = load_tokenizer(args.base)
+    with open(args.text, encoding="utf-8") as f:
+        ids = np.asarray(tokenizer.encode(f.read()), dtype=np.int64)
+    T = args.block_size or min(128, model.config.block_size)
+    if T > model.config.block_size:
+        raise ValueError(f"--block-size {T} is longer than the model's n_positions = {model.config.block_size}")
+    if len(ids) < 2 * (T + 1):
+        raise ValueError(f"{args.text}: {len(ids)} tokens, too short for windows of {T} tokens (need {2 * (T + 1)}); "
+                         "use a longer text or a smaller --block-size")
+    if int(ids.max()) >= model.config.vocab_size:
+        raise ValueError(f"the tokenizer of {args.base} gives id {int(ids.max())}, outside the model's vocabulary "
+                         f"of {model.config.vocab_size}")
+    n_val = max(T + 1, len(ids) // 10)
+    train_ids, val_ids = ids[:-n_val], ids[-n_val:]
+    targets = tuple(args.targets)  # parsed by the CLI: comma-separated names, spaces tolerated
+    config = lora.LoRAConfig(r=args.r, alpha=args.alpha or 2.0 * args.r, target_modules=targets)
+    name = args.name or "text"
+    lora.apply_lora(model, config, adapter_name=name)
+    lora.mark_only_lora_as_trainable(model)
+    print(f"{args.base}: {model.config.n_layer} layers, d {model.config.d_model}, {len(ids):,} tokens of {args.text}; "
+          f"{lora.trainable_summary(model)}")
+
+    def get_batch(step):
+        rng = np.random.default_rng([args.seed, step])
+        starts = rng.integers(0, len(train_ids) - T, args.batch_size)
+        window = np.stack([train_ids[s:s + T + 1] for s in starts])
+        return window[:, :-1], window[:, 1:], None  # next-token targets; every position scored
+
+    def val_loss():
+        model.eval()
+        starts = range(0, len(val_ids) - T, T)[:8]
+        with no_grad():
+            losses = [float(model.loss(val_ids[None, s:s + T], val_ids[None, s + 1:s + T + 1]).item()) for s in starts]
+        model.train()
+        return float(np.mean(losses))
+
+    before = val_loss()
+    optimizer = optim.AdamW(model.parameters(), lr=args.lr or 1e-3)
+    history = fit(model, optimizer, get_batch, steps=args.steps or 100, progress=not args.no_progress, desc="finetune")
+    after = val_loss()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{name}.safetensors")
+    lora.save_adapter(path, model, adapter_name=name)
+    print(f"{len(history.steps)} steps in {history.seconds:.1f} s; held-out LM loss {before:.4f} -> {after:.4f}")
+    print(f"wrote {path} ({os.path.getsize(path) / 1e3:.1f} kB)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- argparse
+def add_finetune_flags(p) -> None:
+    """The ``--base HF_DIR --text FILE`` mode of ``minilora finetune``."""
+    p.add_argument("--base", metavar="HF_DIR", help="fine-tune a Hugging Face GPT-2 folder (or cached hub name) "
+                   "instead of the shipped base; needs --text")
+    p.add_argument("--text", metavar="FILE", help="with --base: a UTF-8 text file, tokenized by the folder's tokenizer")
+    p.add_argument("--block-size", type=int, default=None, help="with --text: tokens per window (default min(128, n_positions))")
+    p.add_argument("--name", default=None, help="with --text: the adapter's name (default 'text')")
+
+
+def add_parsers(sub) -> None:
+    """Register ``export``, ``import-peft`` and ``analyze`` on the CLI's subparsers."""
+    p = sub.add_parser("export", help="a minilora adapter as a PEFT adapter folder, the base model as a Hugging Face GPT-2")
+    p.add_argument("--adapter", metavar="FILE", help="a minilora adapter file (e.g. from `minilora finetune`)")
+    p.add_argument("--to-peft", metavar="DIR", help="write the adapter as a PEFT LoRA folder")
+    p.add_argument("--base-to-hf", metavar="DIR", help="write the base model as a Hugging Face GPT-2 folder")
+    p.add_argument("--base", metavar="HF_DIR", help="the adapter's base: a GPT-2 folder (default: the shipped base)")
+    p.add_argument("--float64", action="store_true", help="write float64 tensors (default float32)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-peft", help="a PEFT LoRA adapter for GPT-2 as a minilora adapter file")
+    p.add_argument("folder", metavar="DIR", help="a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the minilora adapter file to write")
+    p.add_argument("--base", metavar="HF_DIR", help="the GPT-2 it adapts (default: the adapter's base_model_name_or_path "
+                   "if it is at hand, else the shipped base)")
+    p.add_argument("--name", default="default", help="the adapter's name (default 'default')")
+    p.set_defaults(func=cmd_import_peft)
+
+    p = sub.add_parser("analyze", help="Sec. 7 analyses of any adapter: ΔW spectra, amplification, subspace similarity φ")
+    p.add_argument("adapter", help="a minilora adapter file or a PEFT adapter folder")
+    p.add_argument("--against", metavar="OTHER", help="a second adapter (file or folder): φ between the two")
+    p.add_argument("--base", metavar="HF_DIR", help="base weights for the amplification factor (default: the shipped "
+                   "base for minilora files, base_model_name_or_path for PEFT folders)")
+    p.add_argument("--out", default="minilora-out/analyze", help="folder for analyze.png and analyze.json")
+    p.set_defaults(func=cmd_analyze)

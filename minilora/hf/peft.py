@@ -1,0 +1,365 @@
+"""PEFT LoRA adapters for GPT-2, in and out: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    save_peft_adapter("adapter-dir", model, adapter_name="e2e")   # PeftModel.from_pretrained(hf_gpt2, "adapter-dir")
+    load_peft_adapter("adapter-dir", model, adapter_name="peft")  # a PEFT adapter as a minilora adapter, active
+
+The one real difference: Hugging Face's GPT-2 computes q, k and v with ONE fused layer,
+``c_attn`` (d → 3d). LoRA on minilora's q and v (rank r each, scaling s) is exactly one LoRA
+on ``c_attn`` of rank 2r whose A stacks A_q over A_v and whose B is block-structured:
+
+    c_attn rows  0:d  (q):  [ B_q   0  ]        B A = [ B_q A_q ]
+    c_attn rows  d:2d (k):  [  0    0  ]              [    0    ]
+    c_attn rows 2d:3d (v):  [  0   B_v ]              [ B_v A_v ]
+
+with PEFT's scaling lora_alpha / (2r) (or / √(2r) under rsLoRA) set equal to s. ``o`` maps
+to ``attn.c_proj``, ``fc`` to ``mlp.c_fc``, ``proj`` to ``mlp.c_proj`` (same rank r). PEFT
+stores A as (R, in) and B as (out, R), the orientation minilora uses, so only the packing differs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from .. import backend as bk
+from .. import lora
+from ..io import atomic_write, save_json
+from ..lora.config import check_adapter_name
+from ..models.gpt import GPT
+from .checkpoint import HFFormatError, read_safetensors, resolve_dir, to_hf_state
+
+__all__ = ["load_peft_adapter", "read_peft_adapter", "save_peft_adapter", "split_c_attn"]
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+HF_OF = {"attn.o": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}  # and q, k, v -> attn.c_attn
+OURS_OF = {v: k for k, v in HF_OF.items()}
+_OUR_PATH = re.compile(r"^blocks\.(\d+)\.(attn\.[qkvo]|mlp\.fc|mlp\.proj)$")
+_LORA_KEY = re.compile(r"^h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_BIAS_KEY = re.compile(r"^(h\.\d+\.(?:ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)|ln_f)\.bias$")
+# PEFT LoRA options that change what the adapter computes and that minilora cannot represent
+_UNSUPPORTED = (("use_dora", "DoRA (weight-decomposed LoRA)"), ("lora_bias", "a bias on lora_B"),
+                ("modules_to_save", "fully trained extra modules (modules_to_save)"),
+                ("trainable_token_indices", "trainable tokens"), ("layer_replication", "layer replication"),
+                ("use_qalora", "QA-LoRA"), ("target_parameters", "LoRA on parameters (target_parameters)"),
+                ("alora_invocation_tokens", "activated LoRA (aLoRA)"), ("use_bdlora", "BD-LoRA"),
+                ("kasa_config", "KaSA (a learnable diagonal between A and B)"),
+                ("monteclora_config", "MonteCLoRA (Monte Carlo sampling on the adapters)"),
+                ("arrow_config", "Arrow routing between adapters"))
+
+
+def _host(a) -> np.ndarray:
+    return np.asarray(bk.to_numpy(a))
+
+
+def _scaling(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def _alpha_for(scaling: float, r: int, rslora: bool) -> float:
+    return scaling * (math.sqrt(r) if rslora else r)
+
+
+# ----------------------------------------------------------------------------- export
+def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_model_name_or_path: str | None = None) -> str:
+    """Write adapter ``adapter_name`` of ``model`` as a PEFT LoRA adapter folder for Hugging Face's GPT-2.
+
+    ``PeftModel.from_pretrained(GPT2LMHeadModel, path)`` then gives minilora's logits. q/k/v
+    adapters of one block become one ``c_attn`` LoRA of rank (number of adapted q/k/v) × r: A
+    stacked, B block-structured, ``lora_alpha`` chosen so PEFT's scaling equals minilora's α/r
+    (α/√r under rsLoRA); ``o``, ``fc``, ``proj`` become ``attn.c_proj``, ``mlp.c_fc``,
+    ``mlp.c_proj``. Modules of another rank or scaling get ``rank_pattern`` / ``alpha_pattern``
+    entries. Biases trained with the adapter (``LoRAConfig.bias``) are written as PEFT writes them.
+
+    The export is exact for inference and for merging (``merge_and_unload``). Training it further
+    inside PEFT trains the whole c_attn block — its zero blocks and the k rows too — a superset
+    of minilora's structure on q and v.
+    """
+    if not isinstance(model, GPT):
+        raise TypeError(f"save_peft_adapter exports adapters of a minilora GPT, got {type(model).__name__}")
+    layers = [(p, layer) for p, layer in lora.lora_layers(model) if adapter_name in layer.lora_A]
+    if not layers:
+        raise ValueError(f"the model has no adapter {adapter_name!r}; its adapters are {lora.list_adapters(model)}")
+    configs = [layer.lora_config[adapter_name] for _, layer in layers]
+    for (p, _), cfg in zip(layers, configs):
+        if getattr(cfg, "use_dora", False):
+            raise ValueError(f"{p}: adapter {adapter_name!r} uses DoRA, which save_peft_adapter does not export yet")
+        if not _OUR_PATH.match(p):
+            raise ValueError(f"{p}: adapter {adapter_name!r} adapts a layer with no GPT-2 counterpart "
+                             "(expected blocks.N.attn.q/k/v/o or blocks.N.mlp.fc/proj)")
+    rslora = configs[0].use_rslora
+    modules = {}  # HF module path -> [(our part, A, B, scaling)]
+    for (p, layer), cfg in zip(layers, configs):
+        i, part = _OUR_PATH.match(p).groups()
+        hf = f"transformer.h.{i}." + ("attn.c_attn" if part in ("attn.q", "attn.k", "attn.v") else HF_OF[part])
+        a = _host(layer.lora_A[adapter_name].data)
+        b = _host(layer.lora_B[adapter_name].data)
+        modules.setdefault(hf, []).append((part, a, b, cfg.scaling))
+    d = model.config.d_model
+    tensors, ranks = {}, {}
+    for hf, members in modules.items():
+        if hf.endswith("c_attn"):
+            members.sort(key=lambda m: "qkv".index(m[0][-1]))
+            scaling = members[0][3]
+            lora_A = np.concatenate([m[1] for m in members], axis=0)  # (R, d): A_q over A_v ...
+            lora_B = np.zeros((3 * d, lora_A.shape[0]), dtype=lora_A.dtype)  # block-structured (3d, R)
+            col = 0
+            for part, a, b, s in members:
+                row = "qkv".index(part[-1]) * d
+                # another scaling in the same block is folded into its B (exact up to one rounding)
+                lora_B[row:row + d, col:col + a.shape[0]] = b if s == scaling else b * (s / scaling)
+                col += a.shape[0]
+        else:
+            (_, lora_A, lora_B, scaling), = members
+        tensors[f"{PREFIX}{hf}.lora_A.weight"] = np.ascontiguousarray(lora_A)
+        tensors[f"{PREFIX}{hf}.lora_B.weight"] = np.ascontiguousarray(lora_B)
+        ranks[hf] = (lora_A.shape[0], _alpha_for(scaling, lora_A.shape[0], rslora))
+    bias = configs[0].bias
+    if bias != "none":
+        base = to_hf_state(model, prefix=PREFIX + "transformer.")
+        for key, a in base.items():
+            module = key[len(PREFIX):-len(".bias")]
+            if key.endswith(".bias") and (bias == "all" or module in modules):
+                # PEFT keeps an adapted layer's own bias on its wrapped ``base_layer``
+                tensors[f"{PREFIX}{module}.base_layer.bias" if module in modules else key] = a
+    counts = Counter(ranks.values())  # the most common (rank, alpha) is the default; ties: the smaller rank
+    r, alpha = max(counts, key=lambda ra: (counts[ra], -ra[0]))
+    rank_pattern = {re.escape(hf): R for hf, (R, _) in ranks.items() if R != r}
+    alpha_pattern = {re.escape(hf): a for hf, (_, a) in ranks.items() if a != alpha}
+    kinds = sorted({hf.split(".", 3)[3] for hf in modules})
+    every_block = all(f"transformer.h.{i}.{k}" in modules for i in range(model.config.n_layer) for k in kinds)
+    targets = kinds if every_block else sorted(modules)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True, "r": int(r), "lora_alpha": float(alpha),
+        "lora_dropout": float(configs[0].dropout), "target_modules": targets, "fan_in_fan_out": True,
+        "bias": bias, "use_rslora": bool(rslora), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "use_dora": False,
+    }
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    save_json(os.path.join(path, CONFIG), config)
+    return path
+
+
+# ----------------------------------------------------------------------------- import
+def _pattern_value(patterns: dict, key: str, default):
+    """PEFT's rule: the first pattern P with re.match(rf"(.*\\.)?({P})$", key) wins."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def read_peft_adapter(path) -> tuple[dict, dict, dict]:
+    """Read and check a PEFT LoRA folder for GPT-2: (config, modules, biases).
+
+    modules: {HF module path "h.N.attn.c_attn": (lora_A (R, in), lora_B (out, R), scaling)}.
+    biases: {HF name "h.N.attn.c_attn": array} of biases stored with the adapter (bias != "none").
+    Whatever minilora cannot represent raises HFFormatError naming it.
+    """
+    folder = resolve_dir(path, what="PEFT adapter folder")
+    cfg_path = os.path.join(folder, CONFIG)
+    if not os.path.exists(cfg_path):
+        raise HFFormatError(f"{folder}: no {CONFIG} (a PEFT adapter folder has one)")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise HFFormatError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise HFFormatError(f"{cfg_path}: expected a JSON object")
+    if cfg.get("peft_type") != "LORA":
+        raise HFFormatError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} — minilora reads LoRA adapters only")
+    for field, what in _UNSUPPORTED:
+        if cfg.get(field):
+            raise HFFormatError(f"{cfg_path}: {field} = {cfg[field]!r} — {what} is not supported by minilora")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise HFFormatError(f"{cfg_path}: r = {r!r} and lora_alpha = {alpha!r} must be an integer >= 1 and a number > 0")
+    if cfg.get("bias", "none") not in lora.BIAS_MODES:
+        raise HFFormatError(f"{cfg_path}: bias = {cfg.get('bias')!r}, expected one of {lora.BIAS_MODES}")
+    weights = os.path.join(folder, WEIGHTS)
+    if not os.path.exists(weights):
+        if os.path.exists(os.path.join(folder, "adapter_model.bin")):
+            raise HFFormatError(
+                f"{folder} holds only adapter_model.bin (a pickle, which minilora never unpickles). Convert it "
+                "once with PEFT: PeftModel.from_pretrained(base, folder).save_pretrained(folder) writes safetensors")
+        raise HFFormatError(f"{folder}: no {WEIGHTS}")
+    arrays = read_safetensors(weights)
+    rslora = bool(cfg.get("use_rslora", False))
+    found, biases = {}, {}
+    for key, a in arrays.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = name[len("transformer."):] if name.startswith("transformer.") else name
+        m = _LORA_KEY.match(name)
+        if m:
+            found.setdefault(f"h.{m.group(1)}.{m.group(2)}", {})[m.group(3)] = (key, a)
+        elif _BIAS_KEY.match(name.replace(".base_layer.bias", ".bias")) and cfg.get("bias", "none") != "none":
+            biases[name[:-len(".bias")].removesuffix(".base_layer")] = a
+        else:
+            raise HFFormatError(f"{weights}: {key} — not a LoRA matrix of a GPT-2 attn.c_attn, attn.c_proj, mlp.c_fc "
+                                "or mlp.c_proj (another target, such as embeddings or lm_head, is not supported)")
+    if not found:
+        raise HFFormatError(f"{weights}: no LoRA matrices in the file")
+    modules = {}
+    for hf, parts in found.items():
+        if set(parts) != {"A", "B"}:
+            raise HFFormatError(f"{weights}: {hf} has lora_{''.join(parts)} but not both lora_A and lora_B")
+        (key_a, a), (key_b, b) = parts["A"], parts["B"]
+        for key, x in ((key_a, a), (key_b, b)):
+            if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+                raise HFFormatError(f"{weights}: {key} has shape {x.shape} and dtype {x.dtype}; expected a float matrix")
+            if not np.isfinite(x).all():
+                raise HFFormatError(f"{weights}: {key} holds NaN or inf values")
+        R = a.shape[0]
+        if b.shape[1] != R:
+            raise HFFormatError(f"{weights}: {key_a} {a.shape} and {key_b} {b.shape} disagree on the rank")
+        full = "transformer." + hf
+        expected_r = _pattern_value(cfg.get("rank_pattern") or {}, full, r)
+        if R != expected_r:
+            raise HFFormatError(f"{weights}: {key_a} has rank {R} but {CONFIG} gives {hf} rank {expected_r}")
+        module_alpha = _pattern_value(cfg.get("alpha_pattern") or {}, full, alpha)
+        modules[hf] = (a, b, _scaling(float(module_alpha), R, rslora))
+    return cfg, modules, biases
+
+
+def _split(model: GPT, modules: dict, biases: dict, source: str):
+    """PEFT modules -> {our layer path: (A, B, scaling)} and {our bias name: array}, checked against ``model``."""
+    c = model.config
+    d = c.d_model
+    shapes = {"attn.c_attn": (3 * d, d), "attn.c_proj": (d, d), "mlp.c_fc": (4 * d, d), "mlp.c_proj": (d, 4 * d)}
+    our_biases = _our_biases(model, biases, source)
+    params = dict(model.named_parameters())
+
+    def bias_travels(name: str) -> bool:  # the adapter carries a bias for this layer that the model lacks
+        return name in our_biases and not np.array_equal(our_biases[name], bk.to_numpy(params[name].data))
+
+    ours = {}
+    for hf, (a, b, s) in sorted(modules.items()):
+        i, kind = hf.split(".", 2)[1:]
+        if int(i) >= c.n_layer:
+            raise HFFormatError(f"{source}: {hf} — the model has {c.n_layer} blocks (h.0 .. h.{c.n_layer - 1})")
+        out_f, in_f = shapes[kind]
+        if a.shape[1] != in_f or b.shape[0] != out_f:
+            raise HFFormatError(f"{source}: {hf} has lora_A {a.shape} and lora_B {b.shape}, but this model's {kind} "
+                                f"maps {in_f} -> {out_f} (lora_A (R, {in_f}), lora_B ({out_f}, R)); an adapter for "
+                                "another model size?")
+        if kind != "attn.c_attn":
+            ours[f"blocks.{i}.{OURS_OF[kind]}"] = (a, b, s)
+            continue
+        parts = split_c_attn(a, b)
+        for p in "qkv":
+            if p in parts:
+                ours[f"blocks.{i}.attn.{p}"] = (*parts[p], s)
+            elif bias_travels(f"blocks.{i}.attn.{p}.bias"):  # a zero update, but its trained bias is the adapter's
+                ours[f"blocks.{i}.attn.{p}"] = (a[:1], np.zeros((d, 1), dtype=b.dtype), s)
+    return ours, our_biases
+
+
+def split_c_attn(lora_A, lora_B) -> dict:
+    """A c_attn LoRA (A (R, d), B (3d, R)) as {"q": (A_q, B_q), "k": ..., "v": ...}: ΔW_q = B_q A_q, etc.
+
+    Each of q, k, v gets the rows of the shared A that its row block of B reads (the columns of
+    that block that are not all zero); a block that is all zero while another is not is left out.
+    When every block is zero (an untrained adapter: PEFT starts B at 0), each gets the whole A.
+    """
+    d = lora_B.shape[0] // 3
+    blocks = {p: lora_B[n * d:(n + 1) * d] for n, p in enumerate("qkv")}
+    used = {p: np.flatnonzero(np.any(blk != 0, axis=0)) for p, blk in blocks.items()}
+    if not any(len(u) for u in used.values()):
+        return {p: (lora_A, blk) for p, blk in blocks.items()}
+    return {p: (lora_A[used[p]], blk[:, used[p]]) for p, blk in blocks.items() if len(used[p])}
+
+
+def _our_biases(model: GPT, biases: dict, source: str) -> dict:
+    """PEFT's stored biases {"h.N.attn.c_attn": array} -> {our bias name: array}, checked against ``model``."""
+    d = model.config.d_model
+    our_biases = {}
+    for hf, v in biases.items():
+        parts = hf.split(".")
+        if hf == "ln_f":
+            names = {"ln_f.bias": v}
+        elif parts[2:] == ["attn", "c_attn"]:
+            names = {f"blocks.{parts[1]}.attn.{p}.bias": v[n * d:(n + 1) * d] for n, p in enumerate("qkv")}
+        else:
+            kind = ".".join(parts[2:])
+            names = {f"blocks.{parts[1]}.{({'ln_1': 'ln1', 'ln_2': 'ln2'}.get(kind) or OURS_OF.get(kind, kind))}.bias": v}
+        our_biases.update(names)
+    params = dict(model.named_parameters())
+    for n, v in our_biases.items():
+        if n not in params or tuple(params[n].shape) != tuple(v.shape) or not np.isfinite(v).all():
+            raise HFFormatError(f"{source}: the bias for {n} ({tuple(np.shape(v))}) does not fit this model")
+    return our_biases
+
+
+def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
+    """Load a PEFT LoRA adapter for GPT-2 into ``model`` as adapter ``adapter_name``, made active.
+
+    ``c_attn`` of any rank: its shared A goes to q, k and v with their row blocks of B (a block
+    of B that is all zero while others are not leaves that layer unadapted, and only the rows of
+    A that a block reads are kept, so an adapter written by ``save_peft_adapter`` comes back as it
+    was). ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``use_rslora``, ``rank_pattern`` and
+    ``alpha_pattern`` are read. minilora gives one adapter one LoRAConfig, so a module of smaller
+    rank is padded with zero rows of A and zero columns of B (they contribute exactly 0 and their
+    gradients are exactly 0), and a module of another scaling has the ratio folded into its B.
+    The result gives PEFT's logits. Tensors are converted to the model's dtype. Everything is
+    checked before the model changes; what minilora cannot represent raises naming it.
+    """
+    if not isinstance(model, GPT):
+        raise TypeError(f"load_peft_adapter loads into a minilora GPT, got {type(model).__name__}")
+    check_adapter_name(adapter_name)
+    if adapter_name in lora.list_adapters(model):
+        raise ValueError(f"the model already has an adapter {adapter_name!r}; pick another adapter_name or "
+                         f"lora.delete_adapter(model, {adapter_name!r}) first")
+    merged = [p for p, layer in lora.lora_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"cannot load adapter {adapter_name!r} while adapters are merged (e.g. {merged[0]}); "
+                         "call lora.unmerge(model) first")
+    cfg, modules, biases = read_peft_adapter(path)
+    source = os.fspath(path)
+    ours, our_biases = _split(model, modules, biases, source)
+    rslora = bool(cfg.get("use_rslora", False))
+    r = max(a.shape[0] for a, _, _ in ours.values())
+    (scaling, _), = Counter(s for _, _, s in ours.values()).most_common(1)
+    kinds = sorted({p.split(".", 2)[2] for p in ours})
+    every_block = all(f"blocks.{i}.{k}" in ours for i in range(model.config.n_layer) for k in kinds)
+    config = lora.LoRAConfig(r=r, alpha=_alpha_for(scaling, r, rslora), use_rslora=rslora,
+                             target_modules=tuple(kinds) if every_block else tuple(sorted(ours)),
+                             dropout=float(cfg.get("lora_dropout", 0.0) or 0.0), bias=cfg.get("bias", "none"))
+    try:
+        lora.resolve_targets(model, config)
+    except ValueError as exc:
+        raise HFFormatError(f"{source}: the adapter does not fit this model: {exc}") from None
+    dtype = np.dtype(model.wte.weight.dtype)
+    padded = {}
+    for p, (a, b, s) in ours.items():
+        A = np.zeros((r, a.shape[1]), dtype=np.float64)
+        B = np.zeros((b.shape[0], r), dtype=np.float64)
+        A[:a.shape[0]] = a
+        B[:, :b.shape[1]] = b if s == scaling else b.astype(np.float64) * (s / scaling)
+        A, B = A.astype(dtype), B.astype(dtype)
+        if not (np.isfinite(A).all() and np.isfinite(B).all()):
+            raise HFFormatError(f"{source}: the LoRA matrices of {p} overflow in {dtype}")
+        padded[p] = (A, B)
+    # ---- every check passed: now change the model
+    lora.apply_lora(model, config, adapter_name=adapter_name, activate=False)
+    layers = dict(lora.lora_layers(model))
+    for p, (A, B) in padded.items():
+        layer = layers[p]
+        layer.lora_A[adapter_name].data[...] = bk.asarray(A, dtype=dtype, backend=layer.weight.backend)
+        layer.lora_B[adapter_name].data[...] = bk.asarray(B, dtype=dtype, backend=layer.weight.backend)
+    params = dict(model.named_parameters())
+    for n, v in our_biases.items():
+        params[n].data[...] = bk.asarray(v, dtype=params[n].dtype, backend=params[n].backend)
+    lora.set_adapter(model, adapter_name)
+    return adapter_name

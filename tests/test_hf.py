@@ -1,0 +1,538 @@
+"""minilora.hf without torch: file layouts, round trips, every error path, and the tokenizer.
+
+Hugging Face GPT-2 folders are made here by ``hf.save_gpt2`` and rewritten by hand (no prefix,
+shards, bfloat16, edited configs); PEFT folders by ``hf.save_peft_adapter`` and then broken on
+purpose. A failed load must leave the model bit-identical. The comparisons with stock
+transformers and PEFT are in tests/oracle/test_hf.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.numpy import load_file, save_file
+
+import minilora as ml
+from minilora import hf, lora
+from minilora.hf import HFFormatError
+from minilora.models import GPT, GPTConfig
+
+CFG = GPTConfig(vocab_size=41, block_size=12, n_layer=2, n_head=2, d_model=16)
+
+
+def _model(dtype="float64", seed=0) -> GPT:
+    ml.manual_seed(seed)
+    model = GPT(CFG)
+    model.to(dtype=dtype)
+    rng = np.random.default_rng(seed)
+    for p in model.parameters():  # biases and LayerNorms away from 0 and 1
+        p.data[...] += (0.1 * rng.standard_normal(p.shape)).astype(dtype)
+    return model
+
+
+def _logits(model, seed=0):
+    idx = np.random.default_rng(seed).integers(0, CFG.vocab_size, (2, CFG.block_size))
+    model.eval()
+    with ml.no_grad():
+        return np.asarray(model(idx).data)
+
+
+def _state(model) -> dict:
+    return {n: np.array(a, copy=True) for n, a in model.state_dict().items()}
+
+
+def _same(model, before: dict) -> bool:
+    after = model.state_dict()
+    return set(after) == set(before) and all(np.array_equal(after[n], before[n]) for n in before)
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path):
+    model = _model()
+    hf.save_gpt2(tmp_path / "gpt2", model)
+    return tmp_path / "gpt2", model
+
+
+def _edit_config(folder, **changes):
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+# ----------------------------------------------------------------------------- GPT-2 folders
+def test_import_minilora_hf_pulls_in_no_torch_transformers_or_tokenizers():
+    code = ("import sys, minilora, minilora.hf; bad = [m for m in ('torch', 'transformers', 'tokenizers', 'peft') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_save_then_load_is_bit_exact_and_keeps_float64(gpt2_dir):
+    folder, model = gpt2_dir
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    assert all(a.dtype == np.float64 for a in tensors.values())
+    assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (16, 48)  # Conv1D (in, out), q|k|v side by side
+    assert "lm_head.weight" not in tensors  # tied, as save_pretrained writes it
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["dtype"] == "float64" and cfg["n_embd"] == 16 and cfg["n_positions"] == 12 and cfg["n_inner"] is None
+    loaded = hf.load_gpt2(folder, dtype=None)
+    assert loaded.wte.weight.dtype == np.float64 and loaded.config == CFG
+    assert all(p.requires_grad for p in loaded.parameters())
+    assert _same(loaded, _state(model))
+    assert hf.load_gpt2(folder).wte.weight.dtype == np.float32  # the default dtype
+
+
+def test_keys_without_transformer_prefix_sharded_index_and_bfloat16_load(gpt2_dir, tmp_path):
+    folder, model = gpt2_dir
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    expected = _state(hf.load_gpt2(folder, dtype="float64"))
+    # the hub's gpt2 stores "h.0..." without "transformer." and the causal-mask buffers "h.N.attn.bias"
+    bare = tmp_path / "bare"
+    os.makedirs(bare)
+    plain = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    plain["h.0.attn.bias"] = np.tril(np.ones((1, 1, 12, 12), dtype=np.float32))
+    save_file(plain, str(bare / "model.safetensors"))
+    _copy_config(folder, bare)
+    assert _same(hf.load_gpt2(bare, dtype="float64"), expected)
+    # two shards and a model.safetensors.index.json
+    sharded = tmp_path / "sharded"
+    os.makedirs(sharded)
+    names = sorted(tensors)
+    weight_map = {}
+    for n, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"model-0000{n + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, str(sharded / shard))
+        weight_map.update({k: shard for k in part})
+    with open(sharded / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    _copy_config(folder, sharded)
+    assert _same(hf.load_gpt2(sharded, dtype="float64"), expected)
+    # bfloat16 (NumPy has none): the top 16 bits of a float32, read exactly
+    b16 = tmp_path / "bf16"
+    os.makedirs(b16)
+    as32 = {k: v.astype(np.float32) for k, v in tensors.items()}
+    truncated = {k: (v.view(np.uint32) & 0xFFFF0000).view(np.float32) for k, v in as32.items()}
+    header = {k: {"dtype": "BF16", "shape": list(v.shape)} for k, v in as32.items()}
+    _write_bf16(b16 / "model.safetensors", as32, header)
+    _copy_config(folder, b16)
+    got = hf.load_gpt2(b16, dtype=None)
+    assert got.wte.weight.dtype == np.float32
+    assert np.array_equal(got.state_dict()["blocks.1.attn.q.weight"], truncated["transformer.h.1.attn.c_attn.weight"][:, :16].T)
+
+
+def _copy_config(src, dst):
+    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+        g.write(f.read())
+
+
+def _write_bf16(path, arrays, header):
+    offset, blobs = 0, []
+    for k, v in arrays.items():
+        raw = (v.view(np.uint32) >> 16).astype("<u2").tobytes()
+        header[k]["data_offsets"] = [offset, offset + len(raw)]
+        offset += len(raw)
+        blobs.append(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("activation_function", "relu", "gelu_new"),
+    ("n_inner", 40, "4·n_embd"),
+    ("scale_attn_by_inverse_layer_idx", True, "1/√head_dim"),
+    ("reorder_and_upcast_attn", True, "upcast"),
+    ("tie_word_embeddings", False, "untied"),
+    ("model_type", "llama", "GPT-2"),
+    ("scale_attn_weights", False, "1/√head_dim"),
+    ("n_head", 3, "divisible"),
+])
+def test_a_config_field_minilora_cannot_represent_raises_naming_it(gpt2_dir, field, value, fragment):
+    folder, _ = gpt2_dir
+    _edit_config(folder, **{field: value})
+    with pytest.raises(HFFormatError, match=field) as info:
+        hf.load_gpt2(folder)
+    assert fragment in str(info.value)
+
+
+def test_layer_norm_epsilon_is_carried_over(gpt2_dir):
+    folder, _ = gpt2_dir
+    _edit_config(folder, layer_norm_epsilon=1e-6)
+    model = hf.load_gpt2(folder)
+    assert model.config.layer_norm_eps == 1e-6 and model.blocks[0].ln1.eps == 1e-6
+
+
+def test_untied_head_tensor_wrong_shape_and_extra_tensor_raise(gpt2_dir):
+    folder, _ = gpt2_dir
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    for change, fragment in (({"lm_head.weight": tensors["transformer.wte.weight"] + 1.0}, "untied"),
+                             ({"transformer.h.0.mlp.c_fc.weight": np.zeros((64, 16))}, "(64, 16)"),
+                             ({"transformer.h.2.ln_1.weight": np.ones(16)}, "unexpected ['h.2.ln_1.weight']")):
+        save_file({**tensors, **change}, path)
+        with pytest.raises(HFFormatError, match=r"model\.safetensors|gpt2") as info:
+            hf.load_gpt2(folder)
+        assert fragment in str(info.value)
+
+
+def test_pickle_only_folder_truncated_file_missing_config_and_missing_folder(gpt2_dir, tmp_path):
+    folder, _ = gpt2_dir
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(HFFormatError, match="not a readable safetensors file"):
+        hf.load_gpt2(folder)
+    os.remove(path)
+    with open(os.path.join(folder, "pytorch_model.bin"), "wb") as f:
+        f.write(b"\x80\x04not really a pickle")
+    with pytest.raises(HFFormatError, match="never unpickles") as info:
+        hf.load_gpt2(folder)
+    assert "save_pretrained" in str(info.value)
+    os.remove(os.path.join(folder, "config.json"))
+    with pytest.raises(HFFormatError, match="no config.json"):
+        hf.load_gpt2(folder)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        hf.load_gpt2(tmp_path / "nowhere", cache_dir=str(tmp_path / "empty-cache"))
+
+
+def test_a_hub_name_resolves_through_the_local_cache_only(gpt2_dir, tmp_path):
+    pytest.importorskip("huggingface_hub", reason="hub names need huggingface_hub")
+    folder, model = gpt2_dir
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-gpt2" / "snapshots" / ("ab" * 20)
+    os.makedirs(snapshot)
+    os.makedirs(cache / "models--someone--tiny-gpt2" / "refs")
+    (cache / "models--someone--tiny-gpt2" / "refs" / "main").write_text("ab" * 20)
+    for name in ("config.json", "model.safetensors"):
+        with open(os.path.join(folder, name), "rb") as f:
+            (snapshot / name).write_bytes(f.read())
+    assert _same(hf.load_gpt2("someone/tiny-gpt2", dtype="float64", cache_dir=str(cache)), _state(model))
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        hf.load_gpt2("someone/not-cached", cache_dir=str(cache))
+
+
+# ----------------------------------------------------------------------------- PEFT adapters, NumPy only
+def _adapted(targets=("q", "v"), r=2, alpha=4.0, seed=3, **kw):
+    model = _model()
+    lora.apply_lora(model, lora.LoRAConfig(r=r, alpha=alpha, target_modules=targets, **kw))
+    rng = np.random.default_rng(seed)
+    for _, layer in lora.lora_layers(model):
+        layer.lora_B["default"].data[...] = 0.3 * rng.standard_normal(layer.lora_B["default"].shape)
+    return model
+
+
+def test_export_layout_stacked_A_block_B_and_alpha(tmp_path):
+    model = _adapted(("q", "v", "o"), r=2, alpha=8.0)
+    hf.save_peft_adapter(tmp_path, model)
+    with open(tmp_path / "adapter_config.json") as f:
+        cfg = json.load(f)
+    assert cfg["target_modules"] == ["attn.c_attn", "attn.c_proj"] and cfg["fan_in_fan_out"] is True
+    assert (cfg["r"], cfg["lora_alpha"]) == (2, 8.0)  # o: PEFT's 8/2 = minilora's 8/2
+    assert cfg["rank_pattern"] == {r"transformer\.h\.0\.attn\.c_attn": 4, r"transformer\.h\.1\.attn\.c_attn": 4}
+    assert cfg["alpha_pattern"] == {r"transformer\.h\.0\.attn\.c_attn": 16.0, r"transformer\.h\.1\.attn\.c_attn": 16.0}
+    t = load_file(tmp_path / "adapter_model.safetensors")
+    a = t["base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"]
+    b = t["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"]
+    layers = dict(lora.lora_layers(model))
+    q, v = layers["blocks.1.attn.q"], layers["blocks.1.attn.v"]
+    assert np.array_equal(a, np.concatenate([q.lora_A["default"].data, v.lora_A["default"].data]))
+    assert b.shape == (48, 4) and not b[16:32].any() and not b[:16, 2:].any() and not b[32:, :2].any()
+    assert np.array_equal(b[:16, :2], q.lora_B["default"].data) and np.array_equal(b[32:, 2:], v.lora_B["default"].data)
+
+
+@pytest.mark.parametrize("kw", [dict(targets=("q", "v")), dict(targets=("q", "k", "v", "o"), r=3),
+                                dict(targets=("fc", "proj")), dict(targets=("q", "v", "fc"), r=4, use_rslora=True),
+                                dict(targets=("blocks.1.attn.k",), bias="lora_only")])
+def test_export_then_import_gives_the_same_adapter_and_logits(tmp_path, kw):
+    model = _adapted(**kw)
+    hf.save_peft_adapter(tmp_path, model)
+    fresh = _model()
+    assert hf.load_peft_adapter(tmp_path, fresh, "back") == "back"
+    assert np.max(np.abs(_logits(fresh) - _logits(model))) <= 1e-12
+    original, back = lora.get_adapter_config(model, "default"), lora.get_adapter_config(fresh, "back")
+    assert (back.r, back.alpha, back.use_rslora, back.bias) == (original.r, original.alpha, original.use_rslora, original.bias)
+    assert sorted(p for p, layer in lora.lora_layers(fresh) if "back" in layer.lora_A) == \
+        sorted(p for p, _ in lora.lora_layers(model))
+    assert lora.lora_layers(fresh)[0][1].active_adapters == ["back"]
+
+
+def test_mixed_ranks_and_scalings_export_and_import_with_equal_logits(tmp_path):
+    model = _adapted(("q", "v"), r=2, alpha=4.0)
+    layers = dict(lora.lora_layers(model))
+    layers["blocks.0.attn.v"].delete_adapter("default")
+    layers["blocks.0.attn.v"].add_adapter("default", lora.LoRAConfig(r=4, alpha=3.0, target_modules=("v",)))
+    layers["blocks.0.attn.v"].lora_B["default"].data[...] = 0.2
+    hf.save_peft_adapter(tmp_path, model)
+    with open(tmp_path / "adapter_config.json") as f:
+        cfg = json.load(f)
+    assert cfg["rank_pattern"] == {r"transformer\.h\.0\.attn\.c_attn": 6}
+    fresh = _model()
+    hf.load_peft_adapter(tmp_path, fresh)
+    assert lora.get_adapter_config(fresh, "default").r == 4  # one config: the smaller ranks padded with zeros
+    assert np.max(np.abs(_logits(fresh) - _logits(model))) <= 1e-12
+
+
+@given(ranks=st.lists(st.lists(st.integers(0, 3), min_size=6, max_size=6), min_size=2, max_size=2),
+       alphas=st.lists(st.sampled_from([1.0, 2.0, 3.0, 8.0]), min_size=12, max_size=12),
+       rslora=st.booleans(), seed=st.integers(0, 2**16))
+def test_any_per_layer_ranks_and_scalings_survive_export_and_import(ranks, alphas, rslora, seed):
+    """Property: whatever rank and alpha each of q, k, v, o, fc, proj has in each block (0 = not adapted),
+    save_peft_adapter -> load_peft_adapter reproduces every ΔW = s·B·A (and so the logits)."""
+    if not any(any(block) for block in ranks):
+        ranks[0][0] = 1
+    model = _model(seed=seed % 7)
+    rng = np.random.default_rng(seed)
+    parts = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj")
+    first = True
+    for i, block in enumerate(ranks):
+        for n, (part, r) in enumerate(zip(parts, block)):
+            if not r:
+                continue
+            path = f"blocks.{i}.{part}"
+            cfg = lora.LoRAConfig(r=r, alpha=alphas[6 * i + n], use_rslora=rslora, target_modules=(path,))
+            if first:
+                lora.apply_lora(model, cfg)
+                first = False
+            else:  # one adapter, another LoRAConfig in this layer: wrap it under a scratch name, then add it
+                lora.apply_lora(model, cfg, adapter_name="scratch", activate=False)
+                layer = dict(lora.lora_layers(model))[path]
+                layer.add_adapter("default", cfg, activate=False)
+                lora.delete_adapter(model, "scratch")
+            layer = dict(lora.lora_layers(model))[path]
+            layer.lora_B["default"].data[...] = rng.standard_normal(layer.lora_B["default"].shape)
+    lora.set_adapter(model, "default")
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_peft_adapter(folder, model)
+        fresh = _model(seed=seed % 7)
+        hf.load_peft_adapter(folder, fresh, "back")
+    def deltas(m, name):  # ΔW = s·B·A of every layer the adapter adapts
+        return {p: layer.lora_config[name].scaling * (np.asarray(layer.lora_B[name].data) @ np.asarray(layer.lora_A[name].data))
+                for p, layer in lora.lora_layers(m) if name in layer.lora_A}
+
+    ours, back = deltas(model, "default"), deltas(fresh, "back")
+    assert set(back) == set(ours)
+    for p, delta in ours.items():
+        assert np.max(np.abs(back[p] - delta)) <= 1e-12 * max(1.0, np.max(np.abs(delta))), p
+    assert np.max(np.abs(_logits(fresh) - _logits(model))) <= 1e-11
+
+
+def test_save_gpt2_of_a_lora_model_writes_the_base_weights_only(tmp_path):
+    model = _adapted(("q", "v"))
+    hf.save_gpt2(tmp_path, model)
+    assert not any("lora" in k for k in load_file(tmp_path / "model.safetensors"))
+    assert _same(hf.load_gpt2(tmp_path, dtype="float64"), {n: a for n, a in _state(model).items() if ".lora_" not in n})
+
+
+def _broken(tmp_path, how):
+    folder = tmp_path / "adapter"
+    hf.save_peft_adapter(folder, _adapted(("q", "v", "o")))
+    weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    t = load_file(weights)
+    with open(config) as f:
+        cfg = json.load(f)
+    key_a = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    key_b = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
+    if how == "dora":
+        cfg["use_dora"] = True
+    elif how == "other peft type":
+        cfg["peft_type"] = "IA3"
+    elif how == "modules_to_save":
+        cfg["modules_to_save"] = ["lm_head"]
+    elif how == "unknown target":
+        t["base_model.model.lm_head.lora_A.weight"] = np.zeros((2, 16))
+    elif how == "wrong shapes":
+        t[key_a] = np.zeros((4, 24))
+    elif how == "rank differs from config":
+        t[key_a], t[key_b] = t[key_a][:3], t[key_b][:, :3]
+    elif how == "missing lora_B":
+        del t[key_b]
+    elif how == "nan":
+        t[key_b][0, 0] = np.nan
+    elif how == "block out of range":
+        t = {k.replace("h.1.", "h.7."): v for k, v in t.items()}
+        cfg["target_modules"] = ["attn.c_attn"]
+    if how == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) - 100])
+    elif how == "bin only":
+        os.remove(weights)
+        (folder / "adapter_model.bin").write_bytes(b"\x80\x04")
+    else:
+        save_file(t, str(weights))
+    with open(config, "w") as f:
+        json.dump(cfg, f)
+    return folder
+
+
+@pytest.mark.parametrize("how, fragment", [
+    ("dora", "use_dora"), ("other peft type", "IA3"), ("modules_to_save", "modules_to_save"),
+    ("unknown target", "lm_head"), ("wrong shapes", "another model size"), ("rank differs from config", "rank 3"),
+    ("missing lora_B", "not both"), ("nan", "NaN"), ("block out of range", "h.7"),
+    ("truncated", "not a readable safetensors file"), ("bin only", "never unpickles"),
+])
+def test_bad_peft_adapters_raise_clearly_and_leave_the_model_bit_identical(tmp_path, how, fragment):
+    folder = _broken(tmp_path, how)
+    model = _adapted(("q",), seed=9)  # a model that already holds an adapter of its own
+    before, adapters = _state(model), lora.list_adapters(model)
+    with pytest.raises(HFFormatError) as info:
+        hf.load_peft_adapter(folder, model, "imported")
+    assert fragment in str(info.value), str(info.value)
+    assert _same(model, before) and lora.list_adapters(model) == adapters
+
+
+def test_load_peft_adapter_refuses_a_taken_name_and_export_refuses_unknown_adapter(tmp_path):
+    model = _adapted()
+    hf.save_peft_adapter(tmp_path, model)
+    with pytest.raises(ValueError, match="already has an adapter 'default'"):
+        hf.load_peft_adapter(tmp_path, model)
+    with pytest.raises(ValueError, match="no adapter 'nope'"):
+        hf.save_peft_adapter(tmp_path / "x", model, "nope")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        hf.load_peft_adapter(tmp_path / "x", _model())
+    os.makedirs(tmp_path / "x")
+    with pytest.raises(HFFormatError, match="no adapter_config.json"):
+        hf.load_peft_adapter(tmp_path / "x", _model())
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trip_on_a_tokenizer_trained_offline(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="load_tokenizer needs the tokenizers package (extra hf)")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["The Eagle is a French restaurant near the river.", "Cheap food, friendly staff; 5 stars!",
+              "Café Déjà Vu serves crème brûlée — naïvely good."] * 20
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    assert isinstance(trainer, trainers.BpeTrainer)
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    loaded = hf.load_tokenizer(tmp_path)
+    assert loaded.eos_id == tok.token_to_id("<|endoftext|>") and loaded.vocab_size == tok.get_vocab_size()
+    for text in corpus[:3] + ["unseen words: Zürich 東京 🙂", "  leading and trailing spaces  "]:
+        ids = loaded.encode(text)
+        assert all(isinstance(i, int) and 0 <= i < loaded.vocab_size for i in ids)
+        assert loaded.decode(ids) == text  # byte-level BPE loses nothing
+    assert loaded.decode(loaded.encode("food") + [loaded.eos_id], skip_special=True) == "food"
+    # GPT-2's older layout: vocab.json + merges.txt only
+    legacy = tmp_path / "legacy"
+    os.makedirs(legacy)
+    tok.model.save(str(legacy))
+    assert hf.load_tokenizer(legacy).encode(corpus[1]) == loaded.encode(corpus[1])
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(HFFormatError, match="cannot be read"):
+        hf.load_tokenizer(tmp_path)
+    with pytest.raises(HFFormatError, match="no tokenizer.json"):
+        hf.load_tokenizer(tmp_path / "legacy-empty" if os.makedirs(tmp_path / "legacy-empty") is None else None)
+
+
+# ----------------------------------------------------------------------------- analysis and the CLI
+def test_low_rank_svd_is_the_svd_of_the_update_without_forming_it():
+    from minilora.analysis import low_rank_svd
+
+    rng = np.random.default_rng(0)
+    for d, k, r in ((7, 5, 3), (16, 48, 4), (5, 9, 5)):
+        B, A = rng.standard_normal((d, r)), rng.standard_normal((r, k))
+        U, S, Vh = low_rank_svd(B, A, 2.5)
+        assert U.shape == (d, r) and S.shape == (r,) and Vh.shape == (r, k)
+        assert np.allclose((U * S) @ Vh, 2.5 * B @ A, atol=1e-12)
+        assert np.allclose(S, np.linalg.svd(2.5 * B @ A, compute_uv=False)[:r], atol=1e-12)
+        assert np.allclose(U.T @ U, np.eye(r), atol=1e-12) and np.all(np.diff(S) <= 1e-12)
+    with pytest.raises(ValueError, match="disagree on the rank"):
+        low_rank_svd(np.ones((4, 2)), np.ones((3, 4)))
+
+
+def test_cli_export_import_peft_and_analyze_on_the_shipped_base(tmp_path, capsys):
+    from minilora.cli import main
+    from minilora.models import load_base
+
+    base = load_base()
+    lora.apply_lora(base, lora.LoRAConfig(r=2, alpha=4.0, target_modules=("q", "v")), adapter_name="e2e")
+    rng = np.random.default_rng(0)
+    for _, layer in lora.lora_layers(base):
+        layer.lora_B["e2e"].data[...] = 0.1 * rng.standard_normal(layer.lora_B["e2e"].shape)
+    lora.save_adapter(tmp_path / "e2e.safetensors", base, "e2e")
+    assert main(["export", "--adapter", str(tmp_path / "e2e.safetensors"), "--to-peft", str(tmp_path / "peft"),
+                 "--base-to-hf", str(tmp_path / "base-hf")]) == 0
+    with open(tmp_path / "peft" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == str(tmp_path / "base-hf")
+    assert main(["import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "back.safetensors")]) == 0
+    again = load_base()
+    lora.load_adapter(tmp_path / "back.safetensors", again)
+    assert np.max(np.abs(_logits(again) - _logits(base))) <= 1e-5
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "peft"), "--against", str(tmp_path / "e2e.safetensors"),
+                 "--out", str(tmp_path / "an")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.3.attn.v" in out and "amplif." in out and "φ(1,1)" in out
+    with open(tmp_path / "an" / "analyze.json") as f:
+        rows = json.load(f)["rows"]
+    assert len(rows) == 8 and all(r["r"] == 2 and abs(r["phi_r_r"] - 1.0) < 1e-9 for r in rows)
+    assert all(np.isfinite(r["amplification"]) and r["amplification"] > 0 for r in rows)
+    if os.path.exists(tmp_path / "an" / "analyze.png"):
+        assert (tmp_path / "an" / "analyze.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["export", "--adapter", str(tmp_path / "e2e.safetensors")]) == 2  # nothing to write: an error
+    assert main(["export", "--adapter", str(tmp_path / "e2e.safetensors"), "--float64", "--to-peft",
+                 str(tmp_path / "peft64"), "--base-to-hf", str(tmp_path / "base64")]) == 0
+    assert load_file(tmp_path / "base64" / "model.safetensors")["transformer.wte.weight"].dtype == np.float64
+    in64 = hf.load_gpt2(tmp_path / "base64", dtype=None)
+    hf.load_peft_adapter(tmp_path / "peft64", in64)
+    assert np.max(np.abs(_logits(in64) - _logits(base))) <= 1e-5
+
+
+def test_cli_finetune_on_a_text_file_with_an_imported_gpt2(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers", reason="finetune --text needs the tokenizers package (extra hf)")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from minilora.cli import main
+
+    text = "the eagle is a french restaurant near the river. " * 30
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ml.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=16, n_layer=1, n_head=2, d_model=16))
+    hf.save_gpt2(tmp_path / "gpt2", model)
+    tok.save(str(tmp_path / "gpt2" / "tokenizer.json"))
+    (tmp_path / "notes.txt").write_text(text)
+    assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--text", str(tmp_path / "notes.txt"), "--r", "2",
+                 "--steps", "3", "--batch-size", "2", "--block-size", "8", "--lr", "1e-2", "--no-progress",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "held-out LM loss" in capsys.readouterr().out
+    adapted = hf.load_gpt2(tmp_path / "gpt2")
+    assert lora.load_adapter(tmp_path / "out" / "text.safetensors", adapted) == "text"
+    layer = dict(lora.lora_layers(adapted))["blocks.0.attn.q"]
+    assert np.any(layer.lora_B["text"].data != 0)  # it trained
+    assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--no-progress"]) == 2  # --text missing
+
+
+@pytest.mark.slow
+def test_tutorial_08_skips_the_peft_part_cleanly_without_torch_transformers_and_peft(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hide = ("import sys, runpy; sys.modules.update({m: None for m in ('torch', 'transformers', 'peft')}); "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = {**os.environ, "MINILORA_FAST": "1", "MPLBACKEND": "Agg", "MINILORA_OUT": str(tmp_path),
+           "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": repo}
+    proc = subprocess.run([sys.executable, "-c", hide, os.path.join(repo, "tutorials", "08_to_peft.py")], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PEFT check off" in proc.stdout and "skipped: torch, transformers or peft is not installed" in proc.stdout
+    assert "round trip minilora -> PEFT -> minilora: max |Δ logits| = 0.0e+00" in proc.stdout
+    assert (tmp_path / "08_peft_analysis.png").stat().st_size > 1000
