@@ -137,7 +137,7 @@ def _param_bytes(model) -> int:
 
 
 def _host_float(a) -> float:
-    return float(bk.to_numpy(getattr(a, "data", a)))
+    return float(bk.to_numpy(a))  # to_numpy takes Tensors; a device array's .data is its memory
 
 
 def _groups(batch: int, names):

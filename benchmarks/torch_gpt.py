@@ -56,10 +56,10 @@ def _cfg(cfg, name, default=None):
 
 
 def _host(a) -> np.ndarray:
-    """A NumPy array from a NumPy array, a CuPy array (``.get()``) or a minilora Tensor (``.data``)."""
+    """A NumPy array from a NumPy array, a device array (CuPy or strict: ``.get()``) or a minilora Tensor."""
     if type(a).__name__ in ("Tensor", "Parameter") and type(a).__module__.startswith("minilora"):
         a = a.data
-    return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)
+    return a.get() if type(a).__module__.startswith(("cupy", "minilora")) else np.asarray(a)
 
 
 class TorchLoRALinear(nn.Module):

@@ -138,6 +138,7 @@ def notebook_body(notebook) -> str:
     from nbconvert import HTMLExporter
 
     widget = "application/vnd.jupyter.widget-view+json"  # a live widget: its static HTML needs jQuery from a CDN
+    notebook.metadata.pop("widgets", None)  # the widget state, stored as a <script> block
     for cell in notebook.cells:
         if cell.get("outputs"):
             cell.outputs = [o for o in cell.outputs if widget not in o.get("data", {})]

@@ -284,8 +284,8 @@ class PromptVectors(nn.Module):
         V = wte.weight.shape[0]
         words = (bk.to_numpy(bk.random_uniform((l_p + l_i,), np.float64)) * V).astype(np.int64)
         init = wte.weight.data[bk.asarray(words, backend=wte.weight.backend)].copy()
-        self.prefix = nn.Parameter(init[:l_p]) if l_p else None
-        self.infix = nn.Parameter(init[l_p:]) if l_i else None
+        self.prefix = nn.Parameter(init[:l_p], backend=wte.weight.backend) if l_p else None  # the model's backend
+        self.infix = nn.Parameter(init[l_p:], backend=wte.weight.backend) if l_i else None
 
     def extra_repr(self) -> str:
         return f"l_p={self.l_p}, l_i={self.l_i}, sep_id={self.sep_id}"

@@ -256,6 +256,10 @@ def _check_optimizer_state(path, optimizer, meta, arrays) -> None:
             raise FileFormatError(f"{path}: the optimizer array {key} holds NaN or inf values")
         if key.endswith(".exp_avg_sq") and (a < 0).any():
             raise FileFormatError(f"{path}: the optimizer array {key} holds negative values (a second moment is >= 0)")
+    try:  # the parameter groups and their options (lr, betas, ...): the optimizer's own check, which writes nothing
+        optimizer._saved_group_options(meta, f"{kind}.load_state_dict")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise FileFormatError(f"{path}: {exc}") from None
 
 
 def load_checkpoint(path, model, optimizer=None, scheduler=None,
@@ -331,9 +335,12 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
         _check_optimizer_state(path, optimizer, meta["optimizer"], opt)
     if scheduler is not None:
         state = meta.get("scheduler")
-        if not (isinstance(state, dict) and _is_number(state.get("base_lr"), 0.0) and _is_int(state.get("last_step"))):
-            raise FileFormatError(f"{path}: the checkpoint holds no valid scheduler state ({str(state)[:60]}); "
-                                  "load it without a scheduler")
+        base_lrs = state.get("base_lrs", [state.get("base_lr")]) if isinstance(state, dict) else None
+        n_groups = len(optimizer.param_groups) if optimizer is not None else len(scheduler.base_lrs)
+        if not (isinstance(state, dict) and _is_number(state.get("base_lr"), 0.0) and _is_int(state.get("last_step"))
+                and isinstance(base_lrs, list) and len(base_lrs) == n_groups and all(_is_number(v, 0.0) for v in base_lrs)):
+            raise FileFormatError(f"{path}: the checkpoint holds no valid scheduler state for {n_groups} parameter "
+                                  f"group(s) ({str(state)[:60]}); load it without a scheduler")
     rng_state = meta.get("rng")
     if rng_state is not None:
         probe = type(bk.rng("numpy").bit_generator)()
@@ -344,10 +351,10 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
     # ---- every check passed: now change things
     model.load_state_dict(params, strict=False, source=path)
     if optimizer is not None:
-        kept = {k: getattr(optimizer, k) for k in optimizer._hyperparameters}
+        kept = {k: getattr(optimizer, k) for k in optimizer._hyperparameters if k not in optimizer._group_options}
         kept_groups = [{k: group[k] for k in optimizer._group_options if k in group} for group in optimizer.param_groups]
         optimizer.load_state_dict(meta["optimizer"], opt)
-        if not restore_hyperparameters:  # the optimizer's own lr (and per-group options) win over the saved ones
+        if not restore_hyperparameters:  # the optimizer's own options, group by group (LoRA+ ratios too)
             for k, v in kept.items():
                 setattr(optimizer, k, v)
             for group, options in zip(optimizer.param_groups, kept_groups):

@@ -35,7 +35,8 @@ if str(REPO) not in sys.path:
 
 
 def _backend_params():
-    params = [pytest.param("numpy", id="numpy")]
+    # "strict": NumPy with CuPy's rules, so every spec also proves it would run on a GPU (no GPU needed)
+    params = [pytest.param("numpy", id="numpy"), pytest.param("strict", id="strict")]
     if bk.cupy_available():
         params.append(pytest.param("cupy", id="cupy"))
     else:
@@ -45,7 +46,7 @@ def _backend_params():
 
 @pytest.fixture(params=_backend_params())
 def backend(request):
-    """Run the test under each available backend (CuPy skipped with a reason when absent)."""
+    """Run the test under numpy, strict and cupy (CuPy skipped with a reason when absent)."""
     with bk.use(request.param):
         yield request.param
 

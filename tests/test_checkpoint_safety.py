@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -444,3 +445,33 @@ def test_finetune_with_lr_zero_trains_at_lr_zero():
     assert run.config["lr"] == 0.0 and run.history.lrs == [0.0, 0.0]
     b_matrices = [p for n, p in run.model.named_parameters() if ".lora_B." in n]
     assert b_matrices and all(not p.data.any() for p in b_matrices)  # B starts at 0 and never moved
+
+
+def test_lora_plus_groups_resume_with_their_own_lrs_or_the_saved_ones(tmp_path):
+    """restore_hyperparameters=False keeps every group's lr (the LoRA+ ratio lr_B / lr_A included)."""
+    def run(lr):
+        model, _, _, _ = _setup("lora")
+        opt = optim.AdamW(optim.lora_plus_param_groups(model, lr=lr, ratio=16))
+        return model, opt, optim.LRScheduler(opt, functools.partial(optim.warmup_cosine, total=12, warmup=2))
+
+    model, opt, sched = run(1e-3)
+    for _ in range(3):
+        sched.step()
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, model, opt, 3, scheduler=sched)
+    saved_lrs = [g["lr"] for g in opt.param_groups]
+    model, opt, sched = run(1e-5)
+    load_checkpoint(path, model, opt, sched)
+    assert [g["lr"] for g in opt.param_groups] == saved_lrs
+    model, opt, sched = run(1e-5)
+    load_checkpoint(path, model, opt, sched, restore_hyperparameters=False)
+    factor = optim.warmup_cosine(3, total=12, warmup=2)
+    assert [g["lr"] for g in opt.param_groups] == [1e-5 * factor, 16e-5 * factor]
+    # a checkpoint of one group into an optimizer of two: refused, nothing changed
+    one_model, one_opt, one_sched, _ = _setup("lora")
+    save_checkpoint(path, one_model, one_opt, 1, scheduler=one_sched)
+    model, opt, sched = run(1e-5)
+    before = _state(model, opt, sched)
+    with pytest.raises(FileFormatError, match=str(path)):
+        load_checkpoint(path, model, opt, sched)
+    _assert_same(_state(model, opt, sched), before)

@@ -8,6 +8,7 @@ transformers and PEFT are in tests/oracle/test_hf.py.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -345,7 +346,7 @@ def _broken(tmp_path, how):
         cfg = json.load(f)
     key_a = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
     key_b = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
-    if how == "dora":
+    if how == "dora without magnitudes":
         cfg["use_dora"] = True
     elif how == "other peft type":
         cfg["peft_type"] = "IA3"
@@ -378,7 +379,7 @@ def _broken(tmp_path, how):
 
 
 @pytest.mark.parametrize("how, fragment", [
-    ("dora", "use_dora"), ("other peft type", "IA3"), ("modules_to_save", "modules_to_save"),
+    ("dora without magnitudes", "no lora_magnitude_vector"), ("other peft type", "IA3"), ("modules_to_save", "modules_to_save"),
     ("unknown target", "lm_head"), ("wrong shapes", "another model size"), ("rank differs from config", "rank 3"),
     ("missing lora_B", "not both"), ("nan", "NaN"), ("block out of range", "h.7"),
     ("truncated", "not a readable safetensors file"), ("bin only", "never unpickles"),
@@ -536,3 +537,74 @@ def test_tutorial_08_skips_the_peft_part_cleanly_without_torch_transformers_and_
     assert "PEFT check off" in proc.stdout and "skipped: torch, transformers or peft is not installed" in proc.stdout
     assert "round trip minilora -> PEFT -> minilora: max |Δ logits| = 0.0e+00" in proc.stdout
     assert (tmp_path / "08_peft_analysis.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- tutorial 08's exercises
+def test_tutorial_08_exercises_solutions_pass_wrong_answers_are_diagnosed_and_no_solution_is_in_the_tutorial(capsys):
+    from minilora import exercises as ex
+    from minilora.hf import exercises as ex08  # registers 08.1 and 08.2 with the harness
+
+    ids = {e.id: e for e in ex.exercises()}
+    for id_, check in (("08.1", ex08.check_pack_c_attn), ("08.2", ex08.check_block_B)):
+        assert check(ex.solution(id_)) is True and "✓" in capsys.readouterr().out
+        assert ids[id_].hints[0] != ids[id_].hints[1]
+    assert ex08.check_pack_c_attn(lambda W_q, W_k, W_v: (_ for _ in ()).throw(NotImplementedError)) is False
+    assert "not attempted yet" in capsys.readouterr().out
+    wrong = {
+        ex08.check_pack_c_attn: [(lambda W_q, W_k, W_v: np.concatenate([W_q, W_k, W_v], axis=1), "without transposing"),
+                                 (lambda W_q, W_k, W_v: np.concatenate([W_q.T, W_k.T, W_v.T], axis=0), "shape"),
+                                 (lambda W_q, W_k, W_v: np.concatenate([W_k.T, W_q.T, W_v.T], axis=1), "differ")],
+        ex08.check_block_B: [(lambda B_q, B_v: np.zeros((3 * len(B_q), 4)), "all zeros"),
+                             (lambda B_q, B_v: np.block([[B_q, B_q], [B_v, B_v], [B_v, B_v]]), "k outputs"),
+                             (lambda B_q, B_v: np.block([[np.zeros_like(B_q), B_v], [np.zeros((6, 4))],
+                                                         [B_q, np.zeros_like(B_q)]]), "swapped")],
+    }
+    for check, answers in wrong.items():
+        for answer, fragment in answers:
+            with pytest.raises(ex.ExerciseError) as info:
+                check(answer)
+            assert fragment in str(info.value) and "Hint" in str(info.value), str(info.value)
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tutorials", "08_to_peft.py"),
+              encoding="utf-8") as f:
+        text = f.read()
+    assert len(re.findall(r"\*\*Exercise \d", text)) == 2
+    assert "def solution" not in text
+    for id_ in ("08.1", "08.2"):
+        for line in ids[id_].solution.splitlines():
+            if line.strip().startswith("return "):
+                assert line.strip() not in text, f"tutorial 08 prints the answer of {id_}"
+
+
+def test_dora_adapters_export_and_import_with_their_magnitudes(tmp_path):
+    model = _adapted(("q", "v", "fc"), r=2, use_dora=True)
+    rng = np.random.default_rng(5)
+    for _, layer in lora.lora_layers(model):
+        layer.lora_magnitude["default"].data[...] *= 1.0 + 0.2 * rng.random(layer.lora_magnitude["default"].shape)
+    hf.save_peft_adapter(tmp_path / "dora", model)
+    with open(tmp_path / "dora" / "adapter_config.json") as f:
+        assert json.load(f)["use_dora"] is True
+    t = load_file(tmp_path / "dora" / "adapter_model.safetensors")
+    m = t["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"]
+    k_weight = dict(model.named_parameters())["blocks.0.attn.k.weight"].data
+    assert m.shape == (48,) and np.allclose(m[16:32], np.linalg.norm(k_weight, axis=1), rtol=1e-15)  # k: m / ‖W0‖ = 1
+    fresh = _model()
+    hf.load_peft_adapter(tmp_path / "dora", fresh, "back")
+    cfg = lora.get_adapter_config(fresh, "back")
+    assert cfg.use_dora and cfg.dora_detach_norm  # PEFT detaches the norm in the backward
+    assert sorted(p for p, layer in lora.lora_layers(fresh) if "back" in layer.lora_A) == \
+        sorted(p for p, _ in lora.lora_layers(model))  # k stays unadapted: its magnitude is W0's own norm
+    assert np.max(np.abs(_logits(fresh) - _logits(model))) <= 1e-12
+    # a trained magnitude on k (a zero block of B) is kept: k becomes a DoRA layer with a zero update
+    t["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"][20] *= 1.5
+    save_file(t, str(tmp_path / "dora" / "adapter_model.safetensors"))
+    again = _model()
+    hf.load_peft_adapter(tmp_path / "dora", again)
+    assert "blocks.0.attn.k" in dict(lora.lora_layers(again))
+    out_k = np.asarray(dict(lora.lora_layers(again))["blocks.0.attn.k"].lora_magnitude["default"].data)
+    assert out_k[4] == t["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"][20]
+    mixed = _adapted(("q",), r=2)
+    lora.apply_lora(mixed, lora.LoRAConfig(r=2, alpha=4.0, use_dora=True, target_modules=("v",)), adapter_name="d")
+    layers = dict(lora.lora_layers(mixed))
+    layers["blocks.0.attn.q"].add_adapter("d", lora.LoRAConfig(r=2, alpha=4.0, target_modules=("q",)))
+    with pytest.raises(ValueError, match="DoRA in some layers"):
+        hf.save_peft_adapter(tmp_path / "mixed", mixed, "d")

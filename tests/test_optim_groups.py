@@ -146,7 +146,7 @@ def test_lora_plus_groups_have_lr_b_ratio_times_lr_a():
     assert all(g["weight_decay"] == 0.01 for g in groups)
     names = [[n for n, _ in g["params"]] for g in groups]
     assert all(".lora_A." in n for n in names[0]) and all(".lora_B." in n for n in names[1])
-    assert len(names[0]) == len(names[1]) == 4 and all(n.endswith(".bias") for n in names[2])
+    assert len(names[0]) == len(names[1]) == 4 and all(".lora_bias." in n for n in names[2])  # the bias deltas
     trainable = {n for n, _ in model.named_parameters(trainable_only=True)}
     assert set(sum(names, [])) == trainable
     opt = optim.AdamW(groups)

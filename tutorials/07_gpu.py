@@ -13,9 +13,11 @@
 # `xp.exp`, `xp.tanh`, `@`, and so on. `minilora/backend.py` is the only file that imports CuPy.
 #
 # This tutorial runs on any machine. With a GPU and CuPy (`pip install minilora[gpu]`) it trains
-# on the GPU and compares with NumPy. Without them it says so and runs everything on NumPy.
+# on the GPU and compares with NumPy. Without them it runs on the **strict** backend: NumPy arrays
+# that obey CuPy's rules, so every mistake that would break on a GPU breaks here too.
 
 # %%
+import copy
 import inspect
 import os
 import time
@@ -47,13 +49,36 @@ if bk.cupy_available():
     BACKEND = "cupy"
     print("A GPU is available: this tutorial runs on CuPy and compares with NumPy.")
 else:
-    BACKEND = "numpy"
+    BACKEND = "strict"
     try:
         ml.set_backend("cupy")
     except ml.BackendUnavailableError as error:
         print("No GPU backend on this machine. minilora says:\n ", error)
-    print("\n>>> Continuing on NumPy. Every cell below runs the same code it would run on a GPU;")
-    print(">>> only the comparisons between the two backends are skipped.\n")
+    print("\n>>> Continuing on the 'strict' backend: NumPy underneath, CuPy's rules on top. Every cell")
+    print(">>> below runs the code it would run on a GPU, and refuses what a GPU would refuse.\n")
+
+# %% [markdown]
+# ### No GPU? The strict backend checks your code anyway
+#
+# A GPU array lives in another memory. CuPy therefore refuses to turn one into a NumPy array behind
+# your back (`np.asarray(x)`), to mix it with a NumPy array in one operation, or to let a NumPy
+# function (`np.exp(x)`, `np.add.at`) compute on it. Code full of such mistakes runs happily on
+# NumPy and breaks the first time it meets a GPU. `ml.set_backend("strict")` (or
+# `MINILORA_BACKEND=strict`) computes with NumPy but keeps CuPy's rules, so those mistakes raise
+# on any laptop. Copies to the host go through `ml.backend.to_numpy(x)` (or `x.get()`, as in
+# CuPy). Reductions return 0-d arrays, and `float()` of a one-element array is allowed.
+
+# %%
+with bk.use("strict"):
+    d = ml.tensor([1.0, 2.0, 3.0]).data  # a strict "device" array
+xp = bk.get_array_module(d)  # the strict module: NumPy's functions, CuPy's rules
+for mistake, attempt in (("np.exp(d)", lambda: np.exp(d)), ("np.asarray(d)", lambda: np.asarray(d)),
+                         ("d + a NumPy array", lambda: d + np.ones(3)), ("float(d)", lambda: float(d))):
+    try:
+        attempt()
+    except TypeError as error:  # BackendMismatchError is a TypeError too
+        print(f"{mistake:<18} refused: {str(error)[:90]}...")
+print("the device-clean way:", xp.exp(d), "| sum:", float(d.sum()), "| on the host:", bk.to_numpy(d))
 
 # %% [markdown]
 # ## 2. The switch
@@ -77,8 +102,8 @@ print("the current backend outside the block is still:", ml.get_backend())
 
 # %% [markdown]
 # How does one op serve both? Here is the forward pass of the fused GELU. `get_array_module`
-# returns `numpy` or `cupy` depending on where `x` lives. The arithmetic operators and the
-# in-place updates are the same in both libraries.
+# returns `numpy`, `cupy` or the strict module depending on where `x` lives. The arithmetic
+# operators and the in-place updates are the same in both libraries.
 
 # %%
 print(inspect.getsource(F.GELU.forward))
@@ -121,22 +146,21 @@ opt = optim.AdamW(model.parameters(), lr=4e-3)
 print(f"training on {model.wte.weight.backend}:", np.round(train_steps(model, opt, batch, 3 if FAST else 10), 3))
 
 # %% [markdown]
-# With a GPU, the same steps on both backends should agree to float32 rounding. The two
-# backends' matrix-multiply kernels sum in different orders, so the results are close but not
-# bit-identical.
+# Started from the same weights, the same steps on both backends should agree to float32 rounding.
+# (Started from scratch they would not: each backend draws LoRA's A from its own random stream, as
+# a GPU does.) The two backends' matrix-multiply kernels sum in different orders, so the results
+# are close but not bit-identical. The strict backend runs NumPy's own kernels: it agrees exactly.
 
 # %%
-if BACKEND == "cupy":
-    cpu, gpu = lora_model("numpy"), lora_model("cupy")
-    cpu_losses = train_steps(cpu, optim.AdamW(cpu.parameters(), lr=4e-3), batch, 3)
-    gpu_losses = train_steps(gpu, optim.AdamW(gpu.parameters(), lr=4e-3), batch, 3)
-    print("NumPy losses:", np.round(cpu_losses, 5))
-    print("CuPy losses: ", np.round(gpu_losses, 5))
-    with ml.no_grad():
-        diff = np.abs(bk.to_numpy(cpu(batch.idx)) - bk.to_numpy(gpu(batch.idx))).max()
-    print(f"max |logits NumPy − logits CuPy| after 3 steps: {diff:.2e}")
-else:
-    print("(no GPU: the NumPy vs CuPy comparison is skipped)")
+cpu = lora_model("numpy")
+dev = copy.deepcopy(cpu).to(backend=BACKEND)  # the same A, B and W0, moved to the other backend
+cpu_losses = train_steps(cpu, optim.AdamW(cpu.parameters(), lr=4e-3), batch, 3)
+dev_losses = train_steps(dev, optim.AdamW(dev.parameters(), lr=4e-3), batch, 3)
+print("NumPy losses:         ", np.round(cpu_losses, 5))
+print(f"{BACKEND} losses:".ljust(22), np.round(dev_losses, 5))
+with ml.no_grad():
+    diff = np.abs(bk.to_numpy(cpu(batch.idx)) - bk.to_numpy(dev(batch.idx))).max()
+print(f"max |logits NumPy − logits {BACKEND}| after 3 steps: {diff:.2e}")
 
 # %% [markdown]
 # gradcheck runs on either backend too. The perturbed inputs and the analytic gradients live on
@@ -155,7 +179,8 @@ print(f"gradcheck of F.lora_linear on {BACKEND}:", ml.gradcheck(lambda x, A, B_:
 #
 # Time per LoRA training step for a few batch sizes, on every backend available here. A GPU
 # pays a fixed cost per kernel launch, and our model is tiny, so it wins only once a batch holds
-# enough work. On a CPU the time grows with the batch from the start.
+# enough work. On a CPU the time grows with the batch from the start. The strict backend is NumPy
+# plus the cost of checking CuPy's rules: a correctness tool, not a speed-up.
 
 # %%
 batch_sizes = (2,) if FAST else (1, 4, 16, 64)
@@ -191,7 +216,7 @@ ax.set_xlabel("batch size (e2e sequences of up to 64 tokens)")
 ax.set_ylabel("ms per LoRA training step")
 ax.set_yscale("log")
 ax.legend()
-title = "NumPy vs CuPy" if len(step_ms) > 1 else "NumPy only (no GPU on this machine)"
+title = "NumPy vs CuPy" if "cupy" in step_ms else "NumPy and strict (no GPU on this machine)"
 ax.set_title(f"One LoRA training step: {title}" + ("\nFAST mode: one repeat, these timings mean nothing"
                                                     if FAST else ""), fontsize=10)
 print("wrote", save_figure(fig, "07_step_time.png"))
@@ -202,7 +227,8 @@ print("wrote", save_figure(fig, "07_step_time.png"))
 # **Exercise 1 — a softmax for any backend.** Write `my_softmax(a)` for a *raw array* `a`
 # (NumPy or CuPy) over its last axis. It must return an array of the same backend and dtype,
 # and it must stay finite for logits as large as 1000. Use `xp = ml.backend.get_array_module(a)`
-# instead of `np`. Where a GPU is present, the check tries CuPy arrays too.
+# instead of `np`. The check tries strict arrays too, so an `np.exp` in your function fails even
+# without a GPU; where a GPU is present, it tries CuPy arrays as well.
 
 # %%
 def my_softmax(a):
@@ -232,5 +258,6 @@ check_host_logits(my_host_logits)
 # %% [markdown]
 # That is the end of the course. You built autograd, the LoRA layer with its backward, put it in
 # a Transformer, fine-tuned it against full fine-tuning, merged and served it, measured which
-# rank it needs, and ran it on a GPU. `docs/paper_map.md` maps every equation, table and figure
-# of the paper to the code and to the tutorial or experiment that shows it.
+# rank it needs, and ran it on a GPU (or checked, on the strict backend, that it would run there).
+# `docs/paper_map.md` maps every equation, table and figure of the paper to the code and to the
+# tutorial or experiment that shows it.

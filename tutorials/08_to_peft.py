@@ -34,7 +34,7 @@ import numpy as np
 import minilora as ml
 from minilora import hf, lora
 from minilora.analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
-from minilora.exercises import output_dir, save_figure
+from minilora.exercises import output_dir, save_figure, show_hint, show_solution
 from minilora.generate import generate
 from minilora.hf.commands import adapter_updates
 from minilora.hf.exercises import check_block_B, check_pack_c_attn
@@ -101,9 +101,16 @@ course.eval()
 with ml.no_grad():
     ours = np.asarray(course(idx).data)
 if HAVE_PEFT:
+    import warnings
+
     import torch
     from peft import PeftModel
     from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no loading bars, and no notices about config fields
+    transformers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # PEFT calls a deprecated helper
 
     peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_dir, dtype=torch.float64),
                                            peft_dir).eval()
@@ -270,22 +277,9 @@ check_block_B(my_block_B)
 
 # %% [markdown]
 # ## Solutions
-
-# %%
-def solution_pack_c_attn(W_q, W_k, W_v):
-    return np.concatenate([W_q.T, W_k.T, W_v.T], axis=1)   # Conv1D (in, out): transpose, then side by side
-
-
-def solution_block_B(B_q, B_v):
-    d, r = B_q.shape
-    B = np.zeros((3 * d, 2 * r))
-    B[:d, :r] = B_q            # the q outputs read A_q
-    B[2 * d:, r:] = B_v        # the v outputs read A_v; the k rows stay 0
-    return B
-
-
-check_pack_c_attn(solution_pack_c_attn)
-check_block_B(solution_block_B)
+#
+# Not in this file: try first. `show_hint("08.1")` gives a hint (`show_hint("08.1", 2)` the
+# formula), and `show_solution("08.1")` prints a solution.
 
 # %% [markdown]
 # **Next:** `docs/paper_map.md` maps every equation and table of the paper to the code; with

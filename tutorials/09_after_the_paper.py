@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 import minilora as ml
 from minilora import lora, optim, quant
 from minilora.data import Tokenizer, collate, load_task
-from minilora.exercises import save_figure
+from minilora.exercises import save_figure, show_hint, show_solution
 from minilora.exercises_variants import check_dora_dm, check_nf4_bytes, check_pissa_init
 from minilora.models import load_base
 from minilora.recipes import FAST, task_batches
@@ -300,34 +300,9 @@ check_nf4_bytes(my_nf4_bytes)
 
 # %% [markdown]
 # ## Solutions
-
-# %%
-def solution_dm(x, W, A, B, m, grad_h, s):
-    V = W + s * B @ A                  # (d, k)
-    n = np.linalg.norm(V, axis=1)      # (d,): one norm per output row
-    P = x @ V.T                        # (N, d)
-    return (grad_h * P).sum(axis=0) / n
-
-
-def solution_pissa(W, r, s):
-    U, S, Vt = np.linalg.svd(W, full_matrices=False)
-    root = np.sqrt(S[:r] / s)
-    A = root[:, None] * Vt[:r]
-    B = U[:, :r] * root[None, :]
-    return A, B, W - s * B @ A
-
-
-def solution_nf4_bytes(n_values, block_size, double_quant):
-    n_blocks = -(-n_values // block_size)
-    codes = n_blocks * block_size // 2
-    if double_quant:
-        return codes + n_blocks + 4 * -(-n_blocks // 256) + 4
-    return codes + 4 * n_blocks
-
-
-check_dora_dm(solution_dm)
-check_pissa_init(solution_pissa)
-check_nf4_bytes(solution_nf4_bytes)
+#
+# Not in this file: try first. `show_hint("09.1")` gives a hint (`show_hint("09.1", 2)` the
+# formula), and `show_solution("09.1")` prints a solution.
 
 # %% [markdown]
 # **Next:** `minilora experiment variants` runs these variants on all three tasks; its table and

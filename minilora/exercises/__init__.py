@@ -36,33 +36,45 @@ top to bottom before you have done its exercises.
     06.2                       check_random_subspace_baseline
     07.1  07_gpu               check_softmax_any_backend
     07.2                       check_host_logits
+    08.1  08_to_peft           check_pack_c_attn
+    08.2                       check_block_B
+    09.1  09_after_the_paper   check_dora_dm
+    09.2                       check_pissa_init
+    09.3                       check_nf4_bytes
 
 One module per tutorial (``autograd``, ``lora_layer``, ``transformer``, ``finetune``, ``serve``,
-``rank``, ``gpu``) holds its checks, hints and solutions; ``harness`` the shared machinery and
+``rank``, ``gpu``, ``interop``, ``variants``) holds its checks, hints and solutions; ``harness`` the shared machinery and
 the two figure helpers the tutorials use, ``output_dir()`` and ``save_figure(fig, name)``.
 """
 
 from .autograd import check_backward_by_hand, check_sigmoid
 from .finetune import check_optimizer_state_bytes, check_trainable_params
 from .gpu import check_host_logits, check_softmax_any_backend
+from .interop import check_block_B, check_pack_c_attn
 from .harness import ExerciseError, exercises, output_dir, save_figure, show_hint, show_solution, solution
 from .lora_layer import check_dA, check_dB, check_lora_param_count
 from .rank import check_random_subspace_baseline, check_subspace_similarity
 from .serve import check_merge, check_mixed_batch, check_switch
 from .transformer import check_loss_mask, check_masked_loss
+from .variants import check_dora_dm, check_nf4_bytes, check_pissa_init
 
 __all__ = [
     "ExerciseError",
     "check_backward_by_hand",
+    "check_block_B",
     "check_dA",
     "check_dB",
+    "check_dora_dm",
     "check_host_logits",
     "check_lora_param_count",
     "check_loss_mask",
     "check_masked_loss",
     "check_merge",
     "check_mixed_batch",
+    "check_nf4_bytes",
     "check_optimizer_state_bytes",
+    "check_pack_c_attn",
+    "check_pissa_init",
     "check_random_subspace_baseline",
     "check_sigmoid",
     "check_softmax_any_backend",

@@ -40,14 +40,15 @@ register(
 
 
 def _backends():
-    return ["numpy", "cupy"] if bk.cupy_available() else ["numpy"]
+    """NumPy, strict (CuPy's rules without a GPU: an np.exp on a device array fails there) and CuPy where present."""
+    return ["numpy", "strict", "cupy"] if bk.cupy_available() else ["numpy", "strict"]
 
 
 @exercise("07.1")
 def check_softmax_any_backend(fn) -> str:
     """fn(a) -> softmax of a raw array over its last axis, on the array's own backend and dtype.
 
-    Tried on NumPy float32 and float64 arrays (and CuPy ones where a GPU is present), with
+    Tried on NumPy and strict float32 and float64 arrays (and CuPy ones where a GPU is present), with
     logits as large as 1000 (a stable softmax subtracts the row maximum first).
     """
     host = rng(0).standard_normal((3, 6)) * 3
@@ -74,7 +75,7 @@ def check_softmax_any_backend(fn) -> str:
                 raise Wrong(f"softmax of a {backend} {dtype} array: your result has NaN or inf entries — row 1 holds "
                             "logits near 1000, and exp(1000) overflows; shift each row by its max first")
             compare(result, expected, f"softmax of a {backend} {dtype} array", rtol=tol, atol=tol)
-    where = " and CuPy" if len(_backends()) > 1 else " (no GPU here: CuPy is checked where one is present)"
+    where = ", strict and CuPy" if "cupy" in _backends() else " and strict (no GPU here: CuPy is checked where one is present)"
     return f"stable, dtype-preserving, on NumPy{where}"
 
 
@@ -82,7 +83,7 @@ def check_softmax_any_backend(fn) -> str:
 def check_host_logits(fn) -> str:
     """fn(model, idx) -> the model's logits for token ids ``idx`` as a host NumPy array.
 
-    Tried with a NumPy model (and a CuPy copy where a GPU is present); compared with model(idx).
+    Tried with a NumPy model, a strict copy (and a CuPy copy where a GPU is present); compared with model(idx).
     """
     model = _tiny_gpt("float32")
     model.eval()
@@ -97,4 +98,4 @@ def check_host_logits(fn) -> str:
             raise Wrong(f"on the {backend} backend you returned {what}; return a NumPy array on the host: "
                         "use ml.backend.to_numpy(...) (it copies from the GPU when needed)")
         compare(got.astype(np.float64), expected.astype(np.float64), f"logits on {backend}", rtol=1e-4, atol=1e-5)
-    return "a host NumPy array equal to model(idx)" + ("" if len(_backends()) > 1 else " (NumPy only: no GPU here)")
+    return "a host NumPy array equal to model(idx)" + ("" if "cupy" in _backends() else " (NumPy and strict: no GPU here)")

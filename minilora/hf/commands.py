@@ -99,7 +99,7 @@ def adapter_updates(path) -> tuple[dict, dict]:
     if os.path.isdir(path):
         cfg, modules, _ = read_peft_adapter(path)
         out = {}
-        for hf, (a, b, s) in sorted(modules.items(), key=lambda kv: (int(kv[0].split(".")[1]), kv[0])):
+        for hf, (a, b, s, _) in sorted(modules.items(), key=lambda kv: (int(kv[0].split(".")[1]), kv[0])):
             i, kind = hf.split(".", 2)[1:]
             if kind == "attn.c_attn":
                 for p, (a_p, b_p) in split_c_attn(a, b).items():

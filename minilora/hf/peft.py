@@ -14,6 +14,7 @@ on ``c_attn`` of rank 2r whose A stacks A_q over A_v and whose B is block-struct
 with PEFT's scaling lora_alpha / (2r) (or / √(2r) under rsLoRA) set equal to s. ``o`` maps
 to ``attn.c_proj``, ``fc`` to ``mlp.c_fc``, ``proj`` to ``mlp.c_proj`` (same rank r). PEFT
 stores A as (R, in) and B as (out, R), the orientation minilora uses, so only the packing differs.
+DoRA's magnitudes are per output row, so c_attn's (3d,) vector is [m_q; m_k; m_v].
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ HF_OF = {"attn.o": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"
 OURS_OF = {v: k for k, v in HF_OF.items()}
 _OUR_PATH = re.compile(r"^blocks\.(\d+)\.(attn\.[qkvo]|mlp\.fc|mlp\.proj)$")
 _LORA_KEY = re.compile(r"^h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_MAGNITUDE_KEY = re.compile(r"^h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_magnitude_vector"
+                            r"(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
 _BIAS_KEY = re.compile(r"^(h\.\d+\.(?:ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)|ln_f)\.bias$")
 # PEFT LoRA options that change what the adapter computes and that minilora cannot represent
-_UNSUPPORTED = (("use_dora", "DoRA (weight-decomposed LoRA)"), ("lora_bias", "a bias on lora_B"),
+_UNSUPPORTED = (("lora_bias", "a bias on lora_B"),
                 ("modules_to_save", "fully trained extra modules (modules_to_save)"),
                 ("trainable_token_indices", "trainable tokens"), ("layer_replication", "layer replication"),
                 ("use_qalora", "QA-LoRA"), ("target_parameters", "LoRA on parameters (target_parameters)"),
@@ -77,6 +80,10 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     (α/√r under rsLoRA); ``o``, ``fc``, ``proj`` become ``attn.c_proj``, ``mlp.c_fc``,
     ``mlp.c_proj``. Modules of another rank or scaling get ``rank_pattern`` / ``alpha_pattern``
     entries. Biases trained with the adapter (``LoRAConfig.bias``) are written as PEFT writes them.
+    A DoRA adapter (``use_dora``, in every layer it adapts) adds ``lora_magnitude_vector`` per
+    module: c_attn's is [m_q; m_k; m_v], with W0's own row norms for a part that is not adapted
+    (then m / ‖W0‖ = 1 there). PEFT treats DoRA's norm as a constant in the backward
+    (``dora_detach_norm=True`` here); the forward and the merge are the same either way.
 
     The export is exact for inference and for merging (``merge_and_unload``). Training it further
     inside PEFT trains the whole c_attn block — its zero blocks and the k rows too — a superset
@@ -88,9 +95,14 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     if not layers:
         raise ValueError(f"the model has no adapter {adapter_name!r}; its adapters are {lora.list_adapters(model)}")
     configs = [layer.lora_config[adapter_name] for _, layer in layers]
-    for (p, _), cfg in zip(layers, configs):
-        if getattr(cfg, "use_dora", False):
-            raise ValueError(f"{p}: adapter {adapter_name!r} uses DoRA, which save_peft_adapter does not export yet")
+    dora = {bool(getattr(cfg, "use_dora", False)) for cfg in configs}
+    if len(dora) > 1:
+        raise ValueError(f"adapter {adapter_name!r} is DoRA in some layers and plain LoRA in others; a PEFT adapter is "
+                         "one or the other (use_dora applies to all its modules)")
+    dora = dora.pop()
+    for (p, layer), cfg in zip(layers, configs):
+        if dora and adapter_name in layer.merged_adapters:
+            raise ValueError(f"{p}: DoRA adapter {adapter_name!r} is merged into the weight; lora.unmerge(model) first")
         if not _OUR_PATH.match(p):
             raise ValueError(f"{p}: adapter {adapter_name!r} adapts a layer with no GPT-2 counterpart "
                              "(expected blocks.N.attn.q/k/v/o or blocks.N.mlp.fc/proj)")
@@ -101,7 +113,8 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
         hf = f"transformer.h.{i}." + ("attn.c_attn" if part in ("attn.q", "attn.k", "attn.v") else HF_OF[part])
         a = _host(layer.lora_A[adapter_name].data)
         b = _host(layer.lora_B[adapter_name].data)
-        modules.setdefault(hf, []).append((part, a, b, cfg.scaling))
+        m = _host(layer.lora_magnitude[adapter_name].data) if dora else None
+        modules.setdefault(hf, []).append((part, a, b, cfg.scaling, m))
     d = model.config.d_model
     tensors, ranks = {}, {}
     for hf, members in modules.items():
@@ -111,13 +124,21 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
             lora_A = np.concatenate([m[1] for m in members], axis=0)  # (R, d): A_q over A_v ...
             lora_B = np.zeros((3 * d, lora_A.shape[0]), dtype=lora_A.dtype)  # block-structured (3d, R)
             col = 0
-            for part, a, b, s in members:
+            for part, a, b, s, _ in members:
                 row = "qkv".index(part[-1]) * d
                 # another scaling in the same block is folded into its B (exact up to one rounding)
                 lora_B[row:row + d, col:col + a.shape[0]] = b if s == scaling else b * (s / scaling)
                 col += a.shape[0]
+            if dora:  # a row's magnitude; q, k, v not adapted keep W0's row norms (m / ‖W0‖ = 1)
+                own = {m[0][-1]: m[4] for m in members}
+                params = dict(model.named_parameters())
+                parts = [own[p] if p in own else _row_norms(params[hf_to_ours(hf, p) + ".weight"].data, lora_A.dtype)
+                         for p in "qkv"]
+                tensors[f"{PREFIX}{hf}.lora_magnitude_vector"] = np.ascontiguousarray(np.concatenate(parts))
         else:
-            (_, lora_A, lora_B, scaling), = members
+            (_, lora_A, lora_B, scaling, magnitude), = members
+            if dora:
+                tensors[f"{PREFIX}{hf}.lora_magnitude_vector"] = np.ascontiguousarray(magnitude)
         tensors[f"{PREFIX}{hf}.lora_A.weight"] = np.ascontiguousarray(lora_A)
         tensors[f"{PREFIX}{hf}.lora_B.weight"] = np.ascontiguousarray(lora_B)
         ranks[hf] = (lora_A.shape[0], _alpha_for(scaling, lora_A.shape[0], rslora))
@@ -142,13 +163,24 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
         "lora_dropout": float(configs[0].dropout), "target_modules": targets, "fan_in_fan_out": True,
         "bias": bias, "use_rslora": bool(rslora), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": dora,
     }
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     save_json(os.path.join(path, CONFIG), config)
     return path
+
+
+def hf_to_ours(hf: str, part: str) -> str:
+    """"transformer.h.3.attn.c_attn", "k" -> "blocks.3.attn.k"."""
+    return f"blocks.{hf.split('.')[2]}.attn.{part}"
+
+
+def _row_norms(weight, dtype) -> np.ndarray:
+    """‖W‖ of each row (over the inputs), in float64, as DoRA's magnitude starts."""
+    w = np.asarray(bk.to_numpy(weight), dtype=np.float64)
+    return np.sqrt(np.sum(w * w, axis=1)).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- import
@@ -163,7 +195,7 @@ def _pattern_value(patterns: dict, key: str, default):
 def read_peft_adapter(path) -> tuple[dict, dict, dict]:
     """Read and check a PEFT LoRA folder for GPT-2: (config, modules, biases).
 
-    modules: {HF module path "h.N.attn.c_attn": (lora_A (R, in), lora_B (out, R), scaling)}.
+    modules: {HF module path "h.N.attn.c_attn": (lora_A (R, in), lora_B (out, R), scaling, DoRA magnitude (out,) or None)}.
     biases: {HF name "h.N.attn.c_attn": array} of biases stored with the adapter (bias != "none").
     Whatever minilora cannot represent raises HFFormatError naming it.
     """
@@ -197,13 +229,16 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
         raise HFFormatError(f"{folder}: no {WEIGHTS}")
     arrays = read_safetensors(weights)
     rslora = bool(cfg.get("use_rslora", False))
-    found, biases = {}, {}
+    found, biases, magnitudes = {}, {}, {}
     for key, a in arrays.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         name = name[len("transformer."):] if name.startswith("transformer.") else name
         m = _LORA_KEY.match(name)
+        mag = _MAGNITUDE_KEY.match(name)
         if m:
             found.setdefault(f"h.{m.group(1)}.{m.group(2)}", {})[m.group(3)] = (key, a)
+        elif mag and cfg.get("use_dora"):
+            magnitudes[f"h.{mag.group(1)}.{mag.group(2)}"] = (key, a)
         elif _BIAS_KEY.match(name.replace(".base_layer.bias", ".bias")) and cfg.get("bias", "none") != "none":
             biases[name[:-len(".bias")].removesuffix(".base_layer")] = a
         else:
@@ -229,7 +264,18 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
         if R != expected_r:
             raise HFFormatError(f"{weights}: {key_a} has rank {R} but {CONFIG} gives {hf} rank {expected_r}")
         module_alpha = _pattern_value(cfg.get("alpha_pattern") or {}, full, alpha)
-        modules[hf] = (a, b, _scaling(float(module_alpha), R, rslora))
+        magnitude = None
+        if cfg.get("use_dora"):
+            if hf not in magnitudes:
+                raise HFFormatError(f"{weights}: {CONFIG} says use_dora but {hf} has no lora_magnitude_vector")
+            key_m, magnitude = magnitudes[hf]
+            if magnitude.shape != (b.shape[0],) or not np.isfinite(magnitude).all():
+                raise HFFormatError(f"{weights}: {key_m} has shape {magnitude.shape}; DoRA needs one finite magnitude "
+                                    f"per output row, ({b.shape[0]},)")
+        modules[hf] = (a, b, _scaling(float(module_alpha), R, rslora), magnitude)
+    extra = sorted(set(magnitudes) - set(modules))
+    if extra:
+        raise HFFormatError(f"{weights}: a lora_magnitude_vector for {extra[0]}, which has no lora_A / lora_B")
     return cfg, modules, biases
 
 
@@ -245,7 +291,7 @@ def _split(model: GPT, modules: dict, biases: dict, source: str):
         return name in our_biases and not np.array_equal(our_biases[name], bk.to_numpy(params[name].data))
 
     ours = {}
-    for hf, (a, b, s) in sorted(modules.items()):
+    for hf, (a, b, s, mag) in sorted(modules.items()):
         i, kind = hf.split(".", 2)[1:]
         if int(i) >= c.n_layer:
             raise HFFormatError(f"{source}: {hf} — the model has {c.n_layer} blocks (h.0 .. h.{c.n_layer - 1})")
@@ -255,14 +301,18 @@ def _split(model: GPT, modules: dict, biases: dict, source: str):
                                 f"maps {in_f} -> {out_f} (lora_A (R, {in_f}), lora_B ({out_f}, R)); an adapter for "
                                 "another model size?")
         if kind != "attn.c_attn":
-            ours[f"blocks.{i}.{OURS_OF[kind]}"] = (a, b, s)
+            ours[f"blocks.{i}.{OURS_OF[kind]}"] = (a, b, s, mag)
             continue
         parts = split_c_attn(a, b)
-        for p in "qkv":
+        for n, p in enumerate("qkv"):
+            m_p = None if mag is None else mag[n * d:(n + 1) * d]
+            path = f"blocks.{i}.attn.{p}"
             if p in parts:
-                ours[f"blocks.{i}.attn.{p}"] = (*parts[p], s)
-            elif bias_travels(f"blocks.{i}.attn.{p}.bias"):  # a zero update, but its trained bias is the adapter's
-                ours[f"blocks.{i}.attn.{p}"] = (a[:1], np.zeros((d, 1), dtype=b.dtype), s)
+                ours[path] = (*parts[p], s, m_p)
+            elif bias_travels(f"{path}.bias") or (m_p is not None and not np.allclose(
+                    m_p / _row_norms(params[f"{path}.weight"].data, np.float64), 1.0, rtol=0, atol=1e-12)):
+                # a zero update, but its trained bias or magnitude belongs to the adapter
+                ours[path] = (a[:1], np.zeros((d, 1), dtype=b.dtype), s, m_p)
     return ours, our_biases
 
 
@@ -312,8 +362,11 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
     ``alpha_pattern`` are read. minilora gives one adapter one LoRAConfig, so a module of smaller
     rank is padded with zero rows of A and zero columns of B (they contribute exactly 0 and their
     gradients are exactly 0), and a module of another scaling has the ratio folded into its B.
-    The result gives PEFT's logits. Tensors are converted to the model's dtype. Everything is
-    checked before the model changes; what minilora cannot represent raises naming it.
+    DoRA (``use_dora``) is read with its magnitudes (c_attn's split by rows; a q/k/v part whose B
+    block is zero but whose magnitude is not W0's row norm stays adapted), as a LoRAConfig with
+    ``use_dora=True, dora_detach_norm=True`` (PEFT's backward). The result gives PEFT's logits.
+    Tensors are converted to the model's dtype. Everything is checked before the model changes;
+    what minilora cannot represent (other PEFT types, lora_bias, modules_to_save, ...) raises naming it.
     """
     if not isinstance(model, GPT):
         raise TypeError(f"load_peft_adapter loads into a minilora GPT, got {type(model).__name__}")
@@ -329,20 +382,23 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
     source = os.fspath(path)
     ours, our_biases = _split(model, modules, biases, source)
     rslora = bool(cfg.get("use_rslora", False))
-    r = max(a.shape[0] for a, _, _ in ours.values())
-    (scaling, _), = Counter(s for _, _, s in ours.values()).most_common(1)
+    r = max(a.shape[0] for a, _, _, _ in ours.values())
+    (scaling, _), = Counter(s for _, _, s, _ in ours.values()).most_common(1)
+    dora = bool(cfg.get("use_dora"))
     kinds = sorted({p.split(".", 2)[2] for p in ours})
     every_block = all(f"blocks.{i}.{k}" in ours for i in range(model.config.n_layer) for k in kinds)
     config = lora.LoRAConfig(r=r, alpha=_alpha_for(scaling, r, rslora), use_rslora=rslora,
                              target_modules=tuple(kinds) if every_block else tuple(sorted(ours)),
-                             dropout=float(cfg.get("lora_dropout", 0.0) or 0.0), bias=cfg.get("bias", "none"))
+                             dropout=float(cfg.get("lora_dropout", 0.0) or 0.0), bias=cfg.get("bias", "none"),
+                             # PEFT treats DoRA's row norms as constants in the backward (DoRA paper, Sec. 4.3)
+                             **({"use_dora": True, "dora_detach_norm": True} if dora else {}))
     try:
         lora.resolve_targets(model, config)
     except ValueError as exc:
         raise HFFormatError(f"{source}: the adapter does not fit this model: {exc}") from None
     dtype = np.dtype(model.wte.weight.dtype)
     padded = {}
-    for p, (a, b, s) in ours.items():
+    for p, (a, b, s, mag) in ours.items():
         A = np.zeros((r, a.shape[1]), dtype=np.float64)
         B = np.zeros((b.shape[0], r), dtype=np.float64)
         A[:a.shape[0]] = a
@@ -350,14 +406,16 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
         A, B = A.astype(dtype), B.astype(dtype)
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
             raise HFFormatError(f"{source}: the LoRA matrices of {p} overflow in {dtype}")
-        padded[p] = (A, B)
+        padded[p] = (A, B, None if mag is None else mag.astype(dtype))
     # ---- every check passed: now change the model
     lora.apply_lora(model, config, adapter_name=adapter_name, activate=False)
     layers = dict(lora.lora_layers(model))
-    for p, (A, B) in padded.items():
+    for p, (A, B, mag) in padded.items():
         layer = layers[p]
         layer.lora_A[adapter_name].data[...] = bk.asarray(A, dtype=dtype, backend=layer.weight.backend)
         layer.lora_B[adapter_name].data[...] = bk.asarray(B, dtype=dtype, backend=layer.weight.backend)
+        if mag is not None:
+            layer.lora_magnitude[adapter_name].data[...] = bk.asarray(mag, dtype=dtype, backend=layer.weight.backend)
     params = dict(model.named_parameters())
     for n, v in our_biases.items():
         params[n].data[...] = bk.asarray(v, dtype=params[n].dtype, backend=params[n].backend)

@@ -74,6 +74,6 @@ def add_bias_delta(module: Module, name: str) -> Parameter:
         module.lora_bias = deltas
         module.register_forward_hook(deltas)
     bias = module.bias
-    delta = Parameter(bk.module_for(bias.backend).zeros(bias.shape, dtype=bias.dtype))
+    delta = Parameter(bk.module_for(bias.backend).zeros(bias.shape, dtype=bias.dtype), backend=bias.backend)
     deltas[name] = delta
     return delta

@@ -7,11 +7,12 @@ The paper's point (Sec. 4.2): a 350 GB GPT-3 checkpoint becomes a 35 MB adapter 
 A file holds the adapter's tensors under the model's own names (``blocks.0.attn.q.lora_A.e2e``)
 and, in its metadata (one JSON string under the key "minilora", as ``minilora.io`` writes),
 the LoRAConfig, the adapter name, the minilora version, the dtype, a fingerprint of the base
-model it was trained on (a SHA-256 of the frozen weights) and a SHA-256 over the tensor bytes
-*and* the rest of the metadata (safetensors checks the header and the file length, not the
-data: the digest catches a flipped byte anywhere, the config included). ``load_adapter`` checks
-everything against the model before it changes anything: names, shapes, dtypes, finite values,
-a config in the ranges below, a finite ΔW = s·B A, and the same base weights.
+model it was trained on (``base_fingerprint``: a SHA-256 of its embeddings, LayerNorms and
+biases) and a SHA-256 over the tensor bytes *and* the rest of the metadata (safetensors checks
+the header and the file length, not the data: the digest catches a flipped byte anywhere, the
+config included). ``load_adapter`` checks everything against the model before it changes
+anything: names, shapes, dtypes, finite values, a config in the ranges below, a finite
+ΔW = s·B A, and the same base model.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ import numpy as np
 
 from .. import backend as bk
 from ..io import FileFormatError, atomic_write, check_digest, digest, read_safetensors
-from ..nn import Module
+from ..nn import Linear, Module
 from .bias import bias_targets
 from .config import LoRAConfig, check_adapter_name
+from .layer import LoRALinear
 from .model import (
     _check_unmerged,
     apply_lora,
     bias_delta_names,
     get_adapter_config,
     list_adapters,
-    lora_layers,
     lora_parameter_names,
     lora_state_dict,
     resolve_targets,
@@ -60,23 +61,16 @@ def _digest(arrays: dict) -> str:
 
 
 def base_fingerprint(model: Module, exclude=()) -> str:
-    """SHA-256 of the base model's weights: every parameter but the LoRA ones and ``exclude``.
+    """SHA-256 of the base model: every parameter but the LoRA ones, ``exclude`` and the Linear weights.
 
-    Two bases with the same shapes but other values (another pre-training run, a base trained
-    further) get different fingerprints; the same weights in memory always get the same one.
+    Two bases with the same shapes but other values (another pre-training run) get different
+    fingerprints, through their embeddings, LayerNorms and biases. The Linear weights W₀ are
+    left out on purpose: the ways of using a base that rewrite W₀ in place without changing
+    which base it is (a merge, PiSSA's residual, NF4 quantization) must keep the fingerprint.
     """
     skip = set(lora_parameter_names(model)) | set(bias_delta_names(model)) | set(exclude)
-    arrays = {n: bk.to_numpy(p.data) for n, p in model.named_parameters() if n not in skip}
-    for path, layer in lora_layers(model):  # a merged weight holds W0 + ΔW: fingerprint its W0
-        if layer.merged:
-            original = layer._merge_records[0][1]  # the weight before the first merge (keep_original=True)
-            if original is None:
-                raise RuntimeError(
-                    f"{path} is merged without a copy of W0 (keep_original=False), so the base it was trained on "
-                    "cannot be fingerprinted; call lora.unmerge(model) before saving the adapter"
-                )
-            arrays[f"{path}.weight"] = bk.to_numpy(original)
-    return digest(arrays)
+    skip |= {f"{path}.weight" for path, m in model.named_modules() if isinstance(m, (Linear, LoRALinear))}
+    return digest({n: bk.to_numpy(p.data) for n, p in model.named_parameters() if n not in skip})
 
 
 def adapter_nbytes(model: Module, adapter_name: str = "default") -> int:

@@ -169,11 +169,11 @@ class LoRALinear(Module):
             else:  # "gaussian": the paper's "random Gaussian", with PEFT's σ = 1/r
                 lora_A = bk.random_normal((r, k), dtype, backend=backend, std=1.0 / r)
             lora_B = bk.module_for(backend).zeros((d, r), dtype=dtype)
-        self.lora_A[name] = Parameter(lora_A)
-        self.lora_B[name] = Parameter(lora_B)
+        self.lora_A[name] = Parameter(lora_A, backend=backend)  # on W0's backend, whatever the current one is
+        self.lora_B[name] = Parameter(lora_B, backend=backend)
         if config.use_dora:  # m = ‖W₀ + s·B·A‖ row by row, computed as the forward does: c = m/n = 1 exactly
             weight = self.weight if self.quantized else self.weight.data
-            self.lora_magnitude[name] = Parameter(dora_norms(weight, lora_A, lora_B, config.scaling)[0])
+            self.lora_magnitude[name] = Parameter(dora_norms(weight, lora_A, lora_B, config.scaling)[0], backend=backend)
         self.lora_config[name] = config
         if activate:
             self.active_adapters = [name]

@@ -144,18 +144,19 @@ class Module:
                 f"{source} does not match {type(self).__name__}: missing {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
             )
+        def shape(value):  # a device array's own .shape: np.shape() would convert it to the host
+            return tuple(value.shape) if hasattr(value, "shape") else tuple(np.shape(value))
+
         for name, p in params.items():
-            if name in state and tuple(np.shape(state[name])) != tuple(p.shape):
-                raise ValueError(
-                    f"{source}: {name} has shape {tuple(np.shape(state[name]))} but the model expects {tuple(p.shape)}"
-                )
+            if name in state and shape(state[name]) != tuple(p.shape):
+                raise ValueError(f"{source}: {name} has shape {shape(state[name])} but the model expects {tuple(p.shape)}")
         for name, p in params.items():
             if name in state:
                 p.data[...] = bk.asarray(state[name], dtype=p.dtype, backend=p.backend)
         return missing, unexpected
 
     def to(self, dtype=None, backend: str | None = None):
-        """Convert every parameter (dtype: e.g. 'float64'; backend: 'numpy' or 'cupy'), in place."""
+        """Convert every parameter (dtype: e.g. 'float64'; backend: 'numpy', 'cupy' or 'strict'), in place."""
         for p in self.parameters():
             data = p.data
             if backend is not None and p.backend != backend:

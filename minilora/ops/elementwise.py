@@ -260,7 +260,7 @@ def astype(x, dtype):
 
 def where(condition, a, b):
     """Elementwise ``a`` where ``condition`` else ``b`` (condition: bool array or Tensor)."""
-    condition = getattr(condition, "data", condition)
+    condition = condition.data if isinstance(condition, Tensor) else condition  # a device array's .data is memory
     a, b = operands(a, b)
     return Where.apply(condition, a, b)
 

@@ -134,8 +134,8 @@ def test_whole_model_with_lora_on_q_v_matches_torch(backend, cfg_kwargs, batch):
     for name in params:
         if name.endswith(".lora_A.task"):
             module = name[: -len(".lora_A.task")]
-            params[name].data[...] = rng.standard_normal(params[name].shape) * 0.5
-            params[f"{module}.lora_B.task"].data[...] = rng.standard_normal(params[f"{module}.lora_B.task"].shape) * 0.5
+            for p in (params[name], params[f"{module}.lora_B.task"]):  # host values moved to the model's backend
+                p.data[...] = bk.asarray(rng.standard_normal(p.shape) * 0.5, dtype=p.dtype, backend=p.backend)
             branches[module] = (bk.to_numpy(params[name].data), bk.to_numpy(params[f"{module}.lora_B.task"].data), config.scaling)
     assert len(branches) == 2 * cfg.n_layer
     reference = build_torch_gpt(cfg, base_state, lora=branches)

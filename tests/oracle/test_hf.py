@@ -127,6 +127,8 @@ def _randomise_adapter(model, name, seed):
         if name in layer.lora_A:
             for part in (layer.lora_A[name], layer.lora_B[name]):
                 part.data[...] = 0.3 * rng.standard_normal(part.shape)
+            if name in layer.lora_magnitude:  # DoRA: a trained magnitude, away from W0's row norms
+                layer.lora_magnitude[name].data[...] *= 1.0 + 0.2 * rng.random(layer.lora_magnitude[name].shape)
 
 
 def _with_mixed_ranks(model):
@@ -146,6 +148,9 @@ EXPORT_CASES = {
     "rslora q,v,o": lambda m: lora.apply_lora(m, lora.LoRAConfig(r=4, alpha=4.0, use_rslora=True,
                                                                  target_modules=("q", "v", "o"))),
     "mixed ranks": _with_mixed_ranks,
+    "DoRA q,v": lambda m: lora.apply_lora(m, lora.LoRAConfig(r=2, alpha=4.0, use_dora=True, target_modules=("q", "v"))),
+    "DoRA q,k,v,o,fc rsLoRA": lambda m: lora.apply_lora(m, lora.LoRAConfig(r=3, alpha=3.0, use_dora=True, use_rslora=True,
+                                                                           target_modules=("q", "k", "v", "o", "fc"))),
     "one block, bias": lambda m: lora.apply_lora(m, lora.LoRAConfig(r=2, alpha=4.0, bias="lora_only",
                                                                     target_modules=("blocks.1.attn.q", "blocks.1.mlp.proj"))),
 }
@@ -185,6 +190,8 @@ PEFT_CASES = {
                                        rank_pattern={"mlp.c_fc": 5, "h.0.attn.c_attn": 3},
                                        alpha_pattern={"attn.c_proj": 1.5}),
     "bias=all": dict(r=3, lora_alpha=3, target_modules=["c_attn", "c_fc"], bias="all"),
+    "DoRA c_attn, c_proj": dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], use_dora=True,
+                                rank_pattern={"mlp.c_proj": 3}),
 }
 
 
@@ -197,7 +204,9 @@ def test_peft_adapter_from_get_peft_model_loads_with_equal_logits(gpt2_dir, tmp_
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_" in name or (case == "bias=all" and name.endswith(".bias")):
+            if "lora_magnitude" in name:  # DoRA: a trained magnitude, away from W0's row norms
+                p.mul_(1.0 + 0.2 * torch.rand(p.shape, generator=gen, dtype=p.dtype))
+            elif "lora_" in name or (case == "bias=all" and name.endswith(".bias")):
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     peft_model.eval().save_pretrained(tmp_path / "adapter")
     model = hf.load_gpt2(folder, dtype="float64")
