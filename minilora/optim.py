@@ -539,7 +539,7 @@ def lora_plus_param_groups(model, lr: float, ratio: float = 16.0, weight_decay: 
          {"name": "lora_B", "params": [(name, B), ...], "lr": ratio · lr, "weight_decay": wd},
          {"name": "other",  "params": [...],            "lr": lr,         "weight_decay": wd}]
 
-    "other" (trained biases, DoRA magnitudes, a trained head) is left out when empty. The
+    "other" (the adapter's bias deltas, DoRA magnitudes, a trained head) is left out when empty. The
     "name" key is a label only (``optim.AdamW(groups, ...)`` ignores it). A and B are found
     by their parameter names (``.lora_A.`` / ``.lora_B.``), so any model made with
     ``lora.apply_lora`` works.

@@ -551,7 +551,7 @@ def test_tutorial_08_exercises_solutions_pass_wrong_answers_are_diagnosed_and_no
     assert ex08.check_pack_c_attn(lambda W_q, W_k, W_v: (_ for _ in ()).throw(NotImplementedError)) is False
     assert "not attempted yet" in capsys.readouterr().out
     wrong = {
-        ex08.check_pack_c_attn: [(lambda W_q, W_k, W_v: np.concatenate([W_q, W_k, W_v], axis=1), "without transposing"),
+        ex08.check_pack_c_attn: [(lambda W_q, W_k, W_v: np.concatenate([W_q, W_k, W_v], axis=1), "Conv1D wants (in, out)"),
                                  (lambda W_q, W_k, W_v: np.concatenate([W_q.T, W_k.T, W_v.T], axis=0), "shape"),
                                  (lambda W_q, W_k, W_v: np.concatenate([W_k.T, W_q.T, W_v.T], axis=1), "differ")],
         ex08.check_block_B: [(lambda B_q, B_v: np.zeros((3 * len(B_q), 4)), "all zeros"),

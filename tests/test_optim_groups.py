@@ -203,3 +203,29 @@ def test_groups_equal_torch_param_groups(ours, theirs_name, options, defaults):
         assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in theirs.param_groups]
     for p, q in zip(params, twins):
         np.testing.assert_allclose(to_np(p), q.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_checkpoints_of_lora_plus_groups_round_trip_through_train(tmp_path):
+    """train.save_checkpoint / load_checkpoint keep each group's lr; restore_hyperparameters=False keeps the new ones."""
+    from minilora.train import load_checkpoint, save_checkpoint
+
+    def setup(lr):
+        model = tiny_lora_model()
+        opt = optim.AdamW(optim.lora_plus_param_groups(model, lr=lr, ratio=16))
+        return model, opt, optim.LRScheduler(opt, functools.partial(optim.warmup_linear, total=10, warmup=2))
+
+    model, opt, sched = setup(1e-3)
+    idx = np.random.default_rng(0).integers(0, 16, (2, 8))
+    for _ in range(3):
+        opt.zero_grad()
+        model.loss(idx[:, :-1], idx[:, 1:]).backward()
+        opt.step()
+        sched.step()
+    save_checkpoint(tmp_path / "c.safetensors", model, opt, 3, scheduler=sched)
+    model2, opt2, sched2 = setup(5e-2)
+    load_checkpoint(tmp_path / "c.safetensors", model2, opt2, sched2)
+    assert sched2.base_lrs == [1e-3, 16e-3] and [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    model3, opt3, sched3 = setup(5e-2)
+    load_checkpoint(tmp_path / "c.safetensors", model3, opt3, sched3, restore_hyperparameters=False)
+    assert sched3.base_lrs == [5e-2, 16 * 5e-2] and sched3.last_step == 3
+    assert opt3.param_groups[1]["lr"] == pytest.approx(16 * opt3.param_groups[0]["lr"], rel=1e-15)

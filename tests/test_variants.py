@@ -396,8 +396,8 @@ def test_pissa_to_lora_is_a_rank_2r_lora_on_the_original_weights(tmp_path, use_r
     assert converted.alpha == (6 * math.sqrt(2) if use_rslora else 12.0)
     assert converted.scaling == pytest.approx(cfg.scaling, rel=1e-15)
     assert_close(plain(idx).data, trained, rtol=1e-12, atol=1e-12)
-    for name, p in original.named_parameters():  # W₀ is back, to the rounding of W_res + s·B₀·A₀
-        np.testing.assert_allclose(to_np(dict(plain.named_parameters())[name].data), to_np(p.data), atol=1e-14)
+    for name, p in original.named_parameters():  # W₀ is back, exactly
+        np.testing.assert_array_equal(to_np(dict(plain.named_parameters())[name].data), to_np(p.data))
     path = lora.save_adapter(tmp_path / "plain.safetensors", plain, "default")
     lora.load_adapter(path, original)  # a plain LoRA now: W₀ is not touched
     assert_close(original(idx).data, trained, rtol=1e-12, atol=1e-12)
@@ -488,6 +488,15 @@ def test_lora_layer_over_nf4_gradcheck_and_mixed_batch():
         lora.apply_lora(model, lora.LoRAConfig(r=1, alpha=1, target_modules=("q",), init="pissa"), "p")
 
 
+def test_nf4_base_keeps_the_adapters_bias_deltas():
+    """bias="all" gives plain Linear layers a Δb child and hook; quantize_base must carry them over."""
+    model, reference = quantized_pair(lora.LoRAConfig(r=2, alpha=4, target_modules=("q",), bias="all"))
+    assert isinstance(dict(model.named_modules())["blocks.0.mlp.fc"], lora.NF4Linear)
+    assert "blocks.0.mlp.fc.lora_bias.default" in dict(model.named_parameters())
+    idx = ids_batch(2)
+    assert_close(model(idx).data, reference(idx).data, rtol=1e-12, atol=1e-12)  # perturb() moved every Δb
+
+
 def test_quantized_lora_model_trains_and_reports_memory():
     model = tiny_gpt("float32")
     lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v")))
@@ -509,3 +518,31 @@ def test_quantized_lora_model_trains_and_reports_memory():
     saved = lora.lora_state_dict(model)
     assert all(".lora_" in n for n in saved)  # the adapter file is unchanged by the 4-bit base
     assert quant.NF4_LEVELS[0] == -1.0
+
+
+# ============================================================================ tutorial 09's checks
+def test_tutorial_09_checks_diagnose_wrong_answers():
+    from minilora import exercises as ex
+
+    def dm(x, W, A, B, m, grad_h, s):
+        V = W + s * B @ A
+        return (grad_h * (x @ V.T)).sum(axis=0) / np.linalg.norm(V, axis=1)
+
+    def dm_without_the_norm(x, W, A, B, m, grad_h, s):
+        V = W + s * B @ A
+        return (grad_h * (x @ V.T)).sum(axis=0)
+
+    assert ex.check_dora_dm(dm) is True
+    with pytest.raises(ex.ExerciseError, match="times the row norms"):
+        ex.check_dora_dm(dm_without_the_norm)
+
+    def pissa_without_s(W, r, s):
+        U, S, Vt = np.linalg.svd(W, full_matrices=False)
+        A, B = np.sqrt(S[:r])[:, None] * Vt[:r], U[:, :r] * np.sqrt(S[:r])
+        return A, B, W - B @ A
+
+    with pytest.raises(ex.ExerciseError, match="divide the singular values by s"):
+        ex.check_pissa_init(pissa_without_s)
+    with pytest.raises(ex.ExerciseError, match="count whole blocks of codes"):
+        ex.check_nf4_bytes(lambda n, block, dq: n // 2 + 4 * -(-n // block))
+    assert ex.check_nf4_bytes(lambda n, block, dq: quant.quantize_nf4(np.ones(n), block, double_quant=dq).nbytes)

@@ -80,6 +80,9 @@ def check_block_B(fn) -> str:
             f"{PREFIX}transformer.h.0.attn.c_attn.lora_B.weight"].astype(np.float64)
     if np.any(got[6:12]):
         raise Wrong("B: rows d:2d (the k outputs) must be zero — k is not adapted")
+    if np.allclose(got[0:6], expected[12:18]) and np.allclose(got[12:18], expected[0:6]):
+        raise Wrong("B: the q rows hold B_v (q and v swapped): the first d outputs of c_attn are q's, "
+                    "and they read the first r rows of A = [A_q; A_v]")
     for rows, name in ((slice(0, 6), "q"), (slice(12, 18), "v")):
         compare(got[rows], expected[rows], f"B: the rows of the {name} outputs")
     return "the B that save_peft_adapter writes: [B_q 0; 0 0; 0 B_v]"

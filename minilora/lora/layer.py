@@ -96,7 +96,7 @@ class LoRALinear(Module):
         self.lora_A = AdapterDict()  # adapter name -> (r, in_features)
         self.lora_B = AdapterDict()  # adapter name -> (out_features, r)
         self.lora_magnitude = AdapterDict()  # DoRA adapters only: adapter name -> (out_features,)
-        self.pissa_init: dict = {}  # PiSSA adapters only: name -> (A₀, B₀) arrays, for lora.pissa_to_lora
+        self.pissa_init: dict = {}  # PiSSA adapters only: name -> (A₀, B₀, original W₀) arrays
         self.lora_config: dict[str, LoRAConfig] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -182,8 +182,8 @@ class LoRALinear(Module):
         """PiSSA (Meng et al. 2024): W₀ = U S Vᵀ; A = √(S_r/s)·V_rᵀ, B = U_r·√(S_r/s), so s·B·A = U_r S_r V_rᵀ.
 
         W₀ is replaced, in place, by the residual W₀ − s·B·A (formed in float64), so the layer's
-        output is unchanged up to rounding. Returns (A, B) in the weight's dtype; (A₀, B₀) are kept
-        in ``pissa_init`` for ``lora.pissa_to_lora``.
+        output is unchanged up to rounding. Returns (A, B) in the weight's dtype; (A₀, B₀, the
+        original W₀) are kept in ``pissa_init``, from which ``lora.pissa_to_lora`` restores W₀ exactly.
         """
         if self.quantized:
             raise ValueError(f"{self.layer_name}: init='pissa' rewrites W0 into its residual, but W0 is stored in NF4 "
@@ -194,7 +194,8 @@ class LoRALinear(Module):
                 f"{self.adapters} were trained on; add the PiSSA adapter {name!r} to a layer without adapters"
             )
         xp = bk.module_for(self.weight.backend)
-        W = self.weight.data.astype(np.float64)
+        original = self.weight.data.copy()
+        W = original.astype(np.float64)
         U, S, Vt = xp.linalg.svd(W, full_matrices=False)  # W = U diag(S) Vᵀ, S descending
         r, s = config.r, config.scaling
         root = xp.sqrt(S[:r] / s)  # √(S_r / s)
@@ -203,7 +204,7 @@ class LoRALinear(Module):
         self.weight.data[...] = (W - s * (lora_B @ lora_A)).astype(self.weight.dtype)
         dtype = self.weight.dtype
         lora_A, lora_B = lora_A.astype(dtype), lora_B.astype(dtype)
-        self.pissa_init[name] = (lora_A.copy(), lora_B.copy())
+        self.pissa_init[name] = (lora_A.copy(), lora_B.copy(), original)
         return lora_A, lora_B
 
     def set_adapter(self, names) -> None:

@@ -263,7 +263,8 @@ def mark_only_lora_as_trainable(model: Module, bias: str | None = None) -> Modul
 
 
 def lora_state_dict(model: Module, adapter_name: str = "default") -> OrderedDict[str, object]:
-    """{name: array} of one adapter: its lora_A / lora_B, DoRA's lora_magnitude, and its bias deltas (``...lora_bias.<adapter>``).
+    """{name: array} of one adapter: its lora_A / lora_B, DoRA's lora_magnitude, and its bias deltas
+    (``...lora_bias.<adapter>``).
 
     Names are the model's own (``blocks.0.attn.q.lora_A.<adapter>``); the arrays are not copies.
     """

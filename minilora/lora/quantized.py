@@ -176,6 +176,10 @@ class NF4Linear(Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.qweight = weight  # not a Parameter: no gradient, not in state_dict()
         self.bias = base.bias
+        if "lora_bias" in base._modules:  # an adapter's bias deltas (lora.bias) and the hook that adds them
+            self.lora_bias = base._modules["lora_bias"]
+            for hook in base.__dict__.get("_forward_hooks", ()):
+                self.register_forward_hook(hook)
 
     def forward(self, x):
         return nf4_linear(x, self.qweight, self.bias)

@@ -27,8 +27,6 @@ import copy
 import dataclasses
 import math
 
-import numpy as np
-
 from .. import backend as bk
 from ..nn import Module
 from .model import _check_unmerged, _layers_with
@@ -39,7 +37,7 @@ __all__ = ["pissa_to_lora"]
 def pissa_to_lora(model: Module, adapter_name: str = "default", new_name: str | None = None) -> Module:
     """A copy of ``model`` with W₀ restored and PiSSA adapter ``adapter_name`` as a rank-2r LoRA ``new_name``.
 
-    The copy computes the same outputs (to rounding: W₀ is rebuilt as W_res + s·B₀·A₀ in float64).
+    The copy computes the same outputs, to rounding (W₀ + s·(B·A − B₀·A₀) against W_res + s·B·A).
     """
     layers = _layers_with(model, adapter_name)
     config = layers[0][1].lora_config[adapter_name]
@@ -59,15 +57,13 @@ def pissa_to_lora(model: Module, adapter_name: str = "default", new_name: str | 
         if 2 * config.r > min(d, k):
             raise ValueError(f"pissa_to_lora: {path} ({d}x{k}) cannot hold the rank-{2 * config.r} LoRA 2r of the "
                              f"conversion (r <= min(d, k) = {min(d, k)})")
-        A0, B0 = layer.pissa_init[adapter_name]
+        A0, B0, original = layer.pissa_init[adapter_name]
         A, B = layer.lora_A[adapter_name].data, layer.lora_B[adapter_name].data
-        s, dtype = config.scaling, layer.weight.dtype
-        restored = layer.weight.data.astype(np.float64) + s * (B0.astype(np.float64) @ A0.astype(np.float64))
         magnitude = layer.lora_magnitude[adapter_name].data.copy() if config.use_dora else None
         active = list(layer.active_adapters)
         trainable = layer.lora_A[adapter_name].requires_grad
         layer.delete_adapter(adapter_name)
-        layer.weight.data[...] = restored.astype(dtype)
+        layer.weight.data[...] = original  # W₀ exactly (W_res + s·B₀·A₀ would be W₀ only to rounding)
         layer.add_adapter(new_name, new_config, activate=False)
         xp = bk.get_array_module(A)
         layer.lora_A[new_name].data[...] = xp.concatenate([A, A0], axis=0)  # [A ; A0] (2r, k)

@@ -216,3 +216,48 @@ def test_pissa_conversion_equals_peft_save_with_weight_conversion(tmp_path):
         mine = dict(lora.lora_layers(plain))[name]
         ours_delta = mine.lora_B["default"].data @ mine.lora_A["default"].data
         assert rel(ours_delta, Bm @ A) < PISSA_TOL, name  # ΔW = B·A − B₀·A₀ as a rank-2r product
+
+
+# ----------------------------------------------------------------------------- DoRA through minilora.hf
+@pytest.mark.parametrize("targets", [("q", "v"), ("q", "k", "v", "o", "fc", "proj")], ids=["q,v", "all six"])
+def test_dora_adapter_exported_with_hf_loads_in_peft_with_equal_logits_and_merge(tmp_path, targets):
+    """``hf.save_peft_adapter`` of a DoRA adapter -> ``PeftModel.from_pretrained`` on GPT2LMHeadModel: equal logits.
+
+    PEFT normalises the rows of the whole fused c_attn; with q, v only, the k rows must come out as the base's.
+    """
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face oracle needs transformers")
+    from minilora import hf
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=29, n_positions=12, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    base = transformers.GPT2LMHeadModel(config).double().eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    base.save_pretrained(tmp_path / "gpt2")
+    model = hf.load_gpt2(tmp_path / "gpt2", dtype="float64")
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4.0, target_modules=targets, use_dora=True))
+    rng = np.random.default_rng(3)
+    for _, layer in lora.lora_layers(model):
+        layer.lora_A["default"].data[...] = 0.3 * rng.standard_normal(layer.lora_A["default"].shape)
+        layer.lora_B["default"].data[...] = 0.3 * rng.standard_normal(layer.lora_B["default"].shape)
+        layer.lora_magnitude["default"].data[...] *= rng.uniform(0.7, 1.3, layer.out_features)
+    hf.save_peft_adapter(tmp_path / "adapter", model)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    peft_model = peft.PeftModel.from_pretrained(
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2", dtype=torch.float64).eval(),
+        tmp_path / "adapter").eval()
+    idx = np.random.default_rng(5).integers(0, 29, (2, 12))
+    model.eval()
+    with ml.no_grad():
+        ours = np.asarray(model(idx).data)
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(idx)).logits.numpy()
+        plain = base(torch.tensor(idx)).logits.numpy()
+    assert rel(ours, plain) > 1e-3  # the adapter does something
+    assert rel(ours, theirs) < TOL
+    merged = peft_model.merge_and_unload()
+    lora.merge(model)
+    with ml.no_grad(), torch.no_grad():
+        assert rel(np.asarray(model(idx).data), merged(torch.tensor(idx)).logits.numpy()) < TOL
