@@ -94,7 +94,7 @@ def _cmd_demo(args) -> int:
     _check_folder("--out", args.out)
     if args.json:
         _check_file("--json", args.json)
-    run_demo(fast=args.fast, json_path=args.json, out_dir=args.out, progress=not args.no_progress)
+    run_demo(fast=args.fast, json_path=args.json, out_dir=args.out, progress=not args.no_progress, workers=args.workers)
     return 0
 
 
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--out", default="minilora-out", help="folder for PNGs and adapters (default: ./minilora-out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=_int_at_least(1), default=None,
+                   help="fine-tuning runs at a time, each in its own process (default: one per CPU core, at most 6)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("pretrain", help="train the base GPT on the free-description corpus (the shipped asset)")

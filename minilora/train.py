@@ -373,7 +373,8 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
 class Progress:
     """Training progress: a widget in a Jupyter kernel, a tqdm bar on a terminal, a few plain lines in a log.
 
-    ``update(done, loss, history)`` after each step, ``close()`` at the end. Without a TTY a
+    ``update(done, loss, history)`` after each step, ``close()`` at the end. Without a TTY (or
+    with ``enabled="lines"``: several processes writing to one terminal) a
     redrawn bar would write one line per step into the log, so instead a line is printed at
     25 %, 50 %, 75 % and 100 % of the steps: step, loss, tokens per second. In a kernel without
     ipywidgets a text bar would print TqdmWarning and store every redraw in the notebook, so
@@ -388,7 +389,7 @@ class Progress:
         if enabled and os.environ.get("TQDM_DISABLE", "").strip() not in ("", "0"):
             self.enabled = False
         kwargs = dict(total=total, initial=initial, desc=desc, unit="step", leave=False)
-        if self.enabled and _in_kernel():
+        if self.enabled is True and _in_kernel():  # enabled="lines": plain lines, never a bar
             self.marks = []  # a notebook: the widget or nothing, never printed lines
             try:
                 import ipywidgets  # noqa: F401  (tqdm.notebook needs it)
@@ -396,7 +397,7 @@ class Progress:
             except ImportError:
                 return
             self.bar = notebook_tqdm(**kwargs)
-        elif self.enabled and _is_tty(self.stream):
+        elif self.enabled is True and _is_tty(self.stream):
             from tqdm import tqdm
 
             self.bar = tqdm(dynamic_ncols=True, file=self.stream, **kwargs)
