@@ -36,7 +36,9 @@ from . import functional as F
 from . import lora, optim
 from .data import TASKS, Tokenizer, collate, load_task, prompt_ids, task_metric
 from .generate import generate
+from .methods import HYPERPARAMS
 from .models import GPT, load_base
+from .recipes import FAST, RunResult, batch_rows, target_loss
 from .tensor import no_grad
 from .train import History, Progress
 
@@ -78,8 +80,6 @@ def joint_batches(examples: dict, tokenizer: Tokenizer, batch_size: int, seed: i
     ``recipes.batch_rows``), right-padded to the widest task's width; padding sits after every
     real token, so causal attention never sees it.
     """
-    from .recipes import batch_rows
-
     rows = {task: batch_rows(ex, tokenizer, batch_size, seed, length_group) for task, ex in examples.items()}
 
     def get_batch(step):
@@ -171,9 +171,6 @@ def finetune_joint(tasks=TASKS, *, base: GPT | None = None, steps: int | None = 
     adapter per task) and, per task, a RunResult whose metric comes from decoding that task's
     ``eval_split`` prompts through its own adapter, all tasks in ONE mixed generation batch.
     """
-    from .methods import HYPERPARAMS
-    from .recipes import FAST, RunResult, target_loss
-
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks or len(set(tasks)) != len(tasks):
