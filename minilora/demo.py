@@ -23,7 +23,7 @@ from . import backend as bk
 from . import lora
 from .data import TASKS, Tokenizer, load_task, prompt_ids, task_metric
 from .generate import generate
-from .experiments.runs import _one_blas_thread_for_children
+from .experiments.runs import one_blas_thread_for_children
 from .io import save_json
 from .methods import HYPERPARAMS, apply_method
 from .models import load_base, save_model
@@ -96,7 +96,7 @@ def train_all(base, steps: dict, n_eval, progress: bool = True, workers: int = 1
             runs[task][method] = finetune(task, method, base=base, steps=steps[method], n_eval=n_eval,
                                           progress=progress, seed=0)  # LoRA: HYPERPARAMS' r = 4 on q, v
         return runs
-    with _one_blas_thread_for_children(), cf.ProcessPoolExecutor(
+    with one_blas_thread_for_children(), cf.ProcessPoolExecutor(
             max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_finetune_in_worker, task, method, steps[method], n_eval, progress): (task, method)
                    for task, method in jobs}
