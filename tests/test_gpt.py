@@ -91,6 +91,46 @@ def test_init_is_gpt2():
     assert abs(float(np.std(s["blocks.0.mlp.proj.weight"])) - 0.02 / np.sqrt(4)) < 0.002  # 1/√(2L)
 
 
+def test_default_init_is_unchanged_by_init_weights():
+    """GPT(cfg) draws what it drew before ``init_weights`` existed (values recorded then, seed 7)."""
+    ml.manual_seed(7)
+    s = GPT(SMALL).state_dict()
+    recorded = {  # first three values and the sum, from the code before the change
+        "wte.weight": ([0.008124803192913532, -0.0228266641497612, -0.008789327926933765], 0.3238221190767945),
+        "wpe.weight": ([-0.017342964187264442, 0.018466224893927574, 0.007762902416288853], -0.09059767734652269),
+        "blocks.0.attn.q.weight": ([-0.03834425285458565, 0.017029589042067528, 0.009187169373035431],
+                                   -0.38168881298042834),
+        "blocks.1.mlp.proj.weight": ([0.00894161593168974, 0.004508035723119974, -0.021741552278399467],
+                                     -0.3684763678456875),
+    }
+    for name, (first, total) in recorded.items():
+        a = np.asarray(to_np(s[name]), dtype=np.float64)
+        np.testing.assert_array_equal(a.ravel()[:3], first, err_msg=name)
+        assert abs(float(a.sum()) - total) < 1e-9, name
+    assert abs(float(bk.random_normal((1,), "float64")[0]) - 0.6751062315563504) < 1e-15  # the stream after it
+
+
+def test_init_weights_false_is_zeros_draws_nothing_and_loads_equal():
+    ml.manual_seed(3)
+    reference = GPT(SMALL)
+    ml.manual_seed(3)
+    empty = GPT(SMALL, init_weights=False)
+    assert GPT(SMALL).state_dict().keys() == reference.state_dict().keys()
+    ml.manual_seed(3)
+    GPT(SMALL, init_weights=False)
+    again = GPT(SMALL)  # no random numbers were drawn by the empty model: the stream is where seed 3 left it
+    for name, value in reference.state_dict().items():
+        np.testing.assert_array_equal(to_np(again.state_dict()[name]), to_np(value), err_msg=name)
+    for name, value in empty.state_dict().items():
+        expected = 1.0 if name.endswith("weight") and (".ln" in name or name.startswith("ln_f")) else 0.0
+        assert np.all(to_np(value) == expected) and value.dtype == np.float32, name
+    assert all(p.requires_grad for p in empty.parameters())
+    empty.load_state_dict(reference.state_dict())
+    idx = np.random.default_rng(0).integers(0, SMALL.vocab_size, (2, 6))
+    with ml.no_grad():
+        np.testing.assert_array_equal(to_np(empty(idx).data), to_np(reference(idx).data))
+
+
 def test_config_validation_and_round_trip():
     assert GPTConfig.from_dict({**SMALL.to_dict(), "unknown": 1}) == SMALL
     with pytest.raises(ValueError, match="divisible"):

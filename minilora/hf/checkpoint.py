@@ -300,7 +300,7 @@ def load_gpt2(path, dtype="float32", dropout: float = 0.0, cache_dir=None) -> GP
     if dtype is None:
         found = np.result_type(*[a.dtype for a in state.values()])
         dtype = "float64" if found == np.float64 else "float32"
-    model = GPT(cfg)
+    model = GPT(cfg, init_weights=False)  # every weight is loaded next (strict load_state_dict)
     model.to(dtype=dtype)
     model.load_state_dict(state, source=folder)
     model.hf_config = cfg_json  # save_gpt2 keeps its token ids and other fields minilora does not use

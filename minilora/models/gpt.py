@@ -85,14 +85,14 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer: int):
+    def __init__(self, cfg: GPTConfig, layer: int, init: bool = True):
         super().__init__()
         d = cfg.d_model
         self.n_head, self.layer = cfg.n_head, layer
-        self.q = nn.Linear(d, d)
-        self.k = nn.Linear(d, d)
-        self.v = nn.Linear(d, d)
-        self.o = nn.Linear(d, d)
+        self.q = nn.Linear(d, d, init=init)
+        self.k = nn.Linear(d, d, init=init)
+        self.v = nn.Linear(d, d, init=init)
+        self.o = nn.Linear(d, d, init=init)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def _heads(self, x, Bsz, T):
@@ -113,10 +113,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, init: bool = True):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
-        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, init=init)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, init=init)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
@@ -127,12 +127,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """x + attn(ln1(x)), then x + mlp(ln2(x)): the pre-LayerNorm residual block of GPT-2."""
 
-    def __init__(self, cfg: GPTConfig, layer: int):
+    def __init__(self, cfg: GPTConfig, layer: int, init: bool = True):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.attn = CausalSelfAttention(cfg, layer)
+        self.attn = CausalSelfAttention(cfg, layer, init)
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, init)
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln1(x), cache)  # (B, T, C)
@@ -140,17 +140,24 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The language model: ``model(idx)`` -> logits (B, T, V); ``model.loss(idx, targets, mask)``."""
+    """The language model: ``model(idx)`` -> logits (B, T, V); ``model.loss(idx, targets, mask)``.
 
-    def __init__(self, cfg: GPTConfig):
+    ``GPT(cfg)`` starts from GPT-2's random init. ``GPT(cfg, init_weights=False)`` allocates
+    zeros (LayerNorm gains 1) and draws no random numbers, for a model whose weights are loaded
+    right after (``models.load_model``, ``hf.load_gpt2``): at GPT-2 small the init costs far more
+    than reading the file.
+    """
+
+    def __init__(self, cfg: GPTConfig, init_weights: bool = True):
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, init=init_weights)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model, init=init_weights)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i, init_weights) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self._init_weights()
+        if init_weights:
+            self._init_weights()
 
     def _init_weights(self) -> None:
         """GPT-2's init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/√(2L)."""

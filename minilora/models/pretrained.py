@@ -30,7 +30,7 @@ def load_model(weights_path, config_path=None, dtype=None, backend=None) -> GPT:
         if config_path is None or not os.path.exists(config_path):
             raise FileFormatError(f"{weights_path}: no model config in the file and no config JSON given")
         cfg = load_json(config_path)["config"]
-    model = GPT(GPTConfig.from_dict(cfg))
+    model = GPT(GPTConfig.from_dict(cfg), init_weights=False)  # every weight is loaded next
     model.load_state_dict(arrays, source=os.fspath(weights_path))
     if dtype is not None or backend is not None:
         model.to(dtype=dtype, backend=backend)

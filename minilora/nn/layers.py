@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -15,15 +16,21 @@ __all__ = ["Linear", "Embedding", "LayerNorm", "Dropout", "ModuleList"]
 DEFAULT_DTYPE = np.float32
 
 
+def _zeros(shape, dtype):
+    return bk.xp().zeros(shape, dtype=dtype)
+
+
 class Linear(Module):
     """y = x Wᵀ + b, W of shape (out_features, in_features) — W₀ ∈ R^{d×k} in the paper."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=DEFAULT_DTYPE):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=DEFAULT_DTYPE, init: bool = True):
+        """init=False: zeros and no random draws, for a layer whose weights are loaded right after."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)  # PyTorch's default (kaiming-uniform with a = √5)
-        self.weight = Parameter(bk.random_uniform((out_features, in_features), dtype, low=-bound, high=bound))
-        self.bias = Parameter(bk.random_uniform((out_features,), dtype, low=-bound, high=bound)) if bias else None
+        draw = functools.partial(bk.random_uniform, low=-bound, high=bound) if init else _zeros
+        self.weight = Parameter(draw((out_features, in_features), dtype))
+        self.bias = Parameter(draw((out_features,), dtype)) if bias else None
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
@@ -33,10 +40,11 @@ class Linear(Module):
 
 
 class Embedding(Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=DEFAULT_DTYPE):
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=DEFAULT_DTYPE, init: bool = True):
+        """init=False: zeros and no random draws, for a table that is loaded right after."""
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = Parameter(bk.random_normal((num_embeddings, embedding_dim), dtype))
+        self.weight = Parameter((bk.random_normal if init else _zeros)((num_embeddings, embedding_dim), dtype))
 
     def forward(self, ids):
         return F.embedding(ids, self.weight)
