@@ -209,9 +209,13 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
               f"  {'':<{len(task) + 2}} answer:    {answer}\n"
               f"  {'':<{len(task) + 2}} reference: {ex.target}\n"
               f"  {'':<{len(task) + 2}} {'✓' if correct else '✗'} ({metric_name} {value:.2f})")
-    # the same rows served one task at a time must agree with the mixed batch
-    separately = [generate(server, [prompt_ids(tokenizer, ex.prompt)], max_new_tokens=40, eos_id=tokenizer.eos_id,
-                           adapter_ids=[task])[0] for task, ex in zip(TASKS, examples)]
+    # the same rows served the ordinary way, one task at a time (its adapter the active one, no
+    # per-row routing), must agree with the mixed batch
+    separately = []
+    for task, ex in zip(TASKS, examples):
+        lora.set_adapter(server, task)
+        separately.append(generate(server, [prompt_ids(tokenizer, ex.prompt)], max_new_tokens=40,
+                                   eos_id=tokenizer.eos_id)[0])
     agree = all(list(a) == list(b) for a, b in zip(outputs, separately))
     print(f"  {sum(m['correct'] for m in mixed.values())}/{len(mixed)} correct; "
           f"mixed batch == one adapter at a time: {agree}")

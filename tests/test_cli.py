@@ -37,6 +37,7 @@ def test_demo_fast_runs_end_to_end(tmp_path):
     progress = [line for line in result.stderr.splitlines() if "/full: step" in line or "/lora: step" in line]
     assert 6 <= len(progress) <= 6 * 4 and "\r" not in result.stderr
     results = json.loads((tmp_path / "demo.json").read_text())
+    assert results["mixed_batch_matches_separate"] is True
     from minilora.data import load_task
 
     for task, shown in results["mixed_batch"].items():  # the showcase: the FIRST test example of each task
