@@ -1,5 +1,7 @@
-"""The command line: ``minilora demo | pretrain | finetune | generate | experiment | bench``, and the
-Hugging Face bridge ``export | import-peft | analyze`` (``minilora.hf.commands``)."""
+"""The command line: ``minilora demo | pretrain | finetune | generate | experiment | bench``
+(``finetune --joint``: several adapters together; ``finetune --base HF_DIR --text FILE``: a Hugging
+Face GPT-2 on your text), and the Hugging Face bridge ``export | import-peft | analyze``
+(``minilora.hf.commands``)."""
 
 from __future__ import annotations
 

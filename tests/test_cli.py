@@ -9,7 +9,7 @@ import pytest
 
 from minilora.cli import build_parser
 
-COMMANDS = ("demo", "pretrain", "finetune", "generate", "experiment", "bench")
+COMMANDS = ("demo", "pretrain", "finetune", "generate", "experiment", "bench", "export", "import-peft", "analyze")
 
 
 def test_help_lists_every_command():

@@ -16,9 +16,9 @@ and rsLoRA (Kalajdzievski 2023) is an r-sweep on one task: the same runs with th
 (LoRA) and α/√r (rsLoRA), r ∈ {1, 4, 32} (at r = 1 the two are the same run). Its claim is that
 with α/r large ranks learn too slowly (the update shrinks as 1/r), which α/√r repairs.
 
-The size is pinned here, not taken from ``minilora.methods.HYPERPARAMS`` (500 steps at lr 5e-3 for
-LoRA): ``RUN_STEPS`` = 200 steps at lr 1e-2 and ``RUN_EVAL`` = 100 test examples, so that the 19
-runs fit in about 10 CPU-minutes.
+The size is pinned here, not taken from ``minilora.methods.HYPERPARAMS`` (300 steps at lr 1e-2 for
+LoRA): ``RUN_STEPS`` = 200 steps at the same lr 1e-2 and ``RUN_EVAL`` = 100 test examples, so that
+the 19 runs fit in about 10 CPU-minutes.
 
 Reported per run: the task metric and the test NLL, trainable parameters, time per step, the peak
 memory of one training step (tracemalloc: activations, gradients, optimizer state) and the bytes
