@@ -34,10 +34,9 @@ import numpy as np
 import minilora as ml
 from minilora import hf, lora
 from minilora.analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
-from minilora.exercises import output_dir, save_figure, show_hint, show_solution
+from minilora.exercises import check_block_B, check_pack_c_attn, output_dir, save_figure, show_hint, show_solution
 from minilora.generate import generate
 from minilora.hf.commands import adapter_updates
-from minilora.hf.exercises import check_block_B, check_pack_c_attn
 from minilora.models import GPT, GPTConfig, load_base
 from minilora.recipes import FAST, finetune
 

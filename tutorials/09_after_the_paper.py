@@ -35,8 +35,7 @@ from matplotlib.figure import Figure
 import minilora as ml
 from minilora import lora, optim, quant
 from minilora.data import Tokenizer, collate, load_task
-from minilora.exercises import save_figure, show_hint, show_solution
-from minilora.exercises_variants import check_dora_dm, check_nf4_bytes, check_pissa_init
+from minilora.exercises import check_dora_dm, check_nf4_bytes, check_pissa_init, save_figure, show_hint, show_solution
 from minilora.models import load_base
 from minilora.recipes import FAST, task_batches
 from minilora.train import fit
