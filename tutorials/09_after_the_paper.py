@@ -82,20 +82,20 @@ rng = np.random.default_rng(0)
 d, k, r, s = 4, 6, 2, 1.5
 arrays = [rng.standard_normal((3, k)), rng.standard_normal((d, k)), rng.standard_normal(d),
           rng.standard_normal((r, k)), rng.standard_normal((d, r)) * 0.3, rng.uniform(0.5, 2.0, d)]
-x, W, b, A, Bm, m = [ml.tensor(a, requires_grad=True, dtype="float64") for a in arrays]
+x, W, b, A, B, m = [ml.tensor(a, requires_grad=True, dtype="float64") for a in arrays]
 print("exact DoRA backward passes gradcheck:",
-      ml.gradcheck(lambda *t: lora.dora_linear(*t, s), [x, W, b, A, Bm, m]))
+      ml.gradcheck(lambda *t: lora.dora_linear(*t, s), [x, W, b, A, B, m]))
 try:
-    ml.gradcheck(lambda *t: lora.dora_linear(*t, s, detach_norm=True), [x, W, b, A, Bm, m])
+    ml.gradcheck(lambda *t: lora.dora_linear(*t, s, detach_norm=True), [x, W, b, A, B, m])
 except ml.GradcheckError as err:
     print("the detached-norm backward is NOT the gradient of the forward:", str(err).splitlines()[0][:110], "...")
 
 grads, upstream = {}, rng.standard_normal((3, d))  # one upstream gradient for both backward passes
 for detach in (False, True):
-    for t in (x, W, b, A, Bm, m):
+    for t in (x, W, b, A, B, m):
         t.grad = None
-    lora.dora_linear(x, W, b, A, Bm, m, s, detach_norm=detach).backward(upstream)
-    grads[detach] = {"A": A.grad.copy(), "B": Bm.grad.copy(), "m": m.grad.copy()}
+    lora.dora_linear(x, W, b, A, B, m, s, detach_norm=detach).backward(upstream)
+    grads[detach] = {"A": A.grad.copy(), "B": B.grad.copy(), "m": m.grad.copy()}
 for name in ("A", "B", "m"):
     exact, detached = grads[False][name], grads[True][name]
     print(f"∂L/∂{name}: exact vs detached differ by {np.linalg.norm(exact - detached) / np.linalg.norm(exact):.1%}")

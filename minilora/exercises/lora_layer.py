@@ -90,10 +90,10 @@ def _check_lora_gradient(fn, which: str) -> str:
         compare(mine, expected, f"d{which} (scaling s = {num(scaling)}) against F.lora_linear's backward", factors)
         # then: gradcheck on a LoRA layer whose backward is yours
         A = tensor(lora_A, requires_grad=which == "A", dtype="float64")
-        Bm = tensor(lora_B, requires_grad=which == "B", dtype="float64")
+        B = tensor(lora_B, requires_grad=which == "B", dtype="float64")
         try:
             gradcheck(lambda a, b, x=x, weight=weight, bias=bias, scaling=scaling:
-                      StudentLoRA.apply(a, b, x=x, weight=weight, bias=bias, scaling=scaling), [A, Bm])
+                      StudentLoRA.apply(a, b, x=x, weight=weight, bias=bias, scaling=scaling), [A, B])
         except GradcheckError as exc:
             text = str(exc).replace("input 0", "lora_A").replace("input 1", "lora_B")
             raise Wrong(f"d{which} (scaling s = {num(scaling)}): {text}") from None

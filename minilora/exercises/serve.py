@@ -56,19 +56,19 @@ def check_merge(fn) -> str:
 
     Checked two ways: equal to W₀ + s·B A, and F.linear with it gives F.lora_linear's output.
     """
-    x, W0, bias, A, Bm = _lora_problem(3)
+    x, W0, bias, A, B = _lora_problem(3)
     s = 2.0
-    merged = as_array(call(fn, {"W0": W0.copy(), "lora_A": A.copy(), "lora_B": Bm.copy(), "scaling": s}),
+    merged = as_array(call(fn, {"W0": W0.copy(), "lora_A": A.copy(), "lora_B": B.copy(), "scaling": s}),
                       "merged weight", W0.shape)
     with no_grad():
         unmerged_out = F.lora_linear(tensor(x, dtype="float64"), tensor(W0, dtype="float64"),
                                      tensor(bias, dtype="float64"), tensor(A, dtype="float64"),
-                                     tensor(Bm, dtype="float64"), s)
+                                     tensor(B, dtype="float64"), s)
         merged_out = F.linear(tensor(x, dtype="float64"), tensor(merged, dtype="float64"), tensor(bias, dtype="float64"))
     if not np.allclose(bk.to_numpy(merged_out.data), bk.to_numpy(unmerged_out.data), rtol=1e-6, atol=1e-9):
         if np.allclose(merged, W0):
             raise Wrong("F.linear(x, your W) vs F.lora_linear(x, ...): your W is W₀ unchanged; the adapter is missing.")
-        compare(merged - W0, s * Bm @ A, "F.linear(x, your W) differs from F.lora_linear(x, ...); the update you added "
+        compare(merged - W0, s * B @ A, "F.linear(x, your W) differs from F.lora_linear(x, ...); the update you added "
                 "to W₀", {1 / s: "did you drop the scaling?", s: "did you apply the scaling twice?"})
     return "F.linear with your merged W gives the LoRA layer's output: no extra work at inference"
 
@@ -110,14 +110,14 @@ def check_mixed_batch(fn) -> str:
     layer = LoRALinear(nn.Linear(W0.shape[1], W0.shape[0], dtype=np.float64))
     layer.weight.data[...] = W0
     layer.bias.data[...] = bias
-    for name, (A, Bm, s) in adapters.items():
+    for name, (A, B, s) in adapters.items():
         layer.add_adapter(name, LoRAConfig(r=A.shape[0], alpha=s * A.shape[0], target_modules=("x",)))
         layer.lora_A[name].data[...] = A
-        layer.lora_B[name].data[...] = Bm
+        layer.lora_B[name].data[...] = B
     adapter_ids = ["parse", "e2e", BASE_ADAPTER, "e2e", "parse", "parse"]
     with no_grad(), mixed_batch(layer, adapter_ids):
         expected = bk.to_numpy(layer(tensor(x, dtype="float64")).data)
-    copies = {n: (A.copy(), Bm.copy(), s) for n, (A, Bm, s) in adapters.items()}
+    copies = {n: (A.copy(), B.copy(), s) for n, (A, B, s) in adapters.items()}
     got = as_array(call(fn, {"x": x.copy(), "W0": W0.copy(), "bias": bias.copy(), "adapters": copies,
                              "adapter_ids": list(adapter_ids)},
                         key_hints={BASE_ADAPTER: f"{BASE_ADAPTER!r} is not an adapter: it names the rows that get no "

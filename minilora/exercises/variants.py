@@ -72,15 +72,15 @@ def check_dora_dm(fn) -> str:
     Compared with the hand-written backward of ``lora.dora_linear`` (gradchecked in the tests).
     """
     for seed, s in ((0, 2.0), (1, 0.5)):
-        x, W, A, Bm, m, g = _dora_problem(seed)
+        x, W, A, B, m, g = _dora_problem(seed)
         mt = tensor(m, requires_grad=True, dtype="float64")
         out = dora_linear(tensor(x, dtype="float64"), tensor(W, dtype="float64"), None, tensor(A, dtype="float64"),
-                          tensor(Bm, dtype="float64"), mt, s)
+                          tensor(B, dtype="float64"), mt, s)
         out.backward(g)
-        args = dict(zip(_DORA_ARGS, (x.copy(), W.copy(), A.copy(), Bm.copy(), m.copy(), g.copy(), s)))
+        args = dict(zip(_DORA_ARGS, (x.copy(), W.copy(), A.copy(), B.copy(), m.copy(), g.copy(), s)))
         mine = as_array(call(fn, args), "∂L/∂m", m.shape)
         expected = bk.to_numpy(mt.grad)
-        n = np.linalg.norm(W + s * Bm @ A, axis=1)
+        n = np.linalg.norm(W + s * B @ A, axis=1)
         if np.allclose(mine, expected * n, rtol=1e-6, atol=1e-9):
             raise Wrong(f"∂L/∂m (s = {num(s)}): yours is the right one times the row norms ‖V_i‖: did you forget "
                         "that m is divided by the norm?")
@@ -96,16 +96,16 @@ def check_pissa_init(fn) -> str:
         result = call(fn, {"W": W.copy(), "r": r, "s": s})
         if not (isinstance(result, tuple) and len(result) == 3):
             raise Wrong(f"return three arrays (A, B, W_res), got {type(result).__name__}", with_hints=False)
-        A, Bm, W_res = (as_array(a, what, shape) for a, what, shape in
+        A, B, W_res = (as_array(a, what, shape) for a, what, shape in
                         zip(result, ("A", "B", "W_res"), ((r, k), (d, r), (d, k))))
         U, S, Vt = np.linalg.svd(W, full_matrices=False)
         top = (U[:, :r] * S[:r]) @ Vt[:r]
         where = f"d={d}, k={k}, r={r}, s={num(s)}"
-        if np.allclose(Bm @ A, top, atol=1e-9) and s != 1.0:
+        if np.allclose(B @ A, top, atol=1e-9) and s != 1.0:
             raise Wrong(f"{where}: B·A is the top-{r} part, but the adapter adds s·B·A: divide the singular values by s")
-        compare(s * Bm @ A, top, f"{where}: s·B·A against the top-{r} singular part of W")
-        compare(W_res + s * Bm @ A, W, f"{where}: W_res + s·B·A against W (the model must start at the base)")
-        if not np.allclose(np.linalg.norm(A, axis=1), np.linalg.norm(Bm, axis=0), rtol=1e-6):
+        compare(s * B @ A, top, f"{where}: s·B·A against the top-{r} singular part of W")
+        compare(W_res + s * B @ A, W, f"{where}: W_res + s·B·A against W (the model must start at the base)")
+        if not np.allclose(np.linalg.norm(A, axis=1), np.linalg.norm(B, axis=0), rtol=1e-6):
             raise Wrong(f"{where}: A and B should carry the same share, √(S_r/s), of each singular value")
     return "s·B·A is the top-r SVD part, W_res + s·B·A = W, and A, B are balanced as PiSSA (and PEFT) make them"
 

@@ -19,9 +19,9 @@ from .layer import LoRALinear
 from .model import _replace_child
 from .quantized import DequantBuffer, NF4Linear, QuantizedWeight
 
-__all__ = ["METHODS", "QuantizationReport", "quantize_base"]
+__all__ = ["QUANT_METHODS", "QuantizationReport", "quantize_base"]
 
-METHODS = ("nf4",)
+QUANT_METHODS = ("nf4",)
 
 
 @dataclass
@@ -61,8 +61,8 @@ def quantize_base(model: Module, method: str = "nf4", block_size: int = 64, doub
     ``QuantizedWeight`` under its adapters. A weight shared by several modules is left alone
     (listed in ``report.skipped``). All checks run before anything changes.
     """
-    if method not in METHODS:
-        raise ValueError(f"quantize_base: unknown quantization {method!r}; the methods are {METHODS} "
+    if method not in QUANT_METHODS:
+        raise ValueError(f"quantize_base: unknown quantization {method!r}; the methods are {QUANT_METHODS} "
                          "(4-bit NormalFloat, QLoRA)")
     quant._check_block_size(block_size)
     buffer = DequantBuffer(chunk_values)
