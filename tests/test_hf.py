@@ -270,6 +270,47 @@ def test_export_then_import_gives_the_same_adapter_and_logits(tmp_path, kw):
     assert lora.lora_layers(fresh)[0][1].active_adapters == ["back"]
 
 
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_bias_deltas_export_as_trained_biases_and_import_as_deltas(tmp_path, bias):
+    """PEFT trains b itself: the file holds b + Δb; loading it back gives Δb to the adapter, b untouched."""
+    model = _adapted(("q", "v", "fc"), bias=bias)
+    base = _model()
+    params = dict(model.named_parameters())
+    rng = np.random.default_rng(5)
+    names = lora.bias_delta_names(model, "default")
+    assert len(names) == (8 * CFG.n_layer + 1 if bias == "all" else 3 * CFG.n_layer)  # 6 Linear + 2 LN a block, ln_f
+    for n in names:
+        params[n].data[...] = 0.3 * rng.standard_normal(params[n].shape)
+    hf.save_peft_adapter(tmp_path, model)
+    t = load_file(tmp_path / "adapter_model.safetensors")
+    pre = "base_model.model.transformer."
+    d = CFG.d_model
+    c_attn = t[pre + "h.1.attn.c_attn.base_layer.bias"]
+    for n, p in enumerate("qkv"):
+        b = params[f"blocks.1.attn.{p}.bias"].data
+        delta = params[f"blocks.1.attn.{p}.lora_bias.default"].data if p != "k" or bias == "all" else 0.0
+        assert np.array_equal(c_attn[n * d:(n + 1) * d], b + delta), p
+    assert np.array_equal(t[pre + "h.0.mlp.c_fc.base_layer.bias"],
+                          params["blocks.0.mlp.fc.bias"].data + params["blocks.0.mlp.fc.lora_bias.default"].data)
+    if bias == "all":
+        assert np.array_equal(t[pre + "ln_f.bias"], params["ln_f.bias"].data + params["ln_f.lora_bias.default"].data)
+        assert np.array_equal(t[pre + "h.1.ln_2.bias"],
+                              params["blocks.1.ln2.bias"].data + params["blocks.1.ln2.lora_bias.default"].data)
+    else:
+        assert pre + "ln_f.bias" not in t and pre + "h.0.attn.c_proj.bias" not in t
+    fresh = _model()
+    before = _state(fresh)
+    hf.load_peft_adapter(tmp_path, fresh, "back")
+    assert np.max(np.abs(_logits(fresh) - _logits(model))) <= 1e-12
+    back = dict(fresh.named_parameters())
+    for n in names:  # Δb comes back as the adapter's own; the base biases are the model's as before
+        assert np.max(np.abs(back[n.replace(".default", ".back")].data - params[n].data)) <= 1e-15, n
+        host = n.split(".lora_bias.")[0] + ".bias"
+        assert np.array_equal(back[host].data, before[host]), host
+    with lora.disable_adapters(fresh):
+        assert np.array_equal(_logits(fresh), _logits(base))
+
+
 def test_mixed_ranks_and_scalings_export_and_import_with_equal_logits(tmp_path):
     model = _adapted(("q", "v"), r=2, alpha=4.0)
     layers = dict(lora.lora_layers(model))

@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 from .. import backend as bk
 from .. import lora
 from ..io import atomic_write, save_json
+from ..lora.bias import bias_hosts
 from ..lora.config import check_adapter_name
 from ..models.gpt import GPT
 from .checkpoint import HFFormatError, read_json_object, read_safetensors, resolve_dir, to_hf_state
@@ -78,7 +79,8 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     stacked, B block-structured, ``lora_alpha`` chosen so PEFT's scaling equals minilora's α/r
     (α/√r under rsLoRA); ``o``, ``fc``, ``proj`` become ``attn.c_proj``, ``mlp.c_fc``,
     ``mlp.c_proj``. Modules of another rank or scaling get ``rank_pattern`` / ``alpha_pattern``
-    entries. Biases trained with the adapter (``LoRAConfig.bias``) are written as PEFT writes them.
+    entries. Biases trained with the adapter (``LoRAConfig.bias``) are written as PEFT writes them:
+    PEFT trains b itself, so each is base b + the adapter's own Δb (``<module>.lora_bias.<adapter>``).
     A DoRA adapter (``use_dora``, in every layer it adapts) adds ``lora_magnitude_vector`` per
     module: c_attn's is [m_q; m_k; m_v], with W0's own row norms for a part that is not adapted
     (then m / ‖W0‖ = 1 there). PEFT treats DoRA's norm as a constant in the backward
@@ -143,10 +145,9 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
         ranks[hf] = (lora_A.shape[0], _alpha_for(scaling, lora_A.shape[0], rslora))
     bias = configs[0].bias
     if bias != "none":
-        base = to_hf_state(model, prefix=PREFIX + "transformer.")
-        for key, a in base.items():
+        for key, a in _trained_biases(model, adapter_name).items():
             module = key[len(PREFIX):-len(".bias")]
-            if key.endswith(".bias") and (bias == "all" or module in modules):
+            if bias == "all" or module in modules:
                 # PEFT keeps an adapted layer's own bias on its wrapped ``base_layer``
                 tensors[f"{PREFIX}{module}.base_layer.bias" if module in modules else key] = a
     counts = Counter(ranks.values())  # the most common (rank, alpha) is the default; ties: the smaller rank
@@ -169,6 +170,31 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     save_json(os.path.join(path, CONFIG), config)
     return path
+
+
+def _hf_bias_slot(name: str, d: int) -> tuple:
+    """Our bias name -> (its HF GPT-2 bias "h.N.attn.c_attn.bias", the slice of it): q, k, v share c_attn's."""
+    if name == "ln_f.bias":
+        return "ln_f.bias", slice(None)
+    _, i, part = name[:-len(".bias")].split(".", 2)  # "blocks", "3", "attn.q"
+    if part in ("attn.q", "attn.k", "attn.v"):
+        n = "qkv".index(part[-1])
+        return f"h.{i}.attn.c_attn.bias", slice(n * d, (n + 1) * d)
+    return f"h.{i}.{({'ln1': 'ln_1', 'ln2': 'ln_2'}.get(part) or HF_OF[part])}.bias", slice(None)
+
+
+def _trained_biases(model: GPT, adapter_name: str) -> dict:
+    """Every HF bias as the adapter trained it: base b + the adapter's own Δb (``lora.bias``), PEFT's keys.
+
+    PEFT trains the bias itself, so its file holds b + Δb; minilora's base b stays frozen.
+    """
+    state = to_hf_state(model, prefix=PREFIX + "transformer.")
+    out = {k: np.array(a, copy=True) for k, a in state.items() if k.endswith(".bias")}  # never a view of the model
+    for path, _, deltas in bias_hosts(model):
+        if adapter_name in deltas:
+            key, rows = _hf_bias_slot(f"{path}.bias", model.config.d_model)
+            out[PREFIX + "transformer." + key][rows] += _host(deltas[adapter_name].data)
+    return out
 
 
 def hf_to_ours(hf: str, part: str) -> str:
@@ -355,6 +381,8 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
     DoRA (``use_dora``) is read with its magnitudes (c_attn's split by rows; a q/k/v part whose B
     block is zero but whose magnitude is not W0's row norm stays adapted), as a LoRAConfig with
     ``use_dora=True, dora_detach_norm=True`` (PEFT's backward). The result gives PEFT's logits.
+    PEFT's trained biases (``bias`` "lora_only" / "all") become the adapter's own Δb = b_PEFT − b
+    (``<module>.lora_bias.<adapter>``); the model's base biases are not changed.
     Tensors are converted to the model's dtype. Everything is checked before the model changes;
     what minilora cannot represent (other PEFT types, lora_bias, modules_to_save, ...) raises naming it.
     """
@@ -397,6 +425,20 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
             raise HFFormatError(f"{source}: the LoRA matrices of {p} overflow in {dtype}")
         padded[p] = (A, B, None if mag is None else mag.astype(dtype))
+    params = dict(model.named_parameters())
+    bias_deltas = {}  # PEFT trained b itself; minilora keeps b frozen and gives the adapter Δb = b_PEFT − b
+    for n, v in our_biases.items():
+        base = params[n]
+        delta = (np.asarray(v, dtype=np.float64) - np.asarray(bk.to_numpy(base.data), dtype=np.float64)).astype(base.dtype)
+        if not delta.any():
+            continue
+        module = n[:-len(".bias")]
+        if not (config.bias == "all" or module in ours):
+            raise HFFormatError(f"{source}: a trained bias for {n}, which adapter {adapter_name!r} does not adapt "
+                                f"(bias = {config.bias!r})")
+        if not np.isfinite(delta).all():
+            raise HFFormatError(f"{source}: the trained bias of {n} minus the model's overflows in {base.dtype}")
+        bias_deltas[f"{module}.lora_bias.{adapter_name}"] = delta
     # ---- every check passed: now change the model
     lora.apply_lora(model, config, adapter_name=adapter_name, activate=False)
     layers = dict(lora.lora_layers(model))
@@ -407,7 +449,7 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
         if mag is not None:
             layer.lora_magnitude[adapter_name].data[...] = bk.asarray(mag, dtype=dtype, backend=layer.weight.backend)
     params = dict(model.named_parameters())
-    for n, v in our_biases.items():
-        params[n].data[...] = bk.asarray(v, dtype=params[n].dtype, backend=params[n].backend)
+    for n, delta in bias_deltas.items():  # the base biases stay as they are
+        params[n].data[...] = bk.asarray(delta, dtype=params[n].dtype, backend=params[n].backend)
     lora.set_adapter(model, adapter_name)
     return adapter_name
