@@ -538,6 +538,62 @@ def test_cli_export_import_peft_and_analyze_on_the_shipped_base(tmp_path, capsys
     assert np.max(np.abs(_logits(in64) - _logits(base))) <= 1e-5
 
 
+@pytest.mark.parametrize("variant", ["pissa", "dora", "pissa+dora"])
+def test_cli_analyze_reports_the_real_weight_change_of_pissa_and_dora(tmp_path, capsys, monkeypatch, variant):
+    """PiSSA trains on W_res and DoRA renormalises rows: ΔW = W − W0 of the merged weight, not s·B·A."""
+    from minilora.cli import main
+    from minilora.hf import commands
+    from minilora.models import load_base
+
+    kw = dict(init="pissa" if "pissa" in variant else "kaiming", use_dora="dora" in variant)
+    model = load_base(dtype="float64")
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4.0, target_modules=("q", "v"), **kw))
+    untrained = tmp_path / "untrained.safetensors"
+    lora.save_adapter(untrained, model)
+    rng = np.random.default_rng(1)
+    for _, layer in lora.lora_layers(model):
+        layer.lora_B["default"].data[...] += 0.05 * rng.standard_normal(layer.lora_B["default"].shape)
+        if "dora" in variant:
+            layer.lora_magnitude["default"].data[...] *= 1.0 + 0.1 * rng.random(layer.lora_magnitude["default"].shape)
+    trained = tmp_path / "trained.safetensors"
+    lora.save_adapter(trained, model)
+    runs = [("untrained", [str(untrained)]), ("trained", [str(trained)])]
+    if variant == "dora":  # the same DoRA adapter as a PEFT folder (c_attn's magnitude split by rows)
+        hf.save_peft_adapter(tmp_path / "peft", model)
+        hf.save_gpt2(tmp_path / "base", load_base(dtype="float64"))
+        runs.append(("peft", [str(tmp_path / "peft"), "--base", str(tmp_path / "base")]))
+    W0 = {n: np.array(p.data) for n, p in load_base(dtype="float64").named_parameters()}
+    lora.merge(model)
+    expected = {p: np.linalg.norm(layer.weight.data - W0[p + ".weight"]) for p, layer in lora.lora_layers(model)}
+    saved = []
+    monkeypatch.setattr(commands, "save_json", lambda path, obj: saved.append(path) or ml.io.save_json(path, obj))
+    for name, argv in runs:
+        assert main(["analyze", *argv, "--out", str(tmp_path / name)]) == 0
+        with open(tmp_path / name / "analyze.json") as f:
+            rows = json.load(f)["rows"]
+        assert len(rows) == 8 and all(("PiSSA" in r["update"]) == ("pissa" in variant) for r in rows)
+        for row in rows:
+            norm = row["norm_delta_W"]
+            if name == "untrained" and "pissa" in variant:  # the model equals the base: ΔW = 0 (s·B·A alone is large)
+                assert norm <= 1e-5 and np.linalg.norm(row["singular_values"]) <= 1e-5, row["matrix"]
+            elif name == "untrained":  # DoRA at init: B = 0 and m = ‖W0‖_row, so W = W0
+                assert norm <= 1e-6, row["matrix"]
+            else:
+                assert abs(norm - expected[row["matrix"]]) <= 1e-5 * expected[row["matrix"]], row["matrix"]
+            assert len(row["singular_values"]) == (2 if "dora" in variant else 4)
+    assert saved == [os.path.join(str(tmp_path / n), "analyze.json") for n, _ in runs]  # atomic (io.save_json)
+
+
+def test_cli_analyze_refuses_pissa_and_dora_without_the_base_weights(tmp_path):
+    from minilora.hf.commands import _row
+
+    A, B = np.ones((2, 16)), np.ones((16, 2))
+    for info, what in ((dict(init="pissa"), "PiSSA"), (dict(init="kaiming", magnitudes={"blocks.0.attn.q": np.ones(16)}),
+                                                       "DoRA")):
+        with pytest.raises(ValueError, match=rf"blocks\.0\.attn\.q: a {what} adapter .*pass --base"):
+            _row("blocks.0.attn.q", A, B, 2.0, {}, None, info)
+
+
 def test_cli_finetune_on_a_text_file_with_an_imported_gpt2(tmp_path, capsys):
     tokenizers = pytest.importorskip("tokenizers", reason="finetune --text needs the tokenizers package (extra hf)")
     from tokenizers import decoders, models, pre_tokenizers, trainers
