@@ -311,6 +311,35 @@ def test_bias_deltas_export_as_trained_biases_and_import_as_deltas(tmp_path, bia
         assert np.array_equal(_logits(fresh), _logits(base))
 
 
+def test_an_untrained_q_v_adapter_comes_back_as_q_v_through_the_recorded_c_attn_layout(tmp_path):
+    """B = 0 says nothing about which of q, k, v a c_attn column feeds: the export records it in the metadata."""
+    from minilora.hf.commands import adapter_updates
+
+    model = _model()
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4.0, target_modules=("q", "v", "o")))  # B = 0: untrained
+    hf.save_peft_adapter(tmp_path / "a", model)
+    fresh = _model()
+    hf.load_peft_adapter(tmp_path / "a", fresh)
+    assert sorted(p for p, _ in lora.lora_layers(fresh)) == sorted(p for p, _ in lora.lora_layers(model))
+    assert lora.get_adapter_config(fresh, "default").r == 2
+    layers = dict(lora.lora_layers(model))
+    for p, layer in lora.lora_layers(fresh):
+        assert np.array_equal(layer.lora_A["default"].data, layers[p].lora_A["default"].data), p
+    assert sorted(adapter_updates(tmp_path / "a")[0]) == sorted(layers)
+    # a layout that B contradicts (the k block trained further elsewhere) is not trusted: the layout of B wins
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
+    with open(tmp_path / "a" / "adapter_model.safetensors", "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        metadata = json.loads(f.read(n))["__metadata__"]
+    t = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    t[key][16:32, :] = 0.1
+    save_file(t, tmp_path / "a" / "adapter_model.safetensors", metadata=metadata)
+    again = _model()
+    hf.load_peft_adapter(tmp_path / "a", again)
+    assert "blocks.0.attn.k" in dict(lora.lora_layers(again))
+    assert np.max(np.abs(_logits(again) - _logits(fresh))) > 1e-6
+
+
 def test_mixed_ranks_and_scalings_export_and_import_with_equal_logits(tmp_path):
     model = _adapted(("q", "v"), r=2, alpha=4.0)
     layers = dict(lora.lora_layers(model))

@@ -27,7 +27,7 @@ from ..models import load_base
 from ..tensor import no_grad
 from ..train import fit
 from .checkpoint import HFFormatError, load_gpt2, save_gpt2
-from .peft import OURS_OF, load_peft_adapter, read_peft_adapter, save_peft_adapter, split_c_attn
+from .peft import LAYOUT_KEY, OURS_OF, load_peft_adapter, read_peft_adapter, save_peft_adapter, split_c_attn
 from .tokenizer import load_tokenizer
 
 __all__ = ["add_finetune_flags", "add_parsers", "adapter_updates", "cmd_analyze", "cmd_export",
@@ -109,7 +109,7 @@ def adapter_updates(path) -> tuple[dict, dict]:
             i, kind = hf.split(".", 2)[1:]
             if kind == "attn.c_attn":
                 d = b.shape[0] // 3
-                for p, (a_p, b_p) in split_c_attn(a, b).items():
+                for p, (a_p, b_p) in split_c_attn(a, b, (cfg.get(LAYOUT_KEY) or {}).get(hf)).items():
                     out[f"blocks.{i}.attn.{p}"] = (a_p, b_p, s)
                     if m is not None:  # c_attn's magnitude is [m_q; m_k; m_v]
                         n = "qkv".index(p)

@@ -19,12 +19,14 @@ DoRA's magnitudes are per output row, so c_attn's (3d,) vector is [m_q; m_k; m_v
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from collections import Counter
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .. import backend as bk
@@ -40,6 +42,8 @@ __all__ = ["load_peft_adapter", "read_peft_adapter", "save_peft_adapter", "split
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# safetensors metadata minilora adds (PEFT ignores it): which columns of each c_attn LoRA are q, k, v
+LAYOUT_KEY = "minilora_c_attn_parts"
 HF_OF = {"attn.o": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}  # and q, k, v -> attn.c_attn
 OURS_OF = {v: k for k, v in HF_OF.items()}
 _OUR_PATH = re.compile(r"^blocks\.(\d+)\.(attn\.[qkvo]|mlp\.fc|mlp\.proj)$")
@@ -117,7 +121,7 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
         m = _host(layer.lora_magnitude[adapter_name].data) if dora else None
         modules.setdefault(hf, []).append((part, a, b, cfg.scaling, m))
     d = model.config.d_model
-    tensors, ranks = {}, {}
+    tensors, ranks, layout = {}, {}, {}
     for hf, members in modules.items():
         if hf.endswith("c_attn"):
             members.sort(key=lambda m: "qkv".index(m[0][-1]))
@@ -129,6 +133,7 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
                 row = "qkv".index(part[-1]) * d
                 # another scaling in the same block is folded into its B (exact up to one rounding)
                 lora_B[row:row + d, col:col + a.shape[0]] = b if s == scaling else b * (s / scaling)
+                layout.setdefault(hf[len("transformer."):], {})[part[-1]] = [col, col + a.shape[0]]
                 col += a.shape[0]
             if dora:  # a row's magnitude; q, k, v not adapted keep W0's row norms (m / ‖W0‖ = 1)
                 own = {m[0][-1]: m[4] for m in members}
@@ -167,7 +172,8 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     }
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt", **({LAYOUT_KEY: json.dumps(layout, sort_keys=True)} if layout else {})}
+    atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata=metadata))
     save_json(os.path.join(path, CONFIG), config)
     return path
 
@@ -222,6 +228,8 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
 
     modules: {HF module path "h.N.attn.c_attn": (lora_A (R, in), lora_B (out, R), scaling, DoRA magnitude (out,) or None)}.
     biases: {HF name "h.N.attn.c_attn": array} of biases stored with the adapter (bias != "none").
+    config also holds, under ``LAYOUT_KEY``, the q/k/v columns of each c_attn that ``save_peft_adapter``
+    wrote into the weights' safetensors metadata ({"h.N.attn.c_attn": {"q": [0, r], ...}}), if any.
     Whatever minilora cannot represent raises HFFormatError naming it.
     """
     folder = resolve_dir(path, what="PEFT adapter folder")
@@ -244,6 +252,12 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
                 "once with PEFT: PeftModel.from_pretrained(base, folder).save_pretrained(folder) writes safetensors")
         raise HFFormatError(f"{folder}: no {WEIGHTS}")
     arrays = read_safetensors(weights)
+    with safe_open(weights, framework="numpy") as f:  # readable: read_safetensors opened it
+        raw = (f.metadata() or {}).get(LAYOUT_KEY)
+    try:
+        cfg[LAYOUT_KEY] = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        cfg[LAYOUT_KEY] = {}  # only a hint: split_c_attn then reads the layout from B
     rslora = bool(cfg.get("use_rslora", False))
     found, biases, magnitudes = {}, {}, {}
     for key, a in arrays.items():
@@ -295,7 +309,7 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
     return cfg, modules, biases
 
 
-def _split(model: GPT, modules: dict, biases: dict, source: str):
+def _split(model: GPT, modules: dict, biases: dict, source: str, layout=None):
     """PEFT modules -> {our layer path: (A, B, scaling)} and {our bias name: array}, checked against ``model``."""
     c = model.config
     d = c.d_model
@@ -319,7 +333,7 @@ def _split(model: GPT, modules: dict, biases: dict, source: str):
         if kind != "attn.c_attn":
             ours[f"blocks.{i}.{OURS_OF[kind]}"] = (a, b, s, mag)
             continue
-        parts = split_c_attn(a, b)
+        parts = split_c_attn(a, b, (layout or {}).get(hf))
         for n, p in enumerate("qkv"):
             m_p = None if mag is None else mag[n * d:(n + 1) * d]
             path = f"blocks.{i}.attn.{p}"
@@ -332,19 +346,47 @@ def _split(model: GPT, modules: dict, biases: dict, source: str):
     return ours, our_biases
 
 
-def split_c_attn(lora_A, lora_B) -> dict:
+def split_c_attn(lora_A, lora_B, parts=None) -> dict:
     """A c_attn LoRA (A (R, d), B (3d, R)) as {"q": (A_q, B_q), "k": ..., "v": ...}: ΔW_q = B_q A_q, etc.
 
-    Each of q, k, v gets the rows of the shared A that its row block of B reads (the columns of
-    that block that are not all zero); a block that is all zero while another is not is left out.
-    When every block is zero (an untrained adapter: PEFT starts B at 0), each gets the whole A.
+    ``parts`` ({"q": [start, stop], ...}, the columns ``save_peft_adapter`` gave each part, kept in
+    the file's metadata) is used when B is zero outside those blocks (so an untrained q, v adapter
+    comes back as q, v); otherwise, or without it, the layout is read from B: each of q, k, v gets
+    the rows of the shared A that its row block of B reads (the columns of that block that are not
+    all zero); a block that is all zero while another is not is left out. When every block is zero
+    (an untrained adapter: PEFT starts B at 0), each gets the whole A.
     """
     d = lora_B.shape[0] // 3
     blocks = {p: lora_B[n * d:(n + 1) * d] for n, p in enumerate("qkv")}
+    spans = _layout(parts, lora_B.shape[1])
+    if spans:
+        declared = np.zeros(lora_B.shape, dtype=bool)
+        for p, (lo, hi) in spans.items():
+            n = "qkv".index(p)
+            declared[n * d:(n + 1) * d, lo:hi] = True
+        if not np.any(lora_B[~declared]):  # B agrees with the recorded layout (PEFT did not train it further)
+            return {p: (lora_A[lo:hi], blocks[p][:, lo:hi]) for p, (lo, hi) in spans.items()}
     used = {p: np.flatnonzero(np.any(blk != 0, axis=0)) for p, blk in blocks.items()}
     if not any(len(u) for u in used.values()):
         return {p: (lora_A, blk) for p, blk in blocks.items()}
     return {p: (lora_A[used[p]], blk[:, used[p]]) for p, blk in blocks.items() if len(used[p])}
+
+
+def _layout(parts, R: int) -> dict:
+    """``parts`` as {part: (lo, hi)} if it is a valid layout of R columns (disjoint spans of q, k, v), else {}."""
+    if not isinstance(parts, dict) or not parts:
+        return {}
+    spans, used = {}, np.zeros(R, dtype=bool)
+    for p, span in parts.items():
+        if p not in ("q", "k", "v") or not isinstance(span, list) or len(span) != 2 \
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in span):
+            return {}
+        lo, hi = span
+        if not 0 <= lo < hi <= R or used[lo:hi].any():
+            return {}
+        used[lo:hi] = True
+        spans[p] = (lo, hi)
+    return spans
 
 
 def _our_biases(model: GPT, biases: dict, source: str) -> dict:
@@ -374,7 +416,8 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
     ``c_attn`` of any rank: its shared A goes to q, k and v with their row blocks of B (a block
     of B that is all zero while others are not leaves that layer unadapted, and only the rows of
     A that a block reads are kept, so an adapter written by ``save_peft_adapter`` comes back as it
-    was). ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``use_rslora``, ``rank_pattern`` and
+    was; the q/k/v columns it records in the file's metadata are used when B agrees with them, so an
+    untrained q, v adapter comes back as q, v, not q, k, v). ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``use_rslora``, ``rank_pattern`` and
     ``alpha_pattern`` are read. minilora gives one adapter one LoRAConfig, so a module of smaller
     rank is padded with zero rows of A and zero columns of B (they contribute exactly 0 and their
     gradients are exactly 0), and a module of another scaling has the ratio folded into its B.
@@ -398,7 +441,7 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
                          "call lora.unmerge(model) first")
     cfg, modules, biases = read_peft_adapter(path)
     source = os.fspath(path)
-    ours, our_biases = _split(model, modules, biases, source)
+    ours, our_biases = _split(model, modules, biases, source, cfg.get(LAYOUT_KEY))
     rslora = bool(cfg.get("use_rslora", False))
     r = max(a.shape[0] for a, _, _, _ in ours.values())
     (scaling, _), = Counter(s for _, _, s, _ in ours.values()).most_common(1)
