@@ -295,9 +295,9 @@ def run(configs=("tiny", "medium"), modes=MODES, *, repeats: int = 7, warmup: in
             sys.modules["torch"].set_num_threads(previous_torch)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m benchmarks.bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench",
+        prog=prog,  # "minilora bench" when the CLI forwards here
         description="Time minilora's GPT (training, LoRA training, inference: base, merged, unmerged, mixed-adapter "
                     "batches), optionally side by side with PyTorch. Medians after warm-up; ratios are medians of "
                     "per-round ratios. See benchmarks/README.md for the columns.",
@@ -320,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m benchmarks.bench") -> int:
+    args = build_parser(prog).parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
     if args.quick and args.configs == "tiny,medium":
         configs = ["tiny"]

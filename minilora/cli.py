@@ -201,7 +201,7 @@ def _bench(argv) -> int:
     root = str(BENCHMARKS_DIR.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
-    return importlib.import_module("benchmarks.bench").main(argv)
+    return importlib.import_module("benchmarks.bench").main(argv, prog="minilora bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -186,6 +186,19 @@ def test_cli_forwards_to_the_bench(tmp_path):
     assert [(r["config"], r["mode"]) for r in rows] == [("tiny", "infer")]
 
 
+def test_cli_bench_help_names_the_command_it_was_called_as(capsys):
+    from minilora.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: minilora bench ") and "--compare-torch" in out and "benchmarks.bench" not in out
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--modes"])  # an error names it too
+    assert "usage: minilora bench " in capsys.readouterr().err
+
+
 def test_cli_bench_without_a_source_checkout_says_so(tmp_path, monkeypatch, capsys):
     from minilora import cli
 

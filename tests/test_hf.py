@@ -270,6 +270,76 @@ def test_export_then_import_gives_the_same_adapter_and_logits(tmp_path, kw):
     assert lora.lora_layers(fresh)[0][1].active_adapters == ["back"]
 
 
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_bias_deltas_export_as_trained_biases_and_import_as_deltas(tmp_path, bias):
+    """PEFT trains b itself: the file holds b + Δb; loading it back gives Δb to the adapter, b untouched."""
+    model = _adapted(("q", "v", "fc"), bias=bias)
+    base = _model()
+    params = dict(model.named_parameters())
+    rng = np.random.default_rng(5)
+    names = lora.bias_delta_names(model, "default")
+    assert len(names) == (8 * CFG.n_layer + 1 if bias == "all" else 3 * CFG.n_layer)  # 6 Linear + 2 LN a block, ln_f
+    for n in names:
+        params[n].data[...] = 0.3 * rng.standard_normal(params[n].shape)
+    hf.save_peft_adapter(tmp_path, model)
+    t = load_file(tmp_path / "adapter_model.safetensors")
+    pre = "base_model.model.transformer."
+    d = CFG.d_model
+    c_attn = t[pre + "h.1.attn.c_attn.base_layer.bias"]
+    for n, p in enumerate("qkv"):
+        b = params[f"blocks.1.attn.{p}.bias"].data
+        delta = params[f"blocks.1.attn.{p}.lora_bias.default"].data if p != "k" or bias == "all" else 0.0
+        assert np.array_equal(c_attn[n * d:(n + 1) * d], b + delta), p
+    assert np.array_equal(t[pre + "h.0.mlp.c_fc.base_layer.bias"],
+                          params["blocks.0.mlp.fc.bias"].data + params["blocks.0.mlp.fc.lora_bias.default"].data)
+    if bias == "all":
+        assert np.array_equal(t[pre + "ln_f.bias"], params["ln_f.bias"].data + params["ln_f.lora_bias.default"].data)
+        assert np.array_equal(t[pre + "h.1.ln_2.bias"],
+                              params["blocks.1.ln2.bias"].data + params["blocks.1.ln2.lora_bias.default"].data)
+    else:
+        assert pre + "ln_f.bias" not in t and pre + "h.0.attn.c_proj.bias" not in t
+    fresh = _model()
+    before = _state(fresh)
+    hf.load_peft_adapter(tmp_path, fresh, "back")
+    assert np.max(np.abs(_logits(fresh) - _logits(model))) <= 1e-12
+    back = dict(fresh.named_parameters())
+    for n in names:  # Δb comes back as the adapter's own; the base biases are the model's as before
+        assert np.max(np.abs(back[n.replace(".default", ".back")].data - params[n].data)) <= 1e-15, n
+        host = n.split(".lora_bias.")[0] + ".bias"
+        assert np.array_equal(back[host].data, before[host]), host
+    with lora.disable_adapters(fresh):
+        assert np.array_equal(_logits(fresh), _logits(base))
+
+
+def test_an_untrained_q_v_adapter_comes_back_as_q_v_through_the_recorded_c_attn_layout(tmp_path):
+    """B = 0 says nothing about which of q, k, v a c_attn column feeds: the export records it in the metadata."""
+    from minilora.hf.commands import adapter_updates
+
+    model = _model()
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4.0, target_modules=("q", "v", "o")))  # B = 0: untrained
+    hf.save_peft_adapter(tmp_path / "a", model)
+    fresh = _model()
+    hf.load_peft_adapter(tmp_path / "a", fresh)
+    assert sorted(p for p, _ in lora.lora_layers(fresh)) == sorted(p for p, _ in lora.lora_layers(model))
+    assert lora.get_adapter_config(fresh, "default").r == 2
+    layers = dict(lora.lora_layers(model))
+    for p, layer in lora.lora_layers(fresh):
+        assert np.array_equal(layer.lora_A["default"].data, layers[p].lora_A["default"].data), p
+    assert sorted(adapter_updates(tmp_path / "a")[0]) == sorted(layers)
+    # a layout that B contradicts (the k block trained further elsewhere) is not trusted: the layout of B wins
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
+    with open(tmp_path / "a" / "adapter_model.safetensors", "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        metadata = json.loads(f.read(n))["__metadata__"]
+    t = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    t[key][16:32, :] = 0.1
+    save_file(t, tmp_path / "a" / "adapter_model.safetensors", metadata=metadata)
+    again = _model()
+    hf.load_peft_adapter(tmp_path / "a", again)
+    assert "blocks.0.attn.k" in dict(lora.lora_layers(again))
+    assert np.max(np.abs(_logits(again) - _logits(fresh))) > 1e-6
+
+
 def test_mixed_ranks_and_scalings_export_and_import_with_equal_logits(tmp_path):
     model = _adapted(("q", "v"), r=2, alpha=4.0)
     layers = dict(lora.lora_layers(model))
@@ -495,6 +565,62 @@ def test_cli_export_import_peft_and_analyze_on_the_shipped_base(tmp_path, capsys
     in64 = hf.load_gpt2(tmp_path / "base64", dtype=None)
     hf.load_peft_adapter(tmp_path / "peft64", in64)
     assert np.max(np.abs(_logits(in64) - _logits(base))) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["pissa", "dora", "pissa+dora"])
+def test_cli_analyze_reports_the_real_weight_change_of_pissa_and_dora(tmp_path, capsys, monkeypatch, variant):
+    """PiSSA trains on W_res and DoRA renormalises rows: ΔW = W − W0 of the merged weight, not s·B·A."""
+    from minilora.cli import main
+    from minilora.hf import commands
+    from minilora.models import load_base
+
+    kw = dict(init="pissa" if "pissa" in variant else "kaiming", use_dora="dora" in variant)
+    model = load_base(dtype="float64")
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4.0, target_modules=("q", "v"), **kw))
+    untrained = tmp_path / "untrained.safetensors"
+    lora.save_adapter(untrained, model)
+    rng = np.random.default_rng(1)
+    for _, layer in lora.lora_layers(model):
+        layer.lora_B["default"].data[...] += 0.05 * rng.standard_normal(layer.lora_B["default"].shape)
+        if "dora" in variant:
+            layer.lora_magnitude["default"].data[...] *= 1.0 + 0.1 * rng.random(layer.lora_magnitude["default"].shape)
+    trained = tmp_path / "trained.safetensors"
+    lora.save_adapter(trained, model)
+    runs = [("untrained", [str(untrained)]), ("trained", [str(trained)])]
+    if variant == "dora":  # the same DoRA adapter as a PEFT folder (c_attn's magnitude split by rows)
+        hf.save_peft_adapter(tmp_path / "peft", model)
+        hf.save_gpt2(tmp_path / "base", load_base(dtype="float64"))
+        runs.append(("peft", [str(tmp_path / "peft"), "--base", str(tmp_path / "base")]))
+    W0 = {n: np.array(p.data) for n, p in load_base(dtype="float64").named_parameters()}
+    lora.merge(model)
+    expected = {p: np.linalg.norm(layer.weight.data - W0[p + ".weight"]) for p, layer in lora.lora_layers(model)}
+    saved = []
+    monkeypatch.setattr(commands, "save_json", lambda path, obj: saved.append(path) or ml.io.save_json(path, obj))
+    for name, argv in runs:
+        assert main(["analyze", *argv, "--out", str(tmp_path / name)]) == 0
+        with open(tmp_path / name / "analyze.json") as f:
+            rows = json.load(f)["rows"]
+        assert len(rows) == 8 and all(("PiSSA" in r["update"]) == ("pissa" in variant) for r in rows)
+        for row in rows:
+            norm = row["norm_delta_W"]
+            if name == "untrained" and "pissa" in variant:  # the model equals the base: ΔW = 0 (s·B·A alone is large)
+                assert norm <= 1e-5 and np.linalg.norm(row["singular_values"]) <= 1e-5, row["matrix"]
+            elif name == "untrained":  # DoRA at init: B = 0 and m = ‖W0‖_row, so W = W0
+                assert norm <= 1e-6, row["matrix"]
+            else:
+                assert abs(norm - expected[row["matrix"]]) <= 1e-5 * expected[row["matrix"]], row["matrix"]
+            assert len(row["singular_values"]) == (2 if "dora" in variant else 4)
+    assert saved == [os.path.join(str(tmp_path / n), "analyze.json") for n, _ in runs]  # atomic (io.save_json)
+
+
+def test_cli_analyze_refuses_pissa_and_dora_without_the_base_weights(tmp_path):
+    from minilora.hf.commands import _row
+
+    A, B = np.ones((2, 16)), np.ones((16, 2))
+    for info, what in ((dict(init="pissa"), "PiSSA"), (dict(init="kaiming", magnitudes={"blocks.0.attn.q": np.ones(16)}),
+                                                       "DoRA")):
+        with pytest.raises(ValueError, match=rf"blocks\.0\.attn\.q: a {what} adapter .*pass --base"):
+            _row("blocks.0.attn.q", A, B, 2.0, {}, None, info)
 
 
 def test_cli_finetune_on_a_text_file_with_an_imported_gpt2(tmp_path, capsys):

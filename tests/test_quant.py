@@ -1,5 +1,6 @@
 """NF4 quantization (QLoRA): the published levels, nearest-level codes, packing, double quantization, errors."""
 
+import os
 from statistics import NormalDist
 
 import numpy as np
@@ -245,6 +246,28 @@ def test_quantize_base_on_a_frozen_gpt_matches_dequantized_weights_and_reports_b
     assert report.nf4_double_quant_bytes == sum(quant.quantize_nf4(np.ones(s), double_quant=True).nbytes for s in sizes)
     assert "4.500 bits/value" in str(report)
     assert not any(name in dict(model.named_parameters()) for name in linear_names)  # no longer Parameters
+
+
+@pytest.mark.parametrize("adapted", [False, True])
+def test_saving_a_model_with_an_nf4_base_is_refused_before_any_file_is_written(tmp_path, adapted):
+    """W0 in NF4 is in no state_dict: save_model / hf.save_gpt2 would write a file without it."""
+    from minilora import hf
+    from minilora.models import save_model
+
+    model = tiny_gpt()
+    if adapted:  # LoRALinear over a QuantizedWeight (QLoRA), not only NF4Linear
+        lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4.0, target_modules=("q", "v")))
+        lora.mark_only_lora_as_trainable(model)
+    else:
+        model.requires_grad_(False)
+    save_model(model, tmp_path / "before.safetensors", tmp_path / "before.json")  # a float base saves
+    lora.quantize_base(model)
+    match = r"the base is NF4-quantized \(blocks\.0\.attn\.q and \d+ more .*before lora\.quantize_base"
+    with pytest.raises(ValueError, match=r"save_model\(.*" + match):
+        save_model(model, tmp_path / "m.safetensors", tmp_path / "m.json")
+    with pytest.raises(ValueError, match=r"save_gpt2\(.*" + match):
+        hf.save_gpt2(tmp_path / "hf", model)
+    assert sorted(os.listdir(tmp_path)) == ["before.json", "before.safetensors"]  # nothing half-written
 
 
 def test_quantize_base_refuses_clearly():

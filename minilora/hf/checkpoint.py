@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 
 from .. import backend as bk
 from ..io import FileFormatError, atomic_write, save_json
+from ..lora.quantized import check_not_quantized
 from ..models.gpt import GPT, GPTConfig
 
 __all__ = ["HFFormatError", "load_gpt2", "read_safetensors", "resolve_dir", "save_gpt2", "to_hf_state", "from_hf_state"]
@@ -317,6 +318,7 @@ def save_gpt2(path, model: GPT) -> str:
     """
     if not isinstance(model, GPT):
         raise TypeError(f"save_gpt2 writes a minilora GPT, got {type(model).__name__}")
+    check_not_quantized(model, f"save_gpt2({os.fspath(path)!r})")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     tensors = to_hf_state(model)

@@ -6,7 +6,8 @@
     minilora finetune --base gpt2-dir --text notes.txt --r 4 --targets q,v --steps 100 --batch-size 1
 
 ``analyze`` runs the paper's Sec. 7 analyses on any adapter, minilora's or PEFT's: per adapted
-matrix the singular values of ΔW = s·B·A, the amplification factor ‖ΔW‖_F / ‖UᵀWVᵀ‖_F of
+matrix the singular values of ΔW = s·B·A (for PiSSA and DoRA the real change of the weight,
+W − W0, from the base weights: see ``weight_change``), the amplification factor ‖ΔW‖_F / ‖UᵀWVᵀ‖_F of
 Table 7 (when the base weights are at hand) and, with ``--against``, the subspace similarity φ
 of Sec. 7.2 between the two adapters' A matrices; a table on stdout, a PNG and a JSON file.
 """
@@ -21,16 +22,16 @@ import numpy as np
 from .. import backend as bk
 from .. import lora, optim
 from ..analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
-from ..io import load_arrays
+from ..io import load_arrays, save_json
 from ..models import load_base
 from ..tensor import no_grad
 from ..train import fit
 from .checkpoint import HFFormatError, load_gpt2, save_gpt2
-from .peft import OURS_OF, load_peft_adapter, read_peft_adapter, save_peft_adapter, split_c_attn
+from .peft import LAYOUT_KEY, OURS_OF, load_peft_adapter, read_peft_adapter, save_peft_adapter, split_c_attn
 from .tokenizer import load_tokenizer
 
 __all__ = ["add_finetune_flags", "add_parsers", "adapter_updates", "cmd_analyze", "cmd_export",
-           "cmd_finetune_text", "cmd_import_peft"]
+           "cmd_finetune_text", "cmd_import_peft", "weight_change"]
 
 
 # ----------------------------------------------------------------------------- base models
@@ -92,41 +93,98 @@ def adapter_updates(path) -> tuple[dict, dict]:
     """{matrix: (A, B, scaling)} of a minilora adapter file or a PEFT folder, in minilora's names.
 
     A PEFT ``c_attn`` is split into q, k and v (``split_c_attn``). Also returns a small info dict
-    (kind, name, base_model_name_or_path).
+    (kind, name, base_model_name_or_path, init ("pissa" or not), and for DoRA ``magnitudes``
+    {matrix: m}): for those two, s·B·A is not the change of the weight (see ``weight_change``).
     """
 
     path = os.fspath(path)
     if os.path.isdir(path):
         cfg, modules, _ = read_peft_adapter(path)
-        out = {}
-        for hf, (a, b, s, _) in sorted(modules.items(), key=lambda kv: (int(kv[0].split(".")[1]), kv[0])):
+        init = cfg.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_REWRITES_BASE):
+            raise HFFormatError(f"{path}: init_lora_weights = {init!r} rewrites the base weights, so s·B·A is not the "
+                                "adapter's change of the original W0; analyze cannot rebuild that base from the folder")
+        out, magnitudes = {}, {}
+        for hf, (a, b, s, m) in sorted(modules.items(), key=lambda kv: (int(kv[0].split(".")[1]), kv[0])):
             i, kind = hf.split(".", 2)[1:]
             if kind == "attn.c_attn":
-                for p, (a_p, b_p) in split_c_attn(a, b).items():
+                d = b.shape[0] // 3
+                for p, (a_p, b_p) in split_c_attn(a, b, (cfg.get(LAYOUT_KEY) or {}).get(hf)).items():
                     out[f"blocks.{i}.attn.{p}"] = (a_p, b_p, s)
+                    if m is not None:  # c_attn's magnitude is [m_q; m_k; m_v]
+                        n = "qkv".index(p)
+                        magnitudes[f"blocks.{i}.attn.{p}"] = m[n * d:(n + 1) * d]
             else:
                 out[f"blocks.{i}.{OURS_OF[kind]}"] = (a, b, s)
-        return out, {"kind": "PEFT", "base": cfg.get("base_model_name_or_path")}
+                if m is not None:
+                    magnitudes[f"blocks.{i}.{OURS_OF[kind]}"] = m
+        return out, {"kind": "PEFT", "base": cfg.get("base_model_name_or_path"), "init": "kaiming",
+                     "magnitudes": magnitudes if cfg.get("use_dora") else None}
     arrays, meta = load_arrays(path)
     if meta.get("format") != "minilora-lora-adapter":
         raise HFFormatError(f"{path}: neither a PEFT adapter folder nor a minilora adapter file")
     config, name = lora.LoRAConfig.from_dict(meta["config"]), meta["adapter_name"]
-    out = {}
+    out, magnitudes = {}, {}
     for key in arrays:
         if key.endswith(f".lora_A.{name}"):
             layer = key[: -len(f".lora_A.{name}")]
             out[layer] = (arrays[key], arrays[f"{layer}.lora_B.{name}"], config.scaling)
-    return out, {"kind": "minilora", "name": name, "base": None}
+            if config.use_dora:
+                magnitudes[layer] = arrays[f"{layer}.lora_magnitude.{name}"]
+    return out, {"kind": "minilora", "name": name, "base": None, "init": config.init,
+                 "magnitudes": magnitudes if config.use_dora else None}
 
 
-def _row(name, a, b, s, weights, other):
-    _, sv, _ = low_rank_svd(b, a, s)
-    row = {"matrix": name, "shape": [int(b.shape[0]), int(a.shape[1])], "r": int(a.shape[0]),
-           "norm_delta_W": float(np.linalg.norm(sv)), "singular_values": [float(x) for x in sv]}
+_REWRITES_BASE = ("pissa", "olora", "corda", "loftq")  # PEFT inits that replace W0 by a residual
+
+
+def weight_change(a, b, s, W0, init: str = "kaiming", magnitude=None) -> np.ndarray:
+    """The change ΔW = W − W0 of the original weight W0 that the adapter makes (dense, float64).
+
+    Plain LoRA: s·B·A. PiSSA (``init="pissa"``) trains on the residual W_res = W0 − U_r S_r V_rᵀ
+    (the top-r SVD of W0 is where A and B start), so ΔW = W_res + s·B·A − W0 = s·B·A − U_r S_r V_rᵀ,
+    rank ≤ 2r and 0 for an untrained adapter (the same update as ``lora.pissa_to_lora``'s rank-2r
+    LoRA). DoRA (``magnitude`` m per output row): W = m·V/‖V‖_row with V = W_base + s·B·A, so
+    ΔW = m·V/‖V‖_row − W0, in general of full rank.
+    """
+    w0 = np.asarray(W0, np.float64)
+    used = w0
+    if init == "pissa":
+        U, S, Vt = np.linalg.svd(w0, full_matrices=False)
+        r = a.shape[0]
+        used = w0 - (U[:, :r] * S[:r]) @ Vt[:r]
+    V = used + s * (np.asarray(b, np.float64) @ np.asarray(a, np.float64))
+    if magnitude is not None:
+        V = np.asarray(magnitude, np.float64)[:, None] * V / np.linalg.norm(V, axis=1, keepdims=True)
+    return V - w0
+
+
+def _row(name, a, b, s, weights, other, info=None):
+    info = info or {}
+    magnitude = (info.get("magnitudes") or {}).get(name)
+    pissa = info.get("init") == "pissa"
     W = weights.get(name)
-    if W is not None and W.shape == (b.shape[0], a.shape[1]):
-        delta = s * (np.asarray(b, np.float64) @ np.asarray(a, np.float64))
-        row["amplification"] = amplification_factor(delta, W, min(a.shape[0], min(W.shape)))
+    fits = W is not None and W.shape == (b.shape[0], a.shape[1])
+    row = {"matrix": name, "shape": [int(b.shape[0]), int(a.shape[1])], "r": int(a.shape[0])}
+    if pissa or magnitude is not None:  # s·B·A is not the change of W0: form the real ΔW
+        kind = ("DoRA " if magnitude is not None else "") + ("PiSSA" if pissa else "")
+        if not fits:
+            raise ValueError(f"{name}: a {kind.strip()} adapter changes W0 by "
+                             + ("m·V/‖V‖_row − W0" if magnitude is not None else "s·B·A − U_r S_r V_rᵀ(W0)")
+                             + ", not s·B·A; analyze needs this model's base weights W0 for it (pass --base)")
+        delta = weight_change(a, b, s, W, "pissa" if pissa else "kaiming", magnitude)
+        k = min(a.shape[0] * (1 if magnitude is not None else 2), min(W.shape))  # PiSSA: rank ≤ 2r
+        sv = np.linalg.svd(delta, compute_uv=False)[:k]
+        row.update(update=f"{kind.strip()}: W − W0" + (" (top r singular values of a full-rank ΔW)"
+                                                       if magnitude is not None else " (rank ≤ 2r)"),
+                   norm_delta_W=float(np.linalg.norm(delta)), singular_values=[float(x) for x in sv])
+        row["amplification"] = amplification_factor(delta, W, k)
+    else:
+        _, sv, _ = low_rank_svd(b, a, s)
+        row.update(update="s·B·A", norm_delta_W=float(np.linalg.norm(sv)), singular_values=[float(x) for x in sv])
+        if fits:
+            delta = s * (np.asarray(b, np.float64) @ np.asarray(a, np.float64))
+            row["amplification"] = amplification_factor(delta, W, min(a.shape[0], min(W.shape)))
     if other is not None and name in other:
         grid = subspace_similarity_grid(a, other[name][0])
         row["phi_grid"] = grid.tolist()
@@ -148,7 +206,7 @@ def cmd_analyze(args) -> int:
                    if n.endswith(".weight")}
         where = base or "the shipped base model"
         break
-    rows = [_row(n, a, b, s, weights, other) for n, (a, b, s) in updates.items()]
+    rows = [_row(n, a, b, s, weights, other, info) for n, (a, b, s) in updates.items()]
     header = f"{'matrix':<22} {'shape':>11} {'r':>3} {'‖ΔW‖_F':>9}  {'σ_1 .. σ_r of ΔW':<34} {'amplif.':>8}"
     header += f" {'φ(1,1)':>7} {'φ(r,r′)':>7}" if other is not None else ""
     print(f"{info['kind']} adapter {args.adapter}: {len(rows)} adapted matrices"
@@ -163,8 +221,7 @@ def cmd_analyze(args) -> int:
         print(line)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "analyze.json")
-    with open(json_path, "w") as f:
-        json.dump({"adapter": args.adapter, "against": args.against, "base": where, "rows": rows}, f, indent=1)
+    save_json(json_path, {"adapter": args.adapter, "against": args.against, "base": where, "rows": rows})
     png = _figure(rows, args, os.path.join(args.out, "analyze.png"))
     print(f"wrote {json_path}" + (f" and {png}" if png else " (no PNG: matplotlib is not installed)"))
     return 0
@@ -187,7 +244,7 @@ def _figure(rows, args, path):
     ax.set_xticks(range(1, max(len(r["singular_values"]) for r in rows) + 1))
     ax.set_xlabel("i")
     ax.set_ylabel("σ_i / σ_1 of ΔW")
-    ax.set_title("spectrum of each ΔW = s·B·A", fontsize=9)
+    ax.set_title("spectrum of each ΔW = W − W0", fontsize=9)
     if len(rows) <= 8:
         ax.legend(fontsize=6)
     n = 2

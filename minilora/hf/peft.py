@@ -19,17 +19,20 @@ DoRA's magnitudes are per output row, so c_attn's (3d,) vector is [m_q; m_k; m_v
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from collections import Counter
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .. import backend as bk
 from .. import lora
 from ..io import atomic_write, save_json
+from ..lora.bias import bias_hosts
 from ..lora.config import check_adapter_name
 from ..models.gpt import GPT
 from .checkpoint import HFFormatError, read_json_object, read_safetensors, resolve_dir, to_hf_state
@@ -39,6 +42,8 @@ __all__ = ["load_peft_adapter", "read_peft_adapter", "save_peft_adapter", "split
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# safetensors metadata minilora adds (PEFT ignores it): which columns of each c_attn LoRA are q, k, v
+LAYOUT_KEY = "minilora_c_attn_parts"
 HF_OF = {"attn.o": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}  # and q, k, v -> attn.c_attn
 OURS_OF = {v: k for k, v in HF_OF.items()}
 _OUR_PATH = re.compile(r"^blocks\.(\d+)\.(attn\.[qkvo]|mlp\.fc|mlp\.proj)$")
@@ -78,7 +83,8 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     stacked, B block-structured, ``lora_alpha`` chosen so PEFT's scaling equals minilora's α/r
     (α/√r under rsLoRA); ``o``, ``fc``, ``proj`` become ``attn.c_proj``, ``mlp.c_fc``,
     ``mlp.c_proj``. Modules of another rank or scaling get ``rank_pattern`` / ``alpha_pattern``
-    entries. Biases trained with the adapter (``LoRAConfig.bias``) are written as PEFT writes them.
+    entries. Biases trained with the adapter (``LoRAConfig.bias``) are written as PEFT writes them:
+    PEFT trains b itself, so each is base b + the adapter's own Δb (``<module>.lora_bias.<adapter>``).
     A DoRA adapter (``use_dora``, in every layer it adapts) adds ``lora_magnitude_vector`` per
     module: c_attn's is [m_q; m_k; m_v], with W0's own row norms for a part that is not adapted
     (then m / ‖W0‖ = 1 there). PEFT treats DoRA's norm as a constant in the backward
@@ -115,7 +121,7 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
         m = _host(layer.lora_magnitude[adapter_name].data) if dora else None
         modules.setdefault(hf, []).append((part, a, b, cfg.scaling, m))
     d = model.config.d_model
-    tensors, ranks = {}, {}
+    tensors, ranks, layout = {}, {}, {}
     for hf, members in modules.items():
         if hf.endswith("c_attn"):
             members.sort(key=lambda m: "qkv".index(m[0][-1]))
@@ -127,6 +133,7 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
                 row = "qkv".index(part[-1]) * d
                 # another scaling in the same block is folded into its B (exact up to one rounding)
                 lora_B[row:row + d, col:col + a.shape[0]] = b if s == scaling else b * (s / scaling)
+                layout.setdefault(hf[len("transformer."):], {})[part[-1]] = [col, col + a.shape[0]]
                 col += a.shape[0]
             if dora:  # a row's magnitude; q, k, v not adapted keep W0's row norms (m / ‖W0‖ = 1)
                 own = {m[0][-1]: m[4] for m in members}
@@ -143,10 +150,9 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
         ranks[hf] = (lora_A.shape[0], _alpha_for(scaling, lora_A.shape[0], rslora))
     bias = configs[0].bias
     if bias != "none":
-        base = to_hf_state(model, prefix=PREFIX + "transformer.")
-        for key, a in base.items():
+        for key, a in _trained_biases(model, adapter_name).items():
             module = key[len(PREFIX):-len(".bias")]
-            if key.endswith(".bias") and (bias == "all" or module in modules):
+            if bias == "all" or module in modules:
                 # PEFT keeps an adapted layer's own bias on its wrapped ``base_layer``
                 tensors[f"{PREFIX}{module}.base_layer.bias" if module in modules else key] = a
     counts = Counter(ranks.values())  # the most common (rank, alpha) is the default; ties: the smaller rank
@@ -166,9 +172,35 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     }
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt", **({LAYOUT_KEY: json.dumps(layout, sort_keys=True)} if layout else {})}
+    atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata=metadata))
     save_json(os.path.join(path, CONFIG), config)
     return path
+
+
+def _hf_bias_slot(name: str, d: int) -> tuple:
+    """Our bias name -> (its HF GPT-2 bias "h.N.attn.c_attn.bias", the slice of it): q, k, v share c_attn's."""
+    if name == "ln_f.bias":
+        return "ln_f.bias", slice(None)
+    _, i, part = name[:-len(".bias")].split(".", 2)  # "blocks", "3", "attn.q"
+    if part in ("attn.q", "attn.k", "attn.v"):
+        n = "qkv".index(part[-1])
+        return f"h.{i}.attn.c_attn.bias", slice(n * d, (n + 1) * d)
+    return f"h.{i}.{({'ln1': 'ln_1', 'ln2': 'ln_2'}.get(part) or HF_OF[part])}.bias", slice(None)
+
+
+def _trained_biases(model: GPT, adapter_name: str) -> dict:
+    """Every HF bias as the adapter trained it: base b + the adapter's own Δb (``lora.bias``), PEFT's keys.
+
+    PEFT trains the bias itself, so its file holds b + Δb; minilora's base b stays frozen.
+    """
+    state = to_hf_state(model, prefix=PREFIX + "transformer.")
+    out = {k: np.array(a, copy=True) for k, a in state.items() if k.endswith(".bias")}  # never a view of the model
+    for path, _, deltas in bias_hosts(model):
+        if adapter_name in deltas:
+            key, rows = _hf_bias_slot(f"{path}.bias", model.config.d_model)
+            out[PREFIX + "transformer." + key][rows] += _host(deltas[adapter_name].data)
+    return out
 
 
 def hf_to_ours(hf: str, part: str) -> str:
@@ -196,6 +228,8 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
 
     modules: {HF module path "h.N.attn.c_attn": (lora_A (R, in), lora_B (out, R), scaling, DoRA magnitude (out,) or None)}.
     biases: {HF name "h.N.attn.c_attn": array} of biases stored with the adapter (bias != "none").
+    config also holds, under ``LAYOUT_KEY``, the q/k/v columns of each c_attn that ``save_peft_adapter``
+    wrote into the weights' safetensors metadata ({"h.N.attn.c_attn": {"q": [0, r], ...}}), if any.
     Whatever minilora cannot represent raises HFFormatError naming it.
     """
     folder = resolve_dir(path, what="PEFT adapter folder")
@@ -218,6 +252,12 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
                 "once with PEFT: PeftModel.from_pretrained(base, folder).save_pretrained(folder) writes safetensors")
         raise HFFormatError(f"{folder}: no {WEIGHTS}")
     arrays = read_safetensors(weights)
+    with safe_open(weights, framework="numpy") as f:  # readable: read_safetensors opened it
+        raw = (f.metadata() or {}).get(LAYOUT_KEY)
+    try:
+        cfg[LAYOUT_KEY] = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        cfg[LAYOUT_KEY] = {}  # only a hint: split_c_attn then reads the layout from B
     rslora = bool(cfg.get("use_rslora", False))
     found, biases, magnitudes = {}, {}, {}
     for key, a in arrays.items():
@@ -269,7 +309,7 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
     return cfg, modules, biases
 
 
-def _split(model: GPT, modules: dict, biases: dict, source: str):
+def _split(model: GPT, modules: dict, biases: dict, source: str, layout=None):
     """PEFT modules -> {our layer path: (A, B, scaling)} and {our bias name: array}, checked against ``model``."""
     c = model.config
     d = c.d_model
@@ -293,7 +333,7 @@ def _split(model: GPT, modules: dict, biases: dict, source: str):
         if kind != "attn.c_attn":
             ours[f"blocks.{i}.{OURS_OF[kind]}"] = (a, b, s, mag)
             continue
-        parts = split_c_attn(a, b)
+        parts = split_c_attn(a, b, (layout or {}).get(hf))
         for n, p in enumerate("qkv"):
             m_p = None if mag is None else mag[n * d:(n + 1) * d]
             path = f"blocks.{i}.attn.{p}"
@@ -306,19 +346,47 @@ def _split(model: GPT, modules: dict, biases: dict, source: str):
     return ours, our_biases
 
 
-def split_c_attn(lora_A, lora_B) -> dict:
+def split_c_attn(lora_A, lora_B, parts=None) -> dict:
     """A c_attn LoRA (A (R, d), B (3d, R)) as {"q": (A_q, B_q), "k": ..., "v": ...}: ΔW_q = B_q A_q, etc.
 
-    Each of q, k, v gets the rows of the shared A that its row block of B reads (the columns of
-    that block that are not all zero); a block that is all zero while another is not is left out.
-    When every block is zero (an untrained adapter: PEFT starts B at 0), each gets the whole A.
+    ``parts`` ({"q": [start, stop], ...}, the columns ``save_peft_adapter`` gave each part, kept in
+    the file's metadata) is used when B is zero outside those blocks (so an untrained q, v adapter
+    comes back as q, v); otherwise, or without it, the layout is read from B: each of q, k, v gets
+    the rows of the shared A that its row block of B reads (the columns of that block that are not
+    all zero); a block that is all zero while another is not is left out. When every block is zero
+    (an untrained adapter: PEFT starts B at 0), each gets the whole A.
     """
     d = lora_B.shape[0] // 3
     blocks = {p: lora_B[n * d:(n + 1) * d] for n, p in enumerate("qkv")}
+    spans = _layout(parts, lora_B.shape[1])
+    if spans:
+        declared = np.zeros(lora_B.shape, dtype=bool)
+        for p, (lo, hi) in spans.items():
+            n = "qkv".index(p)
+            declared[n * d:(n + 1) * d, lo:hi] = True
+        if not np.any(lora_B[~declared]):  # B agrees with the recorded layout (PEFT did not train it further)
+            return {p: (lora_A[lo:hi], blocks[p][:, lo:hi]) for p, (lo, hi) in spans.items()}
     used = {p: np.flatnonzero(np.any(blk != 0, axis=0)) for p, blk in blocks.items()}
     if not any(len(u) for u in used.values()):
         return {p: (lora_A, blk) for p, blk in blocks.items()}
     return {p: (lora_A[used[p]], blk[:, used[p]]) for p, blk in blocks.items() if len(used[p])}
+
+
+def _layout(parts, R: int) -> dict:
+    """``parts`` as {part: (lo, hi)} if it is a valid layout of R columns (disjoint spans of q, k, v), else {}."""
+    if not isinstance(parts, dict) or not parts:
+        return {}
+    spans, used = {}, np.zeros(R, dtype=bool)
+    for p, span in parts.items():
+        if p not in ("q", "k", "v") or not isinstance(span, list) or len(span) != 2 \
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in span):
+            return {}
+        lo, hi = span
+        if not 0 <= lo < hi <= R or used[lo:hi].any():
+            return {}
+        used[lo:hi] = True
+        spans[p] = (lo, hi)
+    return spans
 
 
 def _our_biases(model: GPT, biases: dict, source: str) -> dict:
@@ -348,13 +416,16 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
     ``c_attn`` of any rank: its shared A goes to q, k and v with their row blocks of B (a block
     of B that is all zero while others are not leaves that layer unadapted, and only the rows of
     A that a block reads are kept, so an adapter written by ``save_peft_adapter`` comes back as it
-    was). ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``use_rslora``, ``rank_pattern`` and
+    was; the q/k/v columns it records in the file's metadata are used when B agrees with them, so an
+    untrained q, v adapter comes back as q, v, not q, k, v). ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``use_rslora``, ``rank_pattern`` and
     ``alpha_pattern`` are read. minilora gives one adapter one LoRAConfig, so a module of smaller
     rank is padded with zero rows of A and zero columns of B (they contribute exactly 0 and their
     gradients are exactly 0), and a module of another scaling has the ratio folded into its B.
     DoRA (``use_dora``) is read with its magnitudes (c_attn's split by rows; a q/k/v part whose B
     block is zero but whose magnitude is not W0's row norm stays adapted), as a LoRAConfig with
     ``use_dora=True, dora_detach_norm=True`` (PEFT's backward). The result gives PEFT's logits.
+    PEFT's trained biases (``bias`` "lora_only" / "all") become the adapter's own Δb = b_PEFT − b
+    (``<module>.lora_bias.<adapter>``); the model's base biases are not changed.
     Tensors are converted to the model's dtype. Everything is checked before the model changes;
     what minilora cannot represent (other PEFT types, lora_bias, modules_to_save, ...) raises naming it.
     """
@@ -370,7 +441,7 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
                          "call lora.unmerge(model) first")
     cfg, modules, biases = read_peft_adapter(path)
     source = os.fspath(path)
-    ours, our_biases = _split(model, modules, biases, source)
+    ours, our_biases = _split(model, modules, biases, source, cfg.get(LAYOUT_KEY))
     rslora = bool(cfg.get("use_rslora", False))
     r = max(a.shape[0] for a, _, _, _ in ours.values())
     (scaling, _), = Counter(s for _, _, s, _ in ours.values()).most_common(1)
@@ -397,6 +468,20 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
             raise HFFormatError(f"{source}: the LoRA matrices of {p} overflow in {dtype}")
         padded[p] = (A, B, None if mag is None else mag.astype(dtype))
+    params = dict(model.named_parameters())
+    bias_deltas = {}  # PEFT trained b itself; minilora keeps b frozen and gives the adapter Δb = b_PEFT − b
+    for n, v in our_biases.items():
+        base = params[n]
+        delta = (np.asarray(v, dtype=np.float64) - np.asarray(bk.to_numpy(base.data), dtype=np.float64)).astype(base.dtype)
+        if not delta.any():
+            continue
+        module = n[:-len(".bias")]
+        if not (config.bias == "all" or module in ours):
+            raise HFFormatError(f"{source}: a trained bias for {n}, which adapter {adapter_name!r} does not adapt "
+                                f"(bias = {config.bias!r})")
+        if not np.isfinite(delta).all():
+            raise HFFormatError(f"{source}: the trained bias of {n} minus the model's overflows in {base.dtype}")
+        bias_deltas[f"{module}.lora_bias.{adapter_name}"] = delta
     # ---- every check passed: now change the model
     lora.apply_lora(model, config, adapter_name=adapter_name, activate=False)
     layers = dict(lora.lora_layers(model))
@@ -407,7 +492,7 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
         if mag is not None:
             layer.lora_magnitude[adapter_name].data[...] = bk.asarray(mag, dtype=dtype, backend=layer.weight.backend)
     params = dict(model.named_parameters())
-    for n, v in our_biases.items():
-        params[n].data[...] = bk.asarray(v, dtype=params[n].dtype, backend=params[n].backend)
+    for n, delta in bias_deltas.items():  # the base biases stay as they are
+        params[n].data[...] = bk.asarray(delta, dtype=params[n].dtype, backend=params[n].backend)
     lora.set_adapter(model, adapter_name)
     return adapter_name

@@ -32,7 +32,8 @@ from ..function import Function
 from ..nn import Linear, Module
 from ..quant import NF4Tensor
 
-__all__ = ["DequantBuffer", "NF4Linear", "NF4LinearFn", "QuantizedWeight", "nf4_linear"]
+__all__ = ["DequantBuffer", "NF4Linear", "NF4LinearFn", "QuantizedWeight", "check_not_quantized", "nf4_linear",
+           "quantized_layers"]
 
 
 class DequantBuffer:
@@ -182,3 +183,18 @@ class NF4Linear(Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nf4 block_size={self.qweight.q.block_size}{', double quant' if self.qweight.q.double_quant else ''}")
+
+
+def quantized_layers(model: Module) -> list:
+    """Paths of the layers whose W₀ is stored in NF4 (after ``lora.quantize_base``)."""
+    return [p for p, m in model.named_modules()
+            if isinstance(m, NF4Linear) or isinstance(getattr(m, "weight", None), QuantizedWeight)]
+
+
+def check_not_quantized(model: Module, what: str) -> None:
+    """Raise before ``what`` writes a model whose base is NF4: its W₀ is no Parameter, so it is in no state_dict."""
+    paths = quantized_layers(model)
+    if paths:
+        raise ValueError(f"{what}: the base is NF4-quantized ({paths[0]} and {len(paths) - 1} more layers store W0 in "
+                         "4 bits, outside state_dict()), so the file would lack their weights: save the model before "
+                         "lora.quantize_base(model), or save the adapters alone (lora.save_adapter)")

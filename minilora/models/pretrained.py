@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from ..io import FileFormatError, load_arrays, load_json, save_arrays, save_json
+from ..lora.quantized import check_not_quantized
 from .gpt import GPT, GPTConfig
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -17,7 +18,11 @@ BASE_CONFIG = os.path.join(ASSETS, "base.json")
 
 
 def save_model(model: GPT, weights_path, config_path, info: dict | None = None) -> None:
-    """Write weights (safetensors) and a JSON file with the config and ``info``; both atomically."""
+    """Write weights (safetensors) and a JSON file with the config and ``info``; both atomically.
+
+    A model whose base is NF4 (``lora.quantize_base``) is refused: its W₀ is in no state_dict.
+    """
+    check_not_quantized(model, f"save_model({os.fspath(weights_path)!r})")
     save_arrays(weights_path, model.state_dict(), {"config": model.config.to_dict()})
     save_json(config_path, {"config": model.config.to_dict(), "info": info or {}})
 

@@ -153,6 +153,8 @@ EXPORT_CASES = {
                                                                            target_modules=("q", "k", "v", "o", "fc"))),
     "one block, bias": lambda m: lora.apply_lora(m, lora.LoRAConfig(r=2, alpha=4.0, bias="lora_only",
                                                                     target_modules=("blocks.1.attn.q", "blocks.1.mlp.proj"))),
+    "q,v,fc, bias=all": lambda m: lora.apply_lora(m, lora.LoRAConfig(r=2, alpha=4.0, bias="all",
+                                                                     target_modules=("q", "v", "fc"))),
 }
 
 
@@ -163,9 +165,12 @@ def test_save_peft_adapter_loads_in_peft_with_equal_logits_and_merge(gpt2_dir, t
     model = hf.load_gpt2(folder, dtype="float64")
     EXPORT_CASES[case](model)
     _randomise_adapter(model, "default", seed=7)
-    if case == "one block, bias":
-        params = dict(model.named_parameters())
-        params["blocks.1.attn.q.bias"].data[...] += 0.5  # a trained bias travels with the adapter
+    params = dict(model.named_parameters())
+    deltas = lora.bias_delta_names(model, "default")
+    assert bool(deltas) == ("bias" in case)
+    rng = np.random.default_rng(3)
+    for name in deltas:  # a trained bias is the adapter's own Δb (the base b stays frozen) and travels with it
+        params[name].data[...] = 0.3 * rng.standard_normal(params[name].shape)
     hf.save_peft_adapter(tmp_path / "adapter", model)
     peft_model = peft.PeftModel.from_pretrained(_from_pretrained(folder), tmp_path / "adapter").eval()
     idx, _, _ = _batch(cfg, seed=5)
@@ -179,8 +184,10 @@ def test_save_peft_adapter_loads_in_peft_with_equal_logits_and_merge(gpt2_dir, t
     expected = hf.checkpoint.from_hf_state({n: p.detach().numpy() for n, p in merged_hf.named_parameters()},
                                            model.config, "merged")
     params = dict(model.named_parameters())
-    for name, w in expected.items():  # W0 + ΔW itself, not only its effect on the logits
-        assert np.max(np.abs(params[name].data - w)) <= TOL * max(1.0, np.max(np.abs(w))), name
+    for name, w in expected.items():  # W0 + ΔW itself (and b + Δb), not only its effect on the logits
+        delta = params.get(name.removesuffix(".bias") + ".lora_bias.default")
+        ours = params[name].data + (0.0 if delta is None else delta.data)
+        assert np.max(np.abs(ours - w)) <= TOL * max(1.0, np.max(np.abs(w))), name
 
 
 # ----------------------------------------------------------------------------- adapters in
@@ -214,6 +221,10 @@ def test_peft_adapter_from_get_peft_model_loads_with_equal_logits(gpt2_dir, tmp_
     assert lora.list_adapters(model) == ["imported"]
     idx, _, _ = _batch(cfg, seed=9)
     assert _rel(_logits_ml(model, idx), _logits_hf(peft_model, idx)) <= TOL
+    bare = hf.load_gpt2(folder, dtype="float64")
+    with lora.disable_adapters(model):  # PEFT's trained biases became the adapter's Δb: the base is untouched
+        assert _rel(_logits_ml(model, idx), _logits_ml(bare, idx)) <= TOL
+    assert bool(lora.bias_delta_names(model, "imported")) == ("bias" in case)
 
     # and back out: minilora's export of what it imported loads in PEFT with the same logits
     hf.save_peft_adapter(tmp_path / "again", model, "imported")
