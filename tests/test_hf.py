@@ -668,7 +668,7 @@ def test_tutorial_08_skips_the_peft_part_cleanly_without_torch_transformers_and_
 # ----------------------------------------------------------------------------- tutorial 08's exercises
 def test_tutorial_08_exercises_solutions_pass_wrong_answers_are_diagnosed_and_no_solution_is_in_the_tutorial(capsys):
     from minilora import exercises as ex
-    from minilora.hf import exercises as ex08  # registers 08.1 and 08.2 with the harness
+    from minilora.exercises import interop as ex08  # 08.1 and 08.2 (registered with the harness)
 
     ids = {e.id: e for e in ex.exercises()}
     for id_, check in (("08.1", ex08.check_pack_c_attn), ("08.2", ex08.check_block_B)):

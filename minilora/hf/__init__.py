@@ -9,8 +9,8 @@
 
 NumPy + safetensors + json only: nothing here imports torch or transformers, and no pickle is
 ever read. Files: ``checkpoint`` (GPT-2 folders), ``peft`` (adapters), ``tokenizer``,
-``commands`` (the ``export``, ``import-peft``, ``analyze`` and ``finetune --base`` commands),
-``exercises`` (the checks of tutorial 08).
+``commands`` (the ``export``, ``import-peft``, ``analyze`` and ``finetune --base`` commands);
+tutorial 08's checks live in ``minilora.exercises.interop``.
 """
 
 from .checkpoint import HFFormatError, load_gpt2, save_gpt2  # noqa: F401
