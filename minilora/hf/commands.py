@@ -23,6 +23,7 @@ from .. import backend as bk
 from .. import lora, optim
 from ..analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
 from ..io import load_arrays, save_json
+from ..lora.function import dora_weight
 from ..models import load_base
 from ..tensor import no_grad
 from ..train import fit
@@ -155,7 +156,7 @@ def weight_change(a, b, s, W0, init: str = "kaiming", magnitude=None) -> np.ndar
         used = w0 - (U[:, :r] * S[:r]) @ Vt[:r]
     V = used + s * (np.asarray(b, np.float64) @ np.asarray(a, np.float64))
     if magnitude is not None:
-        V = np.asarray(magnitude, np.float64)[:, None] * V / np.linalg.norm(V, axis=1, keepdims=True)
+        V = dora_weight(V, np.asarray(magnitude))
     return V - w0
 
 

@@ -134,6 +134,12 @@ def delta_weight(lora_A, lora_B, scaling):
 
 
 # ----------------------------------------------------------------------------- DoRA
+def dora_weight(V, magnitude):
+    """W′ = m ⊙ V / ‖V‖ row by row, in float64: the dense DoRA weight for V = W₀ + s·B·A (merge, analysis)."""
+    xp = bk.get_array_module(V)
+    return V * (magnitude.astype(np.float64) / xp.sqrt((V * V).sum(axis=1)))[:, None]
+
+
 def dora_norms(weight, lora_A, lora_B, scaling):
     """n_i = ‖V_i‖ for V = W₀ + s·B·A, row by row, without forming the (d, k) matrix V.
 

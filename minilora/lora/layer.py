@@ -36,7 +36,7 @@ from .. import functional as F
 from ..nn import Linear, Module, Parameter
 from ..tensor import is_grad_enabled
 from .config import LoRAConfig, check_adapter_name
-from .function import delta_weight, dora_linear, dora_norms, lora_linear, mixed_lora_linear
+from .function import delta_weight, dora_linear, dora_norms, dora_weight, lora_linear, mixed_lora_linear
 from .quantized import QuantizedWeight, nf4_linear
 
 __all__ = ["AdapterDict", "LoRALinear"]
@@ -357,8 +357,7 @@ class LoRALinear(Module):
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below, with the layer's name
             merged = self.weight.data.astype(np.float64) + delta
             if dora:  # c = m / ‖V‖ per row, V = W0 + ΔW
-                merged *= (self.lora_magnitude[dora[0]].data.astype(np.float64)
-                           / xp.sqrt((merged * merged).sum(axis=1)))[:, None]
+                merged = dora_weight(merged, self.lora_magnitude[dora[0]].data)
             merged = merged.astype(self.weight.dtype)
         if not bool(xp.isfinite(merged).all()):
             raise FloatingPointError(
