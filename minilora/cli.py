@@ -24,7 +24,7 @@ from .hf import commands as hf_commands
 from .joint import finetune_joint
 from .models import load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
-from .recipes import finetune, pretrain
+from .recipes import PRETRAIN_SETTINGS, finetune, pretrain
 from .train import TrainingDivergedError
 
 __all__ = ["main"]
@@ -105,8 +105,10 @@ def _cmd_pretrain(args) -> int:
     config = os.path.join(args.out, "base.json") if args.out else BASE_CONFIG
     _check_folder("--out", os.path.dirname(weights) or ".", [os.path.basename(weights), os.path.basename(config)])
     _, history, held_out = pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                    out_weights=weights, out_config=config, progress=not args.no_progress)
-    print(f"pretrained {args.steps} steps in {history.seconds:.1f} s; final train loss {history.losses[-1]:.4f}, "
+                                    n_texts=args.n_texts, embedding_std=args.embedding_std,
+                                    warmup_steps=args.warmup_steps, second_steps=args.second_steps,
+                                    second_lr=args.second_lr, second_n_texts=args.second_n_texts, out_weights=weights, out_config=config, progress=not args.no_progress)
+    print(f"pretrained {args.steps} + {args.second_steps} steps in {history.seconds:.1f} s; final train loss {history.losses[-1]:.4f}, "
           f"held-out LM loss {held_out:.4f}")
     print(f"wrote {weights} ({os.path.getsize(weights) / 1e6:.2f} MB) and {config}")
     return 0
@@ -222,9 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("pretrain", help="train the base GPT on the free-description corpus (the shipped asset)")
-    p.add_argument("--steps", type=_int_at_least(1), default=3000)
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
-    p.add_argument("--lr", type=_positive_float(1.0), default=3e-3, help="learning rate in (0, 1] (default 3e-3)")
+    p.add_argument("--steps", type=_int_at_least(1), default=PRETRAIN_SETTINGS["steps"],
+                   help=f"steps of the first phase (default {PRETRAIN_SETTINGS['steps']:,})")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=PRETRAIN_SETTINGS["batch_size"])
+    p.add_argument("--lr", type=_positive_float(1.0), default=PRETRAIN_SETTINGS["lr"],
+                   help=f"learning rate in (0, 1] (default {PRETRAIN_SETTINGS['lr']:g})")
+    p.add_argument("--n-texts", type=_int_at_least(1), default=PRETRAIN_SETTINGS["n_texts"],
+                   help=f"lines of pretraining corpus (default {PRETRAIN_SETTINGS['n_texts']:,})")
+    p.add_argument("--embedding-std", type=_positive_float(1.0), default=PRETRAIN_SETTINGS["embedding_std"],
+                   help=f"std of the initial token vectors (default {PRETRAIN_SETTINGS['embedding_std']:g})")
+    p.add_argument("--warmup-steps", type=_int_at_least(1), default=PRETRAIN_SETTINGS["warmup_steps"],
+                   help=f"linear warm-up before each cosine decay (default {PRETRAIN_SETTINGS['warmup_steps']})")
+    p.add_argument("--second-steps", type=_int_at_least(0), default=PRETRAIN_SETTINGS["second_steps"],
+                   help=f"steps of the second, slower phase; 0: none (default {PRETRAIN_SETTINGS['second_steps']})")
+    p.add_argument("--second-lr", type=_positive_float(1.0), default=PRETRAIN_SETTINGS["second_lr"],
+                   help=f"peak learning rate of the second phase (default {PRETRAIN_SETTINGS['second_lr']:g})")
+    p.add_argument("--second-n-texts", type=_int_at_least(1), default=PRETRAIN_SETTINGS["second_n_texts"],
+                   help=f"fresh corpus lines for the second phase (default {PRETRAIN_SETTINGS['second_n_texts']:,})")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out", default=None, help="folder to write to (default: minilora/assets/)")
     p.add_argument("--no-progress", action="store_true")

@@ -25,7 +25,7 @@ from .data import TASKS, Tokenizer, load_task, prompt_ids, task_metric
 from .generate import generate
 from .experiments.runs import one_blas_thread_for_children
 from .io import save_json
-from .methods import HYPERPARAMS, apply_method
+from .methods import apply_method, hyperparams
 from .models import load_base, save_model
 from .recipes import FAST, finetune
 from .tensor import no_grad
@@ -82,7 +82,8 @@ def _rebuild(base, run, arrays):
 
 
 def train_all(base, steps: dict, n_eval, progress: bool = True, workers: int = 1) -> dict:
-    """Full fine-tuning and LoRA on every task: ``runs[task][method]`` (RunResults).
+    """Full fine-tuning and LoRA on every task: ``runs[task][method]`` (RunResults);
+    ``steps[task, method]`` is each run's length.
 
     ``workers`` > 1 trains that many runs at a time in separate processes with one BLAS thread
     each. A step is a chain of small matmuls and single-threaded elementwise passes, so a second
@@ -90,15 +91,16 @@ def train_all(base, steps: dict, n_eval, progress: bool = True, workers: int = 1
     seeds itself, so the results do not depend on where it ran.
     """
     jobs = [(task, method) for method in ("full", "lora") for task in TASKS]
+    jobs.sort(key=lambda job: -steps[job])  # the longest runs first, so no worker is left with one at the end
     runs: dict = {task: {} for task in TASKS}
     if workers <= 1:
         for task, method in jobs:
-            runs[task][method] = finetune(task, method, base=base, steps=steps[method], n_eval=n_eval,
-                                          progress=progress, seed=0)  # LoRA: HYPERPARAMS' r = 4 on q, v
+            runs[task][method] = finetune(task, method, base=base, steps=steps[task, method], n_eval=n_eval,
+                                          progress=progress, seed=0)  # LoRA: r = 4 on q, v (methods.HYPERPARAMS)
         return runs
     with one_blas_thread_for_children(), cf.ProcessPoolExecutor(
             max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_finetune_in_worker, task, method, steps[method], n_eval, progress): (task, method)
+        futures = {pool.submit(_finetune_in_worker, task, method, steps[task, method], n_eval, progress): (task, method)
                    for task, method in jobs}
         for future in cf.as_completed(futures):
             task, method = futures[future]
@@ -115,7 +117,7 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = Tokenizer.default()
     base = load_base()
-    steps = {method: (15 if fast else HYPERPARAMS[method]["steps"]) for method in ("full", "lora")}
+    steps = {(task, method): (15 if fast else hyperparams(method, task)["steps"]) for task in TASKS for method in ("full", "lora")}
     n_eval = 16 if fast else None  # None: the whole test split (200 examples)
     print("minilora demo: LoRA (Hu et al. 2021, arXiv 2106.09685) in miniature")
     print(f"base model: {base.num_parameters():,} parameters, {base.config.n_layer} layers, "

@@ -166,8 +166,10 @@ def finetune_joint(tasks=TASKS, *, base: GPT | None = None, steps: int | None = 
                    tokenizer: Tokenizer | None = None) -> JointResult:
     """LoRA on every task of ``tasks`` at once: ``batch_size`` rows per task in each mixed batch.
 
-    Settings default to ``HYPERPARAMS["lora"]`` (the same as ``finetune(task, "lora")``), so a
-    joint run trains each adapter as the separate run would. Returns the shared model (one
+    Settings default to ``HYPERPARAMS["lora"]``, the method's common row: one step count and one
+    learning rate for every adapter. ``finetune(task, "lora")`` also applies the task's departures
+    (``methods.TASK_HYPERPARAMS``: classify's longer, gentler run), which one shared optimizer
+    step cannot; with the same settings and rows a joint run equals the separate runs. Returns the shared model (one
     adapter per task) and, per task, a RunResult whose metric comes from decoding that task's
     ``eval_split`` prompts through its own adapter, all tasks in ONE mixed generation batch.
     """

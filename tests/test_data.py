@@ -199,7 +199,7 @@ def test_pretraining_never_sees_the_task_format_or_held_out_restaurants():
     linearisations = [line for line in corpus if line.startswith("name[")]
     assert len(linearisations) > 100  # the MR syntax, alone or next to a description
     answered = [line for line in corpus if line.split()[-1] in LABELS]
-    assert 40 < len(answered) < 120  # questions with answers, like web Q&A text
+    assert 120 < len(answered) < 180  # 30 % of the lines: questions with answers, like web Q&A text
 
 
 def test_task_formats():
@@ -326,3 +326,28 @@ def test_parse_mr_is_tolerant():
     assert parse_mr("name [ the eagle ] near[aromi] near[zizzi]") == {"name": "the eagle", "near": "aromi"}
     assert parse_mr("food[pizza] name[") == {"food": "pizza"}
     assert parse_mr("") == {}
+
+
+def test_pretraining_questions_are_answered_right_and_fit_the_context():
+    """Every "question answer" pair of the corpus is what the classify task would label it, given
+    the description in front of it; lines carry several pairs (the dense classify signal)."""
+    from minilora.data.world import OPTIONAL_SLOTS, VALUES, question
+
+    asked_about = {question(slot, v): (slot, v) for slot in OPTIONAL_SLOTS
+                   for v in (["yes"] if slot == "familyFriendly" else VALUES[slot])}
+    pair = re.compile(r"((?:is|does) it [^?]*\?) (yes|no|maybe)")
+    counts = []
+    for line in pretrain_corpus(2000, seed=5):
+        assert len(TOK.encode(line)) + 2 <= MAX_SEQUENCE_TOKENS
+        pairs = pair.findall(line)
+        if not pairs:
+            continue
+        description = line[:line.index(pairs[0][0])].strip()
+        found = find_slot_values(description)
+        for asked, label in pairs:
+            slot, value = asked_about[asked]
+            expected = "maybe" if slot not in found else "yes" if value in found[slot] else "no"
+            assert label == expected, (line, asked)
+        counts.append(len(pairs))
+    assert 0.25 * 2000 < len(counts) < 0.35 * 2000  # 30 % of the lines
+    assert np.mean(counts) > 1.8 and max(counts) == 3

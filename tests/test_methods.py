@@ -256,3 +256,22 @@ def test_finetune_runs_every_method_and_reports(method):
     assert run.config["lr"] == HYPERPARAMS[method]["lr"] and run.config["steps"] == 2
     assert np.isfinite(run.eval_loss) and run.eval_loss > 0
     assert base.num_parameters(trainable_only=True) == base.num_parameters()  # the base is untouched
+
+
+def test_a_task_departure_applies_to_its_task_only_and_gives_way_to_explicit_settings():
+    """TASK_HYPERPARAMS: classify's LoRA row differs from the method's; e2e keeps the method's;
+    an explicit argument beats both."""
+    from minilora.methods import TASK_HYPERPARAMS, hyperparams
+
+    departure = TASK_HYPERPARAMS[("lora", "classify")]
+    assert departure and all(HYPERPARAMS["lora"][k] != v for k, v in departure.items())
+    assert hyperparams("lora", "e2e") == HYPERPARAMS["lora"] == hyperparams("lora")
+    assert hyperparams("lora", "classify") == {**HYPERPARAMS["lora"], **departure}
+    base = GPT(GPTConfig(vocab_size=96, block_size=64, n_layer=1, n_head=2, d_model=16))
+    kw = dict(base=base, batch_size=4, n_train=8, n_eval=2, max_new_tokens=2, progress=False, measure_memory=False)
+    run = finetune("classify", "lora", steps=2, **kw)
+    assert run.config["lr"] == departure["lr"] and run.config["steps"] == 2
+    assert finetune("e2e", "lora", steps=2, **kw).config["lr"] == HYPERPARAMS["lora"]["lr"]
+    assert finetune("classify", "lora", steps=2, lr=0.5, **kw).config["lr"] == 0.5
+    with pytest.raises(ValueError, match="unknown method 'lorra'"):
+        hyperparams("lorra")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import backend as bk
 from .. import lora
-from ..methods import HYPERPARAMS
+from ..methods import hyperparams
 from ..models import GPT, GPTConfig, load_base
 from ..recipes import finetune
 from .settings import FAST_SETTINGS, FULL_SETTINGS, Settings
@@ -82,7 +82,7 @@ class Context:
     # ------------------------------------------------------------------ runs
     def key(self, task, method, seed, hp) -> tuple:
         """The run's full configuration: what ``finetune`` will use (so equal settings share one run)."""
-        settings = {**HYPERPARAMS[method], **hp}
+        settings = {**hyperparams(method, task), **hp}
         if method == "lora" and settings.get("alpha") is None:
             settings["alpha"] = 2.0 * settings["r"]  # apply_method's default
         return (task, method, int(seed), tuple(sorted((k, _freeze(v)) for k, v in settings.items())))
