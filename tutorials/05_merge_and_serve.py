@@ -67,12 +67,13 @@ for task in TASKS:
 print(f"the base model's weights: {os.path.getsize(BASE_WEIGHTS) / 1e3:,.0f} kB")
 
 # %% [markdown]
-# Be honest about these numbers. 80 steps are enough for `e2e` to write sentences that carry most
-# of the facts, but not for `classify`: its accuracy sits near chance (one of three labels, 0.33).
-# The adapter has learned the *form* of the answer (one label word after `=>`), not yet the
-# decision. `minilora demo` trains for longer and gets far above chance. This tutorial keeps the
-# short run because what it shows, merging, switching and mixing, does not depend on how good the
-# adapters are; expect the classify answers below to be wrong about as often as a guess.
+# Be honest about these numbers. On the shipped base, 80 steps take `e2e` to nearly every fact
+# (slot accuracy 1.0 on these 20 examples when this was written) and `classify` to about 0.75:
+# well above chance (one of three labels, 0.33), and about what the demo's 1,000-step LoRA run
+# reaches. The base has learned to say "maybe" when a slot is not mentioned, but it has not
+# learned to compare the value asked about with the value given, and it mixes up yes and no.
+# This tutorial keeps the short run because what it shows, merging, switching and mixing, does
+# not depend on how good the adapters are; expect about one classify answer in four to be wrong.
 
 # %% [markdown]
 # One server holds the base once and loads both adapters under their names:
@@ -209,7 +210,7 @@ print("wrote", save_figure(fig, "05_latency.png"))
 # Merged weights hold one task. To serve the other, `unmerge` (W back to W₀), `set_adapter`, and
 # `merge` again. (What that does to the numbers in W, without keeping a copy of W₀, is exercise 2.)
 # The question is a `classify` one; remember from section 1 that this short-trained classify
-# adapter is near chance, so its answer may well differ from the reference.
+# adapter gets about one answer in four wrong, so its answer may differ from the reference.
 
 # %%
 question = load_task("classify", "test", 1)[0]
@@ -228,7 +229,7 @@ lora.merge(server)
 reply = answer(server)
 right = reply.split()[-1:] == question.target.split()  # the label is the last word of the answer
 print("with the classify adapter merged:", reply, " (right)" if right else
-      " (wrong: the adapter is near chance, see section 1)")
+      " (wrong: the adapter mixes up yes and no, see section 1)")
 lora.unmerge(server)
 
 # %% [markdown]
