@@ -99,8 +99,8 @@ HYPERPARAMS = {
 }
 TRAINING_KEYS = ("lr", "weight_decay", "steps", "length_group")  # the keys of HYPERPARAMS that are not apply_method's
 
-# Where one task departs from its method's row of HYPERPARAMS (measured on the shipped base; see
-# the comment above HYPERPARAMS). classify decides everything at the one "=>" position: its one
+# Where one task departs from its method's row of HYPERPARAMS (the measurements follow). Why:
+# classify decides everything at the one "=>" position: its one
 # target word per example gives ~16x less signal per step than e2e's or parse's sentences, and the
 # separator "=>" is a token the base never saw, so LoRA (which cannot train its embedding) needs
 # more, gentler steps to route the answer there.
