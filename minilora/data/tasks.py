@@ -177,6 +177,9 @@ def pretrain_corpus(n: int, seed: int = 0) -> list[str]:
     return lines
 
 
+SHARED_WORD_NAMES = ("the eagle", "the mill")
+
+
 def _pretraining_restaurant(rng: Rng) -> tuple[dict[str, str], str]:
     """A train restaurant for the corpus; 6 lines in 10 are about one named or near "the eagle"
     or "the mill".
@@ -192,9 +195,6 @@ def _pretraining_restaurant(rng: Rng) -> tuple[dict[str, str], str]:
         mr, linearisation = _random_mr_in("train", rng)
         if not wanted or mr["name"] in SHARED_WORD_NAMES or mr.get("near") in SHARED_WORD_NAMES:
             return mr, linearisation
-
-
-SHARED_WORD_NAMES = ("the eagle", "the mill")
 
 
 def _questions_and_answers(mr: Mapping[str, str], line: str, rng: Rng, n_questions: int = 3) -> str:
