@@ -104,10 +104,9 @@ def _cmd_pretrain(args) -> int:
     weights = os.path.join(args.out, "base.safetensors") if args.out else BASE_WEIGHTS
     config = os.path.join(args.out, "base.json") if args.out else BASE_CONFIG
     _check_folder("--out", os.path.dirname(weights) or ".", [os.path.basename(weights), os.path.basename(config)])
-    _, history, held_out = pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                    n_texts=args.n_texts, embedding_std=args.embedding_std,
-                                    warmup_steps=args.warmup_steps, second_steps=args.second_steps,
-                                    second_lr=args.second_lr, second_n_texts=args.second_n_texts, out_weights=weights, out_config=config, progress=not args.no_progress)
+    settings = {name: getattr(args, name) for name in PRETRAIN_SETTINGS}  # one option per setting
+    _, history, held_out = pretrain(**settings, seed=args.seed, out_weights=weights, out_config=config,
+                                    progress=not args.no_progress)
     print(f"pretrained {args.steps} + {args.second_steps} steps in {history.seconds:.1f} s; final train loss {history.losses[-1]:.4f}, "
           f"held-out LM loss {held_out:.4f}")
     print(f"wrote {weights} ({os.path.getsize(weights) / 1e6:.2f} MB) and {config}")

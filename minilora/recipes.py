@@ -279,7 +279,9 @@ PRETRAIN_SETTINGS = {"steps": 1500, "batch_size": 32, "lr": 3e-3, "n_texts": 480
 
 def two_phase_schedule(step: int, first: int, total: int, warmup: int, second_ratio: float) -> float:
     """LR multiplier of ``pretrain``: ``warmup_cosine`` over the first ``first`` steps, then a second
-    ``warmup_cosine`` over the remaining ``total - first``, scaled by ``second_ratio``."""
+    ``warmup_cosine`` over the remaining ``total - first``, scaled by ``second_ratio``. A warm-up
+    never takes more than half of its phase."""
+    warmup = max(1, min(warmup, first // 2))
     if step < first:
         return optim.warmup_cosine(step, total=first, warmup=warmup, min_ratio=0.05)
     rest = max(1, total - first)
@@ -328,8 +330,7 @@ def pretrain(steps: int = PRETRAIN_SETTINGS["steps"], batch_size: int = PRETRAIN
     total = steps + second_steps
     optimizer = optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = optim.LRScheduler(optimizer, functools.partial(
-        two_phase_schedule, first=steps, total=total, warmup=max(1, min(warmup_steps, steps // 2)),
-        second_ratio=second_lr / lr))
+        two_phase_schedule, first=steps, total=total, warmup=warmup_steps, second_ratio=second_lr / lr))
     started = time.perf_counter()
     history = fit(model, optimizer, get_batch, total, scheduler=scheduler, progress=progress, desc="pretrain")
     held_out_loss = lm_loss(model, held_out, tokenizer)
