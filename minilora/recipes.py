@@ -272,9 +272,13 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
 #   1. ``steps`` on ``n_texts`` lines at ``lr``: a 75-step warm-up, then a cosine decay. In this
 #      short, fast phase the model learns to copy the word after "the" (see ``pretrain``);
 #   2. ``second_steps`` on ``second_n_texts`` fresh lines, warm-up and cosine again at the lower
-#      ``second_lr``: the slow skills (answering questions about a description).
+#      ``second_lr``: the slow skills (answering questions about a description). Zero-shot
+#      classify (val) after 3,000 steps at 1.5e-3: 0.785; 8,000 at 3e-3: 0.905; 8,000 at 2e-3:
+#      0.925; 12,000 at 2e-3 (shipped): 0.895 on val and 0.92 on test, where full fine-tuning
+#      reaches 0.955 against 0.945 from the 8,000-step base. The copy of "the ..." names held
+#      (P 1.0) in all three longer runs.
 PRETRAIN_SETTINGS = {"steps": 1500, "batch_size": 32, "lr": 3e-3, "n_texts": 48000, "embedding_std": 0.1,
-                     "warmup_steps": 75, "second_steps": 3000, "second_lr": 1.5e-3, "second_n_texts": 96000}
+                     "warmup_steps": 75, "second_steps": 12000, "second_lr": 2e-3, "second_n_texts": 384000}
 
 
 def two_phase_schedule(step: int, first: int, total: int, warmup: int, second_ratio: float) -> float:

@@ -267,6 +267,8 @@ def test_a_task_departure_applies_to_its_task_only_and_gives_way_to_explicit_set
     assert departure and all(HYPERPARAMS["lora"][k] != v for k, v in departure.items())
     assert hyperparams("lora", "e2e") == HYPERPARAMS["lora"] == hyperparams("lora")
     assert hyperparams("lora", "classify") == {**HYPERPARAMS["lora"], **departure}
+    assert hyperparams("full", "classify") == {**HYPERPARAMS["full"], **TASK_HYPERPARAMS[("full", "classify")]}
+    assert hyperparams("full", "parse") == HYPERPARAMS["full"]
     base = GPT(GPTConfig(vocab_size=96, block_size=64, n_layer=1, n_head=2, d_model=16))
     kw = dict(base=base, batch_size=4, n_train=8, n_eval=2, max_new_tokens=2, progress=False, measure_memory=False)
     run = finetune("classify", "lora", steps=2, **kw)

@@ -7,9 +7,9 @@ from minilora.models import load_base
 from minilora.models.pretrained import BASE_CONFIG, BASE_WEIGHTS, base_info
 from minilora.recipes import lm_loss
 
-# `minilora pretrain` (1,500 + 3,000 steps, seed 0) recorded a held-out loss of 0.576 nats/token
+# `minilora pretrain` (1,500 + 12,000 steps, seed 0) recorded a held-out loss of 0.566 nats/token
 # on its corpus; an untrained model scores ln(96) = 4.56. The bound leaves room for BLAS rounding.
-HELD_OUT_LOSS_BOUND = 0.62
+HELD_OUT_LOSS_BOUND = 0.60
 
 
 def test_shipped_base_is_small_and_complete():
@@ -68,6 +68,22 @@ def test_shipped_base_tells_the_two_names_that_share_a_word_apart():
         p = np.exp(logits - logits.max())
         probabilities.append(p[tok.token_to_id[ex.mr_dict["name"].split()[1]]] / p.sum())
     assert min(probabilities) > 0.5 and np.mean(probabilities) > 0.9, probabilities
+
+
+def test_shipped_base_answers_questions_about_a_description_zero_shot():
+    """The second pretraining phase teaches the yes/no/maybe questions of the corpus lines (no
+    "=>": the corpus never shows the task's format). Asked a classify question with no separator,
+    the shipped base answers 0.895 of the 200 val examples (the base with a 3,000-step second
+    phase: 0.785); "maybe" (the slot is not mentioned) was the easy part, comparing the value asked
+    about with the one given the slow one."""
+    from minilora.data import Tokenizer, load_task, task_metric
+    from minilora.generate import generate
+
+    tok, model = Tokenizer.default(), load_base().eval()
+    examples = load_task("classify", "val")
+    outputs = generate(model, [[tok.bos_id] + tok.encode(ex.prompt) for ex in examples], max_new_tokens=1)
+    _, accuracy = task_metric("classify", [tok.decode(o, skip_special=True) for o in outputs], examples)
+    assert accuracy > 0.85, accuracy
 
 
 def test_two_phase_schedule_is_two_warmup_cosines():
