@@ -223,23 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("pretrain", help="train the base GPT on the free-description corpus (the shipped asset)")
-    p.add_argument("--steps", type=_int_at_least(1), default=PRETRAIN_SETTINGS["steps"],
-                   help=f"steps of the first phase (default {PRETRAIN_SETTINGS['steps']:,})")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=PRETRAIN_SETTINGS["batch_size"])
-    p.add_argument("--lr", type=_positive_float(1.0), default=PRETRAIN_SETTINGS["lr"],
-                   help=f"learning rate in (0, 1] (default {PRETRAIN_SETTINGS['lr']:g})")
-    p.add_argument("--n-texts", type=_int_at_least(1), default=PRETRAIN_SETTINGS["n_texts"],
-                   help=f"lines of pretraining corpus (default {PRETRAIN_SETTINGS['n_texts']:,})")
-    p.add_argument("--embedding-std", type=_positive_float(1.0), default=PRETRAIN_SETTINGS["embedding_std"],
-                   help=f"std of the initial token vectors (default {PRETRAIN_SETTINGS['embedding_std']:g})")
-    p.add_argument("--warmup-steps", type=_int_at_least(1), default=PRETRAIN_SETTINGS["warmup_steps"],
-                   help=f"linear warm-up before each cosine decay (default {PRETRAIN_SETTINGS['warmup_steps']})")
-    p.add_argument("--second-steps", type=_int_at_least(0), default=PRETRAIN_SETTINGS["second_steps"],
-                   help=f"steps of the second, slower phase; 0: none (default {PRETRAIN_SETTINGS['second_steps']})")
-    p.add_argument("--second-lr", type=_positive_float(1.0), default=PRETRAIN_SETTINGS["second_lr"],
-                   help=f"peak learning rate of the second phase (default {PRETRAIN_SETTINGS['second_lr']:g})")
-    p.add_argument("--second-n-texts", type=_int_at_least(1), default=PRETRAIN_SETTINGS["second_n_texts"],
-                   help=f"fresh corpus lines for the second phase (default {PRETRAIN_SETTINGS['second_n_texts']:,})")
+    # One option per setting of recipes.PRETRAIN_SETTINGS ("--second-lr" sets "second_lr"), its
+    # default the shipped one.
+    for name, parse, meaning in (
+            ("steps", _int_at_least(1), "steps of the first phase"),
+            ("batch_size", _int_at_least(1), "corpus lines per step"),
+            ("lr", _positive_float(1.0), "learning rate in (0, 1]"),
+            ("n_texts", _int_at_least(1), "lines of pretraining corpus"),
+            ("embedding_std", _positive_float(1.0), "std of the initial token vectors"),
+            ("warmup_steps", _int_at_least(1), "linear warm-up before each cosine decay"),
+            ("second_steps", _int_at_least(0), "steps of the second, slower phase; 0: none"),
+            ("second_lr", _positive_float(1.0), "peak learning rate of the second phase"),
+            ("second_n_texts", _int_at_least(1), "fresh corpus lines for the second phase")):
+        default = PRETRAIN_SETTINGS[name]
+        shown = f"{default:,}" if isinstance(default, int) else f"{default:g}"
+        p.add_argument("--" + name.replace("_", "-"), type=parse, default=default, help=f"{meaning} (default {shown})")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out", default=None, help="folder to write to (default: minilora/assets/)")
     p.add_argument("--no-progress", action="store_true")

@@ -36,7 +36,7 @@ from .data import (
     task_metric,
 )
 from .generate import generate
-from .methods import HYPERPARAMS, METHODS, apply_method, hyperparams
+from .methods import HYPERPARAMS, apply_method, hyperparams
 from .models import GPT, GPTConfig, load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
 from .tensor import no_grad
@@ -226,8 +226,6 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     tokenizer = tokenizer or Tokenizer.default()
     given = {"lr": lr, "weight_decay": weight_decay, "steps": steps, **hp}
     settings = {**hyperparams(method, task), **{k: v for k, v in given.items() if v is not None}}
