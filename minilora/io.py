@@ -29,7 +29,7 @@ from . import backend as bk
 
 __all__ = [
     "FileFormatError", "atomic_write", "digest", "load_arrays", "load_json", "read_safetensors", "save_arrays",
-    "save_json",
+    "save_json", "save_safetensors", "tensor_fingerprint",
 ]
 
 
@@ -146,7 +146,42 @@ def atomic_write(path, write) -> None:
             os.close(dir_fd)
 
 
+def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write {name: host array} as a safetensors file through ``atomic_write``.
+
+    The file is serialised to bytes first and those bytes written into minilora's own temp file:
+    a writer that makes temp files of its own would leave them behind when the process is killed.
+    """
+    from safetensors.numpy import save
+
+    payload = save(tensors, metadata=metadata)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(payload)
+
+    atomic_write(path, write)
+
+
 # ----------------------------------------------------------------------------- integrity
+FINGERPRINT_SAMPLE = 1 << 20  # elements hashed per tensor at most: every element up to 4 MB of float32
+
+
+def tensor_fingerprint(array) -> str:
+    """A short SHA-256 (16 hex digits) of one tensor: dtype, shape and its elements.
+
+    Tensors of up to ``FINGERPRINT_SAMPLE`` elements are hashed whole; larger ones through an
+    evenly strided sample of about that many elements (cheap for GPT-2-size weights, and a base
+    trained further or swapped in changes almost every element).
+    """
+    a = np.asarray(bk.to_numpy(array))
+    flat = a.reshape(-1)
+    step = max(1, flat.size // FINGERPRINT_SAMPLE)
+    h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|{step}|".encode())
+    h.update(np.ascontiguousarray(flat[::step]).tobytes())
+    return h.hexdigest()[:16]
+
+
 def digest(arrays: dict, meta: dict | None = None) -> str:
     """SHA-256 over the metadata (canonical JSON, without its own "sha256") and every tensor.
 
@@ -219,13 +254,10 @@ def save_arrays(path, arrays: dict, meta: dict | None = None) -> None:
     The metadata is stored as one JSON string under the key "minilora", with a "sha256" over
     the tensors and the rest of the metadata added (``digest``).
     """
-    from safetensors.numpy import save_file
-
     host = {name: np.ascontiguousarray(bk.to_numpy(a)) for name, a in arrays.items()}
     meta = json.loads(json.dumps(meta or {}))  # what a reader will see (tuples become lists)
     meta["sha256"] = digest(host, meta)
-    metadata = {"minilora": json.dumps(meta, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file(host, tmp, metadata=metadata))
+    save_safetensors(path, host, {"minilora": json.dumps(meta, sort_keys=True)})
 
 
 def load_arrays(path, require_digest: bool = False, error=FileFormatError) -> tuple[dict, dict]:

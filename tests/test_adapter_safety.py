@@ -100,7 +100,7 @@ def test_one_flipped_bit_in_the_stored_alpha_is_refused(adapter_file):
 @pytest.mark.parametrize("change, message", [
     (lambda m: m["config"].update(dropout=0.99), "dropout 0.99, outside [0, 0.9]"),
     (lambda m: m["config"].update(alpha=1e308), "outside (0, 10000]"),
-    (lambda m: m.update(format_version=999), "format_version 999; this minilora reads versions [1, 2]"),
+    (lambda m: m.update(format_version=999), "format_version 999; this minilora reads versions [1, 2, 3]"),
     (lambda m: m.update(format_version=True), "format_version True"),
     (lambda m: m["config"].update(r="2"), "the stored LoRAConfig is invalid"),
     (lambda m: m.update(adapter_name="a.b"), "the stored adapter name is invalid"),

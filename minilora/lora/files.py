@@ -7,8 +7,8 @@ The paper's point (Sec. 4.2): a 350 GB GPT-3 checkpoint becomes a 35 MB adapter 
 A file holds the adapter's tensors under the model's own names (``blocks.0.attn.q.lora_A.e2e``)
 and, in its metadata (one JSON string under the key "minilora", as ``minilora.io`` writes),
 the LoRAConfig, the adapter name, the minilora version, the dtype, a fingerprint of the base
-model it was trained on (``base_fingerprint``: a SHA-256 of its embeddings, LayerNorms and
-biases) and a SHA-256 over the tensor bytes *and* the rest of the metadata (safetensors checks
+model it was trained on (``base_tensor_fingerprints``: a short SHA-256 of each base tensor,
+the adapted W₀ included, with a few entries of each adapted W₀) and a SHA-256 over the tensor bytes *and* the rest of the metadata (safetensors checks
 the header and the file length, not the data: the digest catches a flipped byte anywhere, the
 config included). ``load_adapter`` checks everything against the model before it changes
 anything: names, shapes, dtypes, finite values, a config in the ranges below, a finite
@@ -17,6 +17,7 @@ anything: names, shapes, dtypes, finite values, a config in the ranges below, a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from .. import backend as bk
 from .._version import __version__
-from ..io import FileFormatError, atomic_write, check_digest, digest, read_safetensors
+from ..io import FileFormatError, check_digest, digest, read_safetensors, save_safetensors, tensor_fingerprint
 from ..nn import Linear, Module
 from .bias import bias_targets
 from .config import LoRAConfig, check_adapter_name
@@ -41,11 +42,12 @@ from .model import (
     set_adapter,
 )
 
-__all__ = ["FORMAT", "AdapterFileError", "adapter_nbytes", "base_fingerprint", "load_adapter", "save_adapter"]
+__all__ = ["FORMAT", "AdapterFileError", "adapter_nbytes", "base_fingerprint", "base_tensor_fingerprints", "load_adapter",
+           "save_adapter"]
 
 FORMAT = "minilora-lora-adapter"
-FORMAT_VERSION = 2  # 2: the SHA-256 covers the metadata too, and the base fingerprint is recorded
-READS_VERSIONS = (1, 2)  # 1: SHA-256 over the tensors only, no base fingerprint
+FORMAT_VERSION = 3  # 3: the base fingerprint covers every base tensor (the Linear weights too), one hash each
+READS_VERSIONS = (1, 2, 3)  # 1: SHA-256 over the tensors only, no base fingerprint; 2: no Linear weights in it
 
 # Ranges a real adapter never leaves: a file outside them is corrupt or crafted, not an experiment.
 MAX_SCALING = 1e4  # s = alpha / r (or alpha / sqrt(r)); the paper's runs use s of about 1..32
@@ -61,17 +63,56 @@ def _digest(arrays: dict) -> str:
     return digest(arrays)
 
 
-def base_fingerprint(model: Module, exclude=()) -> str:
-    """SHA-256 of the base model: every parameter but the LoRA ones, ``exclude`` and the Linear weights.
+def base_tensor_fingerprints(model: Module, exclude=()) -> dict:
+    """{name: ``io.tensor_fingerprint``} of every base tensor: each parameter but the LoRA ones and ``exclude``.
 
-    Two bases with the same shapes but other values (another pre-training run) get different
-    fingerprints, through their embeddings, LayerNorms and biases. The Linear weights W₀ are
-    left out on purpose: the ways of using a base that rewrite W₀ in place without changing
-    which base it is (a merge, PiSSA's residual, NF4 quantization) must keep the fingerprint.
+    The Linear weights are included as the adapters see them (``LoRALinear.base_weight``): the
+    original W₀ of a PiSSA layer (whose weight holds the residual) and the pre-merge copy of a
+    merged one, so PiSSA and merging keep the fingerprint while another W₀ changes it. An NF4
+    weight is no parameter and has no entry.
     """
+    skip = set(lora_parameter_names(model)) | set(bias_delta_names(model)) | set(exclude)
+    layers = {f"{path}.weight": m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+    out = {}
+    for name, p in model.named_parameters():
+        if name in skip:
+            continue
+        weight = layers[name].base_weight() if name in layers else p.data
+        if weight is not None:
+            out[name] = tensor_fingerprint(weight)
+    return out
+
+
+def base_fingerprint(model: Module, exclude=()) -> str:
+    """SHA-256 of the base model: over ``base_tensor_fingerprints`` (every base tensor, the Linear weights too).
+
+    Two bases with the same shapes but other values (another pre-training run, one block's
+    weights swapped in, a merged adapter) get different fingerprints.
+    """
+    return hashlib.sha256(json.dumps(base_tensor_fingerprints(model, exclude), sort_keys=True).encode()).hexdigest()
+
+
+def _base_fingerprint_v2(model: Module, exclude=()) -> str:
+    """What adapter files of format_version 2 record: the embeddings, LayerNorms and biases only."""
     skip = set(lora_parameter_names(model)) | set(bias_delta_names(model)) | set(exclude)
     skip |= {f"{path}.weight" for path, m in model.named_modules() if isinstance(m, (Linear, LoRALinear))}
     return digest({n: bk.to_numpy(p.data) for n, p in model.named_parameters() if n not in skip})
+
+
+SAMPLES_PER_WEIGHT = 8  # entries of each adapted W₀ kept in the file, to recognise a model it is merged into
+
+
+def _base_samples(model: Module, config: LoRAConfig) -> dict:
+    """{adapted weight name: [[flat index, W₀ value], ...]} at evenly spaced entries."""
+    out = {}
+    for path, layer in resolve_targets(model, config):
+        weight = layer.base_weight() if isinstance(layer, LoRALinear) else layer.weight.data
+        if weight is None:
+            continue
+        flat = np.asarray(bk.to_numpy(weight), dtype=np.float64).reshape(-1)
+        idx = np.unique(np.linspace(0, flat.size - 1, SAMPLES_PER_WEIGHT).astype(np.int64))
+        out[f"{path}.weight"] = [[int(i), float(flat[i])] for i in idx]
+    return out
 
 
 def adapter_nbytes(model: Module, adapter_name: str = "default") -> int:
@@ -80,23 +121,29 @@ def adapter_nbytes(model: Module, adapter_name: str = "default") -> int:
 
 
 def save_adapter(path, model: Module, adapter_name: str = "default") -> str:
-    """Write adapter ``adapter_name`` of ``model`` to ``path`` (safetensors, atomic: temp file + rename)."""
-    from safetensors.numpy import save_file
+    """Write adapter ``adapter_name`` of ``model`` to ``path`` (safetensors, atomic: temp file + rename).
+
+    The file records the base it was trained on (``base_tensor_fingerprints``, and a few entries of
+    each adapted W₀), so ``load_adapter`` refuses another base, or a model this adapter is merged into.
+    """
 
     host = {n: np.ascontiguousarray(bk.to_numpy(a)) for n, a in lora_state_dict(model, adapter_name).items()}
+    config = get_adapter_config(model, adapter_name)
+    tensors = base_tensor_fingerprints(model, exclude=host)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "adapter_name": adapter_name,
-        "config": get_adapter_config(model, adapter_name).to_dict(),
+        "config": config.to_dict(),
         "minilora_version": __version__,
         "dtype": ",".join(sorted({str(a.dtype) for a in host.values()})),
-        "base_sha256": base_fingerprint(model, exclude=host),
+        "base_sha256": hashlib.sha256(json.dumps(tensors, sort_keys=True).encode()).hexdigest(),
+        "base_tensors": tensors,
+        "base_samples": _base_samples(model, config),
     }
     meta["sha256"] = digest(host, meta)
-    metadata = {"minilora": json.dumps(meta, sort_keys=True)}
     path = os.fspath(path)
-    atomic_write(path, lambda tmp: save_file(host, tmp, metadata=metadata))
+    save_safetensors(path, host, {"minilora": json.dumps(meta, sort_keys=True)})
     return path
 
 
@@ -170,6 +217,71 @@ def _expected(model: Module, config: LoRAConfig, name: str) -> dict:
     return out
 
 
+def _merged_into(model: Module, samples: dict, renamed: dict, config: LoRAConfig, stored_name: str, names) -> bool:
+    """True when every weight of ``names`` is W₀ + s·B·A of this file at the recorded entries of W₀."""
+    if not names or not isinstance(samples, dict):
+        return False
+    params = dict(model.named_parameters())
+    layers = dict(model.named_modules())
+    moved = False
+    for name in names:
+        path = name[: -len(".weight")]
+        entries = samples.get(name)
+        a_key, b_key = f"{path}.lora_A.{stored_name}", f"{path}.lora_B.{stored_name}"
+        pair = [(k, a) for k, a in renamed.values() if k in (a_key, b_key)]
+        if not isinstance(entries, list) or len(pair) != 2 or name not in params or config.use_dora:
+            return False
+        A, B = (dict(pair)[a_key].astype(np.float64), dict(pair)[b_key].astype(np.float64))
+        layer = layers.get(path)
+        weight = layer.base_weight() if isinstance(layer, LoRALinear) else params[name].data
+        W = np.asarray(bk.to_numpy(weight), dtype=np.float64)
+        k = W.shape[1]
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+                    and 0 <= entry[0] < W.size and isinstance(entry[1], (int, float))):
+                return False
+            i, j = divmod(entry[0], k)
+            delta = config.scaling * float(B[i] @ A[:, j])
+            here, base = float(W[i, j]), float(entry[1])
+            tol = 1e-5 * (abs(base) + abs(delta)) + 1e-7
+            if abs(here - delta - base) > tol:
+                return False
+            moved |= abs(here - base) > tol
+    return moved
+
+
+def _check_base(path: str, model: Module, meta: dict, version: int, renamed: dict, config: LoRAConfig,
+                exclude) -> None:
+    """Refuse a file recorded for another base (or for a model it is merged into already)."""
+    fix = ("Load it into the base it was trained on, or pass check_base=False if this base is meant "
+           "(e.g. one you trained further)")
+    if version < 3:
+        recorded = meta.get("base_sha256")
+        here = _base_fingerprint_v2(model, exclude=exclude)
+        if recorded is not None and here != recorded:
+            raise AdapterFileError(
+                f"{path}: the adapter was trained on another base model: the model's base weights have SHA-256 "
+                f"{here[:12]}..., the file records {str(recorded)[:12]}... (same shapes, other values). {fix}")
+        return
+    recorded = meta.get("base_tensors")
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise AdapterFileError(f"{path}: the metadata's 'base_tensors' is not a {{name: fingerprint}} object; "
+                               "the file is corrupt or crafted")
+    here = base_tensor_fingerprints(model, exclude=exclude)
+    differ = [n for n in here if recorded.get(n) != here[n]]
+    if not differ:
+        return
+    if _merged_into(model, meta.get("base_samples"), renamed, config, meta["adapter_name"], differ):
+        raise AdapterFileError(
+            f"{path}: this adapter is merged into the model's weights already ({', '.join(differ[:3])}"
+            f"{' ...' if len(differ) > 3 else ''} equal the base it was trained on plus its s·B·A), so loading it "
+            "would add ΔW twice. Use the merged model as it is, or load the adapter into the unmerged base")
+    raise AdapterFileError(
+        f"{path}: the adapter was trained on another base model: {len(differ)} of the model's {len(here)} base tensors "
+        f"differ from the ones it records ({', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}; same shapes, "
+        f"other values). {fix}")
+
+
 def load_adapter(path, model: Module, adapter_name: str | None = None, activate: bool = True,
                  check_base: bool = True) -> str:
     """Load an adapter file into ``model``; returns the adapter's name in the model.
@@ -180,9 +292,11 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
     file raises AdapterFileError naming the file and the first mismatch, model untouched.
     With ``activate`` the loaded adapter becomes the active one.
 
-    check_base: refuse a file whose recorded base fingerprint (``base_fingerprint``) differs
-    from the model's: same shapes, other weights, so B A would be added to a W₀ it was never
-    trained against. Pass False when that is intended (e.g. a base you trained further).
+    check_base: refuse a file whose recorded base fingerprints (``base_tensor_fingerprints``: every
+    base tensor, the Linear weights too) differ from the model's: same shapes, other weights, so
+    B A would be added to a W₀ it was never trained against. A model this adapter is merged into
+    already (after ``merge_and_unload``) is refused with a message that says so. Pass False when
+    another base is intended (e.g. a base you trained further).
     """
     path = os.fspath(path)
     arrays, meta = _read(path)
@@ -243,15 +357,9 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
         if not np.isfinite(a).all():
             raise AdapterFileError(f"{path}: {file_key} holds NaN or inf values")
     _check_delta(path, renamed, resolve_targets(model, config), name, config.scaling)
-    recorded = meta.get("base_sha256")
-    if check_base and recorded is not None:
-        here = base_fingerprint(model, exclude=[k for k in expected if ".lora_" not in k])
-        if here != recorded:
-            raise AdapterFileError(
-                f"{path}: the adapter was trained on another base model: the model's base weights have SHA-256 "
-                f"{here[:12]}..., the file records {str(recorded)[:12]}... (same shapes, other values). Load it into the "
-                "base it was trained on, or pass check_base=False if this base is meant (e.g. one you trained further)"
-            )
+    if check_base:
+        _check_base(path, model, meta, version=meta["format_version"], renamed=renamed, config=config,
+                    exclude=[k for k in expected if ".lora_" not in k])
     # ---- every check passed: now change the model
     if not exists:
         apply_lora(model, config, adapter_name=name, activate=False)

@@ -28,18 +28,24 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import numpy as np
 
 from .. import backend as bk
 from .. import functional as F
 from ..nn import Linear, Module, Parameter
+from ..io import tensor_fingerprint
 from ..tensor import is_grad_enabled
 from .config import LoRAConfig, check_adapter_name
 from .function import delta_weight, dora_linear, dora_norms, dora_weight, lora_linear, mixed_lora_linear
 from .quantized import QuantizedWeight, nf4_linear
 
-__all__ = ["AdapterDict", "LoRALinear"]
+__all__ = ["AdapterDict", "LoRALinear", "MergedWeightChangedWarning"]
+
+
+class MergedWeightChangedWarning(UserWarning):
+    """A merged weight W₀ + ΔW was changed before ``unmerge`` (trained, or loaded into)."""
 
 
 class AdapterDict(Module):
@@ -100,7 +106,8 @@ class LoRALinear(Module):
         self.lora_config: dict[str, LoRAConfig] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-        self._merge_records: list = []  # [(adapter names, pre-merge weight copy, None, or (DoRA row norms,))], oldest first
+        # [(adapter names, pre-merge weight copy, None or (DoRA row norms,), fingerprint of W0 + ΔW)], oldest first
+        self._merge_records: list = []
         self._disabled = 0
         self.layer_name = layer_name or "LoRALinear"
         self.row_groups = None  # set by lora.mixed_batch for its block: one adapter per row of the input
@@ -132,6 +139,25 @@ class LoRALinear(Module):
             return nf4_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    def base_weight(self):
+        """W₀ as this layer's adapters see it: the array a base fingerprint hashes (None for an NF4 weight).
+
+        PiSSA keeps the original W₀ taken at its init (the weight holds the residual); a merged
+        layer, the copy taken at its first merge (``keep_original``). A layer merged without a
+        copy holds only W₀ + ΔW: RuntimeError (unmerge first).
+        """
+        if self.quantized:
+            return None
+        for _, _, original in self.pissa_init.values():
+            return original
+        if self._merge_records:
+            first = self._merge_records[0][1]
+            if first is None or isinstance(first, tuple):
+                raise RuntimeError(self._merged_message("tell its base weight W0 (merged with keep_original=False, so "
+                                                        "no copy of W0 is kept)"))
+            return first
+        return self.weight.data
+
     def _where(self) -> str:
         return f"{self.layer_name} (weight {tuple(self.weight.shape)})"
 
@@ -160,6 +186,12 @@ class LoRALinear(Module):
             raise RuntimeError(self._merged_message(f"activate the new adapter {name!r}"))
         dtype, backend = self.weight.dtype, self.weight.backend
         r = config.r
+        if self.pissa_init and config.init != "pissa":
+            raise ValueError(
+                f"{self.layer_name}: W0 here is the residual of the PiSSA adapter {next(iter(self.pissa_init))!r}, "
+                f"not the base weight that adapter {name!r} (init={config.init!r}) would act on; convert the PiSSA "
+                "adapter first (lora.pissa_to_lora(model, name) restores W0 and makes it a plain rank-2r LoRA)"
+            )
         if config.init == "pissa":
             lora_A, lora_B = self._pissa_init(name, config)
         else:
@@ -239,6 +271,18 @@ class LoRALinear(Module):
             yield self
         finally:
             self._disabled -= 1
+
+    def _load_refusal(self, names) -> str | None:
+        """Loading into the weight, or into a merged adapter, while merged would mix W₀ + ΔW with new values."""
+        if not self.merged:
+            return None
+        parts = ("lora_A", "lora_B", "lora_magnitude")
+        touched = [n for n in names if n == "weight" or any(n == f"{p}.{a}" for p in parts for a in self.merged_adapters)]
+        if not touched:
+            return None
+        return (f"{self.layer_name}: cannot load {touched[0]} while adapters {self.merged_adapters} are merged into the "
+                "weight (it holds W0 + ΔW: an unmerge would then subtract ΔW from the loaded values, or restore the "
+                "pre-merge copy over them); call lora.unmerge(model) first, then load")
 
     def _merged_message(self, what: str) -> str:
         return (
@@ -374,8 +418,20 @@ class LoRALinear(Module):
             V = self.weight.data.astype(np.float64) + self.delta_weight(names)
             original = (bk.get_array_module(V).sqrt((V * V).sum(axis=1)),)
         self.weight.data[...] = merged_weight
-        self._merge_records.append((tuple(_as_names(names)), original))
+        self._merge_records.append((tuple(_as_names(names)), original, tensor_fingerprint(self.weight.data)))
         self.merged_adapters.extend(_as_names(names))
+
+    def _change_since_merge(self, names, original) -> float:
+        """max |W − (W₀ + ΔW)| of the newest merge, recomputed from its pre-merge copy; nan without one."""
+        if original is None or isinstance(original, tuple):
+            return float("nan")
+        with np.errstate(over="ignore", invalid="ignore"):
+            expected = original.astype(np.float64) + self.delta_weight(names)
+            dora = [n for n in names if self.lora_config[n].use_dora]
+            if dora:
+                expected = dora_weight(expected, self.lora_magnitude[dora[0]].data)
+            expected = expected.astype(self.weight.dtype).astype(np.float64)
+            return float(bk.get_array_module(expected).abs(self.weight.data.astype(np.float64) - expected).max())
 
     def unmerge(self) -> None:
         """Undo every merge of this layer, newest first.
@@ -383,15 +439,34 @@ class LoRALinear(Module):
         A merge made with ``keep_original=True`` restores the saved weight (bit-exact); one made
         without subtracts ΔW recomputed in float64 — exact up to the rounding of the merged
         weight: at most 1 ulp of W₀ + ΔW per element (about 6e-8 relative in float32).
+        A merged weight that was changed after the merge (trained, written into) is detected by
+        the fingerprint the merge recorded: then ΔW is subtracted in every case, so the change is
+        kept alike in every layer, and a MergedWeightChangedWarning gives its size.
         """
-        for names, original in reversed(self._merge_records):
-            if isinstance(original, tuple):  # DoRA without a copy: (row norms ‖V‖ at the merge,), V = W'·‖V‖/m
-                (norms,) = original
-                scale = norms / self.lora_magnitude[names[0]].data.astype(np.float64)
+        changed = bool(self._merge_records) and tensor_fingerprint(self.weight.data) != self._merge_records[-1][2]
+        if changed:  # keep the change (W₀ ← W − ΔW, in every layer alike), never the stale pre-merge copy
+            names, original, _ = self._merge_records[-1]
+            size = self._change_since_merge(names, original)
+            warnings.warn(
+                f"{self.layer_name}: the merged weight W0 + ΔW of {list(names)} was changed after the merge "
+                + (f"(max |change| {size:.3g})" if size == size else "(by how much is unknown: merged with "
+                   "keep_original=False)")
+                + "; unmerge subtracts ΔW and keeps that change, so W0 is not the pre-merge W0",
+                MergedWeightChangedWarning, stacklevel=3,
+            )
+        for names, original, _ in reversed(self._merge_records):
+            dora = [n for n in names if self.lora_config[n].use_dora]
+            if original is not None and not isinstance(original, tuple) and not changed:
+                self.weight.data[...] = bk.asarray(original, dtype=self.weight.dtype, backend=self.weight.backend)
+            elif dora:  # W' = m·V/‖V‖ with V = W0 + ΔW: V = W'·‖V‖/m, the norms those of the merge
+                if isinstance(original, tuple):
+                    (norms,) = original
+                else:
+                    V = original.astype(np.float64) + self.delta_weight(names)
+                    norms = bk.get_array_module(V).sqrt((V * V).sum(axis=1))
+                scale = norms / self.lora_magnitude[dora[0]].data.astype(np.float64)
                 restored = self.weight.data.astype(np.float64) * scale[:, None] - self.delta_weight(names)
                 self.weight.data[...] = restored.astype(self.weight.dtype)
-            elif original is not None:
-                self.weight.data[...] = bk.asarray(original, dtype=self.weight.dtype, backend=self.weight.backend)
             else:
                 restored = self.weight.data.astype(np.float64) - self.delta_weight(names)
                 self.weight.data[...] = restored.astype(self.weight.dtype)

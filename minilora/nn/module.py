@@ -128,12 +128,32 @@ class Module:
         """{dotted name: array} of every parameter (the arrays themselves, not copies)."""
         return OrderedDict((name, p.data) for name, p in self.named_parameters())
 
+    def _load_refusal(self, names) -> str | None:
+        """Why this module may not have its parameters ``names`` (names local to it) overwritten now, or None.
+
+        A subclass whose parameters hold a derived state (a LoRA layer with an adapter merged into
+        its weight) overrides it; ``load_state_dict`` asks every module before it writes anything.
+        """
+        return None
+
+    def check_load(self, names, source: str = "state dict") -> None:
+        """RuntimeError if a module refuses to have the parameters ``names`` (dotted, from here) loaded now."""
+        names = list(names)
+        for path, module in self.named_modules():
+            if type(module)._load_refusal is Module._load_refusal:
+                continue
+            local = [n[len(path) + 1:] if path else n for n in names if not path or n.startswith(path + ".")]
+            reason = module._load_refusal(local) if local else None
+            if reason:
+                raise RuntimeError(f"{source}: {reason}")
+
     def load_state_dict(self, state: dict, strict: bool = True, source: str = "state dict"):
         """Copy arrays into the parameters (in place, keeping dtype and backend).
 
         Everything is checked before anything is written: a missing or unexpected
         name, or a shape that differs, raises ValueError naming it and leaves the
-        module untouched. With ``strict=False`` missing and unexpected names are allowed.
+        module untouched; a module that refuses the load in its present state (``check_load``:
+        a LoRA layer with a merged adapter) raises RuntimeError, also before any write. With ``strict=False`` missing and unexpected names are allowed.
         Returns (missing, unexpected) name lists.
         """
         params = dict(self.named_parameters())
@@ -150,6 +170,7 @@ class Module:
         for name, p in params.items():
             if name in state and shape(state[name]) != tuple(p.shape):
                 raise ValueError(f"{source}: {name} has shape {shape(state[name])} but the model expects {tuple(p.shape)}")
+        self.check_load([n for n in state if n in params], source)
         for name, p in params.items():
             if name in state:
                 p.data[...] = bk.asarray(state[name], dtype=p.dtype, backend=p.backend)
