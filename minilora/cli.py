@@ -139,7 +139,19 @@ def _task_list(value: str) -> tuple:
     return tasks
 
 
+def _check_lora_flags(args) -> None:
+    """--r and --alpha within the limits every adapter reader shares, checked before anything is loaded."""
+    if args.method != "lora":
+        return
+    alpha = args.alpha if args.alpha is not None else 2.0 * args.r
+    try:
+        lora.config.check_scaling(alpha, args.r, where=f"--r {args.r} --alpha {alpha:g}")
+    except ValueError as exc:
+        raise ValueError(f"{exc} (an adapter file outside these limits would not load)") from None
+
+
 def _cmd_finetune(args) -> int:
+    _check_lora_flags(args)
     if args.base or args.text:  # LoRA on an imported GPT-2 and a text file
         return hf_commands.cmd_finetune_text(args)
     if not args.task:

@@ -432,9 +432,21 @@ def _broken(tmp_path, how):
         del t[key_b]
     elif how == "nan":
         t[key_b][0, 0] = np.nan
+    elif how == "olora init":
+        cfg["init_lora_weights"] = "olora"
+    elif how == "alpha 1e38":
+        cfg["lora_alpha"] = 1e38
+    elif how == "dropout 0.95":
+        cfg["lora_dropout"] = 0.95
+    elif how == "untargeted tensors":
+        cfg["target_modules"] = ["attn.c_proj"]  # the file still holds c_attn's A and B
+    elif how == "other layers":
+        cfg["layers_to_transform"] = [1]  # the file still holds block 0's A and B
+    elif how == "no prefix":
+        t = {k.removeprefix("base_model.model."): v for k, v in t.items()}
     elif how == "block out of range":
         t = {k.replace("h.1.", "h.7."): v for k, v in t.items()}
-        cfg["target_modules"] = ["attn.c_attn"]
+        cfg["target_modules"] = ["attn.c_attn", "attn.c_proj"]
     if how == "truncated":
         data = weights.read_bytes()
         weights.write_bytes(data[: len(data) - 100])
@@ -453,6 +465,9 @@ def _broken(tmp_path, how):
     ("unknown target", "lm_head"), ("wrong shapes", "another model size"), ("rank differs from config", "rank 3"),
     ("missing lora_B", "not both"), ("nan", "NaN"), ("block out of range", "h.7"),
     ("truncated", "not a readable safetensors file"), ("bin only", "never unpickles"),
+    ("olora init", "path_initial_model_for_weight_conversion"), ("alpha 1e38", "outside (0, 10000]"),
+    ("dropout 0.95", "lora_dropout = 0.95"), ("untargeted tensors", "does not target (target_modules ['attn.c_proj']"),
+    ("other layers", "layers_to_transform [1]"), ("no prefix", "lacks the prefix 'base_model.model.transformer.'"),
 ])
 def test_bad_peft_adapters_raise_clearly_and_leave_the_model_bit_identical(tmp_path, how, fragment):
     folder = _broken(tmp_path, how)

@@ -24,10 +24,9 @@ import re
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from .. import backend as bk
-from ..io import FileFormatError, atomic_write, save_json
+from ..io import FileFormatError, save_json, save_safetensors
 from ..lora.quantized import check_not_quantized
 from ..models.gpt import GPT, GPTConfig
 
@@ -266,9 +265,14 @@ def from_hf_state(arrays: dict, cfg: GPTConfig, source: str) -> dict:
 def to_hf_state(model: GPT, prefix: str = "transformer.") -> dict:
     """minilora's base weights -> Hugging Face GPT-2 tensors (contiguous host arrays, the model's dtype).
 
-    LoRA matrices are not included; the weights are written as they are (a merged adapter is in them).
+    LoRA matrices are not included; the weights are written as they are (a merged adapter is in them),
+    except that an unmerged PiSSA layer gives its original W₀, not the residual its weight holds
+    (the PEFT export writes PiSSA as a LoRA on that original W₀).
     """
     params = {n: np.asarray(bk.to_numpy(p.data)) for n, p in model.named_parameters()}
+    for path, module in model.named_modules():
+        if getattr(module, "pissa_init", None) and not module.merged:
+            params[f"{path}.weight"] = np.asarray(bk.to_numpy(module.base_weight()))
     out = {"wte.weight": params["wte.weight"], "wpe.weight": params["wpe.weight"],
            "ln_f.weight": params["ln_f.weight"], "ln_f.bias": params["ln_f.bias"]}
     for i in range(model.config.n_layer):
@@ -322,6 +326,6 @@ def save_gpt2(path, model: GPT) -> str:
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     tensors = to_hf_state(model)
-    atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    save_safetensors(os.path.join(path, WEIGHTS), tensors, {"format": "pt"})
     save_json(os.path.join(path, "config.json"), hf_config(model, getattr(model, "hf_config", None)))
     return path

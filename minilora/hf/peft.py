@@ -27,17 +27,16 @@ from collections import Counter
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from .. import backend as bk
 from .. import lora
-from ..io import atomic_write, save_json
+from ..io import save_json, save_safetensors
 from ..lora.bias import bias_hosts
-from ..lora.config import check_adapter_name
+from ..lora.config import MAX_DROPOUT, check_adapter_name, check_scaling
 from ..models.gpt import GPT
 from .checkpoint import HFFormatError, read_json_object, read_safetensors, resolve_dir, to_hf_state
 
-__all__ = ["load_peft_adapter", "read_peft_adapter", "save_peft_adapter", "split_c_attn"]
+__all__ = ["load_peft_adapter", "pissa_as_lora", "read_peft_adapter", "save_peft_adapter", "split_c_attn"]
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -51,6 +50,8 @@ _LORA_KEY = re.compile(r"^h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_
 _MAGNITUDE_KEY = re.compile(r"^h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_magnitude_vector"
                             r"(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
 _BIAS_KEY = re.compile(r"^(h\.\d+\.(?:ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)|ln_f)\.bias$")
+# PEFT inits that leave W0 as it is (A and B in the file are the whole adapter); "pissa" is converted on load
+KEEPS_BASE = ("gaussian", "eva", "orthogonal")
 # PEFT LoRA options that change what the adapter computes and that minilora cannot represent
 _UNSUPPORTED = (("lora_bias", "a bias on lora_B"),
                 ("modules_to_save", "fully trained extra modules (modules_to_save)"),
@@ -64,10 +65,6 @@ _UNSUPPORTED = (("lora_bias", "a bias on lora_B"),
 
 def _host(a) -> np.ndarray:
     return np.asarray(bk.to_numpy(a))
-
-
-def _scaling(alpha: float, r: int, rslora: bool) -> float:
-    return alpha / (math.sqrt(r) if rslora else r)
 
 
 def _alpha_for(scaling: float, r: int, rslora: bool) -> float:
@@ -89,6 +86,12 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     module: c_attn's is [m_q; m_k; m_v], with W0's own row norms for a part that is not adapted
     (then m / ‖W0‖ = 1 there). PEFT treats DoRA's norm as a constant in the backward
     (``dora_detach_norm=True`` here); the forward and the merge are the same either way.
+
+    A PiSSA adapter (``init="pissa"``, trained on the residual W_res = W₀ − s·B₀·A₀) is written as
+    PEFT writes one converted with ``path_initial_model_for_weight_conversion``: a plain LoRA of
+    rank 2r on the original W₀, A′ = [A ; A₀], B′ = [B | −B₀], the same scaling (so
+    ``PeftModel.from_pretrained`` on the original base gives minilora's logits; ``save_gpt2``
+    writes that original W₀).
 
     The export is exact for inference and for merging (``merge_and_unload``). Training it further
     inside PEFT trains the whole c_attn block — its zero blocks and the k rows too — a superset
@@ -119,6 +122,13 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
         a = _host(layer.lora_A[adapter_name].data)
         b = _host(layer.lora_B[adapter_name].data)
         m = _host(layer.lora_magnitude[adapter_name].data) if dora else None
+        if cfg.init == "pissa":  # W_res + s·B·A = W0 + s·[B | −B0]·[A ; A0]: a plain rank-2r LoRA on the original W0
+            if adapter_name not in layer.pissa_init:
+                raise ValueError(f"{p}: PiSSA adapter {adapter_name!r} has no record of A0, B0, so it cannot be "
+                                 "converted to a LoRA on the original W0")
+            a0, b0, _ = layer.pissa_init[adapter_name]
+            a = np.concatenate([a, _host(a0)], axis=0)
+            b = np.concatenate([b, -_host(b0)], axis=1)
         modules.setdefault(hf, []).append((part, a, b, cfg.scaling, m))
     d = model.config.d_model
     tensors, ranks, layout = {}, {}, {}
@@ -173,7 +183,7 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     metadata = {"format": "pt", **({LAYOUT_KEY: json.dumps(layout, sort_keys=True)} if layout else {})}
-    atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_safetensors(os.path.join(path, WEIGHTS), tensors, metadata)
     save_json(os.path.join(path, CONFIG), config)
     return path
 
@@ -223,6 +233,59 @@ def _pattern_value(patterns: dict, key: str, default):
     return default
 
 
+def _targeted(cfg: dict, module: str) -> bool:
+    """PEFT's rule for which modules an adapter adapts: ``target_modules`` (a regex matched in full, or names
+    matched as the last components) and ``layers_to_transform`` (block numbers)."""
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        hit = re.fullmatch(targets, module) is not None
+    elif isinstance(targets, list):
+        hit = any(isinstance(t, str) and (module == t or module.endswith("." + t)) for t in targets)
+    else:
+        return False
+    layers = cfg.get("layers_to_transform")
+    if hit and layers is not None:
+        block = int(module.split(".")[2])
+        hit = block == layers if isinstance(layers, int) else isinstance(layers, list) and block in layers
+    return hit
+
+
+def pissa_as_lora(modules: dict, weights: dict) -> dict:
+    """PEFT PiSSA modules as plain LoRA on the original W0: A′ = [A ; A0], B′ = [B | −B0] (rank 2R, same scaling).
+
+    PEFT's PiSSA starts from the top-R SVD of W0 (``weights``: {HF module: W0 (out, in)}): s·B0·A0 = U_R S_R V_Rᵀ,
+    and trains on W_res = W0 − s·B0·A0, so W_res + s·B·A = W0 + s·(B·A − B0·A0). The SVD runs in float64 here,
+    in float32 in PEFT: the two B0·A0 agree to float32 rounding (the signs of singular vectors cancel in the product).
+    """
+    out = {}
+    for hf, (a, b, s, mag) in modules.items():
+        W = np.asarray(weights[hf], dtype=np.float64)
+        R = a.shape[0]
+        U, S, Vt = np.linalg.svd(W, full_matrices=False)
+        root = np.sqrt(S[:R] / s)
+        A0, B0 = root[:, None] * Vt[:R], U[:, :R] * root[None, :]
+        out[hf] = (np.concatenate([a.astype(np.float64), A0], axis=0),
+                   np.concatenate([b.astype(np.float64), -B0], axis=1), s, mag)
+    return out
+
+
+def _hf_weights(model: GPT, modules: dict) -> dict:
+    """{HF module "h.N.attn.c_attn": the model's W0 (out, in)} for the modules whose shapes fit the model."""
+    params = dict(model.named_parameters())
+    out = {}
+    for hf, (a, b, _, _) in modules.items():
+        i, kind = hf.split(".", 2)[1:]
+        if int(i) >= model.config.n_layer:
+            continue
+        if kind == "attn.c_attn":
+            W = np.concatenate([_host(params[f"blocks.{i}.attn.{p}.weight"].data) for p in "qkv"], axis=0)
+        else:
+            W = _host(params[f"blocks.{i}.{OURS_OF[kind]}.weight"].data)
+        if W.shape == (b.shape[0], a.shape[1]):
+            out[hf] = W
+    return out
+
+
 def read_peft_adapter(path) -> tuple[dict, dict, dict]:
     """Read and check a PEFT LoRA folder for GPT-2: (config, modules, biases).
 
@@ -230,7 +293,10 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
     biases: {HF name "h.N.attn.c_attn": array} of biases stored with the adapter (bias != "none").
     config also holds, under ``LAYOUT_KEY``, the q/k/v columns of each c_attn that ``save_peft_adapter``
     wrote into the weights' safetensors metadata ({"h.N.attn.c_attn": {"q": [0, r], ...}}), if any.
-    Whatever minilora cannot represent raises HFFormatError naming it.
+    Whatever minilora cannot represent raises HFFormatError naming it, and so does a folder whose config
+    contradicts its tensors (a tensor for a module that ``target_modules`` does not target, a key without
+    PEFT's prefix), an ``init_lora_weights`` that rewrites W0 other than "pissa" (whose modules
+    ``load_peft_adapter`` converts: ``pissa_as_lora``), and a scaling outside the limits of ``LoRAConfig``.
     """
     folder = resolve_dir(path, what="PEFT adapter folder")
     cfg_path, cfg = read_json_object(folder, CONFIG, "a PEFT adapter folder")
@@ -240,8 +306,20 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
         if cfg.get(field):
             raise HFFormatError(f"{cfg_path}: {field} = {cfg[field]!r} — {what} is not supported by minilora")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise HFFormatError(f"{cfg_path}: r = {r!r} and lora_alpha = {alpha!r} must be an integer >= 1 and a number > 0")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) \
+            or isinstance(alpha, bool) or not math.isfinite(alpha) or not alpha > 0:
+        raise HFFormatError(f"{cfg_path}: r = {r!r} and lora_alpha = {alpha!r} must be an integer >= 1 and a finite "
+                            "number > 0")
+    init = cfg.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init in KEEPS_BASE or init == "pissa"):
+        raise HFFormatError(
+            f"{cfg_path}: init_lora_weights = {init!r}: this initialisation rewrites the base weights W0 (or is not "
+            "known to minilora), so A and B do not act on the original W0. Convert the adapter in PEFT into a plain "
+            "LoRA on the original base first: model.save_pretrained(out, path_initial_model_for_weight_conversion="
+            "<the adapter saved before training>), which writes a rank-2r LoRA with init_lora_weights = true")
+    dropout = cfg.get("lora_dropout", 0.0) or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= MAX_DROPOUT:
+        raise HFFormatError(f"{cfg_path}: lora_dropout = {dropout!r}, outside [0, {MAX_DROPOUT}]")
     if cfg.get("bias", "none") not in lora.BIAS_MODES:
         raise HFFormatError(f"{cfg_path}: bias = {cfg.get('bias')!r}, expected one of {lora.BIAS_MODES}")
     weights = os.path.join(folder, WEIGHTS)
@@ -261,8 +339,11 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
     rslora = bool(cfg.get("use_rslora", False))
     found, biases, magnitudes = {}, {}, {}
     for key, a in arrays.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        name = name[len("transformer."):] if name.startswith("transformer.") else name
+        if not key.startswith(PREFIX + "transformer."):
+            raise HFFormatError(f"{weights}: the tensor {key} lacks the prefix {PREFIX + 'transformer.'!r} that PEFT "
+                                "writes for a GPT-2 adapter; PEFT would not load it into the model (is the folder "
+                                "for another model, or edited by hand?)")
+        name = key[len(PREFIX + "transformer."):]
         m = _LORA_KEY.match(name)
         mag = _MAGNITUDE_KEY.match(name)
         if m:
@@ -294,6 +375,14 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
         if R != expected_r:
             raise HFFormatError(f"{weights}: {key_a} has rank {R} but {CONFIG} gives {hf} rank {expected_r}")
         module_alpha = _pattern_value(cfg.get("alpha_pattern") or {}, full, alpha)
+        if not _targeted(cfg, full):
+            raise HFFormatError(f"{weights}: {key_a} adapts {full}, which {CONFIG} does not target (target_modules "
+                                f"{cfg.get('target_modules')!r}, layers_to_transform {cfg.get('layers_to_transform')!r}); "
+                                "PEFT would drop it. The config and the tensors contradict each other")
+        try:
+            scaling = check_scaling(float(module_alpha), R, rslora, where=f"{cfg_path}: {hf}")
+        except (TypeError, ValueError) as exc:
+            raise HFFormatError(str(exc)) from None
         magnitude = None
         if cfg.get("use_dora"):
             if hf not in magnitudes:
@@ -302,7 +391,7 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
             if magnitude.shape != (b.shape[0],) or not np.isfinite(magnitude).all():
                 raise HFFormatError(f"{weights}: {key_m} has shape {magnitude.shape}; DoRA needs one finite magnitude "
                                     f"per output row, ({b.shape[0]},)")
-        modules[hf] = (a, b, _scaling(float(module_alpha), R, rslora), magnitude)
+        modules[hf] = (a, b, scaling, magnitude)
     extra = sorted(set(magnitudes) - set(modules))
     if extra:
         raise HFFormatError(f"{weights}: a lora_magnitude_vector for {extra[0]}, which has no lora_A / lora_B")
@@ -426,6 +515,8 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
     ``use_dora=True, dora_detach_norm=True`` (PEFT's backward). The result gives PEFT's logits.
     PEFT's trained biases (``bias`` "lora_only" / "all") become the adapter's own Δb = b_PEFT − b
     (``<module>.lora_bias.<adapter>``); the model's base biases are not changed.
+    A PiSSA adapter (``init_lora_weights="pissa"``: A and B trained on PEFT's residual of W0) becomes
+    the plain rank-2R LoRA on the model's W0 that PEFT's own conversion gives (``pissa_as_lora``).
     Tensors are converted to the model's dtype. Everything is checked before the model changes;
     what minilora cannot represent (other PEFT types, lora_bias, modules_to_save, ...) raises naming it.
     """
@@ -441,6 +532,9 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
                          "call lora.unmerge(model) first")
     cfg, modules, biases = read_peft_adapter(path)
     source = os.fspath(path)
+    if cfg.get("init_lora_weights") == "pissa":  # A and B act on PEFT's residual: make them a LoRA on W0
+        weights = _hf_weights(model, modules)
+        modules = {**modules, **pissa_as_lora({hf: m for hf, m in modules.items() if hf in weights}, weights)}
     ours, our_biases = _split(model, modules, biases, source, cfg.get(LAYOUT_KEY))
     rslora = bool(cfg.get("use_rslora", False))
     r = max(a.shape[0] for a, _, _, _ in ours.values())

@@ -18,10 +18,27 @@ import numbers
 import re
 from dataclasses import dataclass, fields
 
-__all__ = ["BASE_ADAPTER", "BIAS_MODES", "INIT_MODES", "LoRAConfig", "check_adapter_name"]
+__all__ = ["BASE_ADAPTER", "BIAS_MODES", "INIT_MODES", "MAX_DROPOUT", "MAX_SCALING", "LoRAConfig", "check_adapter_name",
+           "check_scaling"]
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian", "pissa")
+
+# The limits every reader and writer of adapters shares (LoRAConfig, the CLI, adapter files, the PEFT reader):
+MAX_SCALING = 1e4  # s = alpha / r (or alpha / sqrt(r)); the paper's runs use s of about 1..32
+MAX_DROPOUT = 0.9  # in adapter files (LoRAConfig allows [0, 1)); above 0.9 the adapter sees almost nothing of x
+
+
+def check_scaling(alpha, r: int, use_rslora: bool = False, where: str = "LoRAConfig") -> float:
+    """s = alpha / r (alpha / √r with rsLoRA), or ValueError when s is outside (0, MAX_SCALING]."""
+    s = alpha / (math.sqrt(r) if use_rslora else r)
+    if not (math.isfinite(s) and 0.0 < s <= MAX_SCALING):
+        raise ValueError(
+            f"{where}: alpha {alpha:.6g} with r {r} gives the scaling s = alpha / {'√r' if use_rslora else 'r'} = "
+            f"{s:.3g}, outside (0, {MAX_SCALING:g}] (the paper's runs use s of about 1..32); lower alpha"
+        )
+    return s
+
 
 # The name a mixed-task batch uses for "no adapter: the base model" (``lora.mixed_batch(model, [...])``).
 BASE_ADAPTER = "__base__"
@@ -46,7 +63,8 @@ class LoRAConfig:
 
     r: the rank of ΔW = B A (B ∈ R^{d×r}, A ∈ R^{r×k}); 1 <= r <= min(d, k) of every target
        (checked by ``apply_lora``, which knows the shapes).
-    alpha: ΔW x is scaled by alpha / r (the paper sets alpha to the first r it tries and does not tune it).
+    alpha: ΔW x is scaled by alpha / r (the paper sets alpha to the first r it tries and does not tune it);
+       the scaling must lie in (0, MAX_SCALING].
     target_modules: Linear layers to adapt, by the last component of their path ("q" matches
        ``blocks.0.attn.q``) or by a dotted suffix / full path ("blocks.0.attn.q").
     dropout: dropout on the adapter's input x (the base path W0 x is not dropped), as in loralib.
@@ -117,6 +135,7 @@ class LoRAConfig:
         for flag in ("use_rslora", "use_dora", "dora_detach_norm"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"LoRAConfig: {flag} must be True or False, got {getattr(self, flag)!r}")  # noqa: TRY004
+        check_scaling(self.alpha, self.r, self.use_rslora)
         if self.dora_detach_norm and not self.use_dora:
             raise ValueError("LoRAConfig: dora_detach_norm=True only means something for DoRA; pass use_dora=True too")
 

@@ -28,7 +28,7 @@ from .._version import __version__
 from ..io import FileFormatError, check_digest, digest, read_safetensors, save_safetensors, tensor_fingerprint
 from ..nn import Linear, Module
 from .bias import bias_targets
-from .config import LoRAConfig, check_adapter_name
+from .config import MAX_DROPOUT, MAX_SCALING, LoRAConfig, check_adapter_name
 from .layer import LoRALinear
 from .model import (
     _check_unmerged,
@@ -49,9 +49,6 @@ FORMAT = "minilora-lora-adapter"
 FORMAT_VERSION = 3  # 3: the base fingerprint covers every base tensor (the Linear weights too), one hash each
 READS_VERSIONS = (1, 2, 3)  # 1: SHA-256 over the tensors only, no base fingerprint; 2: no Linear weights in it
 
-# Ranges a real adapter never leaves: a file outside them is corrupt or crafted, not an experiment.
-MAX_SCALING = 1e4  # s = alpha / r (or alpha / sqrt(r)); the paper's runs use s of about 1..32
-MAX_DROPOUT = 0.9  # LoRAConfig allows [0, 1); above 0.9 the adapter sees almost nothing of x
 
 
 class AdapterFileError(FileFormatError):
@@ -129,6 +126,9 @@ def save_adapter(path, model: Module, adapter_name: str = "default") -> str:
 
     host = {n: np.ascontiguousarray(bk.to_numpy(a)) for n, a in lora_state_dict(model, adapter_name).items()}
     config = get_adapter_config(model, adapter_name)
+    if not config.dropout <= MAX_DROPOUT:  # what load_adapter would refuse is never written
+        raise AdapterFileError(f"{os.fspath(path)}: adapter {adapter_name!r} has dropout {config.dropout}, outside "
+                               f"[0, {MAX_DROPOUT}], which adapter files do not hold")
     tensors = base_tensor_fingerprints(model, exclude=host)
     meta = {
         "format": FORMAT,

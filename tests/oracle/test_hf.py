@@ -10,6 +10,8 @@
 - transformers' own sharded and bfloat16 checkpoints load; ``hf.load_tokenizer`` encodes as ``GPT2Tokenizer``.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -267,3 +269,71 @@ def test_load_tokenizer_matches_transformers_gpt2_tokenizer_on_both_layouts(tmp_
         ids = reference.encode(text)
         assert legacy.encode(text) == ids and single.encode(text) == ids, text
         assert single.decode(ids) == reference.decode(ids) == text
+
+
+# ----------------------------------------------------------------------------- PiSSA across the bridge
+PISSA_EXPORT = {
+    "q,v": dict(r=2, alpha=4.0, target_modules=("q", "v")),
+    "q,k,v,o,fc rsLoRA": dict(r=2, alpha=3.0, use_rslora=True, target_modules=("q", "k", "v", "o", "fc")),
+    "DoRA q,v,proj": dict(r=2, alpha=4.0, use_dora=True, target_modules=("q", "v", "proj")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PISSA_EXPORT))
+def test_a_pissa_adapter_exports_as_a_rank_2r_lora_that_peft_loads_on_the_original_base(gpt2_dir, tmp_path, case):
+    """W_res + s·B·A = W0 + s·[B | −B0]·[A ; A0]: PEFT's own conversion, on the untouched base."""
+    peft = pytest.importorskip("peft", reason="the PEFT oracle needs peft")
+    folder, cfg = gpt2_dir
+    model = hf.load_gpt2(folder, dtype="float64")
+    lora.apply_lora(model, lora.LoRAConfig(init="pissa", **PISSA_EXPORT[case]))
+    _randomise_adapter(model, "default", seed=13)  # trained: A and B away from the SVD start
+    hf.save_peft_adapter(tmp_path / "adapter", model)
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["init_lora_weights"] is True  # a plain LoRA: PEFT must not re-run PiSSA's SVD
+    from safetensors.numpy import load_file
+    ranks = [a.shape[0] for k, a in load_file(tmp_path / "adapter" / "adapter_model.safetensors").items() if ".lora_A." in k]
+    assert sum(ranks) == 2 * PISSA_EXPORT[case]["r"] * len(lora.lora_layers(model))  # [A ; A0] in every layer
+    peft_model = peft.PeftModel.from_pretrained(_from_pretrained(folder), tmp_path / "adapter").eval()
+    idx, _, _ = _batch(cfg, seed=4)
+    ours = _logits_ml(model, idx)
+    assert _rel(ours, _logits_ml(hf.load_gpt2(folder, dtype="float64"), idx)) > 1e-3
+    assert _rel(ours, _logits_hf(peft_model, idx)) <= TOL
+    # the base the export writes is the original W0, not the residual the PiSSA weight holds
+    hf.save_gpt2(tmp_path / "base", model)
+    assert _rel(_logits_hf(_from_pretrained(tmp_path / "base"), idx), _logits_hf(_from_pretrained(folder), idx)) <= TOL
+    on_written = peft.PeftModel.from_pretrained(_from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
+    assert _rel(ours, _logits_hf(on_written, idx)) <= TOL
+
+
+PISSA_TOL = 1e-5  # PEFT runs PiSSA's SVD in float32 (it refuses float64), minilora's conversion in float64
+
+
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("kw", [dict(r=2, lora_alpha=4, target_modules=["c_attn"]),
+                                dict(r=2, lora_alpha=2, target_modules=["c_attn", "c_fc"], use_rslora=True,
+                                     rank_pattern={"mlp.c_fc": 3})])
+def test_a_peft_pissa_adapter_imports_as_the_exact_lora_on_the_original_base(gpt2_dir, tmp_path, trained, kw):
+    peft = pytest.importorskip("peft", reason="the PEFT oracle needs peft")
+    folder, cfg = gpt2_dir
+    base = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+    config = peft.LoraConfig(task_type="CAUSAL_LM", fan_in_fan_out=True, lora_dropout=0.0, init_lora_weights="pissa", **kw)
+    peft_model = peft.get_peft_model(base, config)
+    if trained:
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    peft_model.eval().save_pretrained(tmp_path / "adapter")
+    idx, _, _ = _batch(cfg, seed=6)
+    expected = _logits_hf(peft_model, idx)
+    reloaded = peft.PeftModel.from_pretrained(
+        transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval(), tmp_path / "adapter").eval()
+    assert _rel(_logits_hf(reloaded, idx), expected) <= PISSA_TOL  # PEFT re-runs the SVD on load
+    model = hf.load_gpt2(folder, dtype="float32")
+    hf.load_peft_adapter(tmp_path / "adapter", model, "imported")
+    assert _rel(_logits_ml(model, idx), expected) <= PISSA_TOL
+    if trained:
+        assert _rel(expected, _logits_ml(hf.load_gpt2(folder, dtype="float32"), idx)) > 1e-3
+    with lora.disable_adapters(model):  # W0 itself is untouched: the adapter is a LoRA on it
+        assert _rel(_logits_ml(model, idx), _logits_ml(hf.load_gpt2(folder, dtype="float32"), idx)) <= 1e-6
