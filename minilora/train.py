@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backend as bk
-from .io import FileFormatError, load_arrays, save_arrays
+from .io import FileFormatError, load_arrays, save_arrays, tensor_fingerprint
 from .lora import mixed_batch
 from .optim import clip_grad_norm_
 
@@ -139,18 +139,27 @@ def _nonfinite(arrays: dict) -> list:
     return bad
 
 
+def _frozen_fingerprints(model, saved) -> dict:
+    """{name: ``io.tensor_fingerprint``} of every parameter a checkpoint does not hold (``saved``: "param/<name>")."""
+    return {n: tensor_fingerprint(p.data) for n, p in model.named_parameters() if f"param/{n}" not in saved}
+
+
 def save_checkpoint(path, model, optimizer=None, step: int = 0, history: History | None = None,
                     extra: dict | None = None, trainable_only: bool = True, scheduler=None) -> None:
     """Atomically write the (trainable) parameters, optimizer state, step, history and RNG state.
 
     Refuses (FloatingPointError, the previous file kept) when a parameter or an optimizer state
     array holds NaN or inf: a checkpoint always holds a state training can continue from. The
-    metadata carries a SHA-256 over every tensor and the rest of the metadata.
+    metadata carries a SHA-256 over every tensor and the rest of the metadata and, when only the
+    trainable parameters are saved, a fingerprint of each frozen one (the base model the run
+    trains on), so ``load_checkpoint`` refuses another base.
     """
     arrays = {f"param/{n}": p.data for n, p in model.named_parameters(trainable_only=trainable_only)}
     meta = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "step": int(step),
             "params": "trainable" if trainable_only else "all",
             "history": (history or History()).to_dict(), "extra": extra or {}}
+    if trainable_only:  # the frozen rest (the base model) is not saved: record which one it was
+        meta["base_tensors"] = _frozen_fingerprints(model, arrays)
     if optimizer is not None:
         opt_arrays, opt_meta = optimizer.state_arrays(), optimizer.state_meta()
         arrays.update({f"optim/{k}": v for k, v in opt_arrays.items()})
@@ -263,7 +272,7 @@ def _check_optimizer_state(path, optimizer, meta, arrays) -> None:
 
 
 def load_checkpoint(path, model, optimizer=None, scheduler=None,
-                    restore_hyperparameters: bool = True) -> tuple[int, History, dict]:
+                    restore_hyperparameters: bool = True, check_base: bool = True) -> tuple[int, History, dict]:
     """Load what ``save_checkpoint`` wrote back into ``model`` (and ``optimizer``, ``scheduler``).
 
     Returns (step, history, extra). Everything is checked before anything changes: the SHA-256
@@ -276,6 +285,11 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
     and the scheduler's base lr as saved, as PyTorch does. False keeps the ones the optimizer
     and scheduler were built with (the step counts and moments still come from the file): the
     way to resume a run with a lower learning rate or another schedule.
+
+    check_base: refuse a checkpoint of trainable parameters whose recorded frozen parameters (the
+    base model) differ from the model's; pass False when another base is meant. A model whose
+    modules refuse the load in their present state (``Module.check_load``: a merged LoRA layer)
+    raises RuntimeError, before anything changes.
     """
     path = os.fspath(path)
     arrays, meta = load_arrays(path, require_digest=True)
@@ -327,6 +341,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
     bad = _nonfinite(params)
     if bad:
         raise FileFormatError(f"{path}: parameters {bad[:3]} hold NaN or inf values")
+    model.check_load(list(params), path)  # a merged LoRA layer refuses: its weight is W0 + ΔW now
     if optimizer is not None:
         if "optimizer" not in meta:
             raise FileFormatError(f"{path}: the checkpoint holds no optimizer state (a best-model checkpoint?); "
@@ -348,6 +363,18 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
             probe.state = rng_state
         except (TypeError, ValueError, KeyError, OverflowError) as exc:
             raise FileFormatError(f"{path}: the stored RNG state is invalid ({exc})") from None
+    recorded = meta.get("base_tensors")
+    if check_base and recorded is not None:
+        if not isinstance(recorded, dict):
+            raise FileFormatError(f"{path}: the stored 'base_tensors' is not a {{name: fingerprint}} object")
+        here = _frozen_fingerprints(model, {f"param/{n}" for n in params})
+        differ = [n for n in here if n in recorded and recorded[n] != here[n]]
+        if differ:
+            raise FileFormatError(
+                f"{path}: the checkpoint was saved from a run on another base model: {len(differ)} of the model's "
+                f"frozen parameters differ from the ones it records ({', '.join(differ[:3])}"
+                f"{' ...' if len(differ) > 3 else ''}). Resume on the base it was trained on, or pass check_base=False "
+                "to load_checkpoint if this base is meant")
     # ---- every check passed: now change things
     model.load_state_dict(params, strict=False, source=path)
     if optimizer is not None:

@@ -64,6 +64,7 @@ def refused(path, model, message, **kwargs):
         lora.load_adapter(path, model, **kwargs)
     assert message in str(err.value), str(err.value)
     assert_untouched(model, before, adapters)
+    return str(err.value)
 
 
 def read(path):
@@ -154,6 +155,51 @@ def test_an_adapter_from_another_base_with_the_same_shapes_is_refused(adapter_fi
     lora.load_adapter(adapter_file, crowded)
     assert lora.list_adapters(crowded) == ["other", "default"]
     assert "base_sha256" in read(adapter_file)[1]
+
+
+def _logits(model):
+    idx = np.arange(16).reshape(2, 8) % 24
+    model.eval()
+    with ml.no_grad():
+        return np.asarray(model(idx).data)
+
+
+def test_the_fingerprint_covers_the_adapted_linear_weights(adapter_file):
+    """One model's embeddings, LayerNorms and biases with another's Linear weights is another base."""
+    hybrid, other = tiny_gpt(seed=0), dict(tiny_gpt(seed=5).named_parameters())
+    for name, p in hybrid.named_parameters():
+        if name.startswith("blocks.") and name.endswith(".weight") and ("attn." in name or "mlp." in name):
+            p.data[...] = other[name].data
+    message = refused(adapter_file, hybrid, "the adapter was trained on another base model")
+    assert "blocks.0.attn.q.weight" in message and "12 of the model's 36 base tensors" in message
+    # a single adapted weight moved by one element is enough
+    nudged = tiny_gpt(seed=0)
+    nudged.blocks[1].attn.v.weight.data[3, 4] += 1e-3
+    assert "blocks.1.attn.v.weight" in refused(adapter_file, nudged, "trained on another base model")
+
+
+def test_an_adapter_is_refused_on_a_model_it_is_merged_into(adapter_file):
+    merged = lora.merge_and_unload(trained())
+    message = refused(adapter_file, merged, "this adapter is merged into the model's weights already")
+    assert "add ΔW twice" in message
+    fresh = tiny_gpt(seed=0)  # the unmerged base takes it, and equals the merged model
+    lora.load_adapter(adapter_file, fresh)
+    assert np.allclose(_logits(fresh), _logits(merged), atol=1e-5)
+
+
+def test_pissa_and_merged_models_keep_the_fingerprint_of_their_original_base(tmp_path):
+    pissa = tiny_gpt(seed=0)
+    lora.apply_lora(pissa, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v"), init="pissa"))
+    lora.save_adapter(tmp_path / "p.safetensors", pissa)
+    lora.load_adapter(tmp_path / "p.safetensors", tiny_gpt(seed=0))  # the original W0, not the residual, is recorded
+    model = trained()
+    lora.merge(model)  # keep_original: the pre-merge copy is the base
+    lora.save_adapter(tmp_path / "m.safetensors", model)
+    lora.load_adapter(tmp_path / "m.safetensors", tiny_gpt(seed=0))
+    lora.unmerge(model)
+    lora.merge(model, keep_original=False)  # no copy of W0 is left: the file could not record it
+    with pytest.raises(RuntimeError, match="keep_original=False"):
+        lora.save_adapter(tmp_path / "n.safetensors", model)
 
 
 # ----------------------------------------------------------------------------- modes, symlinks, special paths

@@ -104,8 +104,14 @@ def test_round_trip_still_loads_and_records_format_and_digest(lora_checkpoint, t
     path, data = lora_checkpoint
     _, meta = _read(path)
     assert meta["format"] == "minilora-checkpoint" and meta["format_version"] == 1 and len(meta["sha256"]) == 64
-    model, opt, sched, _ = _setup("lora", seed=1)
+    assert meta["base_tensors"] and all(len(v) == 16 for v in meta["base_tensors"].values())
+    model, opt, sched, _ = _setup("lora", seed=0)  # the base the run trained on
     step, history, _ = load_checkpoint(path, model, opt, sched)
+    assert step == 3 and len(history.losses) == 3
+    model, opt, sched, _ = _setup("lora", seed=1)  # another base (other W0, embeddings, ...): refused unless meant
+    with pytest.raises(FileFormatError, match="saved from a run on another base model"):
+        load_checkpoint(path, model, opt, sched)
+    step, history, _ = load_checkpoint(path, model, opt, sched, check_base=False)
     assert step == 3 and len(history.losses) == 3
     arrays, _ = _read(path)
     for name, p in model.named_parameters(trainable_only=True):

@@ -892,3 +892,73 @@ def test_adapter_with_trained_biases_round_trips(tmp_path):
         warnings.simplefilter("error")
         idx = ids_batch(2)
         assert np.array_equal(to_np(fresh(idx).data), to_np(model(idx).data))
+
+
+# ----------------------------------------------------------------------------- loads and changes while merged
+def _q_v_trained(seed=0):
+    model = tiny_gpt("float32", seed=seed)
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v")))
+    rng = np.random.default_rng(4)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            p.data[...] = (0.5 * rng.standard_normal(p.shape)).astype(np.float32)
+    lora.mark_only_lora_as_trainable(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("keep_original", [True, False])
+def test_load_checkpoint_and_load_state_dict_refuse_a_merged_model(tmp_path, keep_original):
+    from minilora.train import load_checkpoint, save_checkpoint
+
+    model = _q_v_trained()
+    save_checkpoint(tmp_path / "c.safetensors", model)
+    lora.merge(model, keep_original=keep_original)
+    before = {n: to_np(a).copy() for n, a in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"c\.safetensors: blocks\.0\.attn\.q: cannot load lora_A\.default while "
+                                           r"adapters \['default'\] are merged"):
+        load_checkpoint(tmp_path / "c.safetensors", model)
+    other = tiny_gpt("float32", seed=3).state_dict()
+    with pytest.raises(RuntimeError, match="cannot load weight while adapters .* call lora.unmerge"):
+        model.load_state_dict(other, strict=False)
+    assert all(np.array_equal(to_np(a), before[n]) for n, a in model.state_dict().items())
+    model.load_state_dict({"wte.weight": other["wte.weight"]}, strict=False)  # outside the merged layers: allowed
+    lora.unmerge(model)
+    with pytest.raises(ValueError, match="another base model: .* frozen parameters differ .*wte.weight"):
+        load_checkpoint(tmp_path / "c.safetensors", model)  # the checkpoint knows its base
+    model.load_state_dict({"wte.weight": before["wte.weight"]}, strict=False)
+    # without a copy, unmerge gives W0 back to 1 ulp only, which the fingerprint sees as another W0
+    load_checkpoint(tmp_path / "c.safetensors", model, check_base=keep_original)
+
+
+@pytest.mark.parametrize("keep_original", [True, False])
+def test_unmerge_keeps_a_change_made_to_the_merged_weights_in_every_layer_and_says_how_large(keep_original):
+    model = _q_v_trained()
+    W0 = {n: to_np(a).astype(np.float64) for n, a in model.state_dict().items() if n.endswith(".weight")}
+    lora.merge(model, keep_original=keep_original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an untouched merge unmerges silently, bit-exact with the copy
+        lora.unmerge(model)
+    if keep_original:
+        assert all(np.array_equal(to_np(model.state_dict()[n]), W0[n]) for n in W0)
+    lora.merge(model, keep_original=keep_original)
+    step = {n: 0.25 * np.sign(np.random.default_rng(len(n)).standard_normal(W0[n].shape)) for n in W0}
+    params = dict(model.named_parameters())
+    for n in W0:  # what training the merged base would do: every weight moves, merged (q, v) or not (k, o, ...)
+        params[n].data[...] += step[n].astype(np.float32)
+    with pytest.warns(lora.MergedWeightChangedWarning) as record:
+        lora.unmerge(model)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 4 and all("changed after the merge" in m for m in messages)
+    assert all(("max |change| 0.25" in m) == keep_original for m in messages)
+    for n in W0:  # W0 + the change in every layer alike: the update is not thrown away in q and v only
+        assert np.max(np.abs(to_np(model.state_dict()[n]) - (W0[n] + step[n]))) < 1e-5, n
+
+
+def test_a_plain_adapter_is_refused_on_a_layer_whose_w0_is_a_pissa_residual():
+    model = tiny_gpt("float32")
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q",), init="pissa"), "pissa")
+    with pytest.raises(ValueError, match="residual of the PiSSA adapter 'pissa'.*lora.pissa_to_lora"):
+        lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v")), "plain")
+    assert lora.list_adapters(model) == ["pissa"]
+    plain = lora.pissa_to_lora(model, "pissa")  # W0 restored: other adapters may join
+    lora.apply_lora(plain, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v")), "plain")

@@ -20,9 +20,9 @@ Beyond the paper: DoRA (``LoRAConfig(use_dora=True)``, ``function.dora_linear``)
 """
 
 from .bias import BiasDeltas  # noqa: F401
-from .config import BASE_ADAPTER, BIAS_MODES, INIT_MODES, LoRAConfig  # noqa: F401
+from .config import BASE_ADAPTER, BIAS_MODES, INIT_MODES, MAX_DROPOUT, MAX_SCALING, LoRAConfig  # noqa: F401
 from .files import AdapterFileError, adapter_nbytes, load_adapter, save_adapter  # noqa: F401
-from .layer import AdapterDict, LoRALinear  # noqa: F401
+from .layer import AdapterDict, LoRALinear, MergedWeightChangedWarning  # noqa: F401
 from .function import (  # noqa: F401
     DoRALinearFn,
     LoRALinearFn,
