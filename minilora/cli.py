@@ -100,11 +100,32 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def pretrain_plan(settings: dict) -> str:
+    """What ``minilora pretrain`` is about to run, phase by phase (printed before the first step)."""
+    s = settings
+    lines = [f"pretrain plan: {s['steps'] + s['second_steps']:,} steps of {s['batch_size']} corpus lines",
+             f"  phase 1: {s['steps']:,} steps at peak lr {s['lr']:g} (warm-up {s['warmup_steps']}) on "
+             f"{s['n_texts']:,} lines"]
+    if s["second_steps"]:
+        lines.append(f"  phase 2: {s['second_steps']:,} steps at peak lr {s['second_lr']:g} on {s['second_n_texts']:,} "
+                     "fresh lines (--second-steps 0: none)")
+    else:
+        lines.append("  phase 2: none (--second-steps N adds it)")
+    return "\n".join(lines)
+
+
 def _cmd_pretrain(args) -> int:
     weights = os.path.join(args.out, "base.safetensors") if args.out else BASE_WEIGHTS
     config = os.path.join(args.out, "base.json") if args.out else BASE_CONFIG
     _check_folder("--out", os.path.dirname(weights) or ".", [os.path.basename(weights), os.path.basename(config)])
     settings = {name: getattr(args, name) for name in PRETRAIN_SETTINGS}  # one option per setting
+    # --steps alone means "this many steps": the first phase only, unless --second-steps is given too
+    if settings["second_steps"] is None:
+        settings["second_steps"] = 0 if settings["steps"] is not None else PRETRAIN_SETTINGS["second_steps"]
+    if settings["steps"] is None:
+        settings["steps"] = PRETRAIN_SETTINGS["steps"]
+    args.steps, args.second_steps = settings["steps"], settings["second_steps"]
+    print(pretrain_plan(settings), flush=True)
     _, history, held_out = pretrain(**settings, seed=args.seed, out_weights=weights, out_config=config,
                                     progress=not args.no_progress)
     print(f"pretrained {args.steps} + {args.second_steps} steps in {history.seconds:.1f} s; final train loss {history.losses[-1]:.4f}, "
@@ -127,7 +148,7 @@ def _cmd_finetune_joint(args, tasks) -> int:
         print(f"{task}/lora (joint): {run.metric_name} = {run.metric:.3f} on the test split; trainable "
               f"{run.trainable_params:,}; wrote {path} ({os.path.getsize(path) / 1e3:.1f} kB)")
     print(f"trained {len(tasks)} adapters in one mixed batch: {result.train_seconds:.1f} s")
-    return 0
+    return hf_commands.untrained_exit(result.model, list(result.runs))
 
 
 def _task_list(value: str) -> tuple:
@@ -180,6 +201,8 @@ def _cmd_finetune(args) -> int:
     print(f"{args.task}/{args.method}: {run.metric_name} = {run.metric:.3f} on the test split; trainable "
           f"{run.trainable_params:,} of {run.total_params:,} ({share:.2f} %); {run.train_seconds:.1f} s")
     print(f"wrote {path} ({os.path.getsize(path) / 1e3:.1f} kB)")
+    if args.method == "lora":
+        return hf_commands.untrained_exit(run.model, [args.task], getattr(run, "history", None))
     return 0
 
 
@@ -249,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("second_n_texts", _int_at_least(1), "fresh corpus lines for the second phase")):
         default = PRETRAIN_SETTINGS[name]
         shown = f"{default:,}" if isinstance(default, int) else f"{default:g}"
-        p.add_argument("--" + name.replace("_", "-"), type=parse, default=default, help=f"{meaning} (default {shown})")
+        if name == "second_steps":
+            shown += "; 0 when --steps is given without it"
+        p.add_argument("--" + name.replace("_", "-"), type=parse, help=f"{meaning} (default {shown})",
+                       default=None if name in ("steps", "second_steps") else default)
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out", default=None, help="folder to write to (default: minilora/assets/)")
     p.add_argument("--no-progress", action="store_true")

@@ -91,3 +91,40 @@ def test_finetune_joint_trains_three_adapters_from_the_command_line(tmp_path):
 def test_finetune_joint_misuse_is_a_clean_error(argv, message):
     result = subprocess.run([sys.executable, "-m", "minilora.cli", "finetune", *argv], capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_import_the_commands_need_is_a_dependency_of_a_plain_install():
+    """A plain ``pip install .`` runs every command: an import not guarded by ``except ImportError`` is a
+    dependency (cupy and tokenizers belong to the commands' own extras, gpu and hf)."""
+    import ast
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {d.split(">")[0].split("=")[0].split("[")[0].strip() for d in project["dependencies"]}
+    extras = {"cupy": "gpu", "cupyx": "gpu", "tokenizers": "hf"}
+    needed = {}
+    for path in (root / "minilora").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                   and any("ImportError" in ast.dump(h.type) for h in t.handlers if h.type is not None)
+                   for stmt in t.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in guarded:
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            for name in names:
+                if name not in sys.stdlib_module_names and name != "minilora":
+                    needed.setdefault(name, path.relative_to(root).as_posix())
+    assert "numpy" in needed and "matplotlib" in needed
+    missing = {n: where for n, where in needed.items() if n not in declared and n not in extras}
+    assert not missing, f"imported without a guard but not in [project] dependencies: {missing}"
+    for name, extra in extras.items():
+        if name in needed and name != "cupyx":
+            assert any(d.startswith(name) for d in project["optional-dependencies"][extra]), (name, extra)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from .. import backend as bk
 from .. import lora, optim
 from ..analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
 from ..io import load_arrays, save_json
+from ..lora.config import check_adapter_name
 from ..lora.function import dora_weight
 from ..models import load_base
 from ..tensor import no_grad
@@ -31,7 +33,7 @@ from .checkpoint import HFFormatError, load_gpt2, save_gpt2
 from .peft import LAYOUT_KEY, OURS_OF, load_peft_adapter, read_peft_adapter, save_peft_adapter, split_c_attn
 from .tokenizer import load_tokenizer
 
-__all__ = ["add_finetune_flags", "add_parsers", "adapter_updates", "cmd_analyze", "cmd_export",
+__all__ = ["add_finetune_flags", "add_parsers", "adapter_updates", "check_output_folder", "cmd_analyze", "cmd_export",
            "cmd_finetune_text", "cmd_import_peft", "weight_change"]
 
 
@@ -49,6 +51,8 @@ def cmd_export(args) -> int:
         raise ValueError("say what to write: --to-peft DIR (the adapter) and/or --base-to-hf DIR (the base model)")
     if args.to_peft and not args.adapter:
         raise ValueError("--to-peft needs --adapter FILE (a minilora adapter file)")
+    for flag, folder in (("--to-peft", args.to_peft), ("--base-to-hf", args.base_to_hf)):
+        check_output_folder(flag, folder)  # before anything is written
     model = _load_base(args.base)
     name = lora.load_adapter(args.adapter, model) if args.to_peft else None  # in the file's dtype (float32)
     if args.float64:
@@ -68,7 +72,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def check_output_folder(flag: str, folder) -> None:
+    """``--flag DIR`` must be a folder or a path a folder can be made at: checked before the first write."""
+    if not folder:
+        return
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag} {folder}: is a file, not a folder; give a folder to write into")
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: cannot create it: {parent} is not a writable folder")
+    if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: the folder is not writable")
+
+
 def cmd_import_peft(args) -> int:
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: is a folder; give the adapter file to write, e.g. "
+                         f"{os.path.join(args.out, 'adapter.safetensors')}")
+    check_output_folder("--out", os.path.dirname(os.path.abspath(args.out)))
     base = args.base
     if not base:
         cfg, _, _ = read_peft_adapter(args.folder)
@@ -201,12 +224,22 @@ def cmd_analyze(args) -> int:
     for base in candidates:
         try:
             model = _load_base(base, dtype="float64")
-        except (ValueError, FileNotFoundError):
+        except (ValueError, FileNotFoundError) as exc:
+            if args.base:  # asked for: a base that does not load is an error, not "no base weights"
+                raise ValueError(f"--base {args.base}: {exc}") from None
             continue
         weights = {n[: -len(".weight")]: np.asarray(bk.to_numpy(p.data)) for n, p in model.named_parameters()
                    if n.endswith(".weight")}
         where = base or "the shipped base model"
         break
+    if args.base:
+        misfits = [(n, b.shape[0], a.shape[1], None if n not in weights else weights[n].shape)
+                   for n, (a, b, _) in updates.items() if n not in weights or weights[n].shape != (b.shape[0], a.shape[1])]
+        if misfits:
+            n, d, k, shape = misfits[0]
+            raise ValueError(f"--base {args.base}: the adapter's {n} is {d}x{k} but the base "
+                             + (f"has no {n}" if shape is None else f"holds a {shape[0]}x{shape[1]} weight there")
+                             + f" ({len(misfits)} matrices do not fit): the adapter is for another model")
     rows = [_row(n, a, b, s, weights, other, info) for n, (a, b, s) in updates.items()]
     header = f"{'matrix':<22} {'shape':>11} {'r':>3} {'‖ΔW‖_F':>9}  {'σ_1 .. σ_r of ΔW':<34} {'amplif.':>8}"
     header += f" {'φ(1,1)':>7} {'φ(r,r′)':>7}" if other is not None else ""
@@ -279,10 +312,29 @@ def cmd_finetune_text(args) -> int:
     if not (args.base and args.text):
         raise ValueError("finetune on a text file needs both --base HF_DIR (a GPT-2 folder with its tokenizer) "
                          "and --text FILE")
+    ignored = [flag for flag, given in (("--method full", getattr(args, "method", "lora") != "lora"),
+                                        ("--joint", getattr(args, "joint", False)),
+                                        ("--task", getattr(args, "task", None))) if given]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)}: not used with --base HF_DIR --text FILE, which trains one LoRA adapter "
+                         "on the text; drop them (or drop --base/--text to fine-tune the shipped base on a task)")
+    if args.block_size is not None and args.block_size < 1:
+        raise ValueError(f"--block-size {args.block_size}: give a number of tokens >= 1")
+    name = "text" if args.name is None else args.name
+    try:
+        check_adapter_name(name)
+    except ValueError as exc:
+        raise ValueError(f"--name: {exc}") from None
+    check_output_folder("--out", args.out)
     model = load_gpt2(args.base, dtype="float32")
     tokenizer = load_tokenizer(args.base)
-    with open(args.text, encoding="utf-8") as f:
-        ids = np.asarray(tokenizer.encode(f.read()), dtype=np.int64)
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--text {args.text}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as "
+                         "UTF-8") from None
+    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     T = args.block_size or min(128, model.config.block_size)
     if T > model.config.block_size:
         raise ValueError(f"--block-size {T} is longer than the model's n_positions = {model.config.block_size}")
@@ -296,7 +348,6 @@ def cmd_finetune_text(args) -> int:
     train_ids, val_ids = ids[:-n_val], ids[-n_val:]
     targets = tuple(args.targets)  # parsed by the CLI: comma-separated names, spaces tolerated
     config = lora.LoRAConfig(r=args.r, alpha=args.alpha or 2.0 * args.r, target_modules=targets)
-    name = args.name or "text"
     lora.apply_lora(model, config, adapter_name=name)
     lora.mark_only_lora_as_trainable(model)
     print(f"{args.base}: {model.config.n_layer} layers, d {model.config.d_model}, {len(ids):,} tokens of {args.text}; "
@@ -325,7 +376,20 @@ def cmd_finetune_text(args) -> int:
     lora.save_adapter(path, model, adapter_name=name)
     print(f"{len(history.steps)} steps in {history.seconds:.1f} s; held-out LM loss {before:.4f} -> {after:.4f}")
     print(f"wrote {path} ({os.path.getsize(path) / 1e3:.1f} kB)")
-    return 0
+    return untrained_exit(model, [name], history)
+
+
+def untrained_exit(model, names, history=None) -> int:
+    """0, or 1 with a warning on stderr when an adapter came out of training as it went in (``lora.adapter_unchanged``)."""
+    same = [n for n in names if lora.adapter_unchanged(model, n)]
+    if not same:
+        return 0
+    lrs = list(getattr(history, "lrs", None) or [])
+    why = (f"the learning rate was 0 at every one of its {len(lrs)} step(s) (the warm-up starts at 0): train more steps"
+           if lrs and not any(lrs) else "no step changed it (zero gradients or learning rate)")
+    print(f"warning: adapter(s) {same} are unchanged from their initialisation (every B still at its start), so the "
+          f"file computes the base model's outputs: {why}", file=sys.stderr)
+    return 1
 
 
 # ----------------------------------------------------------------------------- argparse

@@ -39,6 +39,7 @@ from .qlora import QuantizationReport, quantize_base  # noqa: F401
 from .model import (  # noqa: F401
     MergeWarning,
     TrainableSummary,
+    adapter_unchanged,
     apply_lora,
     bias_delta_names,
     delete_adapter,

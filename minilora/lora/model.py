@@ -13,14 +13,17 @@ import contextlib
 import warnings
 from collections import OrderedDict
 
+from .. import backend as bk
 from ..nn import Linear, Module
 from .bias import add_bias_delta, bias_hosts, bias_targets
 from .config import BIAS_MODES, LoRAConfig, check_adapter_name
+from .function import dora_norms
 from .layer import LoRALinear, _as_names
 
 __all__ = [
     "MergeWarning",
     "TrainableSummary",
+    "adapter_unchanged",
     "apply_lora",
     "bias_delta_names",
     "delete_adapter",
@@ -272,6 +275,30 @@ def lora_state_dict(model: Module, adapter_name: str = "default") -> OrderedDict
     wanted = {f"{path}.{part}.{adapter_name}" for path, _ in layers for part in ADAPTER_PARTS}
     wanted |= set(bias_delta_names(model, adapter_name))
     return OrderedDict((n, p.data) for n, p in model.named_parameters() if n in wanted)
+
+
+def adapter_unchanged(model: Module, adapter_name: str) -> bool:
+    """True when adapter ``adapter_name`` still computes what it started with: a training run changed nothing.
+
+    Every B is still 0 (PiSSA: A and B still the A₀, B₀ of its SVD start), every bias delta 0,
+    and a DoRA magnitude still the row norms of W₀.
+    """
+    xp_of = bk.get_array_module
+    for _, layer in _layers_with(model, adapter_name):
+        A, B = layer.lora_A[adapter_name].data, layer.lora_B[adapter_name].data
+        config = layer.lora_config[adapter_name]
+        if adapter_name in layer.pissa_init:
+            A0, B0, _ = layer.pissa_init[adapter_name]
+            if not (bool(xp_of(A).array_equal(A, A0)) and bool(xp_of(B).array_equal(B, B0))):
+                return False
+        elif bool(B.any()):
+            return False
+        if config.use_dora:
+            start = dora_norms(layer.weight if layer.quantized else layer.weight.data, A, B, config.scaling)[0]
+            if not bool(xp_of(start).array_equal(start, layer.lora_magnitude[adapter_name].data)):
+                return False
+    params = dict(model.named_parameters())
+    return not any(bool(params[n].data.any()) for n in bias_delta_names(model, adapter_name))
 
 
 class TrainableSummary(dict):
