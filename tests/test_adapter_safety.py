@@ -478,3 +478,24 @@ def test_an_adapter_saved_while_merged_records_the_unmerged_base(tmp_path):
     lora.unmerge(model)
     idx = np.arange(16).reshape(2, 8) % 24
     assert np.array_equal(fresh(idx).data, model(idx).data)
+
+
+def test_saves_write_their_bytes_through_atomic_write_and_never_a_writer_with_its_own_temp_files(tmp_path, monkeypatch):
+    """safetensors' save_file makes a temp file of its own, which a kill leaves behind: no save may call it."""
+    import safetensors.numpy
+
+    from minilora import hf
+
+    def foreign_writer(*args, **kwargs):
+        raise AssertionError("safetensors.numpy.save_file was called")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", foreign_writer)
+    model = trained()
+    lora.save_adapter(tmp_path / "a.safetensors", model)
+    save_checkpoint(tmp_path / "c.safetensors", model)
+    save_arrays(tmp_path / "w.safetensors", {"w": np.zeros(2)})
+    hf.save_gpt2(tmp_path / "gpt2", model)
+    hf.save_peft_adapter(tmp_path / "peft", model)
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "c.safetensors", "gpt2", "peft", "w.safetensors"]
+    assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
+    lora.load_adapter(tmp_path / "a.safetensors", tiny_gpt())
