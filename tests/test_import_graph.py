@@ -9,6 +9,8 @@ the packages ``a.b`` and ``a`` (their ``__init__`` runs first).
 import ast
 import os
 
+import pytest
+
 import minilora
 
 PACKAGE = os.path.dirname(minilora.__file__)
@@ -112,3 +114,21 @@ def test_the_graph_has_the_expected_edges():
 
 def test_no_module_level_import_cycle():
     assert _cycles(_import_graph()) == []
+
+
+def test_lora_function_holds_the_equation_alone_and_answers_for_the_ops_built_on_it():
+    """lora/function.py defines no DoRA, mixed-batch or NF4 code; those names import from it all the same."""
+    from minilora.lora import dora, function, mixed_op
+
+    with open(function.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert not {name for name in defined if "dora" in name.lower() or "mixed" in name.lower()}, defined
+    imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"quantized", "dora", "mixed_op"}, imported
+    for module in (dora, mixed_op):
+        for name in module.__all__:
+            if name != "check_magnitude":
+                assert getattr(function, name) is getattr(module, name), name
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_op'"):
+        function.no_such_op  # noqa: B018

@@ -24,7 +24,7 @@ import minilora as ml
 from minilora import backend as bk
 from minilora import functional as F
 from minilora import lora, nn, quant
-from minilora.lora.function import dora_norms
+from minilora.lora.dora import dora_norms
 
 
 def T(a, grad=True):

@@ -15,8 +15,8 @@ States: an adapter is *active* (used by forward), and possibly *merged* (B A alr
 the weight, so forward is a plain F.linear: no extra latency, Sec. 4.2). Changing what is
 active while something is merged raises: merging is explicit, never a side effect.
 Several active adapters add their updates; inside ``lora.mixed_batch`` (which sets
-``row_groups``) row i of the input uses its own adapter instead. Every path is an op of
-``lora/function.py``, where the equation and its backward are written once.
+``row_groups``) row i of the input uses its own adapter instead. Every path is an op built on
+the pieces of ``lora/function.py``, where the equation and its backward are written once.
 
 Variants (``LoRAConfig``): ``use_dora`` routes the forward through ``dora_linear`` (a merged DoRA
 weight is the plain matrix m ⊙ V / ‖V‖_row); ``init="pissa"`` starts A and B at the top-r
@@ -36,7 +36,9 @@ from .. import functional as F
 from ..nn import Linear, Module, Parameter
 from ..tensor import is_grad_enabled
 from .config import LoRAConfig, check_adapter_name
-from .function import delta_weight, dora_linear, dora_norms, dora_weight, lora_linear, mixed_lora_linear
+from .dora import dora_linear, dora_norms, dora_weight
+from .function import delta_weight, lora_linear
+from .mixed_op import mixed_lora_linear
 from .quantized import QuantizedWeight, nf4_linear
 
 __all__ = ["AdapterDict", "LoRALinear"]

@@ -6,7 +6,7 @@
 The paper names the limitation (Sec. 4.2): "it is not straightforward to batch inputs to
 different tasks with different A and B in a single forward pass" once W0 + BA is merged.
 Unmerged, it is easy: the base product W0 x is shared by every row, and each adapter adds
-a rank-r correction to its own rows only (``lora.function.MixedLoRALinearFn``). Punica (Chen
+a rank-r correction to its own rows only (``lora.mixed_op.MixedLoRALinearFn``). Punica (Chen
 et al. 2023) and S-LoRA (Sheng et al. 2023) do this on a GPU with gathered kernels: BGMV
 gathers A and B per row, SGMV runs one small matmul per *segment* of rows that share an
 adapter. Here rows are grouped once per ``adapter_ids`` tuple (the grouping is cached: every
