@@ -128,10 +128,10 @@ def test_lora_function_holds_the_equation_alone_and_answers_for_the_ops_built_on
     assert not {name for name in defined if "dora" in name.lower() or "mixed" in name.lower()}, defined
     imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
     assert not imported & {"quantized", "dora", "mixed_op"}, imported
-    for module in (dora, mixed_op):
-        for name in module.__all__:
-            if name != "check_magnitude":
-                assert getattr(function, name) is getattr(module, name), name
+    for module, names in ((dora, ("DoRALinearFn", "dora_backward", "dora_forward", "dora_linear", "dora_norms",
+                                  "dora_weight")), (mixed_op, ("MixedLoRALinearFn", "mixed_lora_linear"))):
+        for name in names:
+            assert getattr(function, name) is getattr(module, name), name
     with pytest.raises(AttributeError, match="has no attribute 'no_such_op'"):
         function.no_such_op  # noqa: B018
 
@@ -154,3 +154,13 @@ def test_no_module_sets_another_modules_names_at_import_time():
     x, W, A, Bm = (minilora.tensor(rng.standard_normal(s), dtype="float64") for s in ((2, 3), (4, 3), (2, 3), (4, 2)))
     np.testing.assert_array_equal(F.lora_linear(x, W, None, A, Bm, 0.5, 0.0, False).data,
                                   lora.lora_linear(x, W, None, A, Bm, 0.5).data)
+
+
+def test_the_lora_layer_does_not_branch_on_dora():
+    """lora/layer.py reads no DoRA flag: each adapter's variant (lora/dora.py for DoRA) supplies its parts."""
+    from minilora.lora import layer
+
+    with open(layer.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not read & {"use_dora", "dora_detach_norm"}, read & {"use_dora", "dora_detach_norm"}

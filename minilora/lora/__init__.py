@@ -15,7 +15,8 @@ Files: ``function`` (THE equation h = W₀x + (α/r)·B·A·x: the fused op and 
 grouping rows by adapter, ``mixed_batch``) and ``mixed_op`` (their op, one adapter per row group),
 ``model`` (apply, freeze, count, merge), ``bias`` (an adapter's own bias deltas), ``files``
 (adapter files). ``minilora.functional.lora_linear`` calls ``function.lora_linear``.
-Beyond the paper: DoRA (``LoRAConfig(use_dora=True)``, ``dora.dora_linear``), PiSSA
+Beyond the paper: DoRA (``LoRAConfig(use_dora=True)``; ``dora``: its op, and ``DoRAVariant``, the
+parts a layer asks of a DoRA adapter through the interface in ``variant``), PiSSA
 (``init="pissa"``; ``variants.pissa_to_lora``), rsLoRA (``use_rslora``), and a 4-bit NF4 base
 (``qlora.quantize_base``, QLoRA; the NF4 weight and layer in ``quantized``).
 """

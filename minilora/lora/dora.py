@@ -8,6 +8,7 @@ The pieces ``dora_forward`` / ``dora_backward`` play the part of ``function.low_
 a mixed batch may hold LoRA and DoRA adapters side by side. ``dora_norms`` gives the row norms
 without forming W₀ + s·B·A; ``dora_weight`` is the dense weight a merge writes. W₀ may be any
 weight of the protocol in ``function.py`` (an NF4 weight keeps ‖Ŵ₀_i‖² as ``row_norms_sq()``).
+``DoRAVariant`` gives a ``LoRALinear`` DoRA's parts (``variant.py``): the layer holds no DoRA code.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import numpy as np
 
 from .. import backend as bk
 from ..function import Function
+from ..nn import Parameter
 from .function import base_backward, base_forward, check_lora_shapes, low_rank_forward, weight_matmul, weight_matmul_t
+from .variant import LoRAVariant
 
-__all__ = ["DoRALinearFn", "check_magnitude", "dora_backward", "dora_forward", "dora_linear", "dora_norms",
-           "dora_weight"]
+__all__ = ["DORA", "DoRALinearFn", "DoRAVariant", "check_magnitude", "dora_backward", "dora_forward", "dora_linear",
+           "dora_norms", "dora_weight"]
 
 
 def check_magnitude(where, weight, magnitude):
@@ -170,3 +173,48 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout=0.0
     """h = m ⊙ (W₀ + s·B·A)·x / ‖W₀ + s·B·A‖_row + b — the DoRA layer in one fused op."""
     return DoRALinearFn.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling=scaling, dropout=dropout,
                               training=training, detach_norm=detach_norm)
+
+
+class DoRAVariant(LoRAVariant):
+    """DoRA's parts of a ``LoRALinear``: the magnitude m, the fused op, and the merge m ⊙ V / ‖V‖_row."""
+
+    def applies(self, config) -> bool:
+        return config.use_dora
+
+    def add_parts(self, layer, name, config, lora_A, lora_B) -> None:
+        # m = ‖W₀ + s·B·A‖ row by row, computed as the forward does: c = m/n = 1 exactly
+        weight = layer.weight if layer.quantized else layer.weight.data
+        layer.lora_magnitude[name] = Parameter(dora_norms(weight, lora_A, lora_B, config.scaling)[0],
+                                               backend=layer.weight.backend)
+
+    def linear(self, layer, x, name):
+        cfg = layer.lora_config[name]
+        return dora_linear(x, layer.weight, layer.bias, layer.lora_A[name], layer.lora_B[name],
+                           layer.lora_magnitude[name], cfg.scaling, dropout=cfg.dropout, training=layer.training,
+                           detach_norm=cfg.dora_detach_norm)
+
+    def mixed_parts(self, layer, name):
+        return layer.lora_magnitude[name], layer.lora_config[name].dora_detach_norm
+
+    def check_merge(self, layer, names) -> None:
+        if len(names) > 1 or layer.merged:
+            dora = next(n for n in names if self.applies(layer.lora_config[n]))
+            raise RuntimeError(
+                f"{layer.layer_name}: the DoRA adapter {dora!r} rescales the rows of W0 + ΔW, so it merges alone "
+                f"into an unmerged W0 (asked: {names}, merged already: {layer.merged_adapters})"
+            )
+
+    def merged_weight(self, layer, names, V):
+        return dora_weight(V, layer.lora_magnitude[names[0]].data)  # c = m / ‖V‖ per row
+
+    def unmerge_state(self, layer, names):
+        """‖W₀ + ΔW‖ per row: the merged weight W′ = m ⊙ V / ‖V‖ alone does not hold it."""
+        V = layer.weight.data.astype(np.float64) + layer.delta_weight(names)
+        return bk.get_array_module(V).sqrt((V * V).sum(axis=1))
+
+    def unmerged_weight(self, layer, names, state):
+        scale = state / layer.lora_magnitude[names[0]].data.astype(np.float64)  # V = W′·‖V‖/m
+        return layer.weight.data.astype(np.float64) * scale[:, None] - layer.delta_weight(names)
+
+
+DORA = DoRAVariant()
