@@ -37,6 +37,7 @@ __all__ = [
     "asarray",
     "manual_seed",
     "rng",
+    "dropout_mask",
     "scatter_add",
     "available_backends",
     "cupy_available",
@@ -258,6 +259,12 @@ def random_normal(shape, dtype, backend: str | None = None, std=1.0):
     if name == "numpy":
         return (gen.standard_normal(size=shape) * std).astype(dtype, copy=False)
     return (gen.standard_normal(shape, dtype=np.float64) * std).astype(dtype, copy=False)
+
+
+def dropout_mask(shape, p: float, dtype, backend: str | None = None):
+    """Inverted-dropout mask: 0 with probability p, else 1/(1-p) (so E[mask] = 1); every dropout draws it here."""
+    keep = random_uniform(shape, dtype, backend=backend) >= p
+    return keep.astype(dtype) * (1.0 / (1.0 - p))
 
 
 # ----------------------------------------------------------------------------- gaps

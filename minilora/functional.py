@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from . import backend as bk
-from .backend import get_array_module
+from .backend import dropout_mask, get_array_module  # dropout_mask: F.dropout_mask, also LoRA's
 from .function import Function
 from .tensor import Tensor
 
@@ -93,13 +93,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout=0.0, training=
     from .lora.function import lora_linear as fused_lora_linear  # noqa: PLC0415
 
     return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout=dropout, training=training)
-
-
-# ----------------------------------------------------------------------------- dropout mask (also LoRA's)
-def dropout_mask(shape, p: float, dtype, backend: str | None = None):
-    """Inverted-dropout mask: 0 with probability p, else 1/(1-p) (so E[mask] = 1)."""
-    keep = bk.random_uniform(shape, dtype, backend=backend) >= p
-    return keep.astype(dtype) * (1.0 / (1.0 - p))
 
 
 # ----------------------------------------------------------------------------- GELU

@@ -33,7 +33,6 @@ import numpy as np
 
 from .. import backend as bk
 from ..function import Function
-from ..functional import dropout_mask
 
 __all__ = [
     "LoRALinearFn", "base_backward", "base_forward", "check_lora_shapes", "computes_own_products", "delta_weight", "lora_linear",
@@ -99,7 +98,7 @@ def low_rank_forward(x, lora_A, lora_B, scaling, dropout=0.0, training=False):
     """s·B·A·drop(x) for rows x (N, k) -> ((N, d) update, what the backward needs)."""
     mask = None
     if training and dropout > 0.0:
-        mask = dropout_mask(x.shape, dropout, x.dtype, backend=bk.backend_of(x))
+        mask = bk.dropout_mask(x.shape, dropout, x.dtype, backend=bk.backend_of(x))
         x = x * mask
     u_s = x @ lora_A.T  # (N, r): the low-rank bottleneck
     u_s *= scaling  # s multiplies the thin (N, r) factor, never an (N, d) product
