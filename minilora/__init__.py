@@ -6,11 +6,9 @@
     >>> x.grad
     array([[2., 4.]])
 
-Two links are made here, once and openly, because the modules cannot import each other
+One link is made here, once and openly, because the modules cannot import each other
 without a cycle: Tensor's operators get the primitive ops (``tensor.install_ops``; the ops
-are Functions, which import Tensor), and ``functional`` gets the LoRA op ``lora_linear``
-(defined with its backward in ``lora/function.py``; the lora package imports nn, which
-imports functional).
+are Functions, which import Tensor).
 """
 
 from . import backend, functional, lora, nn, ops, tensor as _tensor
@@ -25,7 +23,6 @@ from .ops import (
 from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 
 _tensor.install_ops(ops)  # x + y, x @ w, x.sum(), ... call minilora.ops
-functional.lora_linear = lora.lora_linear  # F.lora_linear(x, W0, b, A, B, scaling, dropout, training)
 
 __all__ = [
     "backend", "functional", "lora", "nn", "ops",

@@ -11,9 +11,7 @@ the feature axis. Linear weights are (out, in): y = x Wᵀ + b, so W ∈ R^{d×k
 the paper.
 
 ``lora_linear`` (h = W₀x + b + (α/r)·B·A·drop(x)) is the LoRA package's op, defined with its
-backward in ``minilora/lora/function.py``; ``minilora/__init__`` installs it here as
-``F.lora_linear`` (this module cannot import it: the lora package imports nn, which imports
-this module).
+backward in ``minilora/lora/function.py``; ``F.lora_linear`` calls it.
 """
 
 from __future__ import annotations
@@ -23,12 +21,13 @@ import math
 import numpy as np
 
 from . import backend as bk
-from .backend import get_array_module
+from .backend import dropout_mask, get_array_module  # dropout_mask: F.dropout_mask, also LoRA's
 from .function import Function
 from .tensor import Tensor
 
 __all__ = [
     "linear",
+    "lora_linear",
     "gelu",
     "layer_norm",
     "softmax",
@@ -84,11 +83,16 @@ def linear(x, weight, bias=None):
     return Linear.apply(x, weight, bias)
 
 
-# ----------------------------------------------------------------------------- dropout mask (also LoRA's)
-def dropout_mask(shape, p: float, dtype, backend: str | None = None):
-    """Inverted-dropout mask: 0 with probability p, else 1/(1-p) (so E[mask] = 1)."""
-    keep = bk.random_uniform(shape, dtype, backend=backend) >= p
-    return keep.astype(dtype) * (1.0 / (1.0 - p))
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout=0.0, training=False):
+    """h = x W₀ᵀ + b + scaling · drop(x) Aᵀ Bᵀ — the LoRA layer in one fused op (eq. 3).
+
+    The op and its hand-written backward are ``LoRALinearFn`` in ``minilora/lora/function.py``.
+    It is imported when called: the lora package imports nn, which imports this module, so an
+    import at the top would be a cycle.
+    """
+    from .lora.function import lora_linear as fused_lora_linear  # noqa: PLC0415
+
+    return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout=dropout, training=training)
 
 
 # ----------------------------------------------------------------------------- GELU

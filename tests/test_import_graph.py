@@ -1,13 +1,17 @@
-"""The package's module-level imports form no cycle (issue 11): dependencies a reader can follow.
+"""The package's module-level imports form no cycle: dependencies a reader can follow.
 
-Links that would be cycles are made openly in ``minilora/__init__`` instead (``tensor.install_ops``,
-``functional.lora_linear``). The graph is read from the source with ``ast``: every top-level
-``import`` / ``from ... import`` between minilora modules, where importing ``a.b.c`` also imports
-the packages ``a.b`` and ``a`` (their ``__init__`` runs first).
+A link that would be a cycle is made openly instead: in ``minilora/__init__``
+(``tensor.install_ops``) or by an import at call time (``functional.lora_linear``). The graph is
+read from the source with ``ast``: every top-level ``import`` / ``from ... import`` between
+minilora modules, where importing ``a.b.c`` also imports the packages ``a.b`` and ``a`` (their
+``__init__`` runs first).
 """
 
 import ast
 import os
+
+import numpy as np
+import pytest
 
 import minilora
 
@@ -112,3 +116,51 @@ def test_the_graph_has_the_expected_edges():
 
 def test_no_module_level_import_cycle():
     assert _cycles(_import_graph()) == []
+
+
+def test_lora_function_holds_the_equation_alone_and_answers_for_the_ops_built_on_it():
+    """lora/function.py defines no DoRA, mixed-batch or NF4 code; those names import from it all the same."""
+    from minilora.lora import dora, function, mixed_op
+
+    with open(function.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert not {name for name in defined if "dora" in name.lower() or "mixed" in name.lower()}, defined
+    imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"quantized", "dora", "mixed_op"}, imported
+    for module, names in ((dora, ("DoRALinearFn", "dora_backward", "dora_forward", "dora_linear", "dora_norms",
+                                  "dora_weight")), (mixed_op, ("MixedLoRALinearFn", "mixed_lora_linear"))):
+        for name in names:
+            assert getattr(function, name) is getattr(module, name), name
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_op'"):
+        function.no_such_op  # noqa: B018
+
+
+def test_no_module_sets_another_modules_names_at_import_time():
+    """No top-level ``module.name = ...``: every name is defined in the file a reader jumps to."""
+    import minilora.functional as F
+    from minilora import lora
+
+    patched = []
+    for name, (path, _) in _modules().items():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            patched += [f"{name}: {ast.unparse(t)}" for t in targets if isinstance(t, ast.Attribute)]
+    assert not patched, patched
+    assert F.lora_linear.__module__ == "minilora.functional"
+    rng = np.random.default_rng(0)
+    x, W, A, Bm = (minilora.tensor(rng.standard_normal(s), dtype="float64") for s in ((2, 3), (4, 3), (2, 3), (4, 2)))
+    np.testing.assert_array_equal(F.lora_linear(x, W, None, A, Bm, 0.5, 0.0, False).data,
+                                  lora.lora_linear(x, W, None, A, Bm, 0.5).data)
+
+
+def test_the_lora_layer_does_not_branch_on_dora():
+    """lora/layer.py reads no DoRA flag: each adapter's variant (lora/dora.py for DoRA) supplies its parts."""
+    from minilora.lora import layer
+
+    with open(layer.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not read & {"use_dora", "dora_detach_norm"}, read & {"use_dora", "dora_detach_norm"}

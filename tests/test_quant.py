@@ -280,3 +280,45 @@ def test_quantize_base_refuses_clearly():
     with pytest.raises(quant.QuantizationError, match="block_size"):
         lora.quantize_base(model, block_size=63)
     assert "blocks.0.attn.q.weight" in dict(model.named_parameters())  # a refusal changes nothing
+
+
+class _ProductsWeight:
+    """A W₀ that is no array: it answers x·W₀ᵀ, g·W₀ and ‖W₀_i‖² (the weight protocol), and counts the calls."""
+
+    requires_grad = False
+
+    def __init__(self, W):
+        self.W, self.shape, self.dtype, self.calls = W, W.shape, W.dtype, []
+
+    def matmul_t(self, x):
+        self.calls.append("matmul_t")
+        return x @ self.W.T
+
+    def matmul(self, g):
+        self.calls.append("matmul")
+        return g @ self.W
+
+    def row_norms_sq(self):
+        self.calls.append("row_norms_sq")
+        return (self.W * self.W).sum(axis=1)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_lora_ops_compute_with_any_weight_of_the_protocol(dora):
+    """lora_linear / dora_linear on a weight object with matmul_t / matmul equal them on its array."""
+    rng = np.random.default_rng(3)
+    W, b = rng.standard_normal((5, 4)), rng.standard_normal(5)
+    x0, A0, B0, m0, up = (rng.standard_normal(s) for s in ((2, 3, 4), (2, 4), (5, 2), (5,), (2, 3, 5)))
+    outs = []
+    for weight in (ml.tensor(W, dtype="float64"), _ProductsWeight(W)):
+        x, A, Bm, m = (ml.tensor(a, requires_grad=True, dtype="float64") for a in (x0, A0, B0, m0))
+        bias = ml.tensor(b, requires_grad=True, dtype="float64")
+        if dora:
+            h = lora.dora_linear(x, weight, bias, A, Bm, m, 0.5)
+        else:
+            h = lora.lora_linear(x, weight, bias, A, Bm, 0.5)
+        h.backward(up)  # a random upstream gradient
+        outs.append([to_np(h)] + [to_np(t.grad) for t in (x, A, Bm, bias) + ((m,) if dora else ())])
+    for got, want in zip(outs[1], outs[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert {"matmul_t", "matmul"} | ({"row_norms_sq"} if dora else set()) <= set(weight.calls)

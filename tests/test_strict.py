@@ -318,7 +318,7 @@ def test_tutorial_07_check_catches_an_np_exp_softmax_without_a_gpu():
     assert numpy_only(np.array([[1.0, 2.0]])).sum() == pytest.approx(1.0)
     with pytest.raises(ex.ExerciseError, match=r"numpy\.exp was called on a device array.*get_array_module"):
         ex.check_softmax_any_backend(numpy_only)
-    with pytest.raises(ex.ExerciseError, match="strict backend you returned a minilora.backend.StrictArray"):
+    with pytest.raises(ex.ExerciseError, match="strict backend you returned a minilora.strict.StrictArray"):
         ex.check_host_logits(lambda model, idx: model(idx).data)  # a device array is not a host array
 
 

@@ -24,7 +24,7 @@ import minilora as ml
 from minilora import backend as bk
 from minilora import functional as F
 from minilora import lora, nn, quant
-from minilora.lora.function import dora_norms
+from minilora.lora.dora import dora_norms
 
 
 def T(a, grad=True):
@@ -245,6 +245,50 @@ def test_dora_merges_alone():
     model.eval()
     with pytest.raises(RuntimeError, match="merges alone"):
         lora.merge(model)
+
+
+def test_the_layer_asks_an_adapters_variant_for_its_forward_and_merge(monkeypatch):
+    """A variant plugged into ``layer._VARIANTS`` gives the layer its forward, merge and unmerge.
+
+    The toy variant flips the update's sign: h = W₀x + b − s·B·A·x, merged as W₀ − ΔW.
+    """
+    from minilora.lora import layer as layer_module
+    from minilora.lora.variant import LoRAVariant
+
+    class Flipped(LoRAVariant):
+        def applies(self, config):
+            return config.alpha == 3.0
+
+        def linear(self, layer, x, name):
+            cfg = layer.lora_config[name]
+            return lora.lora_linear(x, layer.weight, layer.bias, layer.lora_A[name], layer.lora_B[name], -cfg.scaling)
+
+        def merged_weight(self, layer, names, V):
+            return 2.0 * layer.weight.data.astype(np.float64) - V  # W₀ − ΔW
+
+        def unmerged_weight(self, layer, names, state):
+            return layer.weight.data.astype(np.float64) + layer.delta_weight(names)
+
+    monkeypatch.setattr(layer_module, "_VARIANTS", (Flipped(),) + layer_module._VARIANTS)
+    model = tiny_gpt()
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=3.0, target_modules=("q",)), "flip")
+    perturb(model)
+    model.eval()
+    idx = ids_batch(2)
+    flipped = to_np(model(idx).data)
+    with lora.disable_adapters(model):
+        base = to_np(model(idx).data)
+    layer = dict(lora.lora_layers(model))["blocks.0.attn.q"]
+    weight = to_np(layer.weight.data).copy()
+    x = np.random.default_rng(1).standard_normal((3, 16))
+    update = x @ to_np(layer.delta_weight("flip")).T
+    assert_close(layer(ml.tensor(x, dtype="float64")).data, x @ weight.T + to_np(layer.bias.data) - update,
+                 rtol=1e-12, atol=1e-12)
+    assert np.abs(flipped - base).max() > 1e-6
+    lora.merge(model, keep_original=False)
+    assert_close(model(idx).data, flipped, rtol=1e-10, atol=1e-11)
+    lora.unmerge(model)
+    np.testing.assert_allclose(to_np(layer.weight.data), weight, rtol=1e-13, atol=1e-14)
 
 
 def test_dora_mixed_batch_equals_each_adapter_alone(backend):

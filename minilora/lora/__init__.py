@@ -10,11 +10,13 @@
     with lora.mixed_batch(model, ["e2e", "parse", "__base__"]):   # one adapter per row: a mixed-task batch
         logits = model(idx)                                      # (any Module with LoRALinear layers)
 
-Files: ``function`` (THE equation h = W₀x + (α/r)·B·A·x: the fused op, the mixed op, their
-backward), ``config`` (LoRAConfig), ``layer`` (LoRALinear and its adapters), ``mixed`` (mixed
-batches: grouping rows by adapter, ``mixed_batch``), ``model`` (apply, freeze, count, merge),
-``bias`` (an adapter's own bias deltas), ``files`` (adapter files). ``minilora.functional.lora_linear`` is ``function.lora_linear``.
-Beyond the paper: DoRA (``LoRAConfig(use_dora=True)``, ``function.dora_linear``), PiSSA
+Files: ``function`` (THE equation h = W₀x + (α/r)·B·A·x: the fused op and its backward),
+``config`` (LoRAConfig), ``layer`` (LoRALinear and its adapters), ``mixed`` (mixed batches:
+grouping rows by adapter, ``mixed_batch``) and ``mixed_op`` (their op, one adapter per row group),
+``model`` (apply, freeze, count, merge), ``bias`` (an adapter's own bias deltas), ``files``
+(adapter files). ``minilora.functional.lora_linear`` calls ``function.lora_linear``.
+Beyond the paper: DoRA (``LoRAConfig(use_dora=True)``; ``dora``: its op, and ``DoRAVariant``, the
+parts a layer asks of a DoRA adapter through the interface in ``variant``), PiSSA
 (``init="pissa"``; ``variants.pissa_to_lora``), rsLoRA (``use_rslora``), and a 4-bit NF4 base
 (``qlora.quantize_base``, QLoRA; the NF4 weight and layer in ``quantized``).
 """
@@ -23,15 +25,9 @@ from .bias import BiasDeltas  # noqa: F401
 from .config import BASE_ADAPTER, BIAS_MODES, INIT_MODES, MAX_DROPOUT, MAX_SCALING, LoRAConfig  # noqa: F401
 from .files import AdapterFileError, adapter_nbytes, load_adapter, save_adapter  # noqa: F401
 from .layer import AdapterDict, LoRALinear, MergedWeightChangedWarning  # noqa: F401
-from .function import (  # noqa: F401
-    DoRALinearFn,
-    LoRALinearFn,
-    MixedLoRALinearFn,
-    delta_weight,
-    dora_linear,
-    lora_linear,
-    mixed_lora_linear,
-)
+from .dora import DoRALinearFn, dora_linear  # noqa: F401
+from .function import LoRALinearFn, delta_weight, lora_linear  # noqa: F401
+from .mixed_op import MixedLoRALinearFn, mixed_lora_linear  # noqa: F401
 from .mixed import RowGroups, group_rows, mixed_batch  # noqa: F401
 from .variants import pissa_to_lora  # noqa: F401
 from .quantized import NF4Linear, QuantizedWeight, nf4_linear  # noqa: F401

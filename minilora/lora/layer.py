@@ -15,13 +15,14 @@ States: an adapter is *active* (used by forward), and possibly *merged* (B A alr
 the weight, so forward is a plain F.linear: no extra latency, Sec. 4.2). Changing what is
 active while something is merged raises: merging is explicit, never a side effect.
 Several active adapters add their updates; inside ``lora.mixed_batch`` (which sets
-``row_groups``) row i of the input uses its own adapter instead. Every path is an op of
-``lora/function.py``, where the equation and its backward are written once.
+``row_groups``) row i of the input uses its own adapter instead. Every path is an op built on
+the pieces of ``lora/function.py``, where the equation and its backward are written once.
 
-Variants (``LoRAConfig``): ``use_dora`` routes the forward through ``dora_linear`` (a merged DoRA
-weight is the plain matrix m ⊙ V / ‖V‖_row); ``init="pissa"`` starts A and B at the top-r
-singular triplets of W₀ and replaces W₀ by the residual (``_pissa_init``); after
-``lora.quantize_base`` the weight is an NF4 ``QuantizedWeight`` (no merging, no PiSSA).
+Variants (``LoRAConfig``): each adapter has a variant (``variant.py``) that supplies the parts
+where it differs from plain LoRA; ``use_dora`` gives ``dora.DORA`` (its magnitude, ``dora_linear``
+and the merged weight m ⊙ V / ‖V‖_row), so this file holds no DoRA code. ``init="pissa"`` starts
+A and B at the top-r singular triplets of W₀ and replaces W₀ by the residual (``_pissa_init``);
+after ``lora.quantize_base`` the weight is an NF4 ``QuantizedWeight`` (no merging, no PiSSA).
 """
 
 from __future__ import annotations
@@ -38,8 +39,18 @@ from ..nn import Linear, Module, Parameter
 from ..io import tensor_fingerprint
 from ..tensor import is_grad_enabled
 from .config import LoRAConfig, check_adapter_name
-from .function import delta_weight, dora_linear, dora_norms, dora_weight, lora_linear, mixed_lora_linear
+from .dora import DORA
+from .function import delta_weight
+from .mixed_op import mixed_lora_linear
 from .quantized import QuantizedWeight, nf4_linear
+from .variant import LORA
+
+_VARIANTS = (DORA,)  # an adapter whose config one of these applies to uses its parts; the others are plain LoRA
+
+
+def variant_for(config: LoRAConfig):
+    """The variant of an adapter made with ``config``: the first of ``_VARIANTS`` that applies, else LoRA."""
+    return next((v for v in _VARIANTS if v.applies(config)), LORA)
 
 __all__ = ["AdapterDict", "LoRALinear", "MergedWeightChangedWarning"]
 
@@ -106,7 +117,8 @@ class LoRALinear(Module):
         self.lora_config: dict[str, LoRAConfig] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-        # [(adapter names, pre-merge weight copy, None or (DoRA row norms,), fingerprint of W0 + ΔW)], oldest first
+        # [(adapter names, pre-merge weight copy or None, the variant's unmerge state, fingerprint of W0 + ΔW)],
+        # oldest first
         self._merge_records: list = []
         self._disabled = 0
         self.layer_name = layer_name or "LoRALinear"
@@ -152,11 +164,18 @@ class LoRALinear(Module):
             return original
         if self._merge_records:
             first = self._merge_records[0][1]
-            if first is None or isinstance(first, tuple):
+            if first is None:
                 raise RuntimeError(self._merged_message("tell its base weight W0 (merged with keep_original=False, so "
                                                         "no copy of W0 is kept)"))
             return first
         return self.weight.data
+
+    def _variant(self, name: str):
+        return variant_for(self.lora_config[name])
+
+    def _merge_variant(self, names):
+        """The one variant that merges ``names``: plain LoRA's, unless a variant with a merge of its own is among them."""
+        return next((v for v in map(self._variant, names) if v is not LORA), LORA)
 
     def _where(self) -> str:
         return f"{self.layer_name} (weight {tuple(self.weight.shape)})"
@@ -203,9 +222,7 @@ class LoRALinear(Module):
             lora_B = bk.module_for(backend).zeros((d, r), dtype=dtype)
         self.lora_A[name] = Parameter(lora_A, backend=backend)  # on W0's backend, whatever the current one is
         self.lora_B[name] = Parameter(lora_B, backend=backend)
-        if config.use_dora:  # m = ‖W₀ + s·B·A‖ row by row, computed as the forward does: c = m/n = 1 exactly
-            weight = self.weight if self.quantized else self.weight.data
-            self.lora_magnitude[name] = Parameter(dora_norms(weight, lora_A, lora_B, config.scaling)[0], backend=backend)
+        variant_for(config).add_parts(self, name, config, lora_A, lora_B)
         self.lora_config[name] = config
         if activate:
             self.active_adapters = [name]
@@ -320,22 +337,16 @@ class LoRALinear(Module):
             )
 
     def _fused(self, x, name):
-        """One adapter on every row: the fused LoRA op, or DoRA's."""
-        cfg = self.lora_config[name]
-        if cfg.use_dora:
-            return dora_linear(x, self.weight, self.bias, self.lora_A[name], self.lora_B[name],
-                               self.lora_magnitude[name], cfg.scaling, dropout=cfg.dropout, training=self.training,
-                               detach_norm=cfg.dora_detach_norm)
-        return lora_linear(x, self.weight, self.bias, self.lora_A[name], self.lora_B[name],
-                           cfg.scaling, dropout=cfg.dropout, training=self.training)
+        """One adapter on every row: the fused op of its variant (LoRA's, or DoRA's)."""
+        return self._variant(name).linear(self, x, name)
 
     def _mixed(self, x, names, selectors):
         configs = [self.lora_config[n] for n in names]
+        magnitudes, detach_norms = zip(*(self._variant(n).mixed_parts(self, n) for n in names))
         return mixed_lora_linear(
             x, self.weight, self.bias, [self.lora_A[n] for n in names], [self.lora_B[n] for n in names],
             [c.scaling for c in configs], selectors, dropouts=[c.dropout for c in configs], training=self.training,
-            magnitudes=[self.lora_magnitude[n] if c.use_dora else None for n, c in zip(names, configs)],
-            detach_norms=[c.dora_detach_norm for c in configs],
+            magnitudes=list(magnitudes), detach_norms=list(detach_norms),
         )
 
     def _forward_mixed(self, x, groups):
@@ -367,8 +378,8 @@ class LoRALinear(Module):
     def plan_merge(self, names) -> object:
         """W₀ + ΔW in the weight's dtype, checked finite; nothing is written (see ``lora.merge``).
 
-        For a DoRA adapter the merged weight is m ⊙ (W₀ + ΔW) / ‖W₀ + ΔW‖_row (a plain matrix:
-        no extra latency either); it must be merged alone, into an unmerged W₀.
+        The adapters' variant checks the merge and makes the weight from W₀ + ΔW (DoRA: the plain
+        matrix m ⊙ (W₀ + ΔW) / ‖W₀ + ΔW‖_row, no extra latency either, merged alone into an unmerged W₀).
         """
         names = _as_names(names)
         for name in names:
@@ -384,12 +395,8 @@ class LoRALinear(Module):
                 "re-quantized, losing the adapter's precision; serve it unmerged, or merge into a float copy of the "
                 "model made before quantize_base"
             )
-        dora = [n for n in names if self.lora_config[n].use_dora]
-        if dora and (len(names) > 1 or self.merged):
-            raise RuntimeError(
-                f"{self.layer_name}: the DoRA adapter {dora[0]!r} rescales the rows of W0 + ΔW, so it merges alone "
-                f"into an unmerged W0 (asked: {names}, merged already: {self.merged_adapters})"
-            )
+        variant = self._merge_variant(names)
+        variant.check_merge(self, names)
         xp = bk.module_for(self.weight.backend)
         delta = self.delta_weight(names)
         if not bool(xp.isfinite(delta).all()):
@@ -399,9 +406,7 @@ class LoRALinear(Module):
                 "values (NaN or inf in lora_A / lora_B); no weight was changed"
             )
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below, with the layer's name
-            merged = self.weight.data.astype(np.float64) + delta
-            if dora:  # c = m / ‖V‖ per row, V = W0 + ΔW
-                merged = dora_weight(merged, self.lora_magnitude[dora[0]].data)
+            merged = variant.merged_weight(self, names, self.weight.data.astype(np.float64) + delta)
             merged = merged.astype(self.weight.dtype)
         if not bool(xp.isfinite(merged).all()):
             raise FloatingPointError(
@@ -413,23 +418,19 @@ class LoRALinear(Module):
     def commit_merge(self, names, merged_weight, keep_original: bool = True) -> None:
         """Write a planned W₀ + ΔW into the weight, in place (references to it stay valid)."""
         original = self.weight.data.copy() if keep_original else None
-        dora = [n for n in _as_names(names) if self.lora_config[n].use_dora]
-        if dora and not keep_original:  # unmerge needs ‖W0 + ΔW‖ per row, which W' alone does not hold
-            V = self.weight.data.astype(np.float64) + self.delta_weight(names)
-            original = (bk.get_array_module(V).sqrt((V * V).sum(axis=1)),)
+        # the variant's state is kept in either case: a merged weight changed after the merge is unmerged with it
+        state = self._merge_variant(_as_names(names)).unmerge_state(self, _as_names(names))
         self.weight.data[...] = merged_weight
-        self._merge_records.append((tuple(_as_names(names)), original, tensor_fingerprint(self.weight.data)))
+        self._merge_records.append((tuple(_as_names(names)), original, state, tensor_fingerprint(self.weight.data)))
         self.merged_adapters.extend(_as_names(names))
 
     def _change_since_merge(self, names, original) -> float:
         """max |W − (W₀ + ΔW)| of the newest merge, recomputed from its pre-merge copy; nan without one."""
-        if original is None or isinstance(original, tuple):
+        if original is None:
             return float("nan")
         with np.errstate(over="ignore", invalid="ignore"):
-            expected = original.astype(np.float64) + self.delta_weight(names)
-            dora = [n for n in names if self.lora_config[n].use_dora]
-            if dora:
-                expected = dora_weight(expected, self.lora_magnitude[dora[0]].data)
+            expected = self._merge_variant(names).merged_weight(self, names, original.astype(np.float64)
+                                                                + self.delta_weight(names))
             expected = expected.astype(self.weight.dtype).astype(np.float64)
             return float(bk.get_array_module(expected).abs(self.weight.data.astype(np.float64) - expected).max())
 
@@ -443,9 +444,9 @@ class LoRALinear(Module):
         the fingerprint the merge recorded: then ΔW is subtracted in every case, so the change is
         kept alike in every layer, and a MergedWeightChangedWarning gives its size.
         """
-        changed = bool(self._merge_records) and tensor_fingerprint(self.weight.data) != self._merge_records[-1][2]
+        changed = bool(self._merge_records) and tensor_fingerprint(self.weight.data) != self._merge_records[-1][3]
         if changed:  # keep the change (W₀ ← W − ΔW, in every layer alike), never the stale pre-merge copy
-            names, original, _ = self._merge_records[-1]
+            names, original, _, _ = self._merge_records[-1]
             size = self._change_since_merge(names, original)
             warnings.warn(
                 f"{self.layer_name}: the merged weight W0 + ΔW of {list(names)} was changed after the merge "
@@ -454,21 +455,11 @@ class LoRALinear(Module):
                 + "; unmerge subtracts ΔW and keeps that change, so W0 is not the pre-merge W0",
                 MergedWeightChangedWarning, stacklevel=3,
             )
-        for names, original, _ in reversed(self._merge_records):
-            dora = [n for n in names if self.lora_config[n].use_dora]
-            if original is not None and not isinstance(original, tuple) and not changed:
+        for names, original, state, _ in reversed(self._merge_records):
+            if original is not None and not changed:
                 self.weight.data[...] = bk.asarray(original, dtype=self.weight.dtype, backend=self.weight.backend)
-            elif dora:  # W' = m·V/‖V‖ with V = W0 + ΔW: V = W'·‖V‖/m, the norms those of the merge
-                if isinstance(original, tuple):
-                    (norms,) = original
-                else:
-                    V = original.astype(np.float64) + self.delta_weight(names)
-                    norms = bk.get_array_module(V).sqrt((V * V).sum(axis=1))
-                scale = norms / self.lora_magnitude[dora[0]].data.astype(np.float64)
-                restored = self.weight.data.astype(np.float64) * scale[:, None] - self.delta_weight(names)
-                self.weight.data[...] = restored.astype(self.weight.dtype)
             else:
-                restored = self.weight.data.astype(np.float64) - self.delta_weight(names)
+                restored = self._merge_variant(names).unmerged_weight(self, names, state)
                 self.weight.data[...] = restored.astype(self.weight.dtype)
         self._merge_records = []
         self.merged_adapters = []

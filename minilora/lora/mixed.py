@@ -6,7 +6,7 @@
 The paper names the limitation (Sec. 4.2): "it is not straightforward to batch inputs to
 different tasks with different A and B in a single forward pass" once W0 + BA is merged.
 Unmerged, it is easy: the base product W0 x is shared by every row, and each adapter adds
-a rank-r correction to its own rows only (``lora.function.MixedLoRALinearFn``). Punica (Chen
+a rank-r correction to its own rows only (``lora.mixed_op.MixedLoRALinearFn``). Punica (Chen
 et al. 2023) and S-LoRA (Sheng et al. 2023) do this on a GPU with gathered kernels: BGMV
 gathers A and B per row, SGMV runs one small matmul per *segment* of rows that share an
 adapter. Here rows are grouped once per ``adapter_ids`` tuple (the grouping is cached: every
@@ -37,8 +37,7 @@ from .. import backend as bk
 from ..nn import Module
 from .bias import bias_hosts
 from .config import BASE_ADAPTER
-from .layer import LoRALinear
-from .model import _check_unmerged, list_adapters
+from .model import _check_unmerged, list_adapters, lora_layers
 
 __all__ = ["RowGroups", "group_rows", "mixed_batch"]
 
@@ -99,19 +98,6 @@ def group_rows(adapter_ids, backend: str = "numpy") -> RowGroups:
     return groups
 
 
-
-
-def _lora_layers(model: Module) -> list:
-    """Every LoRALinear in ``model`` (itself included), unordered: a walk without building path names."""
-    found, stack = [], [model]
-    while stack:
-        module = stack.pop()
-        if isinstance(module, LoRALinear):
-            found.append(module)
-        stack.extend(module._modules.values())
-    return found
-
-
 @contextlib.contextmanager
 def mixed_batch(model: Module, adapter_ids):
     """``with lora.mixed_batch(model, adapter_ids):`` row i of every forward uses adapter ``adapter_ids[i]``.
@@ -123,7 +109,7 @@ def mixed_batch(model: Module, adapter_ids):
     Yields the RowGroups. Raises for an unknown name, or while adapters are merged (a merged
     W0 + BA cannot serve other tasks' rows: call lora.unmerge first).
     """
-    layers = _lora_layers(model)
+    layers = [layer for _, layer in lora_layers(model)]
     groups = group_rows(adapter_ids, layers[0].weight.backend if layers else "numpy")
     known = set().union(*(layer.lora_A.keys() for layer in layers))
     unknown = [name for name in groups.names if name not in known]

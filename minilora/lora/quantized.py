@@ -63,7 +63,9 @@ class QuantizedWeight:
     """A frozen (d, k) weight stored as NF4; ``x Ŵᵀ`` and ``g Ŵ`` dequantize a chunk of rows at a time.
 
     Has ``shape``, ``dtype`` and ``backend`` like the Parameter it replaces, so shape checks
-    and ``add_adapter`` keep working; it has no ``data`` and no gradient.
+    and ``add_adapter`` work on it; it has no ``data`` and no gradient. Its ``matmul_t`` and
+    ``matmul`` are the weight protocol of ``lora/function.py``: the LoRA and DoRA ops compute
+    with it as with an array W₀, without knowing it is NF4.
     """
 
     requires_grad = False
