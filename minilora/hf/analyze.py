@@ -50,6 +50,7 @@ REWRITES_BASE = ("pissa", "olora", "corda", "loftq")  # PEFT inits that replace 
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 _MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
 _EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_[AB](?:\.[A-Za-z0-9_\-]+)?$")
+_BF16_CHUNK = 1 << 20  # bfloat16 values converted at a time
 _LAYER = re.compile(r"\.(\d+)\.")  # the first numbered component: layers.N, h.N, blocks.N
 # PEFT options whose update is not s·B·A of one (r, in) A and one (out, r) B
 _NOT_PLAIN = (("use_qalora", "QA-LoRA (A reads pooled inputs)"),
@@ -239,8 +240,13 @@ def _read_tensor(path: str, name: str) -> np.ndarray:
         info = json.loads(fh.read(n))[name]
         start, end = info["data_offsets"]
         fh.seek(8 + n + start)
-        raw = np.fromfile(fh, dtype="<u2", count=(end - start) // 2)
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+        count = (end - start) // 2
+        out = np.zeros(count, dtype="<u4")
+        for lo in range(0, count, _BF16_CHUNK):  # in chunks: the float32 result is the only full-size array
+            hi = min(lo + _BF16_CHUNK, count)
+            out[lo:hi] = np.fromfile(fh, dtype="<u2", count=hi - lo)
+            out[lo:hi] <<= 16
+    return out.view("<f4").astype(np.float32, copy=False).reshape(info["shape"])
 
 
 class BaseWeights:

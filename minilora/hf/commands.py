@@ -348,9 +348,11 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_import_peft)
 
     p = sub.add_parser("analyze", help="Sec. 7 analyses of any adapter: ΔW spectra, amplification, subspace similarity φ")
-    p.add_argument("adapter", help="a minilora adapter file or a PEFT adapter folder")
-    p.add_argument("--against", metavar="OTHER", help="a second adapter (file or folder): φ between the two")
-    p.add_argument("--base", metavar="HF_DIR", help="base weights for the amplification factor (default: the shipped "
-                   "base for minilora files, base_model_name_or_path for PEFT folders)")
+    p.add_argument("adapter", help="a minilora adapter file, or a PEFT LoRA folder of any architecture on linear "
+                   "layers (GPT-2, Llama, Mistral, Qwen2, Gemma, Phi, ...)")
+    p.add_argument("--against", metavar="OTHER", help="a second adapter (file or folder) of the same base: φ between the two")
+    p.add_argument("--base", metavar="HF_DIR", help="base weights W0 for the amplification factor: a Hugging Face model "
+                   "folder (safetensors, sharded or not), read one tensor at a time for non-GPT-2 adapters (default: "
+                   "the shipped base for minilora files, base_model_name_or_path for PEFT folders)")
     p.add_argument("--out", default="minilora-out/analyze", help="folder for analyze.png and analyze.json")
     p.set_defaults(func=cmd_analyze)
