@@ -546,6 +546,7 @@ def _figure(report: dict, path: str):
     try:
         from matplotlib import colormaps
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     rows = report["rows"]
@@ -567,6 +568,7 @@ def _figure(report: dict, path: str):
         if sv.size and sv[0] > 0:
             shade = depth(row["layer"] / top) if row["layer"] is not None and top else depth(0.5)
             ax.plot(np.arange(1, sv.size + 1), sv / sv[0], marker=".", color=shade, alpha=0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("i")
     ax.set_ylabel("σ_i / σ_1 of ΔW")
     ax.set_title("spectra (colour: depth, dark = first layer)", fontsize=9)
@@ -574,6 +576,7 @@ def _figure(report: dict, path: str):
     for kind in kinds:
         x, y = _by_layer(rows, kind, lambda r: r["energy_share"][0] if r["energy_share"] else None)
         ax.plot(x, y, marker="o", label=kind)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("share of ‖ΔW‖² in σ_1")
     ax.set_ylim(0, 1.05)
@@ -586,6 +589,7 @@ def _figure(report: dict, path: str):
             x, y = _by_layer(rows, kind, lambda r: r.get("amplification") if np.isfinite(r.get("amplification", np.nan))
                              else None)
             ax.plot(x, y, marker="o", label=kind)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.set_ylabel("‖ΔW‖_F / ‖UᵀW0Vᵀ‖_F")
         ax.set_title("amplification by depth (Table 7)", fontsize=9)
@@ -597,6 +601,8 @@ def _figure(report: dict, path: str):
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto",
                           extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
         fig.colorbar(image, ax=ax, shrink=0.85)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f"j ({os.path.basename(os.path.normpath(report['against']))})", fontsize=8)
         ax.set_ylabel(f"i ({os.path.basename(os.path.normpath(report['adapter']))})", fontsize=8)
         ax.set_title(f"φ(i, j), {row['kind']}, layer {row['layer']} (Sec. 7.2)", fontsize=9)
