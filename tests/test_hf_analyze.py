@@ -210,14 +210,15 @@ def test_phi_spectrum_and_amplification_agree_with_the_gpt2_path(tmp_path, capsy
     params = dict(base.named_parameters())
     for which in ("one", "two"):
         t = load_file(tmp_path / which / "adapter_model.safetensors")
-        llama[which] = {k.replace("transformer.h.", "model.layers.").replace(g, l): v
-                        for k, v in t.items() for g, l in names.items() if g in k}
+        llama[which] = {k.replace("transformer.h.", "model.layers.").replace(gpt2_name, llama_name): v
+                        for k, v in t.items() for gpt2_name, llama_name in names.items() if gpt2_name in k}
         with open(tmp_path / which / "adapter_config.json") as f:
             cfg = json.load(f)
         _write_adapter(tmp_path / f"llama-{which}", llama[which], r=cfg["r"], lora_alpha=cfg["lora_alpha"])
     for i in range(2):
-        for g, l in names.items():
-            base_t[f"model.layers.{i}.{l}.weight"] = np.ascontiguousarray(params[f"blocks.{i}.{ours[g]}.weight"].data)
+        for gpt2_name, llama_name in names.items():
+            base_t[f"model.layers.{i}.{llama_name}.weight"] = np.ascontiguousarray(
+                params[f"blocks.{i}.{ours[gpt2_name]}.weight"].data)
     os.makedirs(tmp_path / "llama-base")
     save_file(base_t, tmp_path / "llama-base" / "model.safetensors")
     renamed = analyze_adapter(tmp_path / "llama-one", against=tmp_path / "llama-two", base=tmp_path / "llama-base")

@@ -35,7 +35,6 @@ from safetensors import safe_open
 
 from ..analysis import (effective_rank, energy_share, low_rank_amplification, low_rank_svd,
                         subspace_similarity_grid)
-from ..io import save_json
 from ..lora.function import dora_weight
 from .checkpoint import INDEX, HFFormatError, _no_pickles, read_json_object, read_safetensors, resolve_dir
 from .checkpoint import WEIGHTS as BASE_WEIGHTS
