@@ -7,10 +7,12 @@ arrays or Tensors.
 - ``subspace_similarity(A1, A2, i, j)`` gives φ of eq. 4, and ``subspace_similarity_grid``
   gives φ for every (i, j), for heatmaps like Figs. 3 and 4.
 - ``low_rank_svd(lora_B, lora_A, scaling)`` gives the SVD of ΔW = s·B·A without forming the d × k
-  matrix: its singular values are the spectrum that ``minilora analyze`` prints.
+  matrix: its singular values are the spectrum that ``minilora analyze`` prints, and
+  ``energy_share`` / ``effective_rank`` say how much of ‖ΔW‖² its top directions hold.
 - ``amplification_factor(delta_W, W, r)`` gives ‖ΔW‖_F / ‖UᵀWVᵀ‖_F of Table 7. Its pieces are
   ``projection_norm`` and ``random_projection_norm``, and ``amplification_report`` returns
-  the whole Table 7 row.
+  the whole Table 7 row. ``low_rank_amplification(lora_B, lora_A, scaling, W)`` gives the same
+  factor from B and A, reading W in row blocks (a 4096-wide W costs one copy of W, no d × k SVD).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from . import backend as bk
 __all__ = [
     "amplification_factor",
     "amplification_report",
+    "effective_rank",
+    "energy_share",
+    "low_rank_amplification",
+    "low_rank_projection_norm",
     "low_rank_svd",
     "projection_norm",
     "random_projection_norm",
@@ -203,3 +209,67 @@ def low_rank_svd(lora_B, lora_A, scaling: float = 1.0) -> tuple[np.ndarray, np.n
     q_a, r_a = np.linalg.qr(a.T)
     u, s, vh = np.linalg.svd(float(scaling) * (r_b @ r_a.T))
     return q_b @ u, s, vh @ q_a.T
+
+
+def energy_share(singular_values, norm=None) -> np.ndarray:
+    """share_k = (σ₁² + … + σ_k²) / ‖ΔW‖²_F for k = 1..len(σ): the part of ΔW its top-k directions hold.
+
+    ``singular_values`` in decreasing order (as ``low_rank_svd`` gives them). ‖ΔW‖_F is ‖σ‖ for a
+    low-rank ΔW whose every σ is given (the last share is then 1); pass ``norm`` = ‖ΔW‖_F when the
+    σ are only the top ones of a full-rank ΔW. A zero ΔW has no directions: its shares are all 0.
+    """
+    energy = np.cumsum(np.asarray(singular_values, dtype=np.float64) ** 2)
+    total = float(norm) ** 2 if norm is not None else (float(energy[-1]) if energy.size else 0.0)
+    if total == 0.0:
+        return np.zeros_like(energy)
+    return energy / total
+
+
+def effective_rank(singular_values, share: float = 0.9, norm=None):
+    """The smallest k whose top-k directions hold at least ``share`` of ‖ΔW‖²_F (0 for ΔW = 0).
+
+    Sec. 7.2 finds that the top direction of A already carries most of what matters: k = 1 for a
+    ΔW whose first singular value dominates, k = r for a flat spectrum. None when the σ given
+    (the top ones of a full-rank ΔW, with ``norm``) do not reach ``share``.
+    """
+    shares = energy_share(singular_values, norm)
+    if shares.size == 0 or shares[-1] == 0.0:
+        return 0
+    k = int(np.searchsorted(shares, share - 1e-12)) + 1
+    return k if k <= shares.size else None
+
+
+def low_rank_projection_norm(U, Vh, W, block_elements: int = 1 << 16) -> float:
+    """‖Uᵀ W Vᵀ‖_F for U (d, r), Vh (r, k) and W (d, k), with W read a block of rows at a time.
+
+    Uᵀ W Vᵀ = Σ_blocks U[rows]ᵀ W[rows] Vᵀ, so W is converted to float64 one block of about
+    ``block_elements`` entries at a time and never copied whole: W can be a float32 or float16
+    array, or a view (the transpose of a Conv1D weight). The (r, k) partial sum is all that is kept.
+    """
+    u, vh = _matrix(U, "U"), _matrix(Vh, "Vh")
+    if W.ndim != 2 or W.shape != (u.shape[0], vh.shape[1]):
+        raise ValueError(f"W {tuple(W.shape)} must have the shape (d, k) = ({u.shape[0]}, {vh.shape[1]}) of U Vh")
+    partial = np.zeros((u.shape[1], W.shape[1]))  # (r, k): Uᵀ W
+    block_rows = max(1, block_elements // max(1, W.shape[1]))
+    for start in range(0, W.shape[0], block_rows):
+        rows = np.asarray(bk.to_numpy(W[start:start + block_rows]), dtype=np.float64)
+        if not np.all(np.isfinite(rows)):
+            raise ValueError(f"W has NaN or inf entries (in rows {start}..{start + rows.shape[0] - 1})")
+        partial += u[start:start + block_rows].T @ rows
+        del rows  # before the next block is read: one block alive at a time
+    return float(np.linalg.norm(partial @ vh.T))
+
+
+def low_rank_amplification(lora_B, lora_A, scaling, W) -> float:
+    """``amplification_factor(s·B·A, W, r)`` from B (d, r) and A (r, k), without forming ΔW (Table 7).
+
+    U and V are the r singular vectors of ΔW from ``low_rank_svd``, and ‖ΔW‖_F = ‖S‖, so the only
+    d × k array touched is W itself, in row blocks (``low_rank_projection_norm``). ``inf`` when W
+    has nothing in ΔW's subspace, ``nan`` when ΔW = 0 as well.
+    """
+    u, s, vh = low_rank_svd(lora_B, lora_A, scaling)
+    numerator = float(np.linalg.norm(s))
+    denominator = low_rank_projection_norm(u, vh, W)
+    if denominator == 0.0:
+        return float("nan") if numerator == 0.0 else float("inf")
+    return numerator / denominator

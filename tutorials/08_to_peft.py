@@ -231,6 +231,56 @@ ax.set_title(f"φ(i, j), {name}", fontsize=9)
 print("wrote", save_figure(fig, "08_peft_analysis.png"))
 
 # %% [markdown]
+# ### Any architecture: a Llama-shaped adapter
+#
+# Section 4 read the adapter into minilora's GPT-2. A PEFT folder for Llama, Mistral, Qwen2, Gemma
+# or Phi needs no model at all: each adapted module `M` is a pair `M.lora_A.weight` (r, in),
+# `M.lora_B.weight` (out, r) in `adapter_model.safetensors`, and its W₀ is the tensor `M.weight`
+# of the base's safetensors. `minilora analyze` (and `hf.analyze_adapter`) reads just that, one
+# base matrix at a time. Here PEFT adapts a tiny random `LlamaForCausalLM` (q_proj and v_proj,
+# r = 4; B set to random values in place of training, since PEFT starts it at 0), and we analyse it
+# next to the course's GPT-2 adapter. (Skipped without torch, transformers and peft.)
+
+# %%
+if HAVE_PEFT:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    llama_base, llama_adapter = os.path.join(OUT, "08_tiny_llama"), os.path.join(OUT, "08_llama_lora")
+    llama.save_pretrained(llama_base)
+    llama_peft = get_peft_model(llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in llama_peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    llama_peft.save_pretrained(llama_adapter)
+    from minilora.cli import main as minilora_cli
+
+    summaries = {}
+    for label, folder, weights in (("GPT-2", peft_dir, base_dir), ("Llama", llama_adapter, llama_base)):
+        out = os.path.join(OUT, f"08_analyze_{label.lower()}")
+        minilora_cli(["analyze", folder, "--base", weights, "--out", out])  # the table, the means, JSON and PNG
+        with open(os.path.join(out, "analyze.json")) as f:
+            summaries[label] = json.load(f)["summary"]["by_kind"]
+    for label, groups in summaries.items():
+        for group in groups:
+            print(f"{label:<6} {group['kind']:<17} ‖ΔW‖_F {group['norm_delta_W']:.3f}   top-1 share "
+                  f"{group['top1_share']:.2f}   amplification {group['amplification']:6.2f}")
+else:
+    print("skipped: torch, transformers or peft is not installed")
+
+# %% [markdown]
+# One command, two routes. The GPT-2 folder is read into minilora's GPT-2, so its `c_attn` is split
+# back into q and v; the Llama folder is read by tensor name alone (`hf.analyze`), and its q_proj
+# and v_proj are separate modules already: v_proj has 32 rows, because grouped-query attention
+# gives it 2 key/value heads of 16. The columns mean the same in both. Compare the share of ‖ΔW‖²
+# in the top direction: a random B spreads ΔW over its r directions, where training concentrates it
+# (Sec. 7.2; the numbers mean something only outside FAST mode). The amplification grows with ‖ΔW‖,
+# so compare it between adapters of similar size only.
+#
 # The same from the command line, on any adapter you have — minilora's file or PEFT's folder:
 #
 #     minilora export --adapter e2e.safetensors --to-peft e2e-peft --base-to-hf base-hf

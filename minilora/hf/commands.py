@@ -9,7 +9,10 @@
 matrix the singular values of ΔW = s·B·A (for PiSSA and DoRA the real change of the weight,
 W − W0, from the base weights: see ``weight_change``), the amplification factor ‖ΔW‖_F / ‖UᵀWVᵀ‖_F of
 Table 7 (when the base weights are at hand) and, with ``--against``, the subspace similarity φ
-of Sec. 7.2 between the two adapters' A matrices; a table on stdout, a PNG and a JSON file.
+of Sec. 7.2 between the two adapters' A matrices; a table on stdout, means by module kind and by
+depth, a PNG and a JSON file. GPT-2 adapters (minilora's files, GPT-2 PEFT folders) are read into
+minilora's q, k, v, o, fc, proj; a PEFT folder for any other architecture (Llama, Mistral, Qwen2,
+Gemma, Phi, ...) is read by tensor name alone, its base one tensor at a time (``hf.analyze``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import sys
 
 import numpy as np
+from safetensors import safe_open
 
 from .. import backend as bk
 from .. import lora, optim
@@ -30,7 +34,13 @@ from ..models import load_base
 from ..tensor import no_grad
 from ..train import fit
 from .checkpoint import HFFormatError, load_gpt2, save_gpt2
+from .analyze import REWRITES_BASE, analyze_adapter, complete_row, print_report, summarize, write_figure
+from .peft import _BIAS_KEY as GPT2_BIAS_KEY
+from .peft import _LORA_KEY as GPT2_LORA_KEY
+from .peft import _MAGNITUDE_KEY as GPT2_MAGNITUDE_KEY
 from .peft import LAYOUT_KEY, OURS_OF, load_peft_adapter, read_peft_adapter, save_peft_adapter, split_c_attn
+from .peft import PREFIX as PEFT_PREFIX
+from .peft import WEIGHTS as PEFT_WEIGHTS
 from .tokenizer import load_tokenizer
 
 __all__ = ["add_finetune_flags", "add_parsers", "adapter_updates", "check_output_folder", "cmd_analyze", "cmd_export",
@@ -125,7 +135,7 @@ def adapter_updates(path) -> tuple[dict, dict]:
     if os.path.isdir(path):
         cfg, modules, _ = read_peft_adapter(path)
         init = cfg.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().startswith(_REWRITES_BASE):
+        if isinstance(init, str) and init.lower().startswith(REWRITES_BASE):
             raise HFFormatError(f"{path}: init_lora_weights = {init!r} rewrites the base weights, so s·B·A is not the "
                                 "adapter's change of the original W0; analyze cannot rebuild that base from the folder")
         out, magnitudes = {}, {}
@@ -158,8 +168,6 @@ def adapter_updates(path) -> tuple[dict, dict]:
     return out, {"kind": "minilora", "name": name, "base": None, "init": config.init,
                  "magnitudes": magnitudes if config.use_dora else None}
 
-
-_REWRITES_BASE = ("pissa", "olora", "corda", "loftq")  # PEFT inits that replace W0 by a residual
 
 
 def weight_change(a, b, s, W0, init: str = "kaiming", magnitude=None) -> np.ndarray:
@@ -216,7 +224,30 @@ def _row(name, a, b, s, weights, other, info=None):
     return row
 
 
-def cmd_analyze(args) -> int:
+def _is_gpt2_adapter(path) -> bool:
+    """A minilora adapter file, or a PEFT folder whose every tensor belongs to a GPT-2 c_attn / c_proj / c_fc."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return True
+    weights = os.path.join(path, PEFT_WEIGHTS)
+    if not os.path.exists(weights):
+        return False
+    try:
+        with safe_open(weights, framework="numpy") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 (an unreadable file: the reader names the fault)
+        return False
+
+    def gpt2(key):
+        name = key.removeprefix(PEFT_PREFIX).removeprefix("transformer.")
+        return bool(GPT2_LORA_KEY.match(name) or GPT2_MAGNITUDE_KEY.match(name)
+                    or GPT2_BIAS_KEY.match(name.replace(".base_layer.bias", ".bias")))
+
+    return bool(keys) and all(gpt2(k) for k in keys)
+
+
+def _gpt2_report(args) -> dict:
+    """The report of a minilora adapter file or a GPT-2 PEFT folder, in minilora's matrix names (q, k, v apart)."""
     updates, info = adapter_updates(args.adapter)
     other = adapter_updates(args.against)[0] if args.against else None
     weights, where = {}, None
@@ -240,70 +271,30 @@ def cmd_analyze(args) -> int:
             raise ValueError(f"--base {args.base}: the adapter's {n} is {d}x{k} but the base "
                              + (f"has no {n}" if shape is None else f"holds a {shape[0]}x{shape[1]} weight there")
                              + f" ({len(misfits)} matrices do not fit): the adapter is for another model")
-    rows = [_row(n, a, b, s, weights, other, info) for n, (a, b, s) in updates.items()]
-    header = f"{'matrix':<22} {'shape':>11} {'r':>3} {'‖ΔW‖_F':>9}  {'σ_1 .. σ_r of ΔW':<34} {'amplif.':>8}"
-    header += f" {'φ(1,1)':>7} {'φ(r,r′)':>7}" if other is not None else ""
-    print(f"{info['kind']} adapter {args.adapter}: {len(rows)} adapted matrices"
-          + (f"; base weights from {where}" if where else "; no base weights (pass --base) for the amplification"))
-    print(header)
-    for row in rows:
-        sv = " ".join(f"{x:.3g}" for x in row["singular_values"][:5]) + (" …" if row["r"] > 5 else "")
-        amp = f"{row['amplification']:8.2f}" if "amplification" in row else f"{'-':>8}"
-        line = f"{row['matrix']:<22} {str(tuple(row['shape'])):>11} {row['r']:>3} {row['norm_delta_W']:9.4f}  {sv:<34} {amp}"
-        if other is not None:
-            line += f" {row['phi_1_1']:7.3f} {row['phi_r_r']:7.3f}" if "phi_1_1" in row else f" {'-':>7} {'-':>7}"
-        print(line)
+    rows = [complete_row(_row(n, a, b, s, weights, other, info), s) for n, (a, b, s) in updates.items()]
+    notes = [] if info.get("init") in (None, "kaiming") else [
+        f"init {info['init']!r}" + (": ΔW is W − W0 of the original W0, rebuilt from the base weights"
+                                    if info["init"] == "pissa" else "")]
+    if other is not None and not any("phi_grid" in r for r in rows):
+        notes.append(f"{args.against} adapts none of this adapter's matrices: no φ")
+    return {"adapter": args.adapter, "against": args.against, "base": where, "kind": info["kind"], "notes": notes,
+            "rows": rows, "summary": {"by_kind": summarize(rows, "kind"), "by_layer": summarize(rows, "layer")}}
+
+
+def cmd_analyze(args) -> int:
+    """Sec. 7 on an adapter: GPT-2 (minilora's file or PEFT's folder) through the model, any other PEFT folder
+    through its tensor names alone (``hf.analyze``)."""
+    if _is_gpt2_adapter(args.adapter) and (not args.against or _is_gpt2_adapter(args.against)):
+        report = _gpt2_report(args)
+    else:
+        report = analyze_adapter(args.adapter, against=args.against, base=args.base)
+    print_report(report)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "analyze.json")
-    save_json(json_path, {"adapter": args.adapter, "against": args.against, "base": where, "rows": rows})
-    png = _figure(rows, args, os.path.join(args.out, "analyze.png"))
+    save_json(json_path, report)
+    png = write_figure(report, os.path.join(args.out, "analyze.png"))
     print(f"wrote {json_path}" + (f" and {png}" if png else " (no PNG: matplotlib is not installed)"))
     return 0
-
-
-def _figure(rows, args, path):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    with_phi = [r for r in rows if "phi_grid" in r]
-    with_amp = [r for r in rows if "amplification" in r and np.isfinite(r["amplification"])]
-    panels = 1 + bool(with_amp) + bool(with_phi)
-    fig = Figure(figsize=(4.2 * panels, 3.4), layout="constrained")
-    ax = fig.add_subplot(1, panels, 1)
-    for row in rows:
-        sv = np.asarray(row["singular_values"])
-        if sv[0] > 0:
-            ax.plot(np.arange(1, len(sv) + 1), sv / sv[0], marker=".", alpha=0.6, label=row["matrix"])
-    ax.set_xticks(range(1, max(len(r["singular_values"]) for r in rows) + 1))
-    ax.set_xlabel("i")
-    ax.set_ylabel("σ_i / σ_1 of ΔW")
-    ax.set_title("spectrum of each ΔW = W − W0", fontsize=9)
-    if len(rows) <= 8:
-        ax.legend(fontsize=6)
-    n = 2
-    if with_amp:
-        ax = fig.add_subplot(1, panels, n)
-        ax.bar(range(len(with_amp)), [r["amplification"] for r in with_amp])
-        ax.set_xticks(range(len(with_amp)))
-        ax.set_xticklabels([r["matrix"].replace("blocks.", "") for r in with_amp], rotation=90, fontsize=6)
-        ax.set_ylabel("‖ΔW‖_F / ‖UᵀWVᵀ‖_F")
-        ax.set_title("amplification factor (Sec. 7.3)", fontsize=9)
-        n += 1
-    if with_phi:
-        row = with_phi[len(with_phi) // 2]
-        grid = np.asarray(row["phi_grid"])
-        ax = fig.add_subplot(1, panels, n)
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                          extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
-        fig.colorbar(image, ax=ax, shrink=0.85)
-        ax.set_xticks(range(1, grid.shape[1] + 1))
-        ax.set_yticks(range(1, grid.shape[0] + 1))
-        ax.set_xlabel(f"j ({os.path.basename(os.path.normpath(args.against))})")
-        ax.set_ylabel(f"i ({os.path.basename(os.path.normpath(args.adapter))})")
-        ax.set_title(f"φ(i, j), {row['matrix']} (Sec. 7.2)", fontsize=9)
-    fig.savefig(path, dpi=110)
-    return path
 
 
 # ----------------------------------------------------------------------------- finetune --base --text
@@ -421,9 +412,11 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_import_peft)
 
     p = sub.add_parser("analyze", help="Sec. 7 analyses of any adapter: ΔW spectra, amplification, subspace similarity φ")
-    p.add_argument("adapter", help="a minilora adapter file or a PEFT adapter folder")
-    p.add_argument("--against", metavar="OTHER", help="a second adapter (file or folder): φ between the two")
-    p.add_argument("--base", metavar="HF_DIR", help="base weights for the amplification factor (default: the shipped "
-                   "base for minilora files, base_model_name_or_path for PEFT folders)")
+    p.add_argument("adapter", help="a minilora adapter file, or a PEFT LoRA folder of any architecture on linear "
+                   "layers (GPT-2, Llama, Mistral, Qwen2, Gemma, Phi, ...)")
+    p.add_argument("--against", metavar="OTHER", help="a second adapter (file or folder) of the same base: φ between the two")
+    p.add_argument("--base", metavar="HF_DIR", help="base weights W0 for the amplification factor: a Hugging Face model "
+                   "folder (safetensors, sharded or not), read one tensor at a time for non-GPT-2 adapters (default: "
+                   "the shipped base for minilora files, base_model_name_or_path for PEFT folders)")
     p.add_argument("--out", default="minilora-out/analyze", help="folder for analyze.png and analyze.json")
     p.set_defaults(func=cmd_analyze)
