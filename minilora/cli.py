@@ -18,7 +18,7 @@ from .allocator import keep_freed_memory
 from .backend import BackendUnavailableError
 from .data import TASKS, Tokenizer, prompt_ids
 from .demo import run_demo
-from .experiments import EXPERIMENTS, run_experiment
+from .experiments import EXPERIMENTS, render_report, run_experiment
 from .generate import DECODING_METHODS, generate
 from .hf import commands as hf_commands
 from .joint import finetune_joint
@@ -222,8 +222,25 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
-    _check_folder("--out", args.out)
-    run_experiment(args.name, out_dir=args.out, fast=args.fast)
+    if args.name == "report":
+        if args.fast:
+            raise ValueError("experiment report: --fast shrinks a run; report only renders an existing results.json")
+        results = args.results or os.path.join("docs", "results.json")
+        if not os.path.isfile(results):
+            raise ValueError(f"experiment report: no results file {results!r} (write one with "
+                           "`minilora experiment all --out DIR`, then pass --results DIR/results.json)")
+        out = args.out or os.path.dirname(os.path.abspath(results))
+        _check_folder("--out", out)
+        render_report(results, out)
+        print(f"wrote {os.path.join(out, 'results.md')} and its figures in {os.path.join(out, 'figures')}")
+        return 0
+    if args.results:
+        raise ValueError(f"experiment {args.name}: --results is for `experiment report`; a run writes OUT/results.json")
+    out = args.out or "minilora-out/experiments"
+    _check_folder("--out", out)
+    result = run_experiment(args.name, out_dir=out, fast=args.fast)
+    seconds = result["results"]["seconds"]
+    print(f"wrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'results.md')} ({seconds / 60:.1f} min)")
     return 0
 
 
@@ -312,9 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=48)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("experiment", help="the paper's experiments in miniature (tables + PNGs)")
-    p.add_argument("name", choices=EXPERIMENTS + ("all",))
-    p.add_argument("--out", default="minilora-out/experiments")
+    p = sub.add_parser("experiment", help="the paper's experiments in miniature (results.json, tables, PNGs)",
+                       description="Run an experiment (or all) into OUT/results.json and its Markdown and PNGs; "
+                                   "`report` renders docs/results.md and docs/figures/ from a results.json.")
+    p.add_argument("name", choices=EXPERIMENTS + ("all", "report"))
+    p.add_argument("--out", default=None, help="run: the output folder (default minilora-out/experiments); "
+                                                "report: where results.md goes (default: beside --results)")
+    p.add_argument("--results", default=None, help="report: the results.json to render (default docs/results.json)")
     p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
     p.set_defaults(func=_cmd_experiment)
 

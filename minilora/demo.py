@@ -2,7 +2,8 @@
 
 1. From the shipped pre-trained base, fine-tune each task twice: full fine-tuning (every
    weight trains, eq. 1) and LoRA (r = 4 on Wq and Wv, only A and B train, eq. 2). Print
-   trainable parameters, optimizer-state bytes, peak memory, time and the test metric.
+   trainable parameters, optimizer-state bytes, peak memory, time and the test metric, beside
+   the base model's own score with no fine-tuning (the "before" row).
 2. Merge each adapter (W = W0 + s·BA): outputs equal the unmerged model, and inference
    costs what the base model costs (no extra latency, unlike adapter layers).
 3. Save the adapters: a few kB against a full checkpoint's MBs.
@@ -21,17 +22,20 @@ import numpy as np
 
 from . import backend as bk
 from . import lora
-from .data import TASKS, Tokenizer, load_task, prompt_ids, task_metric
+from .data import DEMO_TASKS as TASKS
+from .data import Tokenizer, load_task, prompt_ids, task_metric
 from .generate import generate
 from .experiments.runs import one_blas_thread_for_children
 from .io import save_json
 from .methods import apply_method, hyperparams
+from ._version import __version__
 from .models import load_base, save_model
-from .recipes import FAST, finetune
+from .models.pretrained import base_sha256
+from .recipes import FAST, finetune, zero_shot
 from .tensor import no_grad
 from .timing import interleaved, median
 
-__all__ = ["run_demo"]
+__all__ = ["readme_section", "run_demo"]
 
 
 def _mb(n_bytes: float) -> str:
@@ -48,10 +52,12 @@ def plot_loss_curves(runs: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False)
     for ax, (task, by_method) in zip(axes[0], runs.items()):
         for method, run in by_method.items():
+            if method == "base":
+                continue  # nothing trained
             h = run.history
             label = f"{method} ({run.trainable_params:,} trainable)"
             ax.plot(h.steps, h.losses, label=label, alpha=0.85)
-        ax.set_title(f"{task}: {next(iter(by_method.values())).metric_name}")
+        ax.set_title(f"{task}: {by_method['full'].metric_name}")
         ax.set_xlabel("step")
         ax.set_ylabel("train loss (y tokens)")
         ax.set_yscale("log")
@@ -70,6 +76,13 @@ def _finetune_in_worker(task: str, method: str, steps: int, n_eval, progress) ->
     return run, {name: bk.to_numpy(a) for name, a in trained.items()}
 
 
+def _zero_shot_in_worker(task: str, n_eval) -> tuple:
+    """The base model's score on ``task`` with no fine-tuning, without the model."""
+    run = zero_shot(task, base=load_base(), n_eval=n_eval)
+    run.model = None
+    return run, None
+
+
 def _rebuild(base, run, arrays):
     """The run's model in this process: a copy of the base with the worker's trained arrays."""
     model = copy.deepcopy(base)
@@ -82,8 +95,8 @@ def _rebuild(base, run, arrays):
 
 
 def train_all(base, steps: dict, n_eval, progress: bool = True, workers: int = 1) -> dict:
-    """Full fine-tuning and LoRA on every task: ``runs[task][method]`` (RunResults);
-    ``steps[task, method]`` is each run's length.
+    """The base with no fine-tuning, full fine-tuning and LoRA on every task: ``runs[task][method]``
+    (RunResults, method "base", "full" or "lora"); ``steps[task, method]`` is each run's length.
 
     ``workers`` > 1 trains that many runs at a time in separate processes with one BLAS thread
     each. A step is a chain of small matmuls and single-threaded elementwise passes, so a second
@@ -92,20 +105,26 @@ def train_all(base, steps: dict, n_eval, progress: bool = True, workers: int = 1
     """
     jobs = [(task, method) for method in ("full", "lora") for task in TASKS]
     jobs.sort(key=lambda job: -steps[job])  # the longest runs first, so no worker is left with one at the end
+    jobs += [(task, "base") for task in TASKS]  # no training: a few seconds of decoding each
     runs: dict = {task: {} for task in TASKS}
     if workers <= 1:
         for task, method in jobs:
-            runs[task][method] = finetune(task, method, base=base, steps=steps[task, method], n_eval=n_eval,
-                                          progress=progress, seed=0)  # LoRA: r = 4 on q, v (methods.HYPERPARAMS)
-        return runs
-    with one_blas_thread_for_children(), cf.ProcessPoolExecutor(
-            max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_finetune_in_worker, task, method, steps[task, method], n_eval, progress): (task, method)
-                   for task, method in jobs}
-        for future in cf.as_completed(futures):
-            task, method = futures[future]
-            runs[task][method] = _rebuild(base, *future.result())
-    return {task: {m: runs[task][m] for m in ("full", "lora")} for task in TASKS}
+            if method == "base":
+                runs[task][method] = zero_shot(task, base=base, n_eval=n_eval)
+            else:  # LoRA: r = 4 on q, v (methods.HYPERPARAMS)
+                runs[task][method] = finetune(task, method, base=base, steps=steps[task, method], n_eval=n_eval,
+                                              progress=progress, seed=0)
+    else:
+        with one_blas_thread_for_children(), cf.ProcessPoolExecutor(
+                max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {(pool.submit(_zero_shot_in_worker, task, n_eval) if method == "base" else
+                        pool.submit(_finetune_in_worker, task, method, steps[task, method], n_eval, progress)):
+                       (task, method) for task, method in jobs}
+            for future in cf.as_completed(futures):
+                task, method = futures[future]
+                run, arrays = future.result()
+                runs[task][method] = run if method == "base" else _rebuild(base, run, arrays)
+    return {task: {m: runs[task][m] for m in ("base", "full", "lora")} for task in TASKS}
 
 
 def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: str = "minilora-out",
@@ -135,6 +154,7 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
             share = 100.0 * run.trainable_params / run.total_params
             print(f"{task:<9}{method:<7}{run.trainable_params:>11,}{share:>8.2f}%{_mb(run.optimizer_state_bytes):>13}"
                   f"{_mb(run.peak_memory_bytes):>11}{run.train_seconds:>7.1f}s  {run.metric_name} {run.metric:.3f}")
+    print("(base: the shipped model with no fine-tuning, scored the same way)")
     ratios = {t: (r["lora"].metric / r["full"].metric if r["full"].metric > 0 else float("nan")) for t, r in runs.items()}
     print("LoRA / full fine-tuning metric: " + ", ".join(f"{t} {100 * v:.1f} %" for t, v in ratios.items()))
     curves = os.path.join(out_dir, "loss_curves.png")
@@ -235,8 +255,52 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
         "mixed_batch_matches_separate": agree,
         "wall_seconds": wall,
         "fast": fast,
+        "workers": workers,
+        "version": __version__,
+        "base_sha256": base_sha256(),
+        "settings": {t: {m: hyperparams(m, t) for m in ("full", "lora")} for t in TASKS},
     }
     if json_path:
         save_json(json_path, results)
         print(f"wrote {json_path}")
     return results
+
+
+_PAIRS = {"e2e": "e2e (data → text)", "parse": "parse (text → MR)", "classify": "classify (MNLI-like)"}
+
+
+def readme_section(results: dict) -> str:
+    """README's measured section, rendered from the demo's JSON (``minilora demo --json``).
+
+    A test renders it from the committed ``docs/demo.json`` and compares it with README, so the
+    numbers there are always the ones a run printed.
+    """
+    lines = ["| task | method | trainable | % of total | AdamW state | peak memory | test metric |",
+             "|---|---|---|---|---|---|---|"]
+    for task, cells in results["tasks"].items():
+        for method in ("base", "full", "lora"):
+            c = cells[method]
+            name = {"base": "base (no fine-tuning)", "full": "full", "lora": "LoRA"}[method]
+            share = 100.0 * c["trainable_params"] / c["total_params"]
+            extra = ""
+            if method == "lora" and cells["full"]["metric"] > 0:
+                extra = f" ({100 * c['metric'] / cells['full']['metric']:.1f} % of full)"
+            state = _mb(c["optimizer_state_bytes"]) if c["trainable_params"] else "–"
+            peak = _mb(c["peak_memory_bytes"]) if c["trainable_params"] else "–"
+            lines.append(f"| {_PAIRS.get(task, task) if method == 'base' else task} | {name} | "
+                         f"{c['trainable_params']:,} | {share:.2f} % | {state} | {peak} | "
+                         f"{c['metric_name'].replace('_', ' ')} {c['metric']:.3f}{extra} |")
+    lines += ["", "The mixed-task batch serves the first test example of each task (not picked), each row "
+              "through its own adapter:", "", "```"]
+    for task, shown in results["mixed_batch"].items():
+        pad = " " * (len(task) + 2)
+        lines += [f"  [{task}] prompt:    {shown['prompt']}", f"  {pad} answer:    {shown['answer']}",
+                  f"  {pad} reference: {shown['reference']}", f"  {pad} {'✓' if shown['correct'] else '✗'}"]
+    correct = sum(shown["correct"] for shown in results["mixed_batch"].values())
+    lines += [f"  {correct}/{len(results['mixed_batch'])} correct; mixed batch == one adapter at a time: "
+              f"{results['mixed_batch_matches_separate']}", "```", "",
+              f"The demo itself took {results['wall_seconds']:.1f} s ({results['workers']} worker processes). "
+              f"Each adapter file is {_mb(min(results['adapter_bytes'].values()))} against "
+              f"{_mb(results['full_checkpoint_bytes'])} for a fine-tuned checkpoint; merged outputs equal unmerged "
+              f"ones to {max(m['max_abs_logit_diff'] for m in results['merge'].values()):.0e} (float32 logits)."]
+    return "\n".join(lines)

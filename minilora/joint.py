@@ -34,7 +34,7 @@ import numpy as np
 from . import backend as bk
 from . import functional as F
 from . import lora, optim
-from .data import TASKS, Tokenizer, collate, load_task, prompt_ids, task_metric
+from .data import DEMO_TASKS, TASKS, Tokenizer, collate, load_task, prompt_ids, task_metric
 from .generate import generate
 from .methods import HYPERPARAMS
 from .models import GPT, load_base
@@ -159,7 +159,7 @@ def train_joint(model, tasks, get_batch, steps: int, lr: float, weight_decay: fl
     return history
 
 
-def finetune_joint(tasks=TASKS, *, base: GPT | None = None, steps: int | None = None, batch_size: int = 16,
+def finetune_joint(tasks=DEMO_TASKS, *, base: GPT | None = None, steps: int | None = None, batch_size: int = 16,
                    lr: float | None = None, weight_decay: float | None = None, r: int | None = None,
                    alpha: float | None = None, targets=None, seed: int = 0, n_train: int | None = None,
                    n_eval: int | None = None, eval_split: str = "test", progress: bool = True,

@@ -26,6 +26,7 @@ from . import backend as bk
 from . import optim
 from .data import (
     TASKS,
+    Rng,
     Tokenizer,
     collate,
     encode_example,
@@ -34,6 +35,7 @@ from .data import (
     pretrain_corpus,
     prompt_ids,
     task_metric,
+    text_metrics,
 )
 from .generate import generate
 from .methods import HYPERPARAMS, apply_method, hyperparams
@@ -53,6 +55,8 @@ __all__ = [
     "pretrain",
     "target_loss",
     "task_batches",
+    "training_examples",
+    "zero_shot",
 ]
 
 # MINILORA_FAST=1: a smoke run (tutorials under test): 40 steps, 40 test examples; the numbers mean nothing
@@ -75,6 +79,7 @@ class RunResult:
     eval_loss: float = float("nan")  # mean NLL of the evaluated targets y given x (eq. 2 on held-out data)
     skipped_train: int = 0  # training examples longer than the model's usable length (PreEmbed only)
     config: dict = field(default_factory=dict)  # the settings the run used
+    text_scores: dict = field(default_factory=dict)  # e2e: {"bleu", "rouge_l"} against every reference
 
     def summary(self) -> dict:
         """The demo's JSON schema for one (task, method) cell."""
@@ -210,7 +215,7 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
              batch_size: int = 16, lr: float | None = None, weight_decay: float | None = None, seed: int = 0,
              n_train: int | None = None, n_eval: int | None = None, eval_split: str = "test",
              max_new_tokens: int | None = None, progress: bool = True, measure_memory: bool = True,
-             tokenizer: Tokenizer | None = None, on_start=None, **hp) -> RunResult:
+             tokenizer: Tokenizer | None = None, on_start=None, subset_seed: int | None = None, **hp) -> RunResult:
     """Adapt (a copy of) the base model to ``task`` with ``method``, then evaluate it.
 
     Every setting defaults to ``methods.hyperparams(method, task)`` (``HYPERPARAMS[method]`` and the
@@ -223,6 +228,8 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
     ``evaluate`` and ``target_loss`` on ``n_eval`` examples of ``eval_split`` (None: all of it).
     ``measure_memory``: the peak bytes of one extra, undone step (tracemalloc). ``on_start(model)``
     is called once the method is installed, before the first step (e.g. to keep LoRA's initial A).
+    ``n_train`` takes the first ``n_train`` training examples; with ``subset_seed`` it draws
+    ``n_train`` of the whole split with that seed instead (a low-data study: each seed its own subset).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS)}")
@@ -242,7 +249,7 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
         on_start(model)
     optimizer = optim.AdamW(model.parameters(trainable_only=True), lr=lr, weight_decay=weight_decay)
     scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=max(1, steps // 10)))
-    train_all = load_task(task, "train", n_train)
+    train_all = training_examples(task, n_train, subset_seed)
     block_size = model.config.block_size
     train = [ex for ex in train_all if len(encode_example(tokenizer, ex)[0]) <= block_size]
     if not train:
@@ -252,7 +259,7 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
     history = fit(model, optimizer, get_batch, steps, scheduler=scheduler, progress=progress, desc=f"{task}/{method}")
     evaluation = load_task(task, eval_split, n_eval if n_eval is not None else (40 if FAST else None))
     model.eval()
-    metric_name, metric, _ = evaluate(model, task, evaluation, tokenizer, max_new_tokens=max_new_tokens)
+    metric_name, metric, preds = evaluate(model, task, evaluation, tokenizer, max_new_tokens=max_new_tokens)
     return RunResult(
         task=task, method=method, model=model, history=history, metric_name=metric_name, metric=metric,
         trainable_params=model.num_parameters(trainable_only=True), total_params=model.num_parameters(),
@@ -261,6 +268,40 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
         config={"method": method, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
                 "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
                 "length_group": length_group},
+        text_scores=text_metrics(preds, evaluation) if task == "e2e" else {},
+    )
+
+
+def training_examples(task: str, n_train: int | None = None, subset_seed: int | None = None) -> list:
+    """The first ``n_train`` training examples of ``task`` (None: all), or, with ``subset_seed``,
+    ``n_train`` of them drawn from the whole split by that seed (in the split's order)."""
+    if subset_seed is None or n_train is None:
+        return load_task(task, "train", n_train)
+    everything = load_task(task, "train")
+    if not 0 <= n_train <= len(everything):
+        raise ValueError(f"n_train={n_train}: the {task} train split has {len(everything)} examples")
+    chosen = sorted(Rng(1_000_003 * (subset_seed + 1)).shuffled(range(len(everything)))[:n_train])
+    return [everything[i] for i in chosen]
+
+
+def zero_shot(task: str, *, base: GPT | None = None, n_eval: int | None = None, eval_split: str = "test",
+              max_new_tokens: int | None = None, tokenizer: Tokenizer | None = None) -> RunResult:
+    """The base model with no fine-tuning, scored like ``finetune``'s runs (the "before" row).
+
+    It reads the prompt and "=>" and continues as its pretraining taught it; nothing trains.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS)}")
+    tokenizer = tokenizer or Tokenizer.default()
+    model = copy.deepcopy(base) if base is not None else load_base()
+    model.eval()
+    evaluation = load_task(task, eval_split, n_eval if n_eval is not None else (40 if FAST else None))
+    metric_name, metric, preds = evaluate(model, task, evaluation, tokenizer, max_new_tokens=max_new_tokens)
+    return RunResult(
+        task=task, method="base", model=model, history=History(), metric_name=metric_name, metric=metric,
+        trainable_params=0, total_params=model.num_parameters(), optimizer_state_bytes=0, train_seconds=0.0,
+        eval_loss=target_loss(model, evaluation, tokenizer), config={"method": "base"},
+        text_scores=text_metrics(preds, evaluation) if task == "e2e" else {},
     )
 
 

@@ -46,8 +46,12 @@ def test_demo_fast_runs_end_to_end(tmp_path):
         assert isinstance(shown["correct"], bool) and isinstance(shown["answer"], str)
         assert f"reference: {first.target}" in result.stdout
     assert result.stdout.count("✓") + result.stdout.count("✗") == 3
+    assert set(results["tasks"]) == {"e2e", "parse", "classify"}  # the demo's tasks (sql is the experiments')
     for task in ("e2e", "parse", "classify"):
         cells = results["tasks"][task]
+        base = cells["base"]  # the shipped model with no fine-tuning, scored like the others
+        assert base["trainable_params"] == 0 and base["train_seconds"] == 0.0 and 0.0 <= base["metric"] <= 1.0
+        assert f"{task:<9}base " in result.stdout
         for method in ("full", "lora"):
             cell = cells[method]
             assert set(cell) >= {"trainable_params", "total_params", "metric_name", "metric", "train_seconds",
@@ -102,7 +106,7 @@ def test_every_import_the_commands_need_is_a_dependency_of_a_plain_install():
     tomllib = pytest.importorskip("tomllib")
     root = Path(__file__).resolve().parents[1]
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    declared = {d.split(">")[0].split("=")[0].split("[")[0].strip() for d in project["dependencies"]}
+    declared = {d.split(">")[0].split("=")[0].split("[")[0].strip().replace("-", "_") for d in project["dependencies"]}
     extras = {"cupy": "gpu", "cupyx": "gpu", "tokenizers": "hf"}
     needed = {}
     for path in (root / "minilora").rglob("*.py"):
@@ -128,3 +132,21 @@ def test_every_import_the_commands_need_is_a_dependency_of_a_plain_install():
     for name, extra in extras.items():
         if name in needed and name != "cupyx":
             assert any(d.startswith(name) for d in project["optional-dependencies"][extra]), (name, extra)
+
+
+def test_readme_measured_section_is_rendered_from_the_committed_demo_json():
+    """README's demo table and showcase are `demo.readme_section(docs/demo.json)`, from the shipped base."""
+    from minilora.demo import readme_section
+    from minilora.models.pretrained import BASE_WEIGHTS, file_sha256
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = json.loads(open(os.path.join(repo, "docs", "demo.json"), encoding="utf-8").read())
+    assert results["fast"] is False and results["base_sha256"] == file_sha256(BASE_WEIGHTS), (
+        "docs/demo.json was made with another base: `minilora demo --json docs/demo.json`, then paste "
+        "demo.readme_section into README")
+    readme = open(os.path.join(repo, "README.md"), encoding="utf-8").read()
+    begin, end = "<!-- begin: demo.readme_section(docs/demo.json) -->\n", "\n<!-- end: demo.readme_section -->"
+    assert begin in readme and end in readme
+    block = readme[readme.index(begin) + len(begin):readme.index(end)]
+    assert block == readme_section(results)
+    assert set(results["tasks"]) == {"e2e", "parse", "classify"}

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from minilora.data import (
     LABELS,
     MAX_SEQUENCE_TOKENS,
+    N_REFERENCES,
     SLOTS,
     SPLITS,
     TASKS,
@@ -19,6 +20,7 @@ from minilora.data import (
     Rng,
     Tokenizer,
     accuracy,
+    bleu,
     collate,
     describe,
     encode_example,
@@ -30,14 +32,17 @@ from minilora.data import (
     parse_mr,
     pretrain_corpus,
     prompt_ids,
+    query,
     random_mr,
+    rouge_l,
     slot_error_rate,
     slot_errors,
     split_of,
     task_metric,
+    text_metrics,
 )
 from minilora.data import tasks as tasks_module
-from minilora.data.world import AREA_PHRASES
+from minilora.data.world import AREA_PHRASES, QUERY_WORDS
 
 TOK = Tokenizer.default()
 
@@ -203,11 +208,59 @@ def test_pretraining_never_sees_the_task_format_or_held_out_restaurants():
 
 
 def test_task_formats():
-    e2e, parse, classify = (load_task(task, "val", n=5) for task in TASKS)
+    e2e, parse, classify, sql = (load_task(task, "val", n=5) for task in TASKS)
     assert all(parse_mr(e.prompt) == e.mr_dict and e.target.endswith(".") for e in e2e)
     assert all(e.target == linearise(e.mr_dict) for e in parse)
     assert all(e.prompt.endswith("?") and e.target in LABELS for e in classify)
+    assert all(e.target == query(e.mr_dict) and e.target.startswith(f"select {e.mr_dict['name']} where ")
+               for e in sql)
     assert isinstance(e2e[0], Example) and hash(e2e[0]) == hash(load_task("e2e", "val", n=1)[0])
+
+
+def test_the_query_language():
+    mr = {"name": "the eagle", "eatType": "pub", "area": "city centre", "familyFriendly": "no", "near": "avalon"}
+    assert query(mr) == ("select the eagle where place is pub and area is city centre and family is no "
+                         "and near is avalon")
+    assert TOK.decode(TOK.encode(query(mr))) == query(mr)
+
+
+def test_the_pretraining_corpus_never_writes_the_query_keywords():
+    """sql is the task the base has never seen: its keywords are in no pretraining line, and they
+    come last in the vocabulary, after every word the corpus uses."""
+    corpus_words = {w for line in pretrain_corpus(2000, seed=3) for w in line.split()}
+    assert not corpus_words & set(QUERY_WORDS)
+    assert TOK.id_to_token[-len(QUERY_WORDS):] == QUERY_WORDS
+    assert all(w in TOK.token_to_id for e in load_task("sql", "train", 50) for w in e.target.split())
+
+
+def test_sql_examples_fit_the_context():
+    lengths = [len(encode_example(TOK, e)[0]) for split in SPLITS for e in load_task("sql", split)]
+    assert max(lengths) <= MAX_SEQUENCE_TOKENS
+
+
+def test_e2e_val_and_test_examples_carry_several_references():
+    for split in ("val", "test"):
+        for e in load_task("e2e", split, 50):
+            refs = e.all_references
+            assert refs[0] == e.target and len(set(refs)) == len(refs) >= 2
+            assert len(refs) <= N_REFERENCES
+            assert all(find_slot_values(r) and parse_mr(e.prompt) == e.mr_dict for r in refs)
+            assert all(slot_errors(r, e.mr) == (0, 0) for r in refs)  # each is a full description of the MR
+    assert all(len(e.all_references) == 1 for e in load_task("e2e", "train", 20))
+    assert np.mean([len(e.all_references) for e in load_task("e2e", "test")]) > N_REFERENCES - 1
+
+
+def test_bleu_and_rouge_l_score_against_every_reference():
+    test = load_task("e2e", "test", 30)
+    second = [e.all_references[1] for e in test]  # right, but not the first reference
+    assert bleu(second, test) == pytest.approx(1.0) and rouge_l(second, test) == pytest.approx(1.0)
+    only_first = [Example(e.prompt, e.target, e.mr) for e in test]
+    assert bleu(second, only_first) < 0.9 and rouge_l(second, only_first) < 0.95
+    wrong = ["there is a pub."] * len(test)
+    scores = text_metrics(wrong, test)
+    assert 0.0 <= scores["bleu"] < 0.05 and 0.0 < scores["rouge_l"] < 0.4
+    with pytest.raises(ValueError, match="2 predictions but 30 references"):
+        bleu(["a", "b"], test)
 
 
 def test_classify_labels_are_balanced_and_correct():
@@ -307,7 +360,7 @@ def test_exact_match_and_accuracy():
 
 
 def test_task_metric_names_and_ranges():
-    for task, name in zip(TASKS, ("slot_accuracy", "exact_match", "accuracy")):
+    for task, name in zip(TASKS, ("slot_accuracy", "exact_match", "accuracy", "exact_match")):
         examples = load_task(task, "val", n=20)
         assert task_metric(task, [e.target for e in examples], examples) == (name, 1.0)
     examples = load_task("classify", "val", n=4)

@@ -6,7 +6,8 @@ import pytest
 import minilora as ml
 from minilora import functional as F
 from minilora import lora, optim
-from minilora.data import TASKS, Tokenizer, collate, load_task
+from minilora.data import DEMO_TASKS as TASKS
+from minilora.data import Tokenizer, collate, load_task
 from minilora.joint import _logits, finetune_joint, joint_batches, joint_loss, joint_model, train_joint
 from minilora.models import GPT, GPTConfig
 from minilora.recipes import finetune, task_batches

@@ -10,8 +10,18 @@ Pure Python + NumPy; nothing here depends on the autograd engine.
 """
 
 from .batching import Batch, collate, encode_example, lm_collate, prompt_ids
-from .metrics import TASK_METRICS, accuracy, exact_match, slot_error_rate, slot_errors, task_metric
-from .tasks import LABELS, SPLIT_SIZES, SPLITS, TASKS, Example, load_task, pretrain_corpus
+from .metrics import (
+    TASK_METRICS,
+    accuracy,
+    bleu,
+    exact_match,
+    rouge_l,
+    slot_error_rate,
+    slot_errors,
+    task_metric,
+    text_metrics,
+)
+from .tasks import DEMO_TASKS, LABELS, N_REFERENCES, SPLIT_SIZES, SPLITS, TASKS, Example, load_task, pretrain_corpus
 from .tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, Tokenizer
 from .world import (
     MAX_SEQUENCE_TOKENS,
@@ -22,12 +32,15 @@ from .world import (
     find_slot_values,
     linearise,
     parse_mr,
+    query,
     random_mr,
     split_of,
 )
 
 __all__ = [
+    "DEMO_TASKS",
     "LABELS",
+    "N_REFERENCES",
     "MAX_SEQUENCE_TOKENS",
     "SLOTS",
     "SPECIAL_TOKENS",
@@ -42,6 +55,7 @@ __all__ = [
     "Rng",
     "Tokenizer",
     "accuracy",
+    "bleu",
     "collate",
     "describe",
     "encode_example",
@@ -52,10 +66,13 @@ __all__ = [
     "load_task",
     "parse_mr",
     "pretrain_corpus",
+    "query",
     "prompt_ids",
     "random_mr",
+    "rouge_l",
     "slot_error_rate",
     "slot_errors",
     "split_of",
     "task_metric",
+    "text_metrics",
 ]

@@ -6,6 +6,17 @@ Three tasks stand in for the paper's benchmarks (Hu et al. 2021, Sec. 5), one pe
     e2e        data-to-text        E2E NLG (Sec. 5.5)     MR linearisation     a description
     parse      text-to-structure   WikiSQL (Sec. 5.4)     a description        the MR linearisation
     classify   3-way inference     MNLI (Sec. 5.2/5.4)    description + question   yes / no / maybe
+    sql        text-to-query       WikiSQL (Sec. 5.4)     a description        a query (`world.query`)
+
+`e2e`, `parse` and `classify` are the demo's tasks (``DEMO_TASKS``). The pretraining corpus holds
+their ingredients (MR strings, descriptions, questions with answers), so the base model already
+knows much of them. `sql` is the task it has never seen: its target is a query language with two
+keywords ("select", "where") that no pretraining line contains, so its zero-shot score is 0 and
+fine-tuning must teach a new output format, as WikiSQL's SQL is new to GPT-3.
+
+`e2e` examples of the val and test splits carry several references (``Example.references``), as
+E2E NLG has several human references per MR: the target and ``N_REFERENCES - 1`` other
+descriptions of the same restaurant. BLEU and ROUGE-L score against all of them.
 
 `classify` is natural language inference: the premise is a description, the hypothesis is a
 question about one slot ("does it serve french food?"), and the label says whether the description
@@ -24,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from hashlib import sha256
 
 from .text import count_words
 from .world import (
@@ -35,18 +47,21 @@ from .world import (
     answer,
     describe,
     linearise,
+    query,
     question,
     random_mr,
     split_of_linearisation,
 )
 
-TASKS = ("e2e", "parse", "classify")
+TASKS = ("e2e", "parse", "classify", "sql")
+DEMO_TASKS = ("e2e", "parse", "classify")
+N_REFERENCES = 5  # references per e2e val/test MR (E2E NLG: 8.1 on average)
 SPLITS = ("train", "val", "test")
 SPLIT_SIZES = {"train": 2000, "val": 200, "test": 200}
 LABELS = ANSWERS  # classify: ("yes", "no", "maybe") = entailment, contradiction, neutral
 
 # One fixed seed per (task, split): task seed + split offset.
-_TASK_SEEDS = {"e2e": 1000, "parse": 2000, "classify": 3000}
+_TASK_SEEDS = {"e2e": 1000, "parse": 2000, "classify": 3000, "sql": 4000}
 _SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -60,6 +75,11 @@ class Example:
     prompt: str
     target: str
     mr: tuple[tuple[str, str], ...]
+    references: tuple[str, ...] = ()  # every acceptable target (e2e val/test: N_REFERENCES); () means (target,)
+
+    @property
+    def all_references(self) -> tuple[str, ...]:
+        return self.references or (self.target,)
 
     @property
     def mr_dict(self) -> dict[str, str]:
@@ -117,16 +137,39 @@ def _generate(name: str, split: str, n: int) -> tuple[Example, ...]:
         description = describe(mr, rng)
         pairs = tuple(mr.items())
         if name == "e2e":
-            examples.append(Example(prompt=linearisation, target=description, mr=pairs))
+            references = _other_references(mr, linearisation, description) if split != "train" else ()
+            examples.append(Example(prompt=linearisation, target=description, mr=pairs, references=references))
         elif name == "parse":
             examples.append(Example(prompt=description, target=linearisation, mr=pairs))
+        elif name == "sql":
+            target = query(mr)
+            if count_words(description) + count_words(target) > MAX_SEQUENCE_TOKENS - 3:
+                continue  # [bos] x => y [eos] must fit the context: draw another restaurant
+            examples.append(Example(prompt=description, target=target, mr=pairs))
         else:
             examples.append(Example(prompt=f"{description} {asked}", target=label, mr=pairs))
     return tuple(examples)
 
 
+def _other_references(mr: Mapping[str, str], linearisation: str, target: str) -> tuple[str, ...]:
+    """``target`` and ``N_REFERENCES - 1`` other, distinct descriptions of ``mr`` (when the grammar has them).
+
+    They come from a generator seeded by the MR itself, so the split's own stream (and with it
+    every prompt and target) does not depend on how many references there are.
+    """
+    rng = Rng(int.from_bytes(sha256(linearisation.encode()).digest()[:8], "big"))
+    references = [target]
+    for _ in range(8 * N_REFERENCES):
+        if len(references) == N_REFERENCES:
+            break
+        text = describe(mr, rng)
+        if text not in references:
+            references.append(text)
+    return tuple(references)
+
+
 def load_task(name: str, split: str, n: int | None = None) -> list[Example]:
-    """The examples of task `name` ("e2e", "parse", "classify") in `split` ("train", "val", "test").
+    """The examples of task `name` ("e2e", "parse", "classify", "sql") in `split` ("train", "val", "test").
 
     `n` defaults to SPLIT_SIZES[split] (2000 / 200 / 200); any `n` gives the first `n` examples
     of the split's fixed stream.

@@ -387,11 +387,30 @@ def find_slot_values(text: str) -> dict[str, set[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# A query language (the target side of the `sql` task)
+# ---------------------------------------------------------------------------------------------
+
+# The `sql` task writes a restaurant as a WikiSQL-like query: "select giraffe where food is french
+# and near is the eagle". Its two keywords are the only words of the vocabulary that the pretraining
+# corpus never writes, so the base model has never produced them.
+QUERY_WORDS = ("select", "where")
+QUERY_COLUMNS = {"eatType": "place", "food": "food", "priceRange": "price", "customerRating": "rating",
+                 "area": "area", "familyFriendly": "family", "near": "near"}
+
+
+def query(mr: Mapping[str, str]) -> str:
+    """The MR as a query: `select <name> where <column> is <value> and ...`, slots in canonical order."""
+    mr = validate_mr(mr)
+    conditions = " and ".join(f"{QUERY_COLUMNS[slot]} is {value}" for slot, value in mr.items() if slot != "name")
+    return f"select {mr['name']} where {conditions}"
+
+
+# ---------------------------------------------------------------------------------------------
 # The world's vocabulary
 # ---------------------------------------------------------------------------------------------
 
 def world_words() -> list[str]:
-    """Every word the world can write, in a fixed order: slot openers, "]", then sorted words."""
+    """Every word the world can write, in a fixed order: slot openers, "]", sorted words, the query keywords."""
     texts: list[str] = []
     for slot, values in VALUES.items():
         texts.extend(_surface(slot, v) for v in values)
@@ -404,4 +423,5 @@ def world_words() -> list[str]:
     texts.extend(("a an place", "and ,"))  # words the code adds around template pieces
     syntax = [SLOT_TOKENS[slot] for slot in SLOTS] + [CLOSE_SLOT]
     words = {w for text in texts for w in split_words(text)} - set(syntax)
-    return syntax + sorted(words)
+    # the query keywords come last, so the corpus's words keep the ids the base model learned them at
+    return syntax + sorted(words) + list(QUERY_WORDS)

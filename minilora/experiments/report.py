@@ -1,10 +1,36 @@
-"""What the experiments write: Markdown tables and files, matplotlib figures (PNG)."""
+"""What the experiments write: Markdown tables and files, matplotlib figures (PNG).
+
+A ``Page`` is where one rendering goes: the folder of the Markdown, the folder of its figures
+(relative to it), and what the page says about the run (fast or full, seeds, the base).
+Rendering reads only the results (the dict that ``results.json`` holds), never a model.
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import numpy as np
 
-__all__ = ["markdown_table", "new_figure", "nll", "write_figure", "write_markdown"]
+__all__ = ["Page", "markdown_table", "new_figure", "nll", "write_figure", "write_markdown"]
+
+
+@dataclass
+class Page:
+    out_dir: str  # where the Markdown goes
+    figure_dir: str = ""  # figures, relative to out_dir ("" = beside the Markdown)
+    fast: bool = False
+    n_seeds: int = 1
+    settings_text: str = ""
+    base_note: str = ""
+
+    def figure_path(self, name: str) -> str:
+        folder = os.path.join(self.out_dir, self.figure_dir)
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, name)
+
+    def figure_link(self, name: str) -> str:
+        return f"{self.figure_dir}/{name}" if self.figure_dir else name
 
 
 def _cell(value) -> str:
@@ -29,15 +55,19 @@ def markdown_table(header, rows, align=None) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(ctx, name: str, title: str, body: str, figures=()) -> str:
-    """Write ``<name>.md`` into ``ctx.out_dir`` (title, the body, the figures, how it was made); return its text."""
-    s = ctx.settings
+def section(page: Page, title: str, body: str, figures=()) -> str:
+    """One experiment's section: its title, its body, its figures and how it was made."""
     lines = [f"## {title}", "", body.strip(), ""]
     for fig in figures:
-        lines += [f"![{fig}]({fig})", ""]
-    lines += [f"_Settings: {'--fast, ' if ctx.fast else ''}{s.describe()}; base: {ctx.base_note}._", ""]
-    text = "\n".join(lines)
-    with open(ctx.path(f"{name}.md"), "w", encoding="utf-8") as f:
+        lines += [f"![{fig}]({page.figure_link(fig)})", ""]
+    lines += [f"_Settings: {'--fast, ' if page.fast else ''}{page.settings_text}; base: {page.base_note}._", ""]
+    return "\n".join(lines)
+
+
+def write_markdown(page: Page, name: str, text: str) -> str:
+    """Write ``<name>.md`` into ``page.out_dir``; return the text."""
+    os.makedirs(page.out_dir, exist_ok=True)
+    with open(os.path.join(page.out_dir, f"{name}.md"), "w", encoding="utf-8") as f:
         f.write(text)
     return text
 
@@ -49,9 +79,9 @@ def new_figure(width=6.4, height=4.0, **kwargs):
     return Figure(figsize=(width, height), **kwargs)
 
 
-def write_figure(ctx, fig, name: str, tight: bool = True) -> str:
-    """Save ``fig`` as ``<ctx.out_dir>/<name>`` (110 dpi) and return ``name`` (for the Markdown link)."""
+def write_figure(page: Page, fig, name: str, tight: bool = True) -> str:
+    """Save ``fig`` as ``name`` in the page's figure folder (110 dpi) and return ``name``."""
     if tight:
         fig.tight_layout()
-    fig.savefig(ctx.path(name), dpi=110)
+    fig.savefig(page.figure_path(name), dpi=110, metadata={"Software": None})
     return name

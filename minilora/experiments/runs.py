@@ -6,6 +6,11 @@ the base model with ``minilora.recipes.finetune`` (the one pipeline: ``HYPERPARA
 several experiments read it (the LoRA baseline is also the ``q+v, r = 4`` cell of Tables 5 and 6,
 and the rank runs feed Figs. 3/4 and Table 7). ``ctx.prefetch(configs)`` trains many runs in
 worker processes.
+
+Two entries of ``hp`` are not hyper-parameters: ``n_train`` (a low-data run: that many training
+examples, drawn by the run's seed, so each seed sees its own subset) and ``eval_split`` ("test"
+unless a run is there to choose a hyper-parameter on "val"). The method "base" is the base model
+with no fine-tuning (``recipes.zero_shot``).
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from tqdm.auto import tqdm
 
 from .. import backend as bk
 from .. import lora
+from ..data import SPLIT_SIZES
 from ..methods import hyperparams
 from ..models import GPT, GPTConfig, load_base
-from ..recipes import finetune
+from ..models.pretrained import base_sha256
+from ..recipes import finetune, zero_shot
 from .settings import FAST_SETTINGS, FULL_SETTINGS, Settings
 
 __all__ = ["Context", "Run", "train_run"]
@@ -47,8 +54,23 @@ class Run:
     final_loss: float  # training loss, mean of the last 10 steps
     eval_loss: float = float("nan")  # NLL of the test targets (eq. 2 on held-out examples)
     skipped_train: int = 0
+    n_train: int | None = None  # training examples (None: the settings' number, all 2,000 in full runs)
+    eval_split: str = "test"
+    text_scores: dict = field(default_factory=dict)  # e2e: BLEU and ROUGE-L against every reference
     # LoRA only: {layer path: {"A": (r, k), "A0": A at the start, "B": (d, r), "scaling": s, "delta": s·B·A}}
     lora: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """Every number of the run (not the LoRA matrices), for results.json."""
+        out = {k: getattr(self, k) for k in ("task", "method", "seed", "n_train", "eval_split", "metric_name",
+                                             "metric", "eval_loss", "trainable_params", "total_params",
+                                             "train_seconds", "final_loss", "skipped_train")}
+        out["hp"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hp.items()}
+        out.update(self.text_scores)
+        return out
+
+
+NOT_HYPERPARAMS = ("n_train", "eval_split")
 
 
 def _freeze(value):
@@ -67,6 +89,8 @@ class Context:
         self.fast, self.progress = fast, progress
         self.settings = FAST_SETTINGS if fast else FULL_SETTINGS
         self.base, self.base_note = (base, "the model passed in") if base is not None else _load_base(fast)
+        shipped = base is None and self.base_note.startswith("the shipped")
+        self.base_sha256 = base_sha256() if shipped else None  # load_base checked the file against it
         self._runs: dict = {}
         self.started = time.perf_counter()
 
@@ -82,10 +106,18 @@ class Context:
     # ------------------------------------------------------------------ runs
     def key(self, task, method, seed, hp) -> tuple:
         """The run's full configuration: what ``finetune`` will use (so equal settings share one run)."""
-        settings = {**hyperparams(method, task), **hp}
+        settings = {"eval_split": "test", **({} if method == "base" else hyperparams(method, task)), **hp}
         if method == "lora" and settings.get("alpha") is None:
             settings["alpha"] = 2.0 * settings["r"]  # apply_method's default
+        if method == "base" or settings.get("n_train") in (None, self.settings.n_train, SPLIT_SIZES["train"]):
+            settings.pop("n_train", None)  # the settings' number of examples (or the whole split): one run
+        if method == "base":
+            seed = 0  # nothing is drawn: one run stands for every seed
         return (task, method, int(seed), tuple(sorted((k, _freeze(v)) for k, v in settings.items())))
+
+    def runs(self) -> list:
+        """Every run trained so far, in a fixed order (task, method, seed, settings)."""
+        return [self._runs[k] for k in sorted(self._runs, key=repr)]
 
     def run(self, task: str, method: str, seed: int = 0, **hp) -> Run:
         """Fine-tune ``method`` on ``task`` (cached by its full configuration) and return the Run."""
@@ -107,7 +139,9 @@ class Context:
             key = self.key(task, method, seed, hp)
             if key not in self._runs and key not in seen:
                 seen.add(key)
-                todo.append((key, (task, method, seed, dict(hp), dict(key[3]))))
+                full_hp = {k: v for k, v in key[3] if k not in NOT_HYPERPARAMS}
+                todo.append((key, (task, method, key[2], dict(hp), full_hp)))
+        todo.sort(key=lambda item: -_expected_cost(*item[1][:3], item[1][4]))  # longest first: no idle worker at the end
         if not todo:
             return
         with self.bar(len(todo), desc) as bar:
@@ -166,8 +200,22 @@ def _lora_arrays(model, adapter: str) -> dict:
             for path, layer in lora.lora_layers(model)}
 
 
+def _expected_cost(task, method, seed, full_hp) -> float:
+    """A rough relative cost of a run (its steps; a run with no training costs its decoding)."""
+    return 1.0 if method == "base" else float(full_hp.get("steps", 1))
+
+
 def train_run(base, s: Settings, task: str, method: str, seed: int, hp: dict, full_hp: dict) -> Run:
     """One fine-tuning run of ``method`` on ``task`` from ``base``; the LoRA matrices are kept."""
+    hp = dict(hp)
+    eval_split = hp.pop("eval_split", "test")
+    n_train = hp.pop("n_train", None)
+    if method == "base":
+        result = zero_shot(task, base=base, n_eval=s.n_eval, eval_split=eval_split, max_new_tokens=s.max_new_tokens)
+        return Run(task=task, method=method, hp={}, seed=seed, metric_name=result.metric_name,
+                   metric=float(result.metric), trainable_params=0, total_params=int(result.total_params),
+                   train_seconds=0.0, final_loss=float("nan"), eval_loss=float(result.eval_loss),
+                   eval_split=eval_split, text_scores=result.text_scores)
     initial = {}
 
     def keep_initial_A(model):
@@ -175,9 +223,13 @@ def train_run(base, s: Settings, task: str, method: str, seed: int, hp: dict, fu
             initial.update(_lora_arrays(model, task))
 
     result = finetune(task, method, base=base, steps=s.steps, batch_size=s.batch_size, seed=seed,
-                      n_train=s.n_train, n_eval=s.n_eval, max_new_tokens=s.max_new_tokens,
-                      progress=False, measure_memory=False, on_start=keep_initial_A, **hp)
-    arrays = _lora_arrays(result.model, task) if method == "lora" else {}
+                      n_train=s.n_train if n_train is None else n_train,
+                      subset_seed=None if n_train is None else seed, n_eval=s.n_eval, eval_split=eval_split,
+                      max_new_tokens=s.max_new_tokens, progress=False, measure_memory=False,
+                      on_start=keep_initial_A, **hp)
+    # the LoRA matrices are kept where Figs. 3/4 and Table 7 read them (adapters of Wq, Wv on their task)
+    keep = method == "lora" and task == s.subspace_task and tuple(full_hp.get("targets", ())) == ("q", "v")
+    arrays = _lora_arrays(result.model, task) if keep else {}
     for path in arrays:
         arrays[path]["A0"] = initial[path]["A"]
     losses = result.history.losses
@@ -185,7 +237,8 @@ def train_run(base, s: Settings, task: str, method: str, seed: int, hp: dict, fu
                metric=float(result.metric), trainable_params=int(result.trainable_params),
                total_params=int(result.total_params), train_seconds=float(result.train_seconds),
                final_loss=float(np.mean(losses[-10:])) if losses else float("nan"),
-               eval_loss=float(result.eval_loss), skipped_train=int(result.skipped_train), lora=arrays)
+               eval_loss=float(result.eval_loss), skipped_train=int(result.skipped_train), lora=arrays,
+               n_train=n_train, eval_split=eval_split, text_scores=dict(result.text_scores))
 
 
 def _load_base(fast: bool):

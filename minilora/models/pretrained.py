@@ -1,11 +1,14 @@
 """The shipped base model: one pre-trained GPT that tutorials and the demo start from.
 
 ``minilora pretrain`` writes ``minilora/assets/base.safetensors`` (weights) and
-``minilora/assets/base.json`` (GPTConfig + how it was trained); ``load_base()`` reads them.
+``minilora/assets/base.json`` (GPTConfig, how it was trained, and the SHA-256 of the weights
+file); ``load_base()`` reads them and checks the digest, so results that record the digest
+(``docs/results.json``) can tell which base they came from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from ..io import FileFormatError, load_arrays, load_json, save_arrays, save_json
@@ -24,7 +27,21 @@ def save_model(model: GPT, weights_path, config_path, info: dict | None = None) 
     """
     check_not_quantized(model, f"save_model({os.fspath(weights_path)!r})")
     save_arrays(weights_path, model.state_dict(), {"config": model.config.to_dict()})
-    save_json(config_path, {"config": model.config.to_dict(), "info": info or {}})
+    save_json(config_path, {"config": model.config.to_dict(), "info": info or {}, "sha256": file_sha256(weights_path)})
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def base_sha256() -> str:
+    """The SHA-256 that ``base.json`` records for the shipped weights file."""
+    return load_json(BASE_CONFIG).get("sha256", "") if os.path.exists(BASE_CONFIG) else ""
 
 
 def load_model(weights_path, config_path=None, dtype=None, backend=None) -> GPT:
@@ -47,6 +64,12 @@ def load_base(dtype=None, backend=None) -> GPT:
     if not os.path.exists(BASE_WEIGHTS):
         raise FileNotFoundError(
             f"the shipped base model is missing ({BASE_WEIGHTS}); regenerate it with `minilora pretrain`"
+        )
+    recorded, actual = base_sha256(), file_sha256(BASE_WEIGHTS)
+    if recorded != actual:
+        raise FileFormatError(
+            f"{BASE_WEIGHTS}: its SHA-256 is {actual}, but {BASE_CONFIG} records {recorded or 'none'}; the two "
+            "files come from different runs. Restore both from git, or write both with `minilora pretrain`"
         )
     return load_model(BASE_WEIGHTS, BASE_CONFIG, dtype=dtype, backend=backend)
 
