@@ -306,16 +306,12 @@ def zero_shot(task: str, *, base: GPT | None = None, n_eval: int | None = None, 
 
 
 # The shipped base's pretraining (``minilora pretrain`` with no options reproduces it), in two
-# phases of AdamW steps on 32 corpus lines each, every line seen once (20,000 lines seen 3-5 times
-# overfitted: 3,000 steps scored a worse held-out loss than 2,000):
+# phases of AdamW steps on 32 corpus lines each, every line seen once (lines seen several times
+# overfit the tiny model):
 #   1. ``steps`` on ``n_texts`` lines at ``lr``: a 75-step warm-up, then a cosine decay. In this
 #      short, fast phase the model learns to copy the word after "the" (see ``pretrain``);
 #   2. ``second_steps`` on ``second_n_texts`` fresh lines, warm-up and cosine again at the lower
-#      ``second_lr``: the slow skills (answering questions about a description). Zero-shot
-#      classify (val) after 3,000 steps at 1.5e-3: 0.785; 8,000 at 3e-3: 0.905; 8,000 at 2e-3:
-#      0.925; 12,000 at 2e-3 (shipped): 0.895 on val and 0.92 on test, where full fine-tuning
-#      reaches 0.955 against 0.945 from the 8,000-step base. The copy of "the ..." names held
-#      (P 1.0) in all three longer runs.
+#      ``second_lr``: the slow skills (answering questions about a description).
 PRETRAIN_SETTINGS = {"steps": 1500, "batch_size": 32, "lr": 3e-3, "n_texts": 48000, "embedding_std": 0.1,
                      "warmup_steps": 75, "second_steps": 12000, "second_lr": 2e-3, "second_n_texts": 384000}
 
@@ -351,11 +347,9 @@ def pretrain(steps: int = PRETRAIN_SETTINGS["steps"], batch_size: int = PRETRAIN
     model = GPT(cfg)
     # The token vectors start 5x wider apart than GPT-2's 0.02 (~1/sqrt(d_model) at d = 128).
     # Words the corpus uses interchangeably ("eagle", "mill": both follow "the" in the same places)
-    # get near-identical gradients, so their vectors converge: from 0.02 they became one (cosine
-    # 0.997) before the model learned to copy them, and it then wrote either at random, also after
-    # 8,000 steps. Starting from 0.1, with those names upsampled (data.pretrain_corpus), and a
-    # short first phase, the copy is learned (P(right word) 0.997 after 1,500 steps). Neither change
-    # alone did it, and single long runs (4,000 and 8,000 steps) lost it: hence two phases.
+    # get near-identical gradients, so from 0.02 their vectors converge before the model learns to
+    # copy them, and it then writes either at random. Starting from 0.1, with those names upsampled
+    # (data.pretrain_corpus), the short first phase learns the copy; a long single phase loses it.
     wte = model.wte.weight
     wte.data[...] = bk.random_normal(wte.shape, wte.dtype, std=embedding_std)
     phases = [(pretrain_corpus(n_texts, seed=seed), steps)]

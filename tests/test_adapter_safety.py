@@ -1,6 +1,6 @@
-"""Adapter files, base-model files and the adapter life cycle, tried as a hostile user would (issue 15).
+"""Adapter files, base-model files and the adapter life cycle, tried as a hostile user would.
 
-M1: the config is inside the SHA-256 and range-checked; the base model an adapter was trained on
+The config is inside the SHA-256 and range-checked; the base model an adapter was trained on
 is fingerprinted; files get the umask's mode, symlinks are written through, and a missing,
 unreadable, directory or FIFO path gets a message that says which (a FIFO never hangs a load);
 merge(safe=False) says what it merged; deleting adapters never changes other adapters silently.
@@ -88,7 +88,7 @@ def adapter_file(tmp_path):
     return path
 
 
-# ----------------------------------------------------------------------------- M1: the config inside the digest
+# ----------------------------------------------------------------------------- the config inside the digest
 def test_one_flipped_bit_in_the_stored_alpha_is_refused(adapter_file):
     data = bytearray(adapter_file.read_bytes())
     header_end = 8 + int.from_bytes(data[:8], "little")
@@ -390,7 +390,7 @@ def test_deleting_the_active_adapter_says_that_none_is_active():
         lora.delete_adapter(model, "b")  # not active: nothing to say
 
 
-# ----------------------------------------------------------------------------- M2: bias deltas
+# ----------------------------------------------------------------------------- bias deltas
 def _with_bias_adapters(mode):
     """Two adapters whose biases are trained (random Δb), A and B random too."""
     model = trained(name="a", cfg=lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v"), bias=mode))
@@ -404,7 +404,7 @@ def _with_bias_adapters(mode):
 
 @pytest.mark.parametrize("mode", ["lora_only", "all"])
 def test_every_way_back_to_the_base_gives_the_base_exactly(tmp_path, mode):
-    """M2: adapters with bias="all"/"lora_only" wrote their biases into the base (max |Δ| = 3.02)."""
+    """Adapters with bias="all"/"lora_only" keep their bias deltas apart: unmerge, delete and disable give the base's biases back."""
     idx = np.arange(24).reshape(3, 8) % 24
     base = tiny_gpt()
     expected = base(idx).data

@@ -68,7 +68,7 @@ def test_env_variable_selects_the_backend_at_import():
 
 
 def test_bogus_env_variable_gives_a_clear_error():
-    # raised at the first use of the backend, not at import (the CLI turns it into a message, issue 15 M5)
+    # raised at the first use of the backend, not at import (the CLI turns it into a message)
     result = _run_python("import minilora; minilora.tensor([1.0])", MINILORA_BACKEND="bogus")
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]

@@ -1,4 +1,4 @@
-"""Checkpoints as safe as adapter files (issue 15): nothing lost, nothing let in.
+"""Checkpoints as safe as adapter files: nothing lost, nothing let in.
 
 - a corrupt, truncated or crafted checkpoint is refused and the model, the optimizer, the
   scheduler and the RNG stay bit-identical (hypothesis fuzz: truncations, byte flips in the
@@ -352,7 +352,7 @@ def test_save_checkpoint_refuses_non_finite_state_and_keeps_the_previous_file(tm
 
 
 def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
-    """M3: it rewrote last.safetensors as step 20 holding step-40 weights."""
+    """Resuming with fewer steps than the checkpoint holds is refused; last.safetensors stays the step it says."""
     model, opt, sched, get_batch = _setup()
     fit(model, opt, get_batch, 6, scheduler=sched, progress=False, checkpoint_dir=tmp_path, save_every=3)
     good = (tmp_path / "last.safetensors").read_bytes()
@@ -363,7 +363,7 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
     assert (tmp_path / "last.safetensors").read_bytes() == good
 
 
-# ----------------------------------------------------------------------------- temp files (M4)
+# ----------------------------------------------------------------------------- temp files
 def test_the_next_save_removes_temp_files_of_dead_writers_only(tmp_path):
     target = tmp_path / "last.safetensors"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -442,7 +442,7 @@ def test_sigkill_during_saves_keeps_the_previous_checkpoint_and_resume_is_exact(
 
 
 def test_finetune_with_lr_zero_trains_at_lr_zero():
-    """M6: ``lr or hp["lr"]`` trained at the default lr when asked for 0.0."""
+    """lr=0.0 is a learning rate, not "the default": nothing moves."""
     from minilora.recipes import finetune
 
     ml.manual_seed(0)

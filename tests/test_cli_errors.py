@@ -1,4 +1,4 @@
-"""The CLI under bad input (issue 15, M5): exit 2 with a one-line message naming the flag, never a traceback,
+"""The CLI under bad input: exit 2 with a one-line message naming the flag, never a traceback,
 and every argument and output path is checked before any training starts."""
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def adapted(**variant):
 #    ∂L/∂A = s·Bᵀ·∂L/∂V,   ∂L/∂B = s·∂L/∂V·Aᵀ,   ∂L/∂x = G̃·V.
 #
 # The library never forms the d × k matrix V: ‖V_i‖² = ‖W₀_i‖² + 2s·B_i·(W₀Aᵀ)_i + s²·B_i(AAᵀ)B_iᵀ,
-# and Bᵀ·diag(ρ)·V = (ρ⊙B)ᵀ·W₀ + s·(ρ⊙B)ᵀ·B·A (read `DoRALinearFn` in `minilora/lora/function.py`).
+# and Bᵀ·diag(ρ)·V = (ρ⊙B)ᵀ·W₀ + s·(ρ⊙B)ᵀ·B·A (read `DoRALinearFn` in `minilora/lora/dora.py`).
 # The DoRA paper (Sec. 4.3) and PEFT drop step 3 to save memory: they treat n as a constant.
 # `dora_detach_norm=True` does that; the default is the exact gradient. `gradcheck` decides:
 

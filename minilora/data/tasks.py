@@ -194,11 +194,8 @@ def pretrain_corpus(n: int, seed: int = 0) -> list[str]:
     exact convention.
 
     The pairings dominate because they are what a tiny model learns slowly: which name a "the"
-    belongs to, whether the word a question asks about is in the text. The first corpus, 40 %
-    bare descriptions, taught the language. Given the first MR token it parsed 0.625 of the val
-    descriptions after 2,000 steps, and 0.345 after 3,000, where 20,000 lines seen five times
-    overfitted. This mix parsed 0.78 after 3,000 steps, and the shipped base 1.0 (README, "The
-    shipped base model").
+    belongs to, whether the word a question asks about is in the text. Bare descriptions teach
+    the language, but not those (README, "The shipped base model").
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend as bk
-from ..lora.function import dora_linear
+from ..lora.dora import dora_linear
 from ..quant import quantize_nf4
 from ..tensor import tensor
 from .harness import Wrong, as_array, call, compare, exercise, num, register

@@ -29,12 +29,13 @@ from .. import lora, optim
 from ..analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
 from ..io import load_arrays, save_json
 from ..lora.config import check_adapter_name
-from ..lora.function import dora_weight
+from ..lora.dora import dora_weight
 from ..models import load_base
 from ..tensor import no_grad
 from ..train import fit
 from .checkpoint import HFFormatError, load_gpt2, save_gpt2
-from .analyze import REWRITES_BASE, analyze_adapter, complete_row, print_report, summarize, write_figure
+from .analyze import REWRITES_BASE, analyze_adapter, complete_row, summarize
+from .analyze_output import print_report, write_figure
 from .peft import _BIAS_KEY as GPT2_BIAS_KEY
 from .peft import _LORA_KEY as GPT2_LORA_KEY
 from .peft import _MAGNITUDE_KEY as GPT2_MAGNITUDE_KEY

@@ -340,8 +340,8 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
             raise AdapterFileError(f"{path}: the model expects {key} {shape} {dtype} but the file has no such tensor")
         file_key, a = renamed[key]
         if key not in expected:
-            legacy = (" (minilora 0.1 saved an adapter's trained biases in place of the base's; now they are "
-                      "deltas <module>.lora_bias.<adapter>: re-train or convert the file)") if key.endswith(".bias") else ""
+            legacy = (" (an adapter's trained biases are deltas <module>.lora_bias.<adapter>, never the base's own "
+                      "bias, which files of minilora 0.1 held: re-train or convert the file)") if key.endswith(".bias") else ""
             raise AdapterFileError(f"{path}: the file has {file_key} {tuple(a.shape)}, which the model has no place for{legacy}")
         shape, dtype = expected[key]
         if tuple(a.shape) != shape:

@@ -17,7 +17,7 @@ from .. import backend as bk
 from ..nn import Linear, Module
 from .bias import add_bias_delta, bias_hosts, bias_targets
 from .config import BIAS_MODES, LoRAConfig, check_adapter_name
-from .function import dora_norms
+from .dora import dora_norms
 from .layer import LoRALinear, _as_names
 
 __all__ = [
