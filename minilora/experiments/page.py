@@ -29,6 +29,15 @@ def _hyperparams_table(hp: dict) -> str:
     return text
 
 
+def _train_minutes(results: dict) -> float:
+    """CPU-minutes of training in every run (the variants record ms per step of their common step count)."""
+    variants = results["experiments"].get("variants")
+    seconds = sum(run["train_seconds"] for run in results["runs"])
+    if variants:
+        seconds += sum(row["ms_per_step"] for row in variants["runs"]) * 1e-3 * variants["size"]["steps"]
+    return seconds / 60
+
+
 def _size(results: dict) -> str:
     totals = [run["total_params"] for run in results["runs"] if run["method"] == "full"]
     return f" and {totals[0]:,} parameters" if totals else ""
@@ -66,8 +75,9 @@ def render_page(results: dict, sections: dict) -> str:
         f"{results['workers']} worker process{'es' if results['workers'] != 1 else ''} with one BLAS thread each; load average "
         f"{load[0][0] if load[0] else '–'} at the start and {load[1][0] if load[1] else '–'} at the end). Every "
         "run seeds itself, so a second run gives the same training numbers to the last digit; only the timings "
-        "(latency, seconds, ms per step) change. `--fast` shrinks everything to a few steps and examples (the "
-        "test suite runs it); its numbers mean nothing.",
+        "(latency, seconds, ms per step) change. The training steps of the fine-tuning runs alone add up to "
+        f"{_train_minutes(results):.0f} CPU-minutes (the sum of their `train_seconds`, one core each). `--fast` "
+        "shrinks everything to a few steps and examples (the test suite runs it); its numbers mean nothing.",
         "",
         "## Set-up",
         "",

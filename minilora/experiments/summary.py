@@ -14,6 +14,7 @@ import numpy as np
 from ..data import TASK_METRICS
 from ..methods import PAPER_NAMES
 from .stats import compare, format_spread, spread
+from .variants import LABELS as VARIANT_LABELS
 
 __all__ = ["findings"]
 
@@ -53,6 +54,8 @@ def findings(experiments: dict) -> list[list[str]]:
         rows += _amplification(experiments["amplification"])
     if "latency" in experiments:
         rows += _latency(experiments["latency"])
+    if "variants" in experiments:
+        rows += _variants(experiments["variants"])
     return rows
 
 
@@ -147,3 +150,22 @@ def _latency(data) -> list:
         [f"Adapter layers add latency at small batch (Table 1): batch {first['batch']}, length {first['length']}",
          f"Adapter^H {adapter['mean']:+.1f} ± {adapter['std']:.1f} %", _claim_better(adapter, zero)],
     ]
+
+
+def _variants(data) -> list:
+    cells, rows = data["cells"], []
+    claims = (("dora", "DoRA beats LoRA (Liu et al. 2024)", _claim_better),
+              ("pissa", "PiSSA beats LoRA (Meng et al. 2024)", _claim_better),
+              ("lora+", "LoRA+ beats LoRA (Hayou et al. 2024)", _claim_better),
+              ("qlora", "LoRA on an NF4 base matches LoRA (Dettmers et al. 2023)", _claim_tie))
+    for task in data["tasks"]:
+        lo = cells[f"{task}/lora/r=4"]["metric"]
+        for variant, claim, judge in claims:
+            c = cells[f"{task}/{variant}/r=4"]["metric"]
+            rows.append([f"{claim}: `{task}`", f"{TASK_METRICS[task]}: LoRA {format_spread(lo)}, "
+                         f"{VARIANT_LABELS[variant]} {format_spread(c)}", judge(c, lo)])
+    task, large = data["sweep_task"], data["ranks"][-1]
+    lo, rs = cells[f"{task}/lora/r={large}"]["eval_loss"], cells[f"{task}/rslora/r={large}"]["eval_loss"]
+    rows.append([f"rsLoRA's α/√r trains a large rank better than α/r (Kalajdzievski 2023): `{task}`, r = {large}, NLL",
+                 f"α/r {format_spread(lo, 4)}, α/√r {format_spread(rs, 4)}", _claim_better(rs, lo, higher_is_better=False)])
+    return rows
