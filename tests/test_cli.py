@@ -20,7 +20,7 @@ def test_help_lists_every_command():
 
 def test_unknown_task_is_rejected_by_the_parser():
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["finetune", "--task", "sql"])
+        build_parser().parse_args(["finetune", "--task", "mnli"])
 
 
 @pytest.mark.slow
