@@ -277,7 +277,9 @@ def readme_section(results: dict) -> str:
     """
     lines = ["| task | method | trainable | % of total | AdamW state | peak memory | test metric |",
              "|---|---|---|---|---|---|---|"]
-    for task, cells in results["tasks"].items():
+    order = [t for t in TASKS if t in results["tasks"]]  # the JSON file keeps its keys sorted
+    for task in order:
+        cells = results["tasks"][task]
         for method in ("base", "full", "lora"):
             c = cells[method]
             name = {"base": "base (no fine-tuning)", "full": "full", "lora": "LoRA"}[method]
@@ -292,7 +294,8 @@ def readme_section(results: dict) -> str:
                          f"{c['metric_name'].replace('_', ' ')} {c['metric']:.3f}{extra} |")
     lines += ["", "The mixed-task batch serves the first test example of each task (not picked), each row "
               "through its own adapter:", "", "```"]
-    for task, shown in results["mixed_batch"].items():
+    for task in order:
+        shown = results["mixed_batch"][task]
         pad = " " * (len(task) + 2)
         lines += [f"  [{task}] prompt:    {shown['prompt']}", f"  {pad} answer:    {shown['answer']}",
                   f"  {pad} reference: {shown['reference']}", f"  {pad} {'✓' if shown['correct'] else '✗'}"]
