@@ -167,11 +167,14 @@ def amplification_factor(delta_W, W, r: int) -> float:
     The result is ``inf`` when W has nothing in ΔW's subspace, and ``nan`` when ΔW = 0 as well.
     """
     dw, w, r = _pair_of_weights(delta_W, W, r)
-    numerator = float(np.linalg.norm(dw))
-    denominator = projection_norm(dw, w, r)
-    if denominator == 0.0:
-        return float("nan") if numerator == 0.0 else float("inf")
-    return numerator / denominator
+    return _factor(float(np.linalg.norm(dw)), projection_norm(dw, w, r))
+
+
+def _factor(norm_delta_W: float, projection: float) -> float:
+    """‖ΔW‖_F / ‖UᵀWVᵀ‖_F; ``inf`` when W has nothing in ΔW's subspace, ``nan`` when ΔW = 0 as well."""
+    if projection == 0.0:
+        return float("nan") if norm_delta_W == 0.0 else float("inf")
+    return norm_delta_W / projection
 
 
 def amplification_report(delta_W, W, r: int, seed: int = 0) -> dict:
@@ -268,8 +271,4 @@ def low_rank_amplification(lora_B, lora_A, scaling, W) -> float:
     has nothing in ΔW's subspace, ``nan`` when ΔW = 0 as well.
     """
     u, s, vh = low_rank_svd(lora_B, lora_A, scaling)
-    numerator = float(np.linalg.norm(s))
-    denominator = low_rank_projection_norm(u, vh, W)
-    if denominator == 0.0:
-        return float("nan") if numerator == 0.0 else float("inf")
-    return numerator / denominator
+    return _factor(float(np.linalg.norm(s)), low_rank_projection_norm(u, vh, W))

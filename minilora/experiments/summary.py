@@ -38,25 +38,11 @@ def _seed_average(cells: dict, method: str, tasks) -> dict:
 
 
 def findings(experiments: dict) -> list[list[str]]:
-    """[[finding, here (numbers), verdict], ...] from the experiments' results."""
-    rows = []
-    if "baselines" in experiments:
-        rows += _baselines(experiments["baselines"])
-    if "lowdata" in experiments:
-        rows += _lowdata(experiments["lowdata"])
-    if "targets" in experiments:
-        rows += _targets(experiments["targets"])
-    if "rank" in experiments:
-        rows += _rank(experiments["rank"])
-    if "subspace" in experiments:
-        rows += _subspace(experiments["subspace"])
-    if "amplification" in experiments:
-        rows += _amplification(experiments["amplification"])
-    if "latency" in experiments:
-        rows += _latency(experiments["latency"])
-    if "variants" in experiments:
-        rows += _variants(experiments["variants"])
-    return rows
+    """[[finding, here (numbers), verdict], ...] from the experiments' results, in the page's order."""
+    readers = (("baselines", _baselines), ("lowdata", _lowdata), ("targets", _targets), ("rank", _rank),
+               ("subspace", _subspace), ("amplification", _amplification), ("latency", _latency),
+               ("variants", _variants))
+    return [row for name, read in readers if name in experiments for row in read(experiments[name])]
 
 
 def _baselines(data) -> list:
