@@ -36,7 +36,7 @@ from safetensors import safe_open
 from ..analysis import (effective_rank, energy_share, low_rank_amplification, low_rank_svd,
                         subspace_similarity_grid)
 from ..lora.dora import dora_weight
-from .checkpoint import INDEX, HFFormatError, _no_pickles, read_json_object, read_safetensors, resolve_dir
+from .checkpoint import INDEX, HFFormatError, _no_pickles, dora_magnitude, read_json_object, read_safetensors, resolve_dir
 from .checkpoint import WEIGHTS as BASE_WEIGHTS
 
 __all__ = ["AdaptedMatrix", "BaseWeights", "LoRAFolder", "REWRITES_BASE", "analyze_adapter", "analyze_matrix",
@@ -207,14 +207,7 @@ def read_lora_adapter(path) -> LoRAFolder:
             raise HFFormatError(f"{weights}: {key_a} has rank {R}, but {cfg_path} gives {module} {which}")
         alpha_key = _matching_pattern(patterns["alpha_pattern"], module)
         module_alpha = float(patterns["alpha_pattern"][alpha_key] if alpha_key is not None else alpha)
-        magnitude = None
-        if dora:
-            if module not in magnitudes:
-                raise HFFormatError(f"{weights}: {cfg_path} says use_dora, but {module} has no lora_magnitude_vector")
-            key_m, magnitude = magnitudes[module]
-            if magnitude.shape != (b.shape[0],) or not np.isfinite(magnitude).all():
-                raise HFFormatError(f"{weights}: {key_m} has shape {tuple(magnitude.shape)}; DoRA needs one finite "
-                                    f"magnitude per output row of {module}, ({b.shape[0]},)")
+        magnitude = dora_magnitude(magnitudes, module, b.shape[0], weights, cfg_path) if dora else None
         layer, kind = _where(module)
         matrices[module] = AdaptedMatrix(module, layer, kind, a, b,
                                          module_alpha / (math.sqrt(R) if rslora else R), magnitude)

@@ -329,3 +329,14 @@ def save_gpt2(path, model: GPT) -> str:
     save_safetensors(os.path.join(path, WEIGHTS), tensors, {"format": "pt"})
     save_json(os.path.join(path, "config.json"), hf_config(model, getattr(model, "hf_config", None)))
     return path
+
+
+def dora_magnitude(magnitudes: dict, module: str, rows: int, weights: str, config: str):
+    """A PEFT DoRA module's magnitude m: one finite value per output row, else HFFormatError naming the file."""
+    if module not in magnitudes:
+        raise HFFormatError(f"{weights}: {config} says use_dora, but {module} has no lora_magnitude_vector")
+    key, magnitude = magnitudes[module]
+    if magnitude.shape != (rows,) or not np.isfinite(magnitude).all():
+        raise HFFormatError(f"{weights}: {key} has shape {tuple(magnitude.shape)}; DoRA needs one finite magnitude "
+                            f"per output row of {module}, ({rows},)")
+    return magnitude

@@ -34,7 +34,7 @@ from ..io import save_json, save_safetensors
 from ..lora.bias import bias_hosts
 from ..lora.config import MAX_DROPOUT, check_adapter_name, check_scaling
 from ..models.gpt import GPT
-from .checkpoint import HFFormatError, read_json_object, read_safetensors, resolve_dir, to_hf_state
+from .checkpoint import HFFormatError, dora_magnitude, read_json_object, read_safetensors, resolve_dir, to_hf_state
 
 __all__ = ["load_peft_adapter", "pissa_as_lora", "read_peft_adapter", "save_peft_adapter", "split_c_attn"]
 
@@ -383,14 +383,7 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
             scaling = check_scaling(float(module_alpha), R, rslora, where=f"{cfg_path}: {hf}")
         except (TypeError, ValueError) as exc:
             raise HFFormatError(str(exc)) from None
-        magnitude = None
-        if cfg.get("use_dora"):
-            if hf not in magnitudes:
-                raise HFFormatError(f"{weights}: {CONFIG} says use_dora but {hf} has no lora_magnitude_vector")
-            key_m, magnitude = magnitudes[hf]
-            if magnitude.shape != (b.shape[0],) or not np.isfinite(magnitude).all():
-                raise HFFormatError(f"{weights}: {key_m} has shape {magnitude.shape}; DoRA needs one finite magnitude "
-                                    f"per output row, ({b.shape[0]},)")
+        magnitude = dora_magnitude(magnitudes, hf, b.shape[0], weights, CONFIG) if cfg.get("use_dora") else None
         modules[hf] = (a, b, scaling, magnitude)
     extra = sorted(set(magnitudes) - set(modules))
     if extra:
