@@ -98,7 +98,9 @@ def render_page(results: dict, sections: dict) -> str:
         "negative log-likelihood of the test targets y given x (eq. 2 on held-out data, nats per token).",
         "- **Verdicts.** A claim that one setting beats another *agrees* when the means differ by more than twice "
         "the standard error of the difference in the paper's direction, *disagrees* when they do so the other "
-        "way, and is *within noise* otherwise; a claim of a tie agrees when the difference is within noise.",
+        "way, and is *within noise* otherwise; a claim of a tie agrees when the difference is within noise, and "
+        "\"matches or beats\" unless the difference goes the other way. Where both sides sit at the metric's "
+        "ceiling, LoRA against full fine-tuning is judged on the NLL.",
         "",
     ]
     rows = findings(results["experiments"])

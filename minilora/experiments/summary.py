@@ -3,7 +3,9 @@
 Every verdict follows from the spread over seeds (``stats.compare``): a claim that one setting
 beats another "agrees" when the difference exceeds twice its standard error in the paper's
 direction, "disagrees" when it does so the other way, and is "within noise" otherwise. A claim
-of a tie agrees when the difference is within noise. Findings whose experiment did not run are
+of a tie agrees when the difference is within noise; "matches or beats" agrees unless the
+difference goes the other way. Where both sides sit at the metric's ceiling, LoRA against full
+fine-tuning is judged on the NLL, which still ranks. Findings whose experiment did not run are
 left out.
 """
 
@@ -21,6 +23,15 @@ __all__ = ["findings"]
 _BETTER = {"better": "agrees", "worse": "disagrees", "within noise": "within noise", "tie": "within noise"}
 _TIE = {"better": "disagrees", "worse": "disagrees", "within noise": "agrees (a tie within noise)",
         "tie": "agrees (equal on every seed)"}
+
+
+CEILING = 0.995  # a metric this close to 1 for both sides cannot tell them apart
+_AT_LEAST = {"better": "agrees (ahead)", "worse": "disagrees", "within noise": "agrees (within noise)",
+             "tie": "agrees (equal on every seed)"}
+
+
+def _claim_at_least(a: dict, b: dict, higher_is_better: bool = True) -> str:
+    return _AT_LEAST[compare(a, b, higher_is_better)["verdict"]]
 
 
 def _claim_better(a: dict, b: dict, higher_is_better: bool = True) -> str:
@@ -49,8 +60,13 @@ def _baselines(data) -> list:
     cells, tasks, rows = data["cells"], data["tasks"], []
     for task in tasks:
         ft, lo = cells["full"][task]["metric"], cells["lora"][task]["metric"]
-        rows.append([f"LoRA matches full fine-tuning on `{task}` (Tables 2–4)",
-                     f"{TASK_METRICS[task]}: FT {format_spread(ft)}, LoRA {format_spread(lo)}", _claim_tie(lo, ft)])
+        measure, higher, digits = TASK_METRICS[task], True, 3
+        if min(ft["mean"], lo["mean"]) >= CEILING:  # a tie at the ceiling tests nothing: compare the NLL
+            ft, lo = cells["full"][task]["nll"], cells["lora"][task]["nll"]
+            measure, higher, digits = "NLL (both at the metric's ceiling)", False, 4
+        rows.append([f"LoRA matches or beats full fine-tuning on `{task}` (Tables 2–4)",
+                     f"{measure}: FT {format_spread(ft, digits)}, LoRA {format_spread(lo, digits)}",
+                     _claim_at_least(lo, ft, higher)])
     for task in tasks:
         base, lo = cells["base"][task]["metric"], cells["lora"][task]["metric"]
         rows.append([f"Fine-tuning (LoRA) improves on the base model on `{task}`",
