@@ -2,7 +2,7 @@
 
 A wrong answer must raise ExerciseError (an AssertionError) whose message diagnoses what differs
 and gives a hint; the formula only at hint_level=2. A function that still raises
-NotImplementedError (an exercise not tried yet) makes the check print a reminder and return False,
+NotImplementedError (an exercise not tried yet) makes the check print a reminder and return None,
 so the tutorials run before the exercises are done. Every registered solution passes its check,
 and no solution sits in a tutorial.
 """
@@ -84,18 +84,18 @@ def test_sigmoid():
         ex.check_sigmoid(lambda x: x)
 
 
-def test_not_attempted_returns_false_and_says_so(capsys):
+def test_not_attempted_returns_none_and_says_so(capsys):
     def stub(x, w):
         raise NotImplementedError
 
-    assert ex.check_backward_by_hand(stub) is False
+    assert ex.check_backward_by_hand(stub) is None
     assert "not attempted yet" in capsys.readouterr().out
 
     class Stub(ml.Function):
         def forward(self, x):
             raise NotImplementedError
 
-    assert ex.check_sigmoid(Stub) is False
+    assert ex.check_sigmoid(Stub) is None
 
 
 # ----------------------------------------------------------------------------- 02
@@ -126,7 +126,20 @@ def test_dB_rejects_dA_formula():
 def test_lora_param_count():
     assert ex.check_lora_param_count(lambda d, k, r, n: n * r * (d + k)) is True
     _fails(ex.check_lora_param_count, lambda d, k, r, n: 2 * n * d * r, "not square")
-    _fails(ex.check_lora_param_count, lambda d, k, r, n: n * d * k, "8,192")
+    message = _fails(ex.check_lora_param_count, lambda d, k, r, n: n * d * k, "full fine-tuning")
+    assert "8,192" not in message and "the answer is" not in message  # a wrong attempt never gets the answer
+
+
+@pytest.mark.parametrize("wrong, fragment", [
+    (lambda d, k, r, n: n * d * r, "one factor alone"),
+    (lambda d, k, r, n: n * r * k, "one factor alone"),
+    (lambda d, k, r, n: r * (d + k), "one matrix"),
+    (lambda d, k, r, n: n * r * (d + k) + 1, "more than LoRA trains"),
+])
+def test_lora_param_count_diagnoses_without_the_answer(wrong, fragment):
+    message = _fails(ex.check_lora_param_count, wrong, fragment)
+    first_case = 1 * 4 * (1024 + 1024)  # the right count of the first case the check tries
+    assert f"{first_case:,}" not in message and str(first_case) not in message
 
 
 # ----------------------------------------------------------------------------- 03
@@ -209,6 +222,18 @@ def test_switch():
 
     assert ex.check_switch(right) is True
     _fails(ex.check_switch, one_scaling, "switched weight", "its own scaling")
+
+
+@pytest.mark.parametrize("wrong, fragment", [
+    (lambda W, old, new: W + old[2] * old[1] @ old[0] + new[2] * new[1] @ new[0], "a sign error"),
+    (lambda W, old, new: W + new[2] * new[1] @ new[0], "still in"),
+    (lambda W, old, new: W - old[2] * old[1] @ old[0] - new[2] * new[1] @ new[0], "wrong sign"),
+    (lambda W, old, new: W - old[1] @ old[0] + new[2] * new[1] @ new[0], "factor −1/s"),
+    (lambda W, old, new: W - old[2] * old[1] @ old[0], "update is missing"),
+])
+def test_switch_diagnoses_signs_and_scalings(wrong, fragment):
+    message = _fails(ex.check_switch, wrong, "switched weight", fragment)
+    assert "minilora gives" not in message  # a diagnosis, not an entry-by-entry comparison
 
 
 def test_mixed_batch():

@@ -164,7 +164,7 @@ ax.set_xlabel("ε")
 ax.set_ylabel("|central difference − exact dL/dx₀₀|")
 ax.set_title("Finite-difference error: rounding (left) vs truncation (right)", fontsize=10)
 ax.legend()
-print("wrote", save_figure(fig, "01_finite_difference_error.png"))
+save_figure(fig, "01_finite_difference_error.png")
 
 # %% [markdown]
 # In float64 the error falls to about 1e-12 near ε ≈ 1e-5 and is still tiny at gradcheck's

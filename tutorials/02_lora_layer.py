@@ -43,7 +43,7 @@ ml.manual_seed(0)
 # %%
 from minilora.diagrams import draw_reparametrisation
 
-print("wrote", save_figure(draw_reparametrisation(d=4, k=6, r=2), "02_reparametrisation.png"))
+save_figure(draw_reparametrisation(d=4, k=6, r=2), "02_reparametrisation.png")
 
 # %%
 k, d, r = 6, 4, 2  # in_features, out_features, rank
@@ -210,7 +210,7 @@ ax.set_xlabel("rank r")
 ax.set_ylabel("‖ΔW‖_F after 10 AdamW steps")
 ax.set_title("The same learning rate, three scalings of ΔW = s·B A", fontsize=10)
 ax.legend()
-print("wrote", save_figure(fig, "02_update_scale.png"))
+save_figure(fig, "02_update_scale.png")
 
 # %% [markdown]
 # Read the plot from left to right. Without scaling, the update grows with r, roughly like √r:

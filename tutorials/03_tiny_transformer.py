@@ -49,7 +49,7 @@ print(model.blocks[0])
 # %%
 from minilora.diagrams import draw_block
 
-print("wrote", save_figure(draw_block(targets=(), d_model=model.config.d_model), "03_block.png"))
+save_figure(draw_block(targets=(), d_model=model.config.d_model), "03_block.png")
 
 # %%
 for name, p in model.named_parameters():
@@ -72,7 +72,7 @@ for group, count in counts.items():
 # adapted model. Here is the block above, with the paper's choice:
 
 # %%
-print("wrote", save_figure(draw_block(targets=("q", "v"), r=4, d_model=model.config.d_model), "03_block_lora.png"))
+save_figure(draw_block(targets=("q", "v"), r=4, d_model=model.config.d_model), "03_block_lora.png")
 
 # %% [markdown]
 # Now on the model itself:
@@ -201,7 +201,7 @@ ax.legend(handles=[Patch(facecolor=c, edgecolor="#666666", label=label) for c, l
                    zip(colours, ["padding (no loss)", "prompt x (no loss)", "y and <eos> (loss counts: mask = 1)"])],
           loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3, fontsize=8, frameon=False)
 ax.set_title("The loss mask of eq. 2 on a classify batch", fontsize=10, pad=22)
-print("wrote", save_figure(fig, "03_loss_mask.png"))
+save_figure(fig, "03_loss_mask.png")
 
 # %% [markdown]
 # ## Exercises

@@ -133,7 +133,7 @@ ax.semilogy(np.arange(1, 13), np.maximum(singular[:12], 1e-12), "o-")
 ax.set_xlabel("index")
 ax.set_title("singular values of s·B A", fontsize=9)
 fig.suptitle("lora.merge: W = W₀ + s·B A, then the layer is a plain matmul (unmerge subtracts it back)", fontsize=10)
-print("wrote", save_figure(fig, "05_merge.png"))
+save_figure(fig, "05_merge.png")
 
 # %% [markdown]
 # ### Latency at batch size 1 (Table 1)
@@ -195,7 +195,7 @@ for i, n in enumerate(names):
 ax.set_ylabel("latency, % of the base (per round)")
 ax.set_title("Batch-1 inference latency, 32 tokens (Table 1 in miniature)"
              + ("\nFAST mode: 5 rounds, these timings mean nothing" if FAST else ""), fontsize=10)
-print("wrote", save_figure(fig, "05_latency.png"))
+save_figure(fig, "05_latency.png")
 
 # %% [markdown]
 # The merged model costs what the base costs, up to timing noise. (A merged `LoRALinear` still

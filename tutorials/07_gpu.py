@@ -219,7 +219,7 @@ ax.legend()
 title = "NumPy vs CuPy" if "cupy" in step_ms else "NumPy and strict (no GPU on this machine)"
 ax.set_title(f"One LoRA training step: {title}" + ("\nFAST mode: one repeat, these timings mean nothing"
                                                     if FAST else ""), fontsize=10)
-print("wrote", save_figure(fig, "07_step_time.png"))
+save_figure(fig, "07_step_time.png")
 
 # %% [markdown]
 # ## Exercises

@@ -228,7 +228,7 @@ ax.set_yticks(range(1, grid.shape[0] + 1))
 ax.set_xlabel("j (seed 1)")
 ax.set_ylabel("i (the exported adapter)")
 ax.set_title(f"φ(i, j), {name}", fontsize=9)
-print("wrote", save_figure(fig, "08_peft_analysis.png"))
+save_figure(fig, "08_peft_analysis.png")
 
 # %% [markdown]
 # The same from the command line, on any adapter you have — minilora's file or PEFT's folder:

@@ -16,7 +16,7 @@ everywhere: did you drop the scaling s?"), then gives a hint that says where to 
 formula comes only when you ask: ``check_dA(my_dA, hint_level=2)`` or ``show_hint("02.1", 2)``
 (``hint_level=0``: the diagnosis alone). ``show_solution("02.1")`` prints a solution; the
 solutions are not in the tutorials. An exercise you have not tried yet (its function still
-raises ``NotImplementedError``) prints a reminder and returns False, so a tutorial runs from
+raises ``NotImplementedError``) prints a reminder and returns None, so a tutorial runs from
 top to bottom before you have done its exercises.
 
     id    tutorial             check
