@@ -290,5 +290,5 @@ check_trainable_params(my_trainable)
 # formula), and `show_solution("04.1")` prints a solution.
 
 # %% [markdown]
-# **Next:** `05_merge_and_serve.py` — merge W₀ + BA for zero extra latency, switch tasks, and
+# **Next:** [`05_merge_and_serve.py`](05_merge_and_serve.py) — merge W₀ + BA for zero extra latency, switch tasks, and
 # serve one batch that mixes tasks.

@@ -258,4 +258,4 @@ check_random_subspace_baseline(my_baseline)
 # formula), and `show_solution("06.1")` prints a solution.
 
 # %% [markdown]
-# **Next:** `07_gpu.py` — the same code on a GPU, by one switch.
+# **Next:** [`07_gpu.py`](07_gpu.py) — the same code on a GPU, by one switch.

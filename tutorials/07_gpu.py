@@ -179,8 +179,10 @@ print(f"gradcheck of F.lora_linear on {BACKEND}:", ml.gradcheck(lambda x, A, B_:
 #
 # Time per LoRA training step for a few batch sizes, on every backend available here. A GPU
 # pays a fixed cost per kernel launch, and our model is tiny, so it wins only once a batch holds
-# enough work. On a CPU the time grows with the batch from the start. The strict backend is NumPy
-# plus the cost of checking CuPy's rules: a correctness tool, not a speed-up.
+# enough work. On a CPU the time grows with the batch from the start. The strict backend runs
+# NumPy's own kernels and adds checks of CuPy's rules: a correctness tool, not a speed-up. Whether
+# those checks cost anything you can measure at this size, the ratios printed below say (one
+# timing on a shared machine varies by tens of percent from run to run: compare several).
 
 # %%
 batch_sizes = (2,) if FAST else (1, 4, 16, 64)
@@ -198,6 +200,11 @@ for backend in bk.available_backends():
         train_steps(model, opt, b, repeats)
         step_ms[backend].append(1e3 * (time.perf_counter() - start) / repeats)
     print(f"{backend:<6}", "  ".join(f"batch {s}: {ms:7.1f} ms" for s, ms in zip(batch_sizes, step_ms[backend])))
+if "strict" in step_ms:
+    for size, strict_ms, numpy_ms in zip(batch_sizes, step_ms["strict"], step_ms["numpy"]):
+        ratio = strict_ms / numpy_ms
+        verdict = ("slower" if ratio > 1.1 else "faster" if ratio < 1 / 1.1 else "within 10 % of NumPy,")
+        print(f"batch {size}: strict / NumPy = {ratio:.2f}, strict {verdict} in this run")
 if FAST:
     print("FAST mode: one batch size, one repeat — these timings mean nothing; run in full mode to measure.")
 
@@ -256,8 +263,11 @@ check_host_logits(my_host_logits)
 # `show_solution("07.2")` print solutions.
 
 # %% [markdown]
-# That is the end of the course. You built autograd, the LoRA layer with its backward, put it in
+# That is the core of the course. You built autograd, the LoRA layer with its backward, put it in
 # a Transformer, fine-tuned it against full fine-tuning, merged and served it, measured which
 # rank it needs, and ran it on a GPU (or checked, on the strict backend, that it would run there).
-# `docs/paper_map.md` maps every equation, table and figure of the paper to the code and to the
-# tutorial or experiment that shows it.
+# Two tutorials take it further: 08 carries the adapter to Hugging Face PEFT, and 09 the variants
+# that came after the paper.
+#
+# **Next:** [`08_to_peft.py`](08_to_peft.py) — from minilora to PEFT: GPT-2's fused `c_attn`, an
+# adapter exported and loaded by PEFT with the same logits.

@@ -121,7 +121,8 @@ else:
     print("skipped: torch, transformers or peft is not installed")
 
 # %% [markdown]
-# The difference is rounding: about 1e-15, in float64. (`tests/oracle/test_hf.py` checks the
+# The difference printed above is float64 rounding, many orders of magnitude below the logits.
+# (`tests/oracle/test_hf.py` checks the
 # same for q, k, v, o, the MLP, rsLoRA and mixed ranks, and after PEFT's `merge_and_unload`.)
 #
 # One caveat, stated in `save_peft_adapter`'s docstring: the export is exact for inference and for
@@ -281,5 +282,7 @@ check_block_B(my_block_B)
 # formula), and `show_solution("08.1")` prints a solution.
 
 # %% [markdown]
-# **Next:** `docs/paper_map.md` maps every equation and table of the paper to the code; with
-# `hf.load_gpt2` you can now run any of it on a real GPT-2.
+# **Next:** [`09_after_the_paper.py`](09_after_the_paper.py) — what came after the paper: DoRA,
+# PiSSA, rsLoRA, LoRA+ and 4-bit NF4 on the same base. ([The paper map](../docs/paper_map.md)
+# maps every equation and table of the paper to the code; with `hf.load_gpt2` you can run any of
+# it on a real GPT-2.)
