@@ -403,3 +403,48 @@ def test_every_exercise_of_every_tutorial_is_registered_and_no_solution_is_in_a_
                         if line.strip().startswith("return ")]
                 for line in body:
                     assert line not in text, f"{path} prints the answer of {exercise.id}: {line}"
+
+
+# ----------------------------------------------------------------------------- the teacher's key
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _syllabus_questions():
+    """(tutorial, question) of every bullet under "Predict before you run" in docs/syllabus.md."""
+    with open(os.path.join(REPO, "docs", "syllabus.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("## Predict before you run", 1)[1].split("\n## ", 1)[0]
+    questions, tutorial = [], None
+    for line in section.splitlines():
+        heading = re.match(r"\*\*(\d\d) ·", line)
+        if heading:
+            tutorial = heading.group(1)
+        elif line.startswith("- "):
+            questions.append((tutorial, line[2:].strip()))
+    return questions
+
+
+def test_the_key_answers_every_predict_question_of_the_syllabus():
+    from minilora.exercises.key import PREDICT
+
+    asked = _syllabus_questions()
+    assert len(asked) >= 19
+    assert [(t, q) for t, q, _ in PREDICT] == asked  # the same questions, in the syllabus's order
+    assert all(len(answer) > 40 for _, _, answer in PREDICT)
+
+
+def test_exercises_command_lists_and_the_key_holds_every_solution(capsys):
+    from minilora.cli import main
+
+    assert main(["exercises"]) == 0
+    listing = capsys.readouterr().out
+    assert main(["exercises", "--solutions"]) == 0
+    key = capsys.readouterr().out
+    for exercise in ex.exercises():
+        assert exercise.id in listing and exercise.check in listing and exercise.paper
+        assert exercise.solution.strip() in key, exercise.id
+        assert exercise.solution.strip() not in listing  # the listing is for students too
+    from minilora.exercises.key import PREDICT
+    for _, question, answer in PREDICT:
+        assert question in key and answer in key
+        assert answer not in listing

@@ -61,9 +61,12 @@ else:
 # ### No GPU? The strict backend checks your code anyway
 #
 # A GPU array lives in another memory. CuPy therefore refuses to turn one into a NumPy array behind
-# your back (`np.asarray(x)`), to mix it with a NumPy array in one operation, or to let a NumPy
-# function (`np.exp(x)`, `np.add.at`) compute on it. Code full of such mistakes runs happily on
-# NumPy and breaks the first time it meets a GPU. `ml.set_backend("strict")` (or
+# your back (`np.asarray(x)`) and to mix it with a NumPy array in one operation. A NumPy function
+# called on it (`np.exp(x)`, `np.add.at`) is handed to CuPy where CuPy implements it, and fails
+# where it does not, depending on the function and the CuPy version; the strict backend refuses
+# them all, so code that takes its module from `get_array_module` works on every version. Code
+# full of such mistakes runs happily on NumPy and breaks the first time it meets a GPU.
+# `ml.set_backend("strict")` (or
 # `MINILORA_BACKEND=strict`) computes with NumPy but keeps CuPy's rules, so those mistakes raise
 # on any laptop. Copies to the host go through `ml.backend.to_numpy(x)` (or `x.get()`, as in
 # CuPy). Reductions return 0-d arrays, and `float()` of a one-element array is allowed.

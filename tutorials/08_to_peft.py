@@ -122,8 +122,8 @@ else:
 
 # %% [markdown]
 # The difference printed above is float64 rounding, many orders of magnitude below the logits.
-# (`tests/oracle/test_hf.py` checks the
-# same for q, k, v, o, the MLP, rsLoRA and mixed ranks, and after PEFT's `merge_and_unload`.)
+# (`tests/oracle/test_hf.py` checks the same for q, k, v, o, the MLP, rsLoRA and mixed ranks,
+# and after PEFT's `merge_and_unload`.)
 #
 # One caveat, stated in `save_peft_adapter`'s docstring: the export is exact for inference and for
 # merging. If you keep training it inside PEFT, PEFT trains the whole `c_attn` block — the zero

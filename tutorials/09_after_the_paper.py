@@ -325,6 +325,7 @@ check_nf4_bytes(my_nf4_bytes)
 # formula), and `show_solution("09.1")` prints a solution.
 
 # %% [markdown]
-# **Next:** [the capstone](../docs/syllabus.md#capstone) — DoRA's backward, derived and
-# gradchecked with what the course gave you. `minilora experiment variants` runs these variants
-# on all three tasks; its table and the reading of it are in [the results](../docs/results.md).
+# **Next:** [the capstone](../docs/syllabus.md#capstone-doras-backward-derived-and-gradchecked)
+# of the syllabus — DoRA's backward, derived and gradchecked with what the course gave you.
+# `minilora experiment variants` runs these variants on all three tasks; its table and the
+# reading of it are in [the results](../docs/results.md).

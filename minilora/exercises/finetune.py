@@ -13,6 +13,7 @@ __all__ = ["check_optimizer_state_bytes", "check_trainable_params"]
 
 register(
     "04.1", "optimizer-state memory", "check_optimizer_state_bytes",
+    paper="Sec. 4.2: optimizer state only for Θ (VRAM 1.2 TB → 350 GB on GPT-3)",
     hints=("how many running averages does Adam keep per trained value (look at its update rule), and of which "
            "dtype? A frozen W₀ gets none.",
            "AdamW keeps two running averages per trained value (m, the first moment, and v, the second), each of "
@@ -28,6 +29,7 @@ register(
 
 register(
     "04.2", "counting a model's LoRA parameters", "check_trainable_params",
+    paper="Sec. 4.2 and Table 5: |Θ| for the adapted matrices",
     hints=("each adapted matrix of shape d_out × d_in adds B (d_out × r) and A (r × d_in), in every one of the "
            "n_layer blocks. Not all targets are d_model × d_model.",
            "|Θ| = n_layer · Σ_targets r·(d_in + d_out), with q, k, v, o: d_model → d_model, fc: d_model → "

@@ -62,14 +62,15 @@ class Exercise:
     check: str      # the name of its check function
     hints: tuple    # (where to look, the formula)
     solution: str   # source code defining one function or class
+    paper: str = ""  # the equation or section of the paper it works on
 
 
 _EXERCISES: dict[str, Exercise] = {}
 _HINTS_SHOWN: dict[str, int] = {}
 
 
-def register(id: str, title: str, check: str, hints: tuple, solution: str) -> Exercise:
-    _EXERCISES[id] = Exercise(id, title, check, tuple(hints), inspect.cleandoc(solution) + "\n")
+def register(id: str, title: str, check: str, hints: tuple, solution: str, paper: str = "") -> Exercise:
+    _EXERCISES[id] = Exercise(id, title, check, tuple(hints), inspect.cleandoc(solution) + "\n", paper)
     return _EXERCISES[id]
 
 

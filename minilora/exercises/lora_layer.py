@@ -14,6 +14,7 @@ __all__ = ["check_dA", "check_dB", "check_lora_param_count"]
 
 register(
     "02.1", "dA of the LoRA layer", "check_dA",
+    paper="eq. 3, h = W₀x + (α/r)·B A x (Sec. 4.1): ∂L/∂A",
     hints=("A is reached only through u = x Aᵀ (N × r). Get ∂L/∂u first (what multiplies u on the way to h, and "
            "with which factor?), then ask what multiplies A in u = x Aᵀ. The result must be (r, k).",
            "∂L/∂u = s·grad_h B (N × r) and ∂L/∂A = (∂L/∂u)ᵀ x = s·(grad_h B)ᵀ x, shape (r, k)."),
@@ -25,6 +26,7 @@ register(
 
 register(
     "02.2", "dB of the LoRA layer", "check_dB",
+    paper="eq. 3, h = W₀x + (α/r)·B A x (Sec. 4.1): ∂L/∂B",
     hints=("in h = … + s·u Bᵀ with u = x Aᵀ, B multiplies u. The gradient of a matmul's weight is "
            "(upstream gradient)ᵀ @ (what it multiplied); keep the factor s. The result must be (d, r).",
            "∂L/∂B = s·grad_hᵀ u = s·grad_hᵀ (x Aᵀ), shape (d, r)."),
@@ -36,6 +38,7 @@ register(
 
 register(
     "02.3", "counting LoRA parameters", "check_lora_param_count",
+    paper="Sec. 4.2: |Θ| = 2 × L̂ × d_model × r (GPT-3, r = 1 on Wq, Wv: 4.7M)",
     hints=("count the entries of B and of A separately from their shapes, for one matrix, then multiply by "
            "n_matrices. Not every W₀ is square.",
            "B is d × r and A is r × k: n_matrices · r · (d + k); for square matrices the paper's "

@@ -11,6 +11,7 @@ __all__ = ["check_subspace_similarity", "check_random_subspace_baseline"]
 
 register(
     "06.1", "subspace similarity φ (eq. 4)", "check_subspace_similarity",
+    paper="eq. 4, φ(A₁, A₂, i, j) = ‖U₁ⁱᵀ U₂ʲ‖²_F / min(i, j) (Sec. 7.2, Fig. 3)",
     hints=("U are the RIGHT singular vectors of A (they live in R^k, like the input x): the rows of Vᵀ from "
            "np.linalg.svd(A, full_matrices=False). Take the top i of A1 and the top j of A2, then apply eq. 4.",
            "φ = ‖U₁ⁱᵀ U₂ʲ‖²_F / min(i, j) = np.sum((V1[:i] @ V2[:j].T) ** 2) / min(i, j), with V = the Vᵀ of the SVD."),
@@ -23,6 +24,7 @@ register(
 
 register(
     "06.2", "φ of random subspaces", "check_random_subspace_baseline",
+    paper="Sec. 7.2, Fig. 4: φ of random subspaces, the baseline",
     hints=("‖U₁ⁱᵀU₂ʲ‖²_F adds up one squared cosine per pair (a unit vector of one subspace, one of the other). "
            "How many pairs are there, and what is each one's mean? Then φ divides by min(i, j).",
            "each of the i·j squared cosines has mean 1/k, so E‖U₁ⁱᵀU₂ʲ‖²_F = i·j/k, and E[φ] = i·j/(k·min(i, j)) "

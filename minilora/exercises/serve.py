@@ -16,6 +16,7 @@ __all__ = ["check_merge", "check_switch", "check_mixed_batch"]
 
 register(
     "05.1", "merging W = W₀ + s·B A", "check_merge",
+    paper="Sec. 4.1: W = W₀ + BA, no additional inference latency",
     hints=("the merged weight must give, through a plain F.linear, what the LoRA layer gives: which (d, k) matrix "
            "does the adapter add to W₀, with which factor?",
            "W = W₀ + scaling · lora_B @ lora_A; ΔW has W₀'s shape (d, k): B is (d, r), A is (r, k)."),
@@ -26,6 +27,7 @@ register(
 
 register(
     "05.2", "switching tasks in a merged weight", "check_switch",
+    paper="Sec. 4.1: switching tasks, subtract BA and add B′A′",
     hints=("W holds W₀ plus the old task's update. Take that update out, then put the new one in, each "
            "with its own scaling; you never need W₀ itself.",
            "W − s·B A + s′·B′ A′, with (A, B, s) = old and (A′, B′, s′) = new."),
@@ -37,6 +39,7 @@ register(
 
 register(
     "05.3", "a batch that mixes tasks", "check_mixed_batch",
+    paper="Sec. 4.2 (limitations): a batch of tasks needs W₀x + B_i A_i x per row",
     hints=("every row shares x W₀ᵀ + b; then each row adds the low-rank term of ITS OWN adapter, named in "
            f"adapter_ids; rows named {BASE_ADAPTER!r} add nothing.",
            "h = x W₀ᵀ + b; for each adapter name with rows R: h[R] += s·(x[R] Aᵀ) Bᵀ of that adapter."),
