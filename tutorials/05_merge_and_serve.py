@@ -245,10 +245,10 @@ lora.unmerge(server)
 lora.set_adapter(server, "classify")
 lora.merge(server)
 reply = answer(server)
+lora.unmerge(server)
 right = reply.split()[-1:] == question.target.split()  # the label is the last word of the answer
 print("with the classify adapter merged:", reply, " (right)" if right else
       f" (wrong: this adapter got {wrong} of {N_EVAL} test answers wrong, see section 1)")
-lora.unmerge(server)
 
 # %% [markdown]
 # ## 4. One batch, several tasks
