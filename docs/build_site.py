@@ -292,7 +292,8 @@ tutorial takes, questions to answer before you run a cell, and the capstone. Tea
 <li><a href="performance.html">Performance</a>: timings of this machine</li>
 <li><a href="api.html">API reference</a>: the docstrings</li>
 </ul>
-<p>Run a tutorial yourself: <code>pip install -e '.[notebook]'</code>, then
+<p>Run a tutorial yourself, in a virtual environment (<code>python3 -m venv .venv &amp;&amp; . .venv/bin/activate</code>):
+<code>pip install -e '.[notebook]'</code>, then
 <code>jupytext --to notebook tutorials/01_autograd.py &amp;&amp; jupyter lab tutorials/01_autograd.ipynb</code>.</p>
 """
 

@@ -294,3 +294,22 @@ def test_tutorial_08_compares_with_peft_when_it_is_installed(site):
     assert "PEFT vs minilora logits: max |difference|" in text
     outputs = re.findall(r'<div class="output[^"]*">(.*?)</div>', text, re.S)
     assert not any("skipped: torch" in o for o in outputs)
+
+
+def test_make_docs_reuses_an_active_virtual_environment(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text("")  # an existing venv: make has nothing to build for it
+
+    def plan(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "DOCS_VENV", "TORCH_INDEX")}
+        return subprocess.run(["make", "-n", "docs"], cwd=REPO, env={**base, **env}, capture_output=True, text=True,
+                              check=True).stdout
+
+    active = plan(VIRTUAL_ENV=str(tmp_path))
+    assert f"{tmp_path}/bin/python -m pip install --quiet" in active and "-m venv" not in active
+    assert f"{tmp_path}/bin/python docs/build_site.py" in active
+    assert ".venv/bin/python -m pip install --quiet" in plan(VIRTUAL_ENV="")
+    cpu = plan(VIRTUAL_ENV=str(tmp_path), TORCH_INDEX="https://download.pytorch.org/whl/cpu")
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu -e '.[docs]'" in cpu
