@@ -185,9 +185,9 @@ def test_masked_loss():
 # ----------------------------------------------------------------------------- 04
 def test_optimizer_state_bytes():
     assert ex.check_optimizer_state_bytes(lambda n, size: 2 * n * size) is True
-    message = _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "AdamW holds", "0.5×")
+    message = _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "than AdamW holds", "0.5×")
     assert "two running averages" not in message
-    _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "AdamW holds", "two running averages",
+    _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "than AdamW holds", "two running averages",
            hint_level=2)
     _fails(ex.check_optimizer_state_bytes, lambda n, size: 2 * n * 4, "float64")
 
@@ -448,3 +448,20 @@ def test_exercises_command_lists_and_the_key_holds_every_solution(capsys):
     for _, question, answer in PREDICT:
         assert question in key and answer in key
         assert answer not in listing
+
+
+@pytest.mark.parametrize("id", ["02.3", "04.1", "04.2", "06.1", "06.2", "09.3"])
+def test_a_wrong_number_never_gets_the_right_one(id):
+    from minilora.exercises.harness import num
+
+    seen = []
+
+    def wrong(*args):  # a plausible-looking number that no formula of the exercise gives
+        seen.append(args)
+        return 7777
+
+    check = getattr(ex, next(e.check for e in ex.exercises() if e.id == id))
+    message = _fails(check, wrong, "7,777")
+    right = ex.solution(id)(*seen[-1])
+    assert num(right) not in message and str(right) not in message, message
+    assert "than" in message  # says which side the wrong number is on

@@ -7,7 +7,7 @@ import numpy as np
 from .. import backend as bk
 from .. import lora, optim
 from ..models import GPT, GPTConfig
-from .harness import Wrong, as_number, call, exercise, known_mistake, num, register
+from .harness import Wrong, as_number, call, exercise, known_mistake, num, register, side
 
 __all__ = ["check_optimizer_state_bytes", "check_trainable_params"]
 
@@ -72,7 +72,7 @@ def check_optimizer_state_bytes(fn) -> str:
                     mistakes.insert(0, (2 * n * 4, "Right for float32 but not here: use bytes_per_value, not 4."))
                 why = known_mistake(got, mistakes)
                 raise Wrong(f"{method} fine-tuning in {dtype}: {num(n)} trainable values of {itemsize} bytes; you give "
-                            f"{num(got)} bytes, AdamW holds {num(expected)}.{why}")
+                            f"{num(got)} bytes, {side(got, expected)} than AdamW holds.{why}")
     return "matches AdamW.state_bytes() for full fine-tuning and LoRA, float32 and float64"
 
 
@@ -97,5 +97,5 @@ def check_trainable_params(fn) -> str:
                 why = (f" The attention-only sets were right, so look at {', '.join(mlp)}: fc is d_model → 4·d_model "
                        "and proj is 4·d_model → d_model.") if mlp else ""
                 raise Wrong(f"n_layer={cfg.n_layer}, d_model={cfg.d_model}, r={r}, targets={targets}: you give "
-                            f"{num(got)}, the model has {num(expected)} trainable parameters.{why}")
+                            f"{num(got)}, {side(got, expected)} than the model's trainable parameters.{why}")
     return "matches apply_lora on two model sizes and four target sets"

@@ -276,6 +276,11 @@ def as_number(value, what: str) -> float:
         raise Wrong(f"{what} must be a number, got {type(value).__name__}", with_hints=False) from None
 
 
+def side(got: float, expected: float, more: str = "more", fewer: str = "fewer") -> str:
+    """Whether a wrong number is too large or too small, without saying the right one."""
+    return more if got > expected else fewer
+
+
 def known_mistake(got: float, mistakes, rel_tol=1e-9) -> str:
     """" <why>" for the first ``(wrong value, why)`` of ``mistakes`` that ``got`` equals (to ``rel_tol``), else ""."""
     for wrong, why in mistakes:

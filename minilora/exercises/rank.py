@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..analysis import subspace_similarity
-from .harness import Wrong, as_number, call, exercise, known_mistake, num, register, rng
+from .harness import Wrong, as_number, call, exercise, known_mistake, num, register, rng, side
 
 __all__ = ["check_subspace_similarity", "check_random_subspace_baseline"]
 
@@ -53,8 +53,9 @@ def check_subspace_similarity(fn) -> str:
         if not math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-9):
             why = known_mistake(got, [(min(i, j) * expected, "That is min(i, j) × φ: did you forget to divide by "
                                                              "min(i, j)?")], rel_tol=1e-6)
-            raise Wrong(f"φ(A1, A2, i={i}, j={j}) with A1 {A1.shape}, A2 {A2.shape}: you give {num(got)}, minilora gives "
-                        f"{num(expected)}.{why} Remember: U holds the RIGHT singular vectors.")
+            raise Wrong(f"φ(A1, A2, i={i}, j={j}) with A1 {A1.shape}, A2 {A2.shape}: you give {num(got)}, "
+                        f"{side(got, expected, 'larger', 'smaller')} than φ.{why} "
+                        "Remember: U holds the RIGHT singular vectors.")
     return "equal to analysis.subspace_similarity for four (i, j)"
 
 
@@ -69,5 +70,6 @@ def check_random_subspace_baseline(fn) -> str:
                 (i * j / k, "That is E‖U₁ⁱᵀU₂ʲ‖²_F itself; φ then divides by min(i, j)."),
                 (min(i, j) / k, "That is min(i, j)/k: count the squared cosines again, then divide by min(i, j)."),
                 (1 / k, "1/k is the mean of ONE squared cosine; ‖U₁ⁱᵀU₂ʲ‖²_F adds up i·j of them.")])
-            raise Wrong(f"i={i}, j={j}, k={k}: you give {num(value)}, the expectation is {num(expected)}.{why}")
+            raise Wrong(f"i={i}, j={j}, k={k}: you give {num(value)}, "
+                        f"{side(value, expected, 'larger', 'smaller')} than the expectation.{why}")
     return "max(i, j)/k: tiny for GPT-3's k = 12288, but 1/16 already for i = j = 8 at our k = 128"

@@ -8,7 +8,7 @@ from .. import backend as bk
 from ..lora.function import dora_linear
 from ..quant import quantize_nf4
 from ..tensor import tensor
-from .harness import Wrong, as_array, call, compare, exercise, num, register
+from .harness import Wrong, as_array, call, compare, exercise, num, register, side
 
 __all__ = ["check_dora_dm", "check_nf4_bytes", "check_pissa_init"]
 
@@ -125,6 +125,6 @@ def check_nf4_bytes(fn) -> str:
                 why = " The last block is padded to block_size values: count whole blocks of codes."
             elif not dq and got == n // 2:
                 why = " That is the codes alone; each block also stores its scale."
-            raise Wrong(f"n_values={n}, block_size={block}, double_quant={dq}: you give {num(got)}, quantize_nf4 "
-                        f"stores {num(expected)} bytes.{why}")
+            raise Wrong(f"n_values={n}, block_size={block}, double_quant={dq}: you give {num(got)}, "
+                        f"{side(got, expected)} bytes than quantize_nf4 stores.{why}")
     return "right, with and without double quantization (4.5 and ≈4.127 bits per value at block 64)"
