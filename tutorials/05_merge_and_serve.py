@@ -72,11 +72,11 @@ wrong = round((1 - scores["classify"]) * N_EVAL)
 print(f"classify gets {wrong} of its {N_EVAL} test answers wrong (accuracy {scores['classify']:.2f}; chance: 0.33)")
 
 # %% [markdown]
-# Be honest about the numbers printed above. A short run is far below what `make demo`'s longer
-# LoRA runs reach on the 200 test examples, and `classify` is the slow one: the base answers most
-# such questions already (it read them in pretraining), but the task's separator "=>" is a token
-# it never saw, and a few dozen steps are too few to route the answer there. Compare its
-# accuracy with chance (one of three labels, 0.33). This tutorial keeps the short run because
+# Be honest about the numbers printed above: compare each score with its ceiling of 1.0, and
+# classify's with chance (one of three labels, 0.33). `make demo` trains far longer. Where
+# classify stays low after a short run, this is why: the base answers most such questions already
+# (it read them in pretraining), but the task's separator "=>" is a token it never saw, and a few
+# dozen steps may be too few to route the answer there. This tutorial keeps the short run because
 # what it shows, merging, switching and mixing, does not depend on how good the adapters are;
 # the last line above says how many classify answers to expect wrong.
 
