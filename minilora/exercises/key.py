@@ -51,9 +51,10 @@ PREDICT = [
      "AdamW keeps two values (m and v) per trainable parameter, so the ratio is |Φ| / |Θ| = 813,824 / 8,192 ≈ 99× "
      "for r = 4 on Wq, Wv. Peak memory shrinks far less: the frozen weights are still in memory, and the "
      "activations and their gradients, which do not depend on what trains, dominate a step of a model this "
-     "small. Tutorial 04 prints both ratios."),
+     "small. Tutorial 04 prints the optimizer-state ratio, the weights + gradients + state ratio and each "
+     "run's peak step memory."),
     ("04", "Does LoRA's step take less time than full fine-tuning's here? By how much, and why is it not |Θ|/|Φ|?",
-     "Somewhat less; tutorial 04 prints the measured ratio (the paper: about 25 % faster on GPT-3). The forward "
+     "Somewhat less; tutorial 04 prints both times per step (ms/step; the paper: about 25 % faster on GPT-3). The forward "
      "pass and the backward through the activations are the same work for both methods. LoRA saves the weight "
      "gradients of the frozen matrices (one of a Linear's three matmuls per step) and the optimizer update of "
      "Φ, and adds its thin matmuls, so at most about a third of the matmul work goes away, never 99 %."),
