@@ -32,10 +32,12 @@ bench: $(BIN)/python
 # .venv. TORCH_INDEX: an extra package index for torch's CPU build, e.g.
 # `make docs TORCH_INDEX=https://download.pytorch.org/whl/cpu` (a plain `pip install torch` on
 # Linux fetches the CUDA build, gigabytes); empty, pip uses the indexes it is configured with.
+# pip runs with -qq (errors only): every editable mode of setuptools prints an information box
+# ("Editable installation", or "compat mode is transitional") that pip would copy into the log.
 DOCS_VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))
 TORCH_INDEX ?=
 docs: $(DOCS_VENV)/bin/python
-	$(DOCS_VENV)/bin/python -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[docs]'
+	$(DOCS_VENV)/bin/python -m pip install --quiet --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[docs]'
 	$(DOCS_VENV)/bin/python docs/build_site.py --out site
 
 clean:

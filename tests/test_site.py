@@ -308,8 +308,19 @@ def test_make_docs_reuses_an_active_virtual_environment(tmp_path):
                               check=True).stdout
 
     active = plan(VIRTUAL_ENV=str(tmp_path))
-    assert f"{tmp_path}/bin/python -m pip install --quiet" in active and "-m venv" not in active
+    assert f"{tmp_path}/bin/python -m pip install --quiet --quiet" in active and "-m venv" not in active
     assert f"{tmp_path}/bin/python docs/build_site.py" in active
     assert ".venv/bin/python -m pip install --quiet" in plan(VIRTUAL_ENV="")
     cpu = plan(VIRTUAL_ENV=str(tmp_path), TORCH_INDEX="https://download.pytorch.org/whl/cpu")
     assert "--extra-index-url https://download.pytorch.org/whl/cpu -e '.[docs]'" in cpu
+
+
+def test_the_docs_extra_holds_what_the_pages_need():
+    """The docs extra alone builds every page: PEFT's comparison runs, and no kernel warns about widgets."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11's")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        docs = tomllib.load(f)["project"]["optional-dependencies"]["docs"]
+    names = {re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0] for requirement in docs}
+    assert {"jupytext", "nbclient", "nbconvert", "ipykernel", "matplotlib", "ipywidgets",
+            "torch", "transformers", "peft"} <= names, names
+    assert "torch==2.13.0" in docs
