@@ -7,8 +7,12 @@
 Steps: jupytext reads each ``tutorials/NN_*.py`` as a notebook, nbclient executes it in a fresh
 IPython kernel (figures are embedded in the outputs as PNG data), nbconvert's "basic" template
 turns it into HTML, and every page is wrapped in one local layout (``docs/site.css``). The
-Markdown pages (syllabus, paper map, results, performance) go through mistune (nbconvert's own
-Markdown parser); the API reference is read from the docstrings with ``inspect``.
+Markdown pages (syllabus, the 2-hour lab, paper map, results, performance) go through mistune
+(nbconvert's own Markdown parser); the exercises page is read from ``minilora.exercises`` (ids,
+titles, what each check compares, the paper's equation; never a solution) and the API reference
+from the docstrings with ``inspect``. Links between the sources (``02_lora_layer.py``,
+``../docs/syllabus.md#capstone``) become links between the rendered pages. The kernels talk to
+the builder over local IPC sockets, not TCP.
 
 Why a small builder of our own rather than MkDocs-Material or Jupyter Book: the site must work
 opened from disk with no network. Both generators pull web fonts, search indexes or JavaScript
@@ -39,6 +43,7 @@ TUTORIALS = os.path.join(REPO, "tutorials")
 # (page file, source markdown in docs/, title in the navigation)
 DOC_PAGES = [
     ("syllabus.html", "syllabus.md", "Syllabus"),
+    ("lab.html", "lab.md", "A 2-hour lab"),
     ("paper_map.html", "paper_map.md", "Paper map"),
     ("results.html", "results.md", "Results"),
     ("performance.html", "performance.md", "Performance"),
@@ -62,11 +67,12 @@ def tutorial_files(only: list[str] | None = None) -> list[str]:
 # ----------------------------------------------------------------------------- layout
 def _nav(tutorials: list[tuple[str, str]], prefix: str) -> str:
     items = [f'<li><a href="{prefix}index.html">Home</a></li>']
-    items += [f'<li><a href="{prefix}{page}">{html.escape(title)}</a></li>' for page, _, title in DOC_PAGES[:1]]
+    items += [f'<li><a href="{prefix}{page}">{html.escape(title)}</a></li>' for page, _, title in DOC_PAGES[:2]]
+    items.append(f'<li><a href="{prefix}exercises.html">Exercises</a></li>')
     items.append('<li class="nav-head">Tutorials</li>')
     items += [f'<li><a href="{prefix}tutorials/{page}">{html.escape(title)}</a></li>' for page, title in tutorials]
     items.append('<li class="nav-head">Reference</li>')
-    items += [f'<li><a href="{prefix}{page}">{html.escape(title)}</a></li>' for page, _, title in DOC_PAGES[1:]]
+    items += [f'<li><a href="{prefix}{page}">{html.escape(title)}</a></li>' for page, _, title in DOC_PAGES[2:]]
     items.append(f'<li><a href="{prefix}api.html">API reference</a></li>')
     return "<ul>" + "".join(items) + "</ul>"
 
@@ -97,9 +103,27 @@ def markdown_to_html(text: str) -> str:
     md = mistune.create_markdown(escape=False, plugins=["table", "strikethrough"])
     out = md(text)
     # links between the docs pages and to the tutorials point at their rendered pages
-    out = re.sub(r'href="(?:\.\./docs/|docs/)?([a-z_]+)\.md"', r'href="\1.html"', out)
+    out = re.sub(r'href="(?:\.\./docs/|docs/)?([a-z_]+)\.md(#[a-z0-9-]+)?"', r'href="\1.html\2"', out)
     out = re.sub(r'href="(?:\.\./)?tutorials/(\d\d_[a-z_0-9]+)\.py"', r'href="tutorials/\1.html"', out)
-    return out
+    return _heading_ids(out)
+
+
+def _slug(text: str) -> str:
+    """'Capstone: DoRA's backward' -> 'capstone-doras-backward': the id of a heading, as GitHub makes it."""
+    plain = re.sub(r"<[^>]+>", "", html.unescape(text)).lower().replace("'", "").replace("’", "")
+    return re.sub(r"[^a-z0-9]+", "-", plain).strip("-")
+
+
+def _heading_ids(out: str) -> str:
+    """Give every <h2>/<h3> without an id one made from its text, so a page's sections can be linked."""
+    return re.sub(r"<(h[23])>(.*?)</\1>", lambda m: f'<{m.group(1)} id="{_slug(m.group(2))}">{m.group(2)}</{m.group(1)}>',
+                  out)
+
+
+def tutorial_links(body: str) -> str:
+    """Links of a tutorial page: ``03_x.py`` -> ``03_x.html``, ``../docs/name.md#part`` -> ``../name.html#part``."""
+    body = re.sub(r'href="(\d\d_[a-z_0-9]+)\.py"', r'href="\1.html"', body)
+    return re.sub(r'href="\.\./docs/([a-z_]+)\.md(#[a-z0-9-]+)?"', r'href="../\1.html\2"', body)
 
 
 # ----------------------------------------------------------------------------- tutorials
@@ -115,9 +139,14 @@ def execute_tutorial(path: str, timeout: int, env: dict | None = None) -> tuple[
 
     notebook = jupytext.read(path)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    from traitlets.config import Config
+
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="minilora-site-") as work:
-        client = nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+        # IPC (Unix sockets beside the connection file) rather than TCP: nothing listens on a port,
+        # and the kernel has no "running over TCP without encryption" warning to print
+        config = Config({"KernelManager": {"transport": "ipc"}})
+        client = nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3", config=config,
                                          resources={"metadata": {"path": REPO}})
         env = {**os.environ, **(env or {}), "MINILORA_OUT": work,  # figures are embedded in the outputs
                "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)}
@@ -146,7 +175,7 @@ def notebook_body(notebook) -> str:
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True
     body, _ = exporter.from_notebook_node(notebook)
-    return f'<div class="notebook">{body}</div>'
+    return f'<div class="notebook">{tutorial_links(body)}</div>'
 
 
 # ----------------------------------------------------------------------------- API reference
@@ -198,6 +227,46 @@ def api_reference() -> str:
     return "\n".join(parts)
 
 
+# ----------------------------------------------------------------------------- exercises
+def _check_text(check) -> str:
+    """A check's docstring without the hint_level note, as HTML (``code`` -> <code>)."""
+    doc = (inspect.getdoc(check) or "").split("hint_level:")[0].strip()
+    escaped = html.escape(re.sub(r"\s*\n\s*", " ", doc))
+    return re.sub(r"``(.+?)``", r"<code>\1</code>", escaped)
+
+
+def exercises_body(tutorials: list[tuple[str, str]]) -> str:
+    """Every exercise of the course: id, tutorial, what you write, what its check compares, the paper.
+
+    Read from ``minilora.exercises`` (the same registry the checks use); no solution is on it.
+    """
+    from minilora import exercises as ex
+
+    pages = {page[:2]: (page, title) for page, title in tutorials}
+    rows = []
+    for exercise in ex.exercises():
+        page, title = pages.get(exercise.id[:2], (None, exercise.id[:2]))
+        where = f'<a href="tutorials/{page}">{html.escape(title)}</a>' if page else html.escape(title)
+        rows.append(f"<tr><td><b>{exercise.id}</b></td><td>{where}</td><td>{html.escape(exercise.title)}<br>"
+                    f"<code>{exercise.check}(your_function)</code></td>"
+                    f"<td>{_check_text(getattr(ex, exercise.check))}</td><td>{html.escape(exercise.paper)}</td></tr>")
+    return f"""<h1>Exercises</h1>
+<p>All {len(rows)} exercises of the course. Each sits at the end of its tutorial as a stub that raises
+<code>NotImplementedError</code>, followed by its check: write the function, run the cell. A right answer
+prints ✓. A wrong one gets a diagnosis of <i>your</i> answer first (which entries differ and what that
+usually means), then a hint; <code>show_hint("02.1", 2)</code> or <code>check_dA(my_dA, hint_level=2)</code>
+gives the formula, and <code>show_solution("02.1")</code> a solution. No check prints the answer to a
+wrong attempt, and no page of this site shows a solution.</p>
+<p>The <a href="lab.html">2-hour lab</a> picks the exercises for one session.</p>
+<table class="exercises">
+<thead><tr><th>id</th><th>tutorial</th><th>you write</th><th>what the check does</th><th>the paper</th></tr></thead>
+<tbody>
+{"".join(rows)}
+</tbody>
+</table>
+"""
+
+
 # ----------------------------------------------------------------------------- index
 def index_body(tutorials: list[tuple[str, str]], fast: bool) -> str:
     rows = "".join(f'<li><a href="tutorials/{p}">{html.escape(t)}</a></li>' for p, t in tutorials)
@@ -211,7 +280,9 @@ arXiv 2106.09685) built on <b>minilora</b>: an autograd engine on NumPy, a tiny 
 passes are written by hand, and the LoRA layer h = W₀x + (α/r)·B·A·x. Every tutorial below was
 executed to build this page: the outputs and figures are the ones the code produced.</p>
 <p>Start with the <a href="syllabus.html">syllabus</a>: learning objectives, prerequisites, the time each
-tutorial takes, questions to answer before you run a cell, and the capstone.</p>
+tutorial takes, questions to answer before you run a cell, and the capstone. Teaching one session?
+<a href="lab.html">A 2-hour lab</a> is a path through the course for one sitting, and the
+<a href="exercises.html">exercises page</a> lists all exercises and what each check does.</p>
 <h2>Tutorials</h2>
 <ol class="tutorials">{rows}</ol>
 <h2>Reference</h2>
@@ -221,7 +292,8 @@ tutorial takes, questions to answer before you run a cell, and the capstone.</p>
 <li><a href="performance.html">Performance</a>: timings of this machine</li>
 <li><a href="api.html">API reference</a>: the docstrings</li>
 </ul>
-<p>Run a tutorial yourself: <code>pip install -e '.[notebook]'</code>, then
+<p>Run a tutorial yourself, in a virtual environment (<code>python3 -m venv .venv &amp;&amp; . .venv/bin/activate</code>):
+<code>pip install -e '.[notebook]'</code>, then
 <code>jupytext --to notebook tutorials/01_autograd.py &amp;&amp; jupyter lab tutorials/01_autograd.ipynb</code>.</p>
 """
 
@@ -283,6 +355,8 @@ def build(out: str, only: list[str] | None = None, jobs: int = 1, timeout: int =
             body = markdown_to_html(f.read())
         with open(os.path.join(out, page_name), "w", encoding="utf-8") as f:
             f.write(page(title, body, tutorials))
+    with open(os.path.join(out, "exercises.html"), "w", encoding="utf-8") as f:
+        f.write(page("Exercises", exercises_body(tutorials), tutorials))
     with open(os.path.join(out, "api.html"), "w", encoding="utf-8") as f:
         f.write(page("API reference", api_reference(), tutorials))
     with open(os.path.join(out, "index.html"), "w", encoding="utf-8") as f:

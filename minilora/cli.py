@@ -244,6 +244,13 @@ def _cmd_experiment(args) -> int:
     return 0
 
 
+def _cmd_exercises(args) -> int:
+    from .exercises.key import exercise_table, teacher_key  # the checks import nothing heavy
+
+    print(teacher_key() if args.solutions else exercise_table())
+    return 0
+
+
 def _bench(argv) -> int:
     if not (BENCHMARKS_DIR / "bench.py").is_file():
         print(f"minilora bench: the benchmark harness lives in benchmarks/ of a source checkout of minilora, "
@@ -338,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None, help="report: the results.json to render (default docs/results.json)")
     p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
     p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("exercises", help="the course's exercises; --solutions: the teacher's key")
+    p.add_argument("--solutions", action="store_true",
+                   help="print every solution and the answers to the syllabus's 'predict before you run' questions")
+    p.set_defaults(func=_cmd_exercises)
 
     hf_commands.add_parsers(sub)  # export, import-peft, analyze
 

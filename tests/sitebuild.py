@@ -27,7 +27,7 @@ def require_docs_extra():
 
 @pytest.fixture(scope="session")
 def fast_site(tmp_path_factory):
-    """{"site": folder, "notebooks": folder of executed .ipynb, "seconds": build time} of a fast-mode build."""
+    """{"site": folder, "notebooks": folder of executed .ipynb, "seconds": build time, "log": its output}."""
     require_docs_extra()
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # one folder for all workers
@@ -43,5 +43,6 @@ def fast_site(tmp_path_factory):
             if proc.returncode != 0:
                 pytest.fail(f"the fast-mode site build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
             done.write_text(json.dumps({"site": str(target / "site"), "notebooks": str(target / "notebooks"),
-                                        "seconds": time.perf_counter() - start}))
+                                        "seconds": time.perf_counter() - start,
+                                        "log": proc.stdout + proc.stderr}))
         return json.loads(done.read_text())

@@ -2,7 +2,7 @@
 
 A wrong answer must raise ExerciseError (an AssertionError) whose message diagnoses what differs
 and gives a hint; the formula only at hint_level=2. A function that still raises
-NotImplementedError (an exercise not tried yet) makes the check print a reminder and return False,
+NotImplementedError (an exercise not tried yet) makes the check print a reminder and return None,
 so the tutorials run before the exercises are done. Every registered solution passes its check,
 and no solution sits in a tutorial.
 """
@@ -84,18 +84,18 @@ def test_sigmoid():
         ex.check_sigmoid(lambda x: x)
 
 
-def test_not_attempted_returns_false_and_says_so(capsys):
+def test_not_attempted_returns_none_and_says_so(capsys):
     def stub(x, w):
         raise NotImplementedError
 
-    assert ex.check_backward_by_hand(stub) is False
+    assert ex.check_backward_by_hand(stub) is None
     assert "not attempted yet" in capsys.readouterr().out
 
     class Stub(ml.Function):
         def forward(self, x):
             raise NotImplementedError
 
-    assert ex.check_sigmoid(Stub) is False
+    assert ex.check_sigmoid(Stub) is None
 
 
 # ----------------------------------------------------------------------------- 02
@@ -126,7 +126,20 @@ def test_dB_rejects_dA_formula():
 def test_lora_param_count():
     assert ex.check_lora_param_count(lambda d, k, r, n: n * r * (d + k)) is True
     _fails(ex.check_lora_param_count, lambda d, k, r, n: 2 * n * d * r, "not square")
-    _fails(ex.check_lora_param_count, lambda d, k, r, n: n * d * k, "8,192")
+    message = _fails(ex.check_lora_param_count, lambda d, k, r, n: n * d * k, "full fine-tuning")
+    assert "8,192" not in message and "the answer is" not in message  # a wrong attempt never gets the answer
+
+
+@pytest.mark.parametrize("wrong, fragment", [
+    (lambda d, k, r, n: n * d * r, "one factor alone"),
+    (lambda d, k, r, n: n * r * k, "one factor alone"),
+    (lambda d, k, r, n: r * (d + k), "one matrix"),
+    (lambda d, k, r, n: n * r * (d + k) + 1, "more than LoRA trains"),
+])
+def test_lora_param_count_diagnoses_without_the_answer(wrong, fragment):
+    message = _fails(ex.check_lora_param_count, wrong, fragment)
+    first_case = 1 * 4 * (1024 + 1024)  # the right count of the first case the check tries
+    assert f"{first_case:,}" not in message and str(first_case) not in message
 
 
 # ----------------------------------------------------------------------------- 03
@@ -172,9 +185,9 @@ def test_masked_loss():
 # ----------------------------------------------------------------------------- 04
 def test_optimizer_state_bytes():
     assert ex.check_optimizer_state_bytes(lambda n, size: 2 * n * size) is True
-    message = _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "AdamW holds", "0.5×")
+    message = _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "than AdamW holds", "0.5×")
     assert "two running averages" not in message
-    _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "AdamW holds", "two running averages",
+    _fails(ex.check_optimizer_state_bytes, lambda n, size: n * size, "than AdamW holds", "two running averages",
            hint_level=2)
     _fails(ex.check_optimizer_state_bytes, lambda n, size: 2 * n * 4, "float64")
 
@@ -209,6 +222,18 @@ def test_switch():
 
     assert ex.check_switch(right) is True
     _fails(ex.check_switch, one_scaling, "switched weight", "its own scaling")
+
+
+@pytest.mark.parametrize("wrong, fragment", [
+    (lambda W, old, new: W + old[2] * old[1] @ old[0] + new[2] * new[1] @ new[0], "a sign error"),
+    (lambda W, old, new: W + new[2] * new[1] @ new[0], "still in"),
+    (lambda W, old, new: W - old[2] * old[1] @ old[0] - new[2] * new[1] @ new[0], "wrong sign"),
+    (lambda W, old, new: W - old[1] @ old[0] + new[2] * new[1] @ new[0], "factor −1/s"),
+    (lambda W, old, new: W - old[2] * old[1] @ old[0], "update is missing"),
+])
+def test_switch_diagnoses_signs_and_scalings(wrong, fragment):
+    message = _fails(ex.check_switch, wrong, "switched weight", fragment)
+    assert "minilora gives" not in message  # a diagnosis, not an entry-by-entry comparison
 
 
 def test_mixed_batch():
@@ -378,3 +403,65 @@ def test_every_exercise_of_every_tutorial_is_registered_and_no_solution_is_in_a_
                         if line.strip().startswith("return ")]
                 for line in body:
                     assert line not in text, f"{path} prints the answer of {exercise.id}: {line}"
+
+
+# ----------------------------------------------------------------------------- the teacher's key
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _syllabus_questions():
+    """(tutorial, question) of every bullet under "Predict before you run" in docs/syllabus.md."""
+    with open(os.path.join(REPO, "docs", "syllabus.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("## Predict before you run", 1)[1].split("\n## ", 1)[0]
+    questions, tutorial = [], None
+    for line in section.splitlines():
+        heading = re.match(r"\*\*(\d\d) ·", line)
+        if heading:
+            tutorial = heading.group(1)
+        elif line.startswith("- "):
+            questions.append((tutorial, line[2:].strip()))
+    return questions
+
+
+def test_the_key_answers_every_predict_question_of_the_syllabus():
+    from minilora.exercises.key import PREDICT
+
+    asked = _syllabus_questions()
+    assert len(asked) >= 19
+    assert [(t, q) for t, q, _ in PREDICT] == asked  # the same questions, in the syllabus's order
+    assert all(len(answer) > 40 for _, _, answer in PREDICT)
+
+
+def test_exercises_command_lists_and_the_key_holds_every_solution(capsys):
+    from minilora.cli import main
+
+    assert main(["exercises"]) == 0
+    listing = capsys.readouterr().out
+    assert main(["exercises", "--solutions"]) == 0
+    key = capsys.readouterr().out
+    for exercise in ex.exercises():
+        assert exercise.id in listing and exercise.check in listing and exercise.paper
+        assert exercise.solution.strip() in key, exercise.id
+        assert exercise.solution.strip() not in listing  # the listing is for students too
+    from minilora.exercises.key import PREDICT
+    for _, question, answer in PREDICT:
+        assert question in key and answer in key
+        assert answer not in listing
+
+
+@pytest.mark.parametrize("id", ["02.3", "04.1", "04.2", "06.1", "06.2", "09.3"])
+def test_a_wrong_number_never_gets_the_right_one(id):
+    from minilora.exercises.harness import num
+
+    seen = []
+
+    def wrong(*args):  # a plausible-looking number that no formula of the exercise gives
+        seen.append(args)
+        return 7777
+
+    check = getattr(ex, next(e.check for e in ex.exercises() if e.id == id))
+    message = _fails(check, wrong, "7,777")
+    right = ex.solution(id)(*seen[-1])
+    assert num(right) not in message and str(right) not in message, message
+    assert "than" in message  # says which side the wrong number is on

@@ -689,7 +689,7 @@ def test_tutorial_08_exercises_solutions_pass_wrong_answers_are_diagnosed_and_no
     for id_, check in (("08.1", ex08.check_pack_c_attn), ("08.2", ex08.check_block_B)):
         assert check(ex.solution(id_)) is True and "✓" in capsys.readouterr().out
         assert ids[id_].hints[0] != ids[id_].hints[1]
-    assert ex08.check_pack_c_attn(lambda W_q, W_k, W_v: (_ for _ in ()).throw(NotImplementedError)) is False
+    assert ex08.check_pack_c_attn(lambda W_q, W_k, W_v: (_ for _ in ()).throw(NotImplementedError)) is None
     assert "not attempted yet" in capsys.readouterr().out
     wrong = {
         ex08.check_pack_c_attn: [(lambda W_q, W_k, W_v: np.concatenate([W_q, W_k, W_v], axis=1), "Conv1D wants (in, out)"),

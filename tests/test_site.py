@@ -6,13 +6,19 @@ DevTools protocol over a pipe (``--remote-debugging-pipe``: no port, no extra pa
 page: no console error, no uncaught exception, no failed resource load; every ``<img>`` decoded
 (naturalWidth > 0); a screenshot that is not blank; no reference to anything on the network.
 Each tutorial page shows the figures its script promises (tests/test_tutorials.py's FIGURES).
+The course reads in order: every tutorial's "Next:" is a link to the next page (09's to the
+syllabus's capstone). The exercises page lists every exercise, the lab's minutes add up to at
+most two hours, no page shows a solution or an answer of the teacher's key, and the build log
+carries no warning.
 
-Skipped, with the reason, when no Chromium is installed (``apt-get install chromium``; .ci/run
-installs it) or when the docs extra (nbclient, nbconvert, ipykernel, jupytext) is missing.
+The browser test is skipped, with the reason, when no Chromium is installed (``apt-get install
+chromium``; .ci/run installs it); every test is, when the docs extra (nbclient, nbconvert,
+ipykernel, jupytext) is missing.
 """
 
 import base64
 import glob
+import html
 import io
 import json
 import os
@@ -40,10 +46,8 @@ def _chromium():
 
 
 CHROMIUM = _chromium()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (Debian: apt-get install chromium)"),
-]
+pytestmark = pytest.mark.slow
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (Debian: apt-get install chromium)")
 
 
 class Browser:
@@ -173,7 +177,8 @@ def _pages(site):
 
 def test_site_has_every_page(site):
     names = {os.path.relpath(p, site) for p in _pages(site)}
-    for expected in ("index.html", "syllabus.html", "paper_map.html", "results.html", "performance.html", "api.html"):
+    for expected in ("index.html", "syllabus.html", "lab.html", "exercises.html", "paper_map.html", "results.html",
+                     "performance.html", "api.html"):
         assert expected in names
     for tutorial in FIGURES:
         assert f"tutorials/{tutorial[:-3]}.html" in names, f"{tutorial} has no page"
@@ -188,6 +193,7 @@ def test_pages_fetch_nothing_from_the_network(site):
         assert "@import" not in text and "<script" not in text, f"{os.path.relpath(path, site)} has a script"
 
 
+@needs_chromium
 def test_every_page_renders_in_chromium(site, browser):
     from PIL import Image
 
@@ -215,3 +221,106 @@ def test_every_page_renders_in_chromium(site, browser):
             body = browser.evaluate(session, "document.body.innerText")
             assert "Traceback" not in body, f"{name}: a cell raised ({exceptions} stderr outputs)"
         browser.send("Target.closeTarget", {"targetId": target})
+
+
+def _read(site, name):
+    with open(os.path.join(site, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_next_links_walk_the_course_in_order(site):
+    names = sorted(FIGURES)
+    for i, tutorial in enumerate(names):
+        text = _read(site, f"tutorials/{tutorial[:-3]}.html")
+        links = re.findall(r'Next:</strong>\s*<a href="([^"]+)"', text)
+        expected = (f"{names[i + 1][:-3]}.html" if i + 1 < len(names)
+                    else "../syllabus.html#capstone-doras-backward-derived-and-gradchecked")
+        assert links == [expected], f"{tutorial}: Next links to {links}, expected {expected}"
+        target, _, anchor = expected.partition("#")
+        linked = _read(site, os.path.normpath(os.path.join("tutorials", target)))
+        assert not anchor or f'id="{anchor}"' in linked, f"{target} has no section #{anchor}"
+    assert "end of the course" not in _read(site, "tutorials/07_gpu.html")
+
+
+def test_exercises_page_lists_every_exercise_and_no_solution(site):
+    from minilora import exercises as ex
+
+    text = _read(site, "exercises.html")
+    pages = {name[:2]: f'href="tutorials/{name[:-3]}.html"' for name in FIGURES}
+    for exercise in ex.exercises():
+        assert f"<b>{exercise.id}</b>" in text and exercise.check in text
+        assert html.escape(exercise.paper) in text and pages[exercise.id[:2]] in text
+        assert exercise.solution.splitlines()[0] not in text  # its `def solution_...(...)` line
+
+
+def test_no_student_page_shows_the_teachers_key(site):
+    from minilora import exercises as ex
+    from minilora.exercises.key import PREDICT
+
+    for path in _pages(site):
+        text = html.unescape(_read(site, os.path.relpath(path, site)))
+        name = os.path.relpath(path, site)
+        for exercise in ex.exercises():
+            assert exercise.solution.splitlines()[0] not in text, f"{name} shows the solution of {exercise.id}"
+        for _, _, answer in PREDICT:
+            assert answer[:60] not in text, f"{name} shows an answer of the teacher's key"
+
+
+def test_lab_fits_two_hours_and_names_real_exercises(site):
+    from minilora import exercises as ex
+
+    with open(os.path.join(REPO, "docs", "lab.md"), encoding="utf-8") as f:
+        lab = f.read()
+    rows = [line.split("|") for line in lab.splitlines() if re.match(r"\|\s*\d+\s*\|\s*\d+\s*\|", line)]
+    minutes = [int(row[2]) for row in rows]
+    total = re.search(r"\|\s*\|\s*\*\*(\d+)\*\*\s*\|", lab)
+    assert len(rows) >= 5 and total and sum(minutes) == int(total.group(1)) <= 120, minutes
+    ids = {e.id for e in ex.exercises()}
+    named = set(re.findall(r"\b(\d\d\.\d)\b", lab.split("## Machine time")[0]))  # not the seconds below
+    assert named and named <= ids, named - ids
+    text = _read(site, "lab.html")
+    assert 'href="exercises.html"' in text and 'href="tutorials/02_lora_layer.html"' in text
+
+
+def test_the_build_log_has_no_warning(fast_site):  # noqa: F811 (the fixture imported above)
+    log = fast_site["log"]
+    assert "without encryption" not in log and "arning" not in log and "*****" not in log, log[-3000:]
+
+
+def test_tutorial_08_compares_with_peft_when_it_is_installed(site):
+    for module in ("torch", "transformers", "peft"):
+        pytest.importorskip(module, reason=f"{module} is not installed (the docs extra installs it)")
+    text = _read(site, "tutorials/08_to_peft.html")
+    assert "PEFT vs minilora logits: max |difference|" in text
+    outputs = re.findall(r'<div class="output[^"]*">(.*?)</div>', text, re.S)
+    assert not any("skipped: torch" in o for o in outputs)
+
+
+def test_make_docs_reuses_an_active_virtual_environment(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text("")  # an existing venv: make has nothing to build for it
+
+    def plan(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "DOCS_VENV", "TORCH_INDEX")}
+        return subprocess.run(["make", "-n", "docs"], cwd=REPO, env={**base, **env}, capture_output=True, text=True,
+                              check=True).stdout
+
+    active = plan(VIRTUAL_ENV=str(tmp_path))
+    assert f"{tmp_path}/bin/python -m pip install --quiet --quiet" in active and "-m venv" not in active
+    assert f"{tmp_path}/bin/python docs/build_site.py" in active
+    assert ".venv/bin/python -m pip install --quiet" in plan(VIRTUAL_ENV="")
+    cpu = plan(VIRTUAL_ENV=str(tmp_path), TORCH_INDEX="https://download.pytorch.org/whl/cpu")
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu -e '.[docs]'" in cpu
+
+
+def test_the_docs_extra_holds_what_the_pages_need():
+    """The docs extra alone builds every page: PEFT's comparison runs, and no kernel warns about widgets."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11's")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        docs = tomllib.load(f)["project"]["optional-dependencies"]["docs"]
+    names = {re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0] for requirement in docs}
+    assert {"jupytext", "nbclient", "nbconvert", "ipykernel", "matplotlib", "ipywidgets",
+            "torch", "transformers", "peft"} <= names, names
+    assert "torch==2.13.0" in docs

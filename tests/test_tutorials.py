@@ -90,9 +90,11 @@ def test_tutorial_runs_as_a_notebook(name, fast_site):  # noqa: F811 (the fixtur
     import nbformat
 
     notebook = nbformat.read(os.path.join(fast_site["notebooks"], name[:-3] + ".ipynb"), as_version=4)
-    images, stderr, errors, text = [], [], [], []
+    images, stderr, errors, text, echoed = [], [], [], [], []
     for cell in notebook.cells:
         for output in cell.get("outputs", []):
+            if output.output_type == "execute_result":  # a cell's last expression, echoed below it
+                echoed.append(output.data.get("text/plain", "")[:200])
             if output.output_type == "error":
                 errors.append(f"{output.ename}: {output.evalue}")
             elif output.output_type == "stream":
@@ -100,6 +102,9 @@ def test_tutorial_runs_as_a_notebook(name, fast_site):  # noqa: F811 (the fixtur
             elif "image/png" in output.get("data", {}):
                 images.append(base64.b64decode(output.data["image/png"]))
     assert not errors, f"{name} as a notebook: {errors}"
+    # what a tutorial shows, it prints: no `False` of an exercise check, no path of a figure, no repr
+    assert not echoed, f"{name}: cells echo their last value: {echoed}"
+    assert "minilora-site-" not in "".join(text), f"{name} prints the build's temporary folder"
     # nothing of ours on stderr (no TqdmWarning, no warning from minilora); a third-party library's
     # own deprecation notice (e.g. transformers in tutorial 08) is not the tutorial's to fix
     ours = [line for line in "".join(stderr).splitlines()

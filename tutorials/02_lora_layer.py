@@ -43,7 +43,7 @@ ml.manual_seed(0)
 # %%
 from minilora.diagrams import draw_reparametrisation
 
-print("wrote", save_figure(draw_reparametrisation(d=4, k=6, r=2), "02_reparametrisation.png"))
+save_figure(draw_reparametrisation(d=4, k=6, r=2), "02_reparametrisation.png")
 
 # %%
 k, d, r = 6, 4, 2  # in_features, out_features, rank
@@ -194,6 +194,11 @@ rules = ["α (no scaling)", "α/r (paper)", "α/√r (rsLoRA)"]
 norms = {rule: [update_norm(r, rule) for r in ranks] for rule in rules}
 for rule in rules:
     print(f"{rule:<16}", "  ".join(f"r={r}: {n:.3f}" for r, n in zip(ranks, norms[rule])))
+# the growth with r as a power law: the slope of log ‖ΔW‖ against log r
+slopes = {rule: float(np.polyfit(np.log(ranks), np.log(norms[rule]), 1)[0]) for rule in rules}
+for rule, slope in slopes.items():
+    trend = "grows" if slope > 0.15 else "shrinks" if slope < -0.15 else "stays nearly flat"
+    print(f"{rule:<16} ‖ΔW‖_F ∝ r^{slope:+.2f}: it {trend} with r")
 
 # %%
 from matplotlib.figure import Figure
@@ -210,13 +215,13 @@ ax.set_xlabel("rank r")
 ax.set_ylabel("‖ΔW‖_F after 10 AdamW steps")
 ax.set_title("The same learning rate, three scalings of ΔW = s·B A", fontsize=10)
 ax.legend()
-print("wrote", save_figure(fig, "02_update_scale.png"))
+save_figure(fig, "02_update_scale.png")
 
 # %% [markdown]
-# Read the plot from left to right. Without scaling, the update grows with r, roughly like √r:
-# the r rank-one terms partly add up. α/r removes that growth and over-corrects: the update
-# shrinks like 1/√r. α/√r keeps it nearly flat. That observation is the rsLoRA argument: with
-# α/r, large ranks learn more slowly at the same learning rate. For the small ranks the paper
+# Read the plot from left to right, and the fitted exponents printed below the table. A sum of r
+# rank-one terms that partly add up grows like √r (exponent +0.5) without scaling; dividing it by
+# r over-corrects to 1/√r (−0.5), and dividing by √r keeps it flat (0). That is the rsLoRA
+# argument: with α/r, large ranks learn more slowly at the same learning rate. For the small ranks the paper
 # uses (r ≤ 8 in Table 6), α/r works well, and that is minilora's default. Set
 # `LoRAConfig(use_rslora=True)` to get α/√r.
 #
@@ -267,4 +272,4 @@ check_lora_param_count(my_count)
 # a solution with a comment on each line.
 
 # %% [markdown]
-# **Next:** `03_tiny_transformer.py` — where these layers go inside a GPT, and the loss of eq. 2.
+# **Next:** [`03_tiny_transformer.py`](03_tiny_transformer.py) — where these layers go inside a GPT, and the loss of eq. 2.

@@ -34,8 +34,9 @@ ml.manual_seed(0)
 
 # %%
 model = load_base()
+n_base = model.num_parameters()
 print(model.config)
-print(f"{model.num_parameters():,} parameters")
+print(f"{n_base:,} parameters")
 print(model.blocks[0])
 
 # %% [markdown]
@@ -49,7 +50,7 @@ print(model.blocks[0])
 # %%
 from minilora.diagrams import draw_block
 
-print("wrote", save_figure(draw_block(targets=(), d_model=model.config.d_model), "03_block.png"))
+save_figure(draw_block(targets=(), d_model=model.config.d_model), "03_block.png")
 
 # %%
 for name, p in model.named_parameters():
@@ -72,7 +73,7 @@ for group, count in counts.items():
 # adapted model. Here is the block above, with the paper's choice:
 
 # %%
-print("wrote", save_figure(draw_block(targets=("q", "v"), r=4, d_model=model.config.d_model), "03_block_lora.png"))
+save_figure(draw_block(targets=("q", "v"), r=4, d_model=model.config.d_model), "03_block_lora.png")
 
 # %% [markdown]
 # Now on the model itself:
@@ -98,9 +99,23 @@ print("after freezing: ", lora.trainable_summary(model))
 print("trainable:", [n for n, p in model.named_parameters() if p.requires_grad][:4], "...")
 
 # %% [markdown]
-# With L̂ = 8 adapted matrices (Wq and Wv in 4 blocks), d_model = 128 and r = 4, the formula of
-# Sec. 4.2 gives |Θ| = 2 × 8 × 128 × 4 = 8,192, which is what the summary counts. B starts at
-# zero, so the adapted model still computes exactly the base model's logits:
+# The formula of Sec. 4.2 counts Θ: |Θ| = 2 × L̂ × d_model × r, with L̂ the number of adapted
+# matrices (here Wq and Wv in every block). Note what "all params" counts: the adapted model
+# holds the base's parameters *and* the new A and B, so it grew by exactly |Θ|. The fraction
+# LoRA trains can be read against either total; the cell computes both:
+
+# %%
+c = model.config
+L_hat = len(config.target_modules) * c.n_layer
+theta = 2 * L_hat * c.d_model * config.r
+print(f"|Θ| = 2 × L̂ × d_model × r = 2 × {L_hat} × {c.d_model} × {config.r} = {theta:,}  "
+      f"(the summary counts {lora.trainable_summary(model)['lora']:,})")
+print(f"all params = the base's {n_base:,} + the adapters' {theta:,} = {n_base + theta:,}")
+print(f"LoRA trains {100 * theta / n_base:.2f} % of the base's parameters "
+      f"({100 * theta / (n_base + theta):.4f} % of the adapted model's, as the summary says)")
+
+# %% [markdown]
+# B starts at zero, so the adapted model still computes exactly the base model's logits:
 
 # %%
 with ml.no_grad():
@@ -201,7 +216,7 @@ ax.legend(handles=[Patch(facecolor=c, edgecolor="#666666", label=label) for c, l
                    zip(colours, ["padding (no loss)", "prompt x (no loss)", "y and <eos> (loss counts: mask = 1)"])],
           loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3, fontsize=8, frameon=False)
 ax.set_title("The loss mask of eq. 2 on a classify batch", fontsize=10, pad=22)
-print("wrote", save_figure(fig, "03_loss_mask.png"))
+save_figure(fig, "03_loss_mask.png")
 
 # %% [markdown]
 # ## Exercises
@@ -240,4 +255,4 @@ check_masked_loss(my_loss)
 # formula), `show_solution("03.1")` and `show_solution("03.2")` print solutions.
 
 # %% [markdown]
-# **Next:** `04_finetune.py` — train it: full fine-tuning against LoRA on the shipped base.
+# **Next:** [`04_finetune.py`](04_finetune.py) — train it: full fine-tuning against LoRA on the shipped base.

@@ -241,7 +241,7 @@ for panel, (title, values, fmt) in enumerate([
         ax.text(i, value * 1.3, fmt.format(value), ha="center", fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", labelsize=8)
-print("wrote", save_figure(fig, "04_full_vs_lora.png"))
+save_figure(fig, "04_full_vs_lora.png")
 
 # %% [markdown]
 # ## 3. What you would ship
@@ -290,5 +290,5 @@ check_trainable_params(my_trainable)
 # formula), and `show_solution("04.1")` prints a solution.
 
 # %% [markdown]
-# **Next:** `05_merge_and_serve.py` — merge W₀ + BA for zero extra latency, switch tasks, and
+# **Next:** [`05_merge_and_serve.py`](05_merge_and_serve.py) — merge W₀ + BA for zero extra latency, switch tasks, and
 # serve one batch that mixes tasks.

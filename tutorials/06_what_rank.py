@@ -97,7 +97,7 @@ for panel, (label, values, top) in enumerate([
     ax.set_xlabel("rank r (LoRA on Wq, Wv, α fixed)")
     ax.set_ylabel(label)
 fig.suptitle(f"Table 6 in miniature: {TASK}, {STEPS} steps per rank", fontsize=10)
-print("wrote", save_figure(fig, "06_rank_sweep.png"))
+save_figure(fig, "06_rank_sweep.png")
 
 # %% [markdown]
 # The parameter count doubles with each step along the axis. Compare the step from the base
@@ -212,7 +212,7 @@ for n, (name, grid) in enumerate(grids.items()):
     ax.set_title(titles[name], fontsize=9)
 fig.colorbar(image, ax=fig.axes, shrink=0.85, label="φ(i, j)")
 fig.suptitle(f"Subspace similarity φ(A_r={r_small}, A_r={r_large}, i, j) (Fig. 3 in miniature)", fontsize=10)
-print("wrote", save_figure(fig, "06_subspace.png"))
+save_figure(fig, "06_subspace.png")
 
 # %% [markdown]
 # Read the top-left cell of each panel: φ(1, 1) compares the single most important direction of
@@ -265,4 +265,4 @@ check_random_subspace_baseline(my_baseline)
 # formula), and `show_solution("06.1")` prints a solution.
 
 # %% [markdown]
-# **Next:** `07_gpu.py` — the same code on a GPU, by one switch.
+# **Next:** [`07_gpu.py`](07_gpu.py) — the same code on a GPU, by one switch.

@@ -61,9 +61,12 @@ else:
 # ### No GPU? The strict backend checks your code anyway
 #
 # A GPU array lives in another memory. CuPy therefore refuses to turn one into a NumPy array behind
-# your back (`np.asarray(x)`), to mix it with a NumPy array in one operation, or to let a NumPy
-# function (`np.exp(x)`, `np.add.at`) compute on it. Code full of such mistakes runs happily on
-# NumPy and breaks the first time it meets a GPU. `ml.set_backend("strict")` (or
+# your back (`np.asarray(x)`) and to mix it with a NumPy array in one operation. A NumPy function
+# called on it (`np.exp(x)`, `np.add.at`) is handed to CuPy where CuPy implements it, and fails
+# where it does not, depending on the function and the CuPy version; the strict backend refuses
+# them all, so code that takes its module from `get_array_module` works on every version. Code
+# full of such mistakes runs happily on NumPy and breaks the first time it meets a GPU.
+# `ml.set_backend("strict")` (or
 # `MINILORA_BACKEND=strict`) computes with NumPy but keeps CuPy's rules, so those mistakes raise
 # on any laptop. Copies to the host go through `ml.backend.to_numpy(x)` (or `x.get()`, as in
 # CuPy). Reductions return 0-d arrays, and `float()` of a one-element array is allowed.
@@ -179,8 +182,10 @@ print(f"gradcheck of F.lora_linear on {BACKEND}:", ml.gradcheck(lambda x, A, B_:
 #
 # Time per LoRA training step for a few batch sizes, on every backend available here. A GPU
 # pays a fixed cost per kernel launch, and our model is tiny, so it wins only once a batch holds
-# enough work. On a CPU the time grows with the batch from the start. The strict backend is NumPy
-# plus the cost of checking CuPy's rules: a correctness tool, not a speed-up.
+# enough work. On a CPU the time grows with the batch from the start. The strict backend runs
+# NumPy's own kernels and adds checks of CuPy's rules: a correctness tool, not a speed-up. Whether
+# those checks cost anything you can measure at this size, the ratios printed below say (one
+# timing on a shared machine varies by tens of percent from run to run: compare several).
 
 # %%
 batch_sizes = (2,) if FAST else (1, 4, 16, 64)
@@ -198,6 +203,11 @@ for backend in bk.available_backends():
         train_steps(model, opt, b, repeats)
         step_ms[backend].append(1e3 * (time.perf_counter() - start) / repeats)
     print(f"{backend:<6}", "  ".join(f"batch {s}: {ms:7.1f} ms" for s, ms in zip(batch_sizes, step_ms[backend])))
+if "strict" in step_ms:
+    for size, strict_ms, numpy_ms in zip(batch_sizes, step_ms["strict"], step_ms["numpy"]):
+        ratio = strict_ms / numpy_ms
+        verdict = ("slower" if ratio > 1.1 else "faster" if ratio < 1 / 1.1 else "within 10 % of NumPy,")
+        print(f"batch {size}: strict / NumPy = {ratio:.2f}, strict {verdict} in this run")
 if FAST:
     print("FAST mode: one batch size, one repeat — these timings mean nothing; run in full mode to measure.")
 
@@ -219,7 +229,7 @@ ax.legend()
 title = "NumPy vs CuPy" if "cupy" in step_ms else "NumPy and strict (no GPU on this machine)"
 ax.set_title(f"One LoRA training step: {title}" + ("\nFAST mode: one repeat, these timings mean nothing"
                                                     if FAST else ""), fontsize=10)
-print("wrote", save_figure(fig, "07_step_time.png"))
+save_figure(fig, "07_step_time.png")
 
 # %% [markdown]
 # ## Exercises
@@ -256,8 +266,11 @@ check_host_logits(my_host_logits)
 # `show_solution("07.2")` print solutions.
 
 # %% [markdown]
-# That is the end of the course. You built autograd, the LoRA layer with its backward, put it in
+# That is the core of the course. You built autograd, the LoRA layer with its backward, put it in
 # a Transformer, fine-tuned it against full fine-tuning, merged and served it, measured which
 # rank it needs, and ran it on a GPU (or checked, on the strict backend, that it would run there).
-# `docs/paper_map.md` maps every equation, table and figure of the paper to the code and to the
-# tutorial or experiment that shows it.
+# Two tutorials take it further: 08 carries the adapter to Hugging Face PEFT, and 09 the variants
+# that came after the paper.
+#
+# **Next:** [`08_to_peft.py`](08_to_peft.py) — from minilora to PEFT: GPT-2's fused `c_attn`, an
+# adapter exported and loaded by PEFT with the same logits.

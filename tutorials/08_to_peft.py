@@ -121,8 +121,9 @@ else:
     print("skipped: torch, transformers or peft is not installed")
 
 # %% [markdown]
-# The difference is rounding: about 1e-15, in float64. (`tests/oracle/test_hf.py` checks the
-# same for q, k, v, o, the MLP, rsLoRA and mixed ranks, and after PEFT's `merge_and_unload`.)
+# The difference printed above is float64 rounding, many orders of magnitude below the logits.
+# (`tests/oracle/test_hf.py` checks the same for q, k, v, o, the MLP, rsLoRA and mixed ranks,
+# and after PEFT's `merge_and_unload`.)
 #
 # One caveat, stated in `save_peft_adapter`'s docstring: the export is exact for inference and for
 # merging. If you keep training it inside PEFT, PEFT trains the whole `c_attn` block — the zero
@@ -228,7 +229,7 @@ ax.set_yticks(range(1, grid.shape[0] + 1))
 ax.set_xlabel("j (seed 1)")
 ax.set_ylabel("i (the exported adapter)")
 ax.set_title(f"φ(i, j), {name}", fontsize=9)
-print("wrote", save_figure(fig, "08_peft_analysis.png"))
+save_figure(fig, "08_peft_analysis.png")
 
 # %% [markdown]
 # ### Any architecture: a Llama-shaped adapter
@@ -331,5 +332,7 @@ check_block_B(my_block_B)
 # formula), and `show_solution("08.1")` prints a solution.
 
 # %% [markdown]
-# **Next:** `docs/paper_map.md` maps every equation and table of the paper to the code; with
-# `hf.load_gpt2` you can now run any of it on a real GPT-2.
+# **Next:** [`09_after_the_paper.py`](09_after_the_paper.py) — what came after the paper: DoRA,
+# PiSSA, rsLoRA, LoRA+ and 4-bit NF4 on the same base. ([The paper map](../docs/paper_map.md)
+# maps every equation and table of the paper to the code; with `hf.load_gpt2` you can run any of
+# it on a real GPT-2.)

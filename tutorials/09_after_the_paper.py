@@ -147,7 +147,7 @@ ax.set_xlabel("index i")
 ax.set_ylabel("singular value σᵢ")
 ax.set_title(f"{path} of the shipped base", fontsize=9)
 ax.legend(fontsize=8)
-print("wrote", save_figure(fig, "09_spectrum.png"))
+save_figure(fig, "09_spectrum.png")
 
 # %% [markdown]
 # The residual's spectrum is W₀'s with its top r removed: the other singular values are
@@ -213,7 +213,7 @@ ax.set_xlabel("step")
 ax.set_ylabel("training loss (y tokens)")
 ax.set_title(f"{TASK}: r = 4 on Wq, Wv, {STEPS} steps", fontsize=9)
 ax.legend(fontsize=8)
-print("wrote", save_figure(fig, "09_race.png"))
+save_figure(fig, "09_race.png")
 
 # %% [markdown]
 # Look at the first steps of the curves, where the variants differ most: PiSSA's adapter starts on
@@ -262,7 +262,7 @@ for level in quant.NF4_LEVELS:
 ax.set_xlabel("normalised weight (red: the 16 NF4 levels)")
 ax.set_title(f"{path}: NF4 puts its levels where the weights are", fontsize=9)
 ax.legend(fontsize=8)
-print("wrote", save_figure(fig, "09_nf4.png"))
+save_figure(fig, "09_nf4.png")
 
 # %%
 nf4_base = adapted()
@@ -325,5 +325,7 @@ check_nf4_bytes(my_nf4_bytes)
 # formula), and `show_solution("09.1")` prints a solution.
 
 # %% [markdown]
-# **Next:** `minilora experiment variants` runs these variants on all three tasks; its table and
-# the reading of it are in `docs/results.md`.
+# **Next:** [the capstone](../docs/syllabus.md#capstone-doras-backward-derived-and-gradchecked)
+# of the syllabus — DoRA's backward, derived and gradchecked with what the course gave you.
+# `minilora experiment variants` runs these variants on all three tasks; its table and the
+# reading of it are in [the results](../docs/results.md).

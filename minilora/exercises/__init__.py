@@ -15,8 +15,10 @@ AssertionError) whose message first diagnoses *your* answer ("your dA is 0.4× t
 everywhere: did you drop the scaling s?"), then gives a hint that says where to look. The
 formula comes only when you ask: ``check_dA(my_dA, hint_level=2)`` or ``show_hint("02.1", 2)``
 (``hint_level=0``: the diagnosis alone). ``show_solution("02.1")`` prints a solution; the
-solutions are not in the tutorials. An exercise you have not tried yet (its function still
-raises ``NotImplementedError``) prints a reminder and returns False, so a tutorial runs from
+solutions are not in the tutorials. ``minilora exercises --solutions`` prints the teacher's key
+(``key.teacher_key()``: every solution, and the answers to the syllabus's predict questions).
+An exercise you have not tried yet (its function still
+raises ``NotImplementedError``) prints a reminder and returns None, so a tutorial runs from
 top to bottom before you have done its exercises.
 
     id    tutorial             check
@@ -44,7 +46,7 @@ top to bottom before you have done its exercises.
 
 One module per tutorial (``autograd``, ``lora_layer``, ``transformer``, ``finetune``, ``serve``,
 ``rank``, ``gpu``, ``interop``, ``variants``) holds its checks, hints and solutions; ``harness`` the shared machinery and
-the two figure helpers the tutorials use, ``output_dir()`` and ``save_figure(fig, name)``.
+the two figure helpers the tutorials use, ``output_dir()`` and ``save_figure(fig, name)``; ``key`` the teacher's key.
 """
 
 from .autograd import check_backward_by_hand, check_sigmoid

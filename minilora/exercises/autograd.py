@@ -14,6 +14,7 @@ __all__ = ["check_backward_by_hand", "check_sigmoid"]
 
 register(
     "01.1", "backward by hand", "check_backward_by_hand",
+    paper="the chain rule, the tool behind every gradient of eq. 1 and eq. 2",
     hints=("go backwards one Function at a time through a = tanh(x), h = a @ w, L = Σ h²: first dL/dh, then the "
            "two halves of the matmul's backward, then tanh's backward (it uses a, the saved output).",
            "dL/dh = 2h, dL/dw = aᵀ @ (dL/dh), dL/da = (dL/dh) @ wᵀ, dL/dx = dL/da ⊙ (1 − a²)."),
@@ -30,6 +31,7 @@ register(
 
 register(
     "01.2", "Sigmoid as a Function", "check_sigmoid",
+    paper="a Function with its forward and backward, as every op of the course",
     hints=("write dσ/dx in terms of y = σ(x) itself, and save y in forward so that backward can use it.",
            "with y = σ(x), dy/dx = y (1 − y): save y (self.save_for_backward(y)) and return grad * y * (1 − y)."),
     solution='''

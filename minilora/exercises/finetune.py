@@ -7,12 +7,13 @@ import numpy as np
 from .. import backend as bk
 from .. import lora, optim
 from ..models import GPT, GPTConfig
-from .harness import Wrong, as_number, call, exercise, known_mistake, num, register
+from .harness import Wrong, as_number, call, exercise, known_mistake, num, register, side
 
 __all__ = ["check_optimizer_state_bytes", "check_trainable_params"]
 
 register(
     "04.1", "optimizer-state memory", "check_optimizer_state_bytes",
+    paper="Sec. 4.2: optimizer state only for Θ (VRAM 1.2 TB → 350 GB on GPT-3)",
     hints=("how many running averages does Adam keep per trained value (look at its update rule), and of which "
            "dtype? A frozen W₀ gets none.",
            "AdamW keeps two running averages per trained value (m, the first moment, and v, the second), each of "
@@ -28,6 +29,7 @@ register(
 
 register(
     "04.2", "counting a model's LoRA parameters", "check_trainable_params",
+    paper="Sec. 4.2 and Table 5: |Θ| for the adapted matrices",
     hints=("each adapted matrix of shape d_out × d_in adds B (d_out × r) and A (r × d_in), in every one of the "
            "n_layer blocks. Not all targets are d_model × d_model.",
            "|Θ| = n_layer · Σ_targets r·(d_in + d_out), with q, k, v, o: d_model → d_model, fc: d_model → "
@@ -70,7 +72,7 @@ def check_optimizer_state_bytes(fn) -> str:
                     mistakes.insert(0, (2 * n * 4, "Right for float32 but not here: use bytes_per_value, not 4."))
                 why = known_mistake(got, mistakes)
                 raise Wrong(f"{method} fine-tuning in {dtype}: {num(n)} trainable values of {itemsize} bytes; you give "
-                            f"{num(got)} bytes, AdamW holds {num(expected)}.{why}")
+                            f"{num(got)} bytes, {side(got, expected)} than AdamW holds.{why}")
     return "matches AdamW.state_bytes() for full fine-tuning and LoRA, float32 and float64"
 
 
@@ -95,5 +97,5 @@ def check_trainable_params(fn) -> str:
                 why = (f" The attention-only sets were right, so look at {', '.join(mlp)}: fc is d_model → 4·d_model "
                        "and proj is 4·d_model → d_model.") if mlp else ""
                 raise Wrong(f"n_layer={cfg.n_layer}, d_model={cfg.d_model}, r={r}, targets={targets}: you give "
-                            f"{num(got)}, the model has {num(expected)} trainable parameters.{why}")
+                            f"{num(got)}, {side(got, expected)} than the model's trainable parameters.{why}")
     return "matches apply_lora on two model sizes and four target sets"

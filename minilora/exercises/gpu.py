@@ -15,6 +15,7 @@ __all__ = ["check_softmax_any_backend", "check_host_logits"]
 
 register(
     "07.1", "a softmax for any backend", "check_softmax_any_backend",
+    paper="(implementation) one code for NumPy and CuPy",
     hints=("ask the array for its module (xp = ml.backend.get_array_module(a)) and use xp's functions or the "
            "array's own methods, never np; exp(1000) overflows, so shift each row first (softmax does not change "
            "when you subtract the same number from a whole row).",
@@ -29,6 +30,7 @@ register(
 
 register(
     "07.2", "logits back on the host", "check_host_logits",
+    paper="(implementation) results back on the host",
     hints=("run the model without recording a graph, and convert its output, a Tensor on the model's backend, "
            "into a host NumPy array with the backend module's helper.",
            "with ml.no_grad(): return ml.backend.to_numpy(model(idx))  (to_numpy copies from the GPU when needed)."),

@@ -62,14 +62,15 @@ class Exercise:
     check: str      # the name of its check function
     hints: tuple    # (where to look, the formula)
     solution: str   # source code defining one function or class
+    paper: str = ""  # the equation or section of the paper it works on
 
 
 _EXERCISES: dict[str, Exercise] = {}
 _HINTS_SHOWN: dict[str, int] = {}
 
 
-def register(id: str, title: str, check: str, hints: tuple, solution: str) -> Exercise:
-    _EXERCISES[id] = Exercise(id, title, check, tuple(hints), inspect.cleandoc(solution) + "\n")
+def register(id: str, title: str, check: str, hints: tuple, solution: str, paper: str = "") -> Exercise:
+    _EXERCISES[id] = Exercise(id, title, check, tuple(hints), inspect.cleandoc(solution) + "\n", paper)
     return _EXERCISES[id]
 
 
@@ -130,7 +131,7 @@ def solution(id: str):
 
 
 def exercise(id: str):
-    """Turn a checker into the check of exercise ``id``: ✓ and True, a reminder and False, or ExerciseError.
+    """Turn a checker into the check of exercise ``id``: ✓ and True, a reminder and None, or ExerciseError.
 
     The checker returns a success message or raises ``Wrong``; the wrapper adds the hints up to
     ``hint_level`` (keyword of every check: 0 diagnosis only, 1 default, 2 with the formula).
@@ -145,7 +146,7 @@ def exercise(id: str):
             except NotYet:
                 print(f"… {ex.title}: not attempted yet (your function raises NotImplementedError). "
                       "Fill it in and run this cell again.")
-                return False
+                return None  # falsy, and a notebook cell ending in the check shows nothing more
             except Wrong as wrong:
                 hints = _hint_text(ex, hint_level if wrong.with_hints else 0)
                 raise ExerciseError(f"{ex.id} · {ex.title}: {wrong.diagnosis}\n{hints}") from None
@@ -275,6 +276,11 @@ def as_number(value, what: str) -> float:
         raise Wrong(f"{what} must be a number, got {type(value).__name__}", with_hints=False) from None
 
 
+def side(got: float, expected: float, more: str = "more", fewer: str = "fewer") -> str:
+    """Whether a wrong number is too large or too small, without saying the right one."""
+    return more if got > expected else fewer
+
+
 def known_mistake(got: float, mistakes, rel_tol=1e-9) -> str:
     """" <why>" for the first ``(wrong value, why)`` of ``mistakes`` that ``got`` equals (to ``rel_tol``), else ""."""
     for wrong, why in mistakes:
@@ -343,21 +349,35 @@ def output_dir() -> str:
     return path
 
 
+class SavedFigure(str):
+    """The path of a figure ``save_figure`` wrote. A notebook shows the figure itself, never this path."""
+
+    def _ipython_display_(self):  # IPython calls this instead of echoing the value below the cell
+        pass
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return get_ipython() is not None
+
+
 def save_figure(fig, name: str) -> str:
     """Save a matplotlib Figure as ``output_dir()/name`` (PNG) and return the path.
 
-    In a Jupyter notebook the PNG is also shown below the cell.
+    In a Jupyter notebook the PNG is shown below the cell (and neither the path nor the return
+    value is); run as a script, it prints "wrote PATH".
     """
     path = os.path.join(output_dir(), name)
     if fig.get_layout_engine() is None:  # a figure made with layout="constrained" keeps its own
         fig.tight_layout()
     fig.savefig(path, dpi=110)
-    try:  # inside a notebook: show it (IPython exists only there)
-        from IPython import get_ipython
+    if _in_notebook():
         from IPython.display import Image, display
 
-        if get_ipython() is not None:
-            display(Image(filename=path))
-    except ImportError:
-        pass
-    return path
+        display(Image(filename=path))
+    else:
+        print(f"wrote {path}")
+    return SavedFigure(path)

@@ -18,6 +18,7 @@ __all__ = ["check_block_B", "check_pack_c_attn"]
 
 register(
     "08.1", "pack q, k, v into c_attn", "check_pack_c_attn",
+    paper="Sec. 4.2 on GPT-2: Wq, Wk, Wv fused in one c_attn",
     hints=("Conv1D stores its weight as (in, out), a Linear as (out, in); and c_attn computes q, k and v in one "
            "product, side by side along its output axis.",
            "np.concatenate([W_q.T, W_k.T, W_v.T], axis=1): columns 0:d are q, d:2d are k, 2d:3d are v."),
@@ -28,6 +29,7 @@ register(
 
 register(
     "08.2", "the block-structured B", "check_block_B",
+    paper="Sec. 4.2 (LoRA on Wq and Wv) in GPT-2's fused c_attn",
     hints=("B has one row per output of c_attn (3d) and one column per row of the stacked A = [A_q; A_v] (2r). "
            "Which outputs read A_q, which read A_v, and which (k) read nothing?",
            "B = [[B_q, 0], [0, 0], [0, B_v]]: rows 0:d take B_q in columns 0:r, rows 2d:3d take B_v in columns "

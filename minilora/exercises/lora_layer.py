@@ -14,6 +14,7 @@ __all__ = ["check_dA", "check_dB", "check_lora_param_count"]
 
 register(
     "02.1", "dA of the LoRA layer", "check_dA",
+    paper="eq. 3, h = W₀x + (α/r)·B A x (Sec. 4.1): ∂L/∂A",
     hints=("A is reached only through u = x Aᵀ (N × r). Get ∂L/∂u first (what multiplies u on the way to h, and "
            "with which factor?), then ask what multiplies A in u = x Aᵀ. The result must be (r, k).",
            "∂L/∂u = s·grad_h B (N × r) and ∂L/∂A = (∂L/∂u)ᵀ x = s·(grad_h B)ᵀ x, shape (r, k)."),
@@ -25,6 +26,7 @@ register(
 
 register(
     "02.2", "dB of the LoRA layer", "check_dB",
+    paper="eq. 3, h = W₀x + (α/r)·B A x (Sec. 4.1): ∂L/∂B",
     hints=("in h = … + s·u Bᵀ with u = x Aᵀ, B multiplies u. The gradient of a matmul's weight is "
            "(upstream gradient)ᵀ @ (what it multiplied); keep the factor s. The result must be (d, r).",
            "∂L/∂B = s·grad_hᵀ u = s·grad_hᵀ (x Aᵀ), shape (d, r)."),
@@ -36,6 +38,7 @@ register(
 
 register(
     "02.3", "counting LoRA parameters", "check_lora_param_count",
+    paper="Sec. 4.2: |Θ| = 2 × L̂ × d_model × r (GPT-3, r = 1 on Wq, Wv: 4.7M)",
     hints=("count the entries of B and of A separately from their shapes, for one matrix, then multiply by "
            "n_matrices. Not every W₀ is square.",
            "B is d × r and A is r × k: n_matrices · r · (d + k); for square matrices the paper's "
@@ -116,6 +119,29 @@ def check_dB(fn) -> str:
     return _check_lora_gradient(fn, "B")
 
 
+def _count_problem(got, d, k, r, n) -> str:
+    """What a wrong LoRA parameter count usually means, without giving the right count away."""
+    if d != k and got == 2 * n * d * r:
+        return (f"which is not right. W₀ is not square here (d = {d}, k = {k}): 2·d·r counts B twice "
+                "and A not at all.")
+    if d != k and got == 2 * n * k * r:
+        return (f"which is not right. W₀ is not square here (d = {d}, k = {k}): 2·k·r counts A twice "
+                "and B not at all.")
+    if got == n * d * k:
+        return "that is d·k per matrix, what full fine-tuning trains; LoRA trains B and A only."
+    if d == k and got == n * d * r:
+        return "that counts one factor alone (B is d × r, A is r × k); both train."
+    if got == n * d * r:
+        return "that counts B (d × r) alone; A (r × k) trains too."
+    if got == n * r * k:
+        return "that counts A (r × k) alone; B (d × r) trains too."
+    if n > 1 and got == r * (d + k):
+        return f"that is the count of one matrix; n_matrices = {n} matrices each get their own A and B."
+    side = "more" if got > n * r * (d + k) else "fewer"
+    square = "" if d == k else f" W₀ is not square here (d = {d}, k = {k})."
+    return f"{side} than LoRA trains for these matrices.{square} Write down the shapes of B and A and count their entries."
+
+
 @exercise("02.3")
 def check_lora_param_count(fn) -> str:
     """fn(d, k, r, n_matrices) -> the number of trainable LoRA parameters.
@@ -127,13 +153,5 @@ def check_lora_param_count(fn) -> str:
         got = call(fn, {"d": d, "k": k, "r": r, "n_matrices": n})
         expected = n * r * (d + k)
         if got != expected:
-            if d != k and got == 2 * n * d * r:
-                why = f" W₀ is not square here (d = {d}, k = {k}): 2·d·r counts B twice and A not at all."
-            elif got == n * d * k:
-                why = " that is d·k per matrix, what full fine-tuning trains; LoRA trains B and A only."
-            elif d != k:
-                why = f" (W₀ is not square here: d = {d}, k = {k})"
-            else:
-                why = ""
-            raise Wrong(f"d={d}, k={k}, r={r}, n_matrices={n}: you give {num(got)}, the answer is {num(expected)}.{why}")
+            raise Wrong(f"d={d}, k={k}, r={r}, n_matrices={n}: you give {num(got)}, {_count_problem(got, d, k, r, n)}")
     return "right for square and non-square matrices (GPT-3, r = 1 on Wq and Wv of 96 layers: 4,718,592)"

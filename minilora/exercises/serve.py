@@ -16,6 +16,7 @@ __all__ = ["check_merge", "check_switch", "check_mixed_batch"]
 
 register(
     "05.1", "merging W = W₀ + s·B A", "check_merge",
+    paper="Sec. 4.1: W = W₀ + BA, no additional inference latency",
     hints=("the merged weight must give, through a plain F.linear, what the LoRA layer gives: which (d, k) matrix "
            "does the adapter add to W₀, with which factor?",
            "W = W₀ + scaling · lora_B @ lora_A; ΔW has W₀'s shape (d, k): B is (d, r), A is (r, k)."),
@@ -26,6 +27,7 @@ register(
 
 register(
     "05.2", "switching tasks in a merged weight", "check_switch",
+    paper="Sec. 4.1: switching tasks, subtract BA and add B′A′",
     hints=("W holds W₀ plus the old task's update. Take that update out, then put the new one in, each "
            "with its own scaling; you never need W₀ itself.",
            "W − s·B A + s′·B′ A′, with (A, B, s) = old and (A′, B′, s′) = new."),
@@ -37,6 +39,7 @@ register(
 
 register(
     "05.3", "a batch that mixes tasks", "check_mixed_batch",
+    paper="Sec. 4.2 (limitations): a batch of tasks needs W₀x + B_i A_i x per row",
     hints=("every row shares x W₀ᵀ + b; then each row adds the low-rank term of ITS OWN adapter, named in "
            f"adapter_ids; rows named {BASE_ADAPTER!r} add nothing.",
            "h = x W₀ᵀ + b; for each adapter name with rows R: h[R] += s·(x[R] Aᵀ) Bᵀ of that adapter."),
@@ -73,6 +76,41 @@ def check_merge(fn) -> str:
     return "F.linear with your merged W gives the LoRA layer's output: no extra work at inference"
 
 
+def _times(c: float, s: float) -> str:
+    """A coefficient as the student would recognise it: +1, −1, 0, s, 1/s, ..."""
+    for value, name in ((1, "+1"), (-1, "−1"), (0, "0"), (s, "+s"), (-s, "−s"), (1 / s, "+1/s"), (-1 / s, "−1/s")):
+        if np.isclose(c, value, rtol=1e-6, atol=1e-9):
+            return name
+    return f"{c:+.4g}"
+
+
+def _switch_problem(change, old_update, new_update, s_old, s_new) -> str | None:
+    """Explain ``change`` = (your W) − W as a·(old s·B A) + b·(new s′·B′ A′); None if it is no such mix.
+
+    The right switch has a = −1 (the old update out) and b = +1 (the new one in).
+    """
+    basis = np.stack([old_update.ravel(), new_update.ravel()], axis=1)
+    (a, b), *_ = np.linalg.lstsq(basis, change.ravel(), rcond=None)
+    if np.linalg.norm(basis @ np.array([a, b]) - change.ravel()) > 1e-6 * max(1.0, np.linalg.norm(change)):
+        return None
+    parts = []
+    if np.isclose(a, 1):
+        parts.append("you added the old task's update s·B A again instead of taking it out (a sign error)")
+    elif np.isclose(a, 0):
+        parts.append("the old update is still in: take it out before putting the new one in")
+    elif not np.isclose(a, -1):
+        parts.append(f"the old update s·B A (s = {s_old:g}) enters your change with the factor {_times(a, s_old)}, "
+                     "where taking it out exactly means −1: check its scaling")
+    if np.isclose(b, -1):
+        parts.append("the new task's update went in with the wrong sign")
+    elif np.isclose(b, 0):
+        parts.append("the new task's update is missing")
+    elif not np.isclose(b, 1):
+        parts.append(f"the new update s′·B′ A′ (s′ = {s_new:g}) enters with the factor {_times(b, s_new)}, "
+                     "where +1 is right: check its scaling")
+    return "; ".join(parts) + "." if parts else None
+
+
 @exercise("05.2")
 def check_switch(fn) -> str:
     """fn(W, old, new) -> the weight serving task ``new``; W currently holds W₀ + s·B A of ``old``.
@@ -88,11 +126,13 @@ def check_switch(fn) -> str:
     expected = W0 + s2 * B2 @ A2
     if not np.allclose(got, expected, rtol=1e-6, atol=1e-9):
         known = [(W0 + s1 * B2 @ A2, "the new update got the old task's scaling: each update has its own scaling"),
-                 (W + s2 * B2 @ A2, "the old update is still in: subtract it before adding the new one"),
                  (W - B1 @ A1 + B2 @ A2, "both updates lost their scaling: each update has its own scaling")]
         for value, meaning in known:
             if np.allclose(got, value, rtol=1e-6, atol=1e-9):
                 raise Wrong(f"the switched weight: {meaning}.")
+        problem = _switch_problem(got - W, s1 * B1 @ A1, s2 * B2 @ A2, s1, s2)
+        if problem:
+            raise Wrong(f"the switched weight: {problem}")
         compare(got, expected, "the switched weight")
     return "W − s·B A + s'·B' A': one task out, the other in, without keeping a second copy of W₀"
 

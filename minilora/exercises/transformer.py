@@ -14,6 +14,7 @@ __all__ = ["check_loss_mask", "check_masked_loss"]
 
 register(
     "03.1", "the loss mask of eq. 2", "check_loss_mask",
+    paper="eq. 2: Σ_t log P(y_t | x, y_<t), the loss on the y tokens only",
     hints=("position t predicts seq[t + 1]. Mark t when the token it predicts is a y token or the final <eos>; "
            "everything before (the prompt) and after (padding) is 0.",
            "mask[t] = 1 for t = n_prompt − 1 … n_tokens − 2, else 0 (a slice mask[n_prompt − 1 : n_tokens − 1])."),
@@ -26,6 +27,7 @@ register(
 
 register(
     "03.2", "the masked loss of eq. 2", "check_masked_loss",
+    paper="eq. 2: the mean negative log-likelihood of the y tokens",
     hints=("take log-probabilities with F.log_softmax, pick each position's target entry with minilora ops (so "
            "backward reaches the logits), keep the masked positions only, and average over those positions.",
            "logp = F.log_softmax(logits, axis=-1); pick logp at the targets (multiply by a one-hot array of the "

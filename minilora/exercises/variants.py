@@ -8,12 +8,13 @@ from .. import backend as bk
 from ..lora.dora import dora_linear
 from ..quant import quantize_nf4
 from ..tensor import tensor
-from .harness import Wrong, as_array, call, compare, exercise, num, register
+from .harness import Wrong, as_array, call, compare, exercise, num, register, side
 
 __all__ = ["check_dora_dm", "check_nf4_bytes", "check_pissa_init"]
 
 register(
     "09.1", "DoRA's ∂L/∂m", "check_dora_dm",
+    paper="DoRA (Liu et al. 2024): W′ = m ⊙ V / ‖V‖_c, V = W₀ + s·B A",
     hints=("m enters h only as a per-row factor c = m / n, where n is the row norm of V = W + s·B·A; so first get "
            "∂L/∂c from grad_h and the un-scaled output P = x Vᵀ, then the one step from c to m.",
            "∂L/∂c_i = Σ_rows grad_h ⊙ P with P = x·Vᵀ (N, d), and ∂L/∂m_i = (∂L/∂c_i) / n_i, n_i = ‖V_i‖."),
@@ -27,6 +28,7 @@ register(
 
 register(
     "09.2", "PiSSA's start", "check_pissa_init",
+    paper="PiSSA (Meng et al. 2024): A and B from the top-r SVD of W",
     hints=("take the top-r singular triplets of W (np.linalg.svd(W, full_matrices=False)); s·B·A must be that part, "
            "W_res the rest, and A and B must carry the same share of each singular value.",
            "U, S, Vt = svd(W); root = √(S[:r] / s); A = root[:, None] · Vt[:r]; B = U[:, :r] · root[None, :]; "
@@ -42,6 +44,7 @@ register(
 
 register(
     "09.3", "bytes of an NF4 weight", "check_nf4_bytes",
+    paper="QLoRA (Dettmers et al. 2023): NF4 codes, a scale per block, double quantization",
     hints=("count two things per block of block_size values: the 4-bit codes (the last block padded to full), and "
            "the block's scale; with double quantization the scales are themselves quantized.",
            "4 bits per value (padded to whole blocks) + one float32 absmax (4 bytes) per block; with double "
@@ -122,6 +125,6 @@ def check_nf4_bytes(fn) -> str:
                 why = " The last block is padded to block_size values: count whole blocks of codes."
             elif not dq and got == n // 2:
                 why = " That is the codes alone; each block also stores its scale."
-            raise Wrong(f"n_values={n}, block_size={block}, double_quant={dq}: you give {num(got)}, quantize_nf4 "
-                        f"stores {num(expected)} bytes.{why}")
+            raise Wrong(f"n_values={n}, block_size={block}, double_quant={dq}: you give {num(got)}, "
+                        f"{side(got, expected)} bytes than quantize_nf4 stores.{why}")
     return "right, with and without double quantization (4.5 and ≈4.127 bits per value at block 64)"
