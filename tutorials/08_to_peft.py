@@ -258,12 +258,18 @@ if HAVE_PEFT:
             if "lora_B" in name:
                 p.normal_(0.0, 0.05)
     llama_peft.save_pretrained(llama_adapter)
+    import contextlib
+    import io
+
     from minilora.cli import main as minilora_cli
 
     summaries = {}
     for label, folder, weights in (("GPT-2", peft_dir, base_dir), ("Llama", llama_adapter, llama_base)):
         out = os.path.join(OUT, f"08_analyze_{label.lower()}")
-        minilora_cli(["analyze", folder, "--base", weights, "--out", out])  # the table, the means, JSON and PNG
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # the table, the means, JSON and PNG
+            minilora_cli(["analyze", folder, "--base", weights, "--out", out])
+        print(printed.getvalue().replace(OUT, "$MINILORA_OUT"))  # the output folder by its name, not its path
         with open(os.path.join(out, "analyze.json")) as f:
             summaries[label] = json.load(f)["summary"]["by_kind"]
     for label, groups in summaries.items():

@@ -356,12 +356,17 @@ class SavedFigure(str):
         pass
 
 
-def _in_notebook() -> bool:
+def _show_in_notebook(path: str) -> bool:
+    """Show the PNG at ``path`` below the cell when this runs in a notebook; False elsewhere."""
     try:
         from IPython import get_ipython
+        from IPython.display import Image, display
     except ImportError:
         return False
-    return get_ipython() is not None
+    if get_ipython() is None:
+        return False
+    display(Image(filename=path))
+    return True
 
 
 def save_figure(fig, name: str) -> str:
@@ -374,10 +379,7 @@ def save_figure(fig, name: str) -> str:
     if fig.get_layout_engine() is None:  # a figure made with layout="constrained" keeps its own
         fig.tight_layout()
     fig.savefig(path, dpi=110)
-    if _in_notebook():
-        from IPython.display import Image, display
-
-        display(Image(filename=path))
-    else:
+    shown = _show_in_notebook(path)
+    if not shown:
         print(f"wrote {path}")
     return SavedFigure(path)
