@@ -379,19 +379,20 @@ def test_the_next_save_removes_temp_files_of_dead_writers_only(tmp_path):
 
 _CHILD = textwrap.dedent("""
     import functools, os, sys, time
-    import safetensors.numpy as stn
     sys.path.insert(0, {tests!r})
+    import minilora.io as mio
     from tiny_run import tiny_run as _setup
     from minilora.train import fit
 
-    def slow_save(tensors, filename, metadata=None):  # a slow disk: half the bytes, a pause, the rest
-        data = stn.save(tensors, metadata=metadata)
-        with open(filename, "wb") as f:
-            f.write(data[: len(data) // 2]); f.flush()
-            time.sleep(0.03)
-            f.write(data[len(data) // 2:])
+    atomic_write = mio.atomic_write
 
-    stn.save_file = slow_save
+    def slow_atomic_write(path, write):  # a slow disk: the temp file is written, then a pause before the rename
+        def slow(tmp):
+            write(tmp)
+            time.sleep(0.03)
+        atomic_write(path, slow)
+
+    mio.atomic_write = slow_atomic_write
     folder = sys.argv[1]
     model, opt, sched, get_batch = _setup(total=400)
     resume = os.path.exists(os.path.join(folder, "last.safetensors"))
