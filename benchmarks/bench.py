@@ -59,6 +59,7 @@ from minilora.timing import interleaved, median, paired_ratio, quartiles
 
 from .config import CONFIGS, LOSS_RTOL, MODES, TRAIN_MODES, BenchConfig, BenchError, mode_flops
 from .machine import blas_kernel, blas_threads, blas_warnings, machine_info, set_blas_threads
+from .joint import JOINT_BASES, bench_joint, format_joint_table
 from .gpt2 import GPT2Setup, bench_gpt2, format_gpt2_table, require_hf
 from .runners import PEAK_MATMULS, PEAK_N, load_torch_twin, minilora_runners, peak_runner, torch_peak_runner, torch_runners
 
@@ -332,6 +333,12 @@ def build_parser(prog: str = "python -m benchmarks.bench") -> argparse.ArgumentP
                    help="minilora against transformers + PEFT at GPT-2-124M shape, random weights (the config "
                         "gpt2; needs pip install -e '.[bench]'); alone unless --configs names others too")
     p.add_argument("--no-memory", action="store_true", help="gpt2: skip the peak-memory runs (4 fresh processes)")
+    p.add_argument("--joint", action="store_true",
+                   help="joint multi-adapter training against separate runs on the same rows (1 BLAS thread, CPU "
+                        "time, best of --repeats rounds, default 2); alone unless --configs or --gpt2 ask for more")
+    p.add_argument("--joint-base", choices=JOINT_BASES, default="tiny",
+                   help="--joint: the shipped base (tiny) or GPT-2-124M's shape with random weights (gpt2)")
+    p.add_argument("--joint-steps", type=int, default=30, help="--joint: training steps of every run (default 30)")
     p.add_argument("--modes", default=",".join(MODES[:-1]),
                    help=f"comma-separated from {', '.join(MODES)} (default: all; mixed16 brings mixed16-loop along)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per runner (default 7; 2 with --quick)")
@@ -357,21 +364,25 @@ def main(argv=None, prog: str = "python -m benchmarks.bench") -> int:
     if args.gpt2:
         configs = (configs if args.configs != "tiny,medium" else []) + ["gpt2"]
         configs = list(dict.fromkeys(configs))
+    if args.joint and args.configs == "tiny,medium" and not args.gpt2:
+        configs = []  # --joint alone
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     try:
-        rows = run(configs, [m for m in args.modes.split(",") if m], repeats=repeats, warmup=warmup,
+        rows = []
+        if args.joint:
+            rows += bench_joint(args.joint_base, steps=args.joint_steps,
+                                rounds=args.repeats if args.repeats is not None else 2, seed=args.seed)
+        rows += run(configs, [m for m in args.modes.split(",") if m], repeats=repeats, warmup=warmup,
                    compare_torch=args.compare_torch, threads=args.threads, backend=args.backend,
                    attention=args.torch_attention, seed=args.seed, gpt2_memory=not args.no_memory)
     except (BenchError, bk.BackendUnavailableError) as exc:
         print(f"minilora bench: {exc}", file=sys.stderr)
         return 2
     print()
-    plain = [r for r in rows if r["config"] != "gpt2"]
-    if plain:
-        print(format_table(plain))
-    if len(plain) < len(rows):
-        print(("\n" if plain else "") + format_gpt2_table(rows))
+    plain = [r for r in rows if r["config"] in CONFIGS]
+    tables = [format_table(plain) if plain else "", format_gpt2_table(rows), format_joint_table(rows)]
+    print("\n\n".join(t for t in tables if t))
     if args.json:
         with open(args.json, "w") as f:
             f.writelines(json.dumps(row, default=_json_default) + "\n" for row in rows)

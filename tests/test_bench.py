@@ -365,3 +365,23 @@ def test_blas_kernel_is_named_and_overrides_warned(monkeypatch):
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     (line,) = blas_warnings()
     assert "OPENBLAS_CORETYPE=Haswell" in line and "env -u OPENBLAS_CORETYPE" in line
+
+
+# ----------------------------------------------------------------------------- joint against separate training
+def test_joint_bench_compares_the_same_adapters(tmp_path):
+    from benchmarks.joint import bench_joint
+
+    rows = bench_joint("tiny", steps=2, rounds=1, batch_size=4, n_train=16, log=lambda *a: None)
+    by = {r["mode"]: r for r in rows}
+    assert set(by) == {"separate", "joint", "joint-padded"}
+    for r in rows:
+        assert r["cpu_seconds"] > 0 and r["counted_tokens"] == by["separate"]["counted_tokens"] > 0
+        assert r["ratio_vs_separate"] == pytest.approx(r["cpu_seconds"] / by["separate"]["cpu_seconds"])
+    # width groups (max_padding 0) compute on the separate runs' slots; one padded batch on more
+    assert by["joint"]["token_slots"] == by["separate"]["token_slots"] < by["joint-padded"]["token_slots"]
+    # the same arithmetic up to float32 rounding (tasks of equal width share one batch, other BLAS blocking)
+    assert by["joint"]["max_adapter_diff_vs_separate"] < 1e-6
+    assert by["joint-padded"]["max_adapter_diff_vs_separate"] < 1e-5  # float32 rounding of other widths
+    path = tmp_path / "joint.jsonl"
+    assert bench.main(["--joint", "--joint-steps", "1", "--repeats", "1", "--json", str(path)]) == 0
+    assert [r["mode"] for r in _read_rows(path)] == ["separate", "joint", "joint-padded"]
