@@ -385,3 +385,19 @@ def test_joint_bench_compares_the_same_adapters(tmp_path):
     path = tmp_path / "joint.jsonl"
     assert bench.main(["--joint", "--joint-steps", "1", "--repeats", "1", "--json", str(path)]) == 0
     assert [r["mode"] for r in _read_rows(path)] == ["separate", "joint", "joint-padded"]
+
+
+def test_profile_charges_every_second_to_a_part(tmp_path):
+    from benchmarks import profile
+
+    rows = profile.profile_step("tiny", "lora", steps=1)
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0, abs=1e-6)
+    parts = {}
+    for r in rows:
+        parts[r["part"]] = parts.get(r["part"], 0.0) + r["share"]
+    linear = profile.OP_LABELS["Linear"]
+    assert max(parts, key=parts.get) == linear  # the BLAS products lead a tiny training step
+    assert {"GELU", "attention", "LayerNorm", "AdamW"} <= set(parts)
+    path = tmp_path / "p.jsonl"
+    assert profile.main(["--config", "tiny", "--mode", "full", "--steps", "1", "--json", str(path)]) == 0
+    assert {r["mode"] for r in _read_rows(path)} == {"full"}
