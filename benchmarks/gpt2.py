@@ -201,8 +201,8 @@ def build_pair(mode: str, setup: GPT2Setup, seed: int, torch, transformers, peft
     Training runners' ``loss()`` gives the loss on the current weights; generation runners'
     ``loss()`` gives the generated tokens (a list of lists).
     """
-    base = random_gpt(setup.model, seed)
     if mode in ("lora", "full"):
+        base = random_gpt(setup.model, seed)
         ml = with_lora(base, seed + 1) if mode == "lora" else base
         hf = hf_peft(ml, torch, transformers, peft) if mode == "lora" else hf_gpt2(ml, torch, transformers)
         ml.train()
@@ -245,7 +245,10 @@ def build_pair(mode: str, setup: GPT2Setup, seed: int, torch, transformers, peft
     else:
         rows, new = int(mode.split("-")[1]), setup.new_tokens
     prompts = data["prompts"][:rows]
-    hf = hf_gpt2(base, torch, transformers)
+    if "generation_models" not in data:  # the generation modes share one pair of (unchanging) base models
+        base = random_gpt(setup.model, seed)
+        data["generation_models"] = (base, hf_gpt2(base, torch, transformers))
+    base, hf = data["generation_models"]
     base.eval()
     hf.eval()
     prompts_t = torch.as_tensor(prompts)
@@ -260,7 +263,9 @@ def build_pair(mode: str, setup: GPT2Setup, seed: int, torch, transformers, peft
             out = hf.generate(input_ids=prompts_t, attention_mask=torch.ones_like(prompts_t), generation_config=config)
         return out[:, prompts.shape[1]:].tolist()
 
-    weights = _param_bytes(p.data for _, p in base.named_parameters())
+    # the bytes a decoding step reads: every weight (wte twice over: one row in, all of it for the head),
+    # except the position table, of which it reads one row
+    weights = _param_bytes(p.data for n, p in base.named_parameters() if n != "wpe.weight")
     info = {"new_tokens": new, "rows": rows, "prompt_len": int(prompts.shape[1]), "weight_bytes": weights,
             "trainable_params": 0, "total_params": int(sum(p.data.size for _, p in base.named_parameters()))}
     return (Runner(mode, "minilora", ml_generate, ml_generate, info=dict(info)),
