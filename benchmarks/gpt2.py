@@ -469,6 +469,7 @@ def bench_gpt2(setup: GPT2Setup = GPT2Setup(), *, repeats: int = 5, warmup: int 
                    "iqr_rel": (q3 - q1) / med if med else None,
                    "matmul_peak_gflops": peak / 1e9, "matmul_peak_shape": list(setup.sgemm),
                    "torch_matmul_peak_gflops": torch_peak / 1e9, "gemv_gb_per_s": gemv_bw / 1e9,
+                   "gemv_shape": list(setup.gemv),
                    "trainable_params": r.info.get("trainable_params"), "total_params": r.info.get("total_params"),
                    "check": checks[mode], "relative": {}, "machine": machine}
             other = pairs[mode][1] if impl == "minilora" else pairs[mode][0]
