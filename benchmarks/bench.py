@@ -253,14 +253,23 @@ def format_table(rows) -> str:
 
 
 # ----------------------------------------------------------------------------- entry points
+def announce_blas(log=print) -> None:
+    """Log which BLAS and kernel NumPy runs, and warn about OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE."""
+    kernel = blas_kernel()
+    log(f"BLAS: {kernel.get('library')} {kernel.get('version') or ''}, kernel {kernel.get('kernel') or 'unknown'} "
+        f"(from {kernel['source']})")
+    for line in blas_warnings():
+        log(line)
+
+
 def run(configs=("tiny", "medium"), modes=MODES, *, repeats: int = 7, warmup: int = 2, compare_torch: bool = False,
         threads: int | None = None, backend: str = "numpy", attention: str = "math", seed: int = 0,
-        gpt2_setup=None, gpt2_memory: bool = True, log=print) -> list:
+        gpt2_setup=None, gpt2_memory: bool = True, announce: bool = True, log=print) -> list:
     """Run the benchmark; return the rows (one dict per (config, mode, impl), as written to JSON lines).
 
     The config ``gpt2`` runs ``benchmarks.gpt2.bench_gpt2`` (its own modes; ``modes`` is for tiny and
     medium) with ``gpt2_setup`` (default: GPT-2-124M's shape) and, with ``gpt2_memory``, the peak-memory
-    processes.
+    processes. ``announce``: log NumPy's BLAS kernel and any override first (``announce_blas``).
     """
     for c in configs:
         if c not in CONFIGS and c != "gpt2":
@@ -285,11 +294,8 @@ def run(configs=("tiny", "medium"), modes=MODES, *, repeats: int = 7, warmup: in
                 "(set OPENBLAS_NUM_THREADS before starting Python)")
         blas = blas_threads()
         env = f"; OPENBLAS_NUM_THREADS={blas['OPENBLAS_NUM_THREADS']}" if "OPENBLAS_NUM_THREADS" in blas else ""
-        kernel = blas_kernel()
-        log(f"BLAS: {kernel.get('library')} {kernel.get('version') or ''}, kernel {kernel.get('kernel') or 'unknown'} "
-            f"(from {kernel['source']})")
-        for line in blas_warnings():
-            log(line)
+        if announce:
+            announce_blas(log)
         if "gpt2" in configs:
             require_hf()
         if compare_torch or "gpt2" in configs:
@@ -369,13 +375,15 @@ def main(argv=None, prog: str = "python -m benchmarks.bench") -> int:
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     try:
+        announce_blas()
         rows = []
         if args.joint:
             rows += bench_joint(args.joint_base, steps=args.joint_steps,
                                 rounds=args.repeats if args.repeats is not None else 2, seed=args.seed)
         rows += run(configs, [m for m in args.modes.split(",") if m], repeats=repeats, warmup=warmup,
                    compare_torch=args.compare_torch, threads=args.threads, backend=args.backend,
-                   attention=args.torch_attention, seed=args.seed, gpt2_memory=not args.no_memory)
+                   attention=args.torch_attention, seed=args.seed, gpt2_memory=not args.no_memory,
+                   announce=False)
     except (BenchError, bk.BackendUnavailableError) as exc:
         print(f"minilora bench: {exc}", file=sys.stderr)
         return 2
