@@ -29,7 +29,7 @@ from minilora.methods import randomize_zero_init
 from .config import CONFIGS, LORA_ALPHA, LORA_B_STD, LORA_R, LORA_TARGETS, LR
 from .machine import machine_info, set_blas_threads
 
-__all__ = ["OP_LABELS", "PARTS", "part_of", "profile_step"]
+__all__ = ["OP_LABELS", "PARTS", "merge_small", "part_of", "profile_step"]
 
 # minilora.functional's Function classes, by the name the table gives them
 OP_LABELS = {"Linear": "Linear forward and backward (BLAS; the tied LM head included)",
@@ -41,6 +41,7 @@ PARTS = (
     ("LoRA layer (W0 x + s·B A x and its backward)", "lora/function.py", None),
     ("AdamW", "minilora/optim.py", None),
     ("autograd (graph, backward sweep, gradient sums)", "minilora/tensor.py", None),
+    ("embedding (its backward: the scatter-add into wte)", "minilora/backend.py", ("scatter_add",)),
     ("elementwise ops", "minilora/ops/elementwise.py", None),
     ("matmul and shape ops", "minilora/ops/", None),
     ("model code (blocks, reshapes)", "minilora/models/", None),
@@ -162,8 +163,23 @@ def profile_step(config: str = "gpt2", mode: str = "full", steps: int = 2, seed:
             rows.append({"config": config, "mode": mode, "steps": steps, "part": part, "function": function,
                          "calls_per_step": ncalls / steps, "seconds_per_step": seconds / steps, "share": seconds / total,
                          "profiled_step_seconds": total / steps, "wall_step_seconds": wall, "machine": machine})
-    rows.sort(key=lambda r: -r["seconds_per_step"])
-    return rows
+    return merge_small(rows)
+
+
+def merge_small(rows, below: float = 0.001) -> list:
+    """Rows sorted by time; the functions under ``below`` of the step merged into one row per part."""
+    keep, small = [], {}
+    for r in rows:
+        if r["share"] >= below:
+            keep.append(r)
+        else:
+            m = small.setdefault(r["part"], dict(r, function=f"(functions under {100 * below:g} % each)",
+                                                 calls_per_step=0.0, seconds_per_step=0.0, share=0.0))
+            for key in ("calls_per_step", "seconds_per_step", "share"):
+                m[key] += r[key]
+    out = keep + list(small.values())
+    out.sort(key=lambda r: -r["seconds_per_step"])
+    return out
 
 
 def format_parts(rows, top: int = 12) -> str:

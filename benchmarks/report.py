@@ -77,7 +77,7 @@ def _gpt2(rows) -> list[str]:
     if "memory" in lo:
         for mode in ("lora", "full"):
             a, b = by[(mode, "minilora")], by[(mode, "hf")]
-            out.append(f"| peak memory, {mode} training (RSS) | {_gb(a['memory']['peak_bytes'])} | "
+            out.append(f"| peak memory, {'LoRA' if mode == 'lora' else 'full'} training (RSS) | {_gb(a['memory']['peak_bytes'])} | "
                        f"{_gb(b['memory']['peak_bytes'])} | {a['memory']['peak_bytes'] / b['memory']['peak_bytes']:.2f} |")
         a, b = by[("lora", "minilora")]["relative"], by[("lora", "hf")]["relative"]
         out.append(f"| peak memory full / LoRA | {a['peak_memory_full_vs_lora']:.2f}× | "
@@ -88,7 +88,7 @@ def _gpt2(rows) -> list[str]:
             f"{lo['matmul_peak_shape'][2]}) in the same rounds: NumPy {lo['matmul_peak_gflops']:.0f} GFLOP/s, torch "
             f"{lo['torch_matmul_peak_gflops']:.0f} GFLOP/s; gemv ({lo['gemv_shape'][0]:,} × {lo['gemv_shape'][1]}) "
             f"{lo['gemv_gb_per_s']:.1f} GB/s. "
-            f"Medians of {lo['repeats']} interleaved rounds after {lo['warmup']} warm-up rounds; "
+            f"Medians of {lo['repeats']} interleaved rounds after {lo['warmup']} warm-up round{'' if lo['warmup'] == 1 else 's'}; "
             f"|Δloss| {lo['check']['abs_diff']:.1e} (LoRA), {fu['check']['abs_diff']:.1e} (full)."]
     return out
 
@@ -165,7 +165,7 @@ def _profile(rows) -> list[str]:
 def tables(rows) -> dict:
     """{section name: [markdown lines]} for the kinds of rows present."""
     out = {}
-    gpt2 = [r for r in rows if r.get("config") == "gpt2"]
+    gpt2 = [r for r in rows if r.get("config") == "gpt2" and "part" not in r]
     if gpt2:
         out["gpt2"] = _gpt2(gpt2) + ["", machine_line(gpt2[0])]
         mem = _memory(gpt2)

@@ -401,3 +401,15 @@ def test_profile_charges_every_second_to_a_part(tmp_path):
     path = tmp_path / "p.jsonl"
     assert profile.main(["--config", "tiny", "--mode", "full", "--steps", "1", "--json", str(path)]) == 0
     assert {r["mode"] for r in _read_rows(path)} == {"full"}
+
+
+def test_performance_doc_holds_the_tables_of_the_committed_json():
+    """docs/performance.md's benchmark tables are benchmarks.report's rendering of docs/bench-*.jsonl."""
+    from benchmarks import report
+
+    docs = REPO / "docs"
+    text = (docs / "performance.md").read_text()
+    sections = report.tables(report._read(sorted(docs.glob("bench-*.jsonl"))))
+    assert {"gpt2", "gpt2-memory", "joint", "twin", "profile"} <= set(sections)
+    for name, lines in sections.items():
+        assert "\n".join(lines) in text, f"docs/performance.md lacks the {name} table as rendered from docs/bench-*.jsonl"
