@@ -3,6 +3,7 @@
     python -m benchmarks.bench                            # from the repository root: tiny + medium, every mode
     python -m benchmarks.bench --configs tiny --modes full,lora --compare-torch --json bench.jsonl
     minilora bench --quick                                # the same through the CLI (a source checkout)
+    minilora bench --gpt2 --json gpt2.jsonl               # GPT-2-124M shape against transformers + PEFT
 
 What is measured, per (config, mode):
 
@@ -33,9 +34,13 @@ implementations on the same weights and batch and must agree to 1e-4 (float32): 
 compare the same computation. PyTorch is imported lazily, and only under ``--compare-torch``;
 its model is the twin in ``benchmarks/torch_gpt.py`` (also the oracle of tests/oracle).
 
-The harness: ``config`` (what is benchmarked), ``machine`` (BLAS threads, versions), ``runners``
-(the minilora and PyTorch steps), this module (check, time, report, command line); the rounds
-are ``minilora.timing.interleaved``.
+``--gpt2`` (the config ``gpt2``) is another comparison: minilora against Hugging Face transformers +
+PEFT at GPT-2-124M's shape, LoRA and full steps, greedy generation, peak memory; see ``gpt2.py``.
+
+The harness: ``config`` (what is benchmarked), ``machine`` (BLAS threads, kernel, versions), ``runners``
+(the minilora and PyTorch steps), ``gpt2`` (the transformers + PEFT comparison), ``joint`` (joint
+multi-adapter training against separate runs), this module (check, time, report, command line); the
+rounds are ``minilora.timing.interleaved``.
 """
 
 from __future__ import annotations
@@ -53,7 +58,9 @@ from minilora.models import GPT
 from minilora.timing import interleaved, median, paired_ratio, quartiles
 
 from .config import CONFIGS, LOSS_RTOL, MODES, TRAIN_MODES, BenchConfig, BenchError, mode_flops
-from .machine import blas_threads, machine_info, set_blas_threads
+from .machine import blas_kernel, blas_threads, blas_warnings, machine_info, set_blas_threads
+from .joint import JOINT_BASES, bench_joint, format_joint_table
+from .gpt2 import GPT2Setup, bench_gpt2, format_gpt2_table, require_hf
 from .runners import PEAK_MATMULS, PEAK_N, load_torch_twin, minilora_runners, peak_runner, torch_peak_runner, torch_runners
 
 __all__ = ["CONFIGS", "MODES", "BenchConfig", "BenchError", "bench_config", "format_table", "main", "run"]
@@ -246,13 +253,27 @@ def format_table(rows) -> str:
 
 
 # ----------------------------------------------------------------------------- entry points
+def announce_blas(log=print) -> None:
+    """Log which BLAS and kernel NumPy runs, and warn about OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE."""
+    kernel = blas_kernel()
+    log(f"BLAS: {kernel.get('library')} {kernel.get('version') or ''}, kernel {kernel.get('kernel') or 'unknown'} "
+        f"(from {kernel['source']})")
+    for line in blas_warnings():
+        log(line)
+
+
 def run(configs=("tiny", "medium"), modes=MODES, *, repeats: int = 7, warmup: int = 2, compare_torch: bool = False,
         threads: int | None = None, backend: str = "numpy", attention: str = "math", seed: int = 0,
-        log=print) -> list:
-    """Run the benchmark; return the rows (one dict per (config, mode, impl), as written to JSON lines)."""
+        gpt2_setup=None, gpt2_memory: bool = True, announce: bool = True, log=print) -> list:
+    """Run the benchmark; return the rows (one dict per (config, mode, impl), as written to JSON lines).
+
+    The config ``gpt2`` runs ``benchmarks.gpt2.bench_gpt2`` (its own modes; ``modes`` is for tiny and
+    medium) with ``gpt2_setup`` (default: GPT-2-124M's shape) and, with ``gpt2_memory``, the peak-memory
+    processes. ``announce``: log NumPy's BLAS kernel and any override first (``announce_blas``).
+    """
     for c in configs:
-        if c not in CONFIGS:
-            raise BenchError(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+        if c not in CONFIGS and c != "gpt2":
+            raise BenchError(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}, gpt2")
     modes = list(dict.fromkeys(modes))
     for m in modes:
         if m not in MODES:
@@ -273,7 +294,11 @@ def run(configs=("tiny", "medium"), modes=MODES, *, repeats: int = 7, warmup: in
                 "(set OPENBLAS_NUM_THREADS before starting Python)")
         blas = blas_threads()
         env = f"; OPENBLAS_NUM_THREADS={blas['OPENBLAS_NUM_THREADS']}" if "OPENBLAS_NUM_THREADS" in blas else ""
-        if compare_torch:
+        if announce:
+            announce_blas(log)
+        if "gpt2" in configs:
+            require_hf()
+        if compare_torch or "gpt2" in configs:
             load_torch_twin()
             import torch
 
@@ -285,6 +310,12 @@ def run(configs=("tiny", "medium"), modes=MODES, *, repeats: int = 7, warmup: in
 
         rows = []
         for c in configs:
+            if c == "gpt2":
+                if backend != "numpy":
+                    raise BenchError("--gpt2 runs on the CPU (NumPy against torch-cpu); leave out --backend cupy")
+                rows += bench_gpt2(gpt2_setup or GPT2Setup(), repeats=repeats, warmup=warmup, seed=seed,
+                                   memory=gpt2_memory, threads=threads, log=log)
+                continue
             rows += bench_config(CONFIGS[c], modes, repeats=repeats, warmup=warmup, compare_torch=compare_torch,
                                  backend=backend, seed=seed, attention=attention, log=log)
         return rows
@@ -302,7 +333,18 @@ def build_parser(prog: str = "python -m benchmarks.bench") -> argparse.ArgumentP
                     "batches), optionally side by side with PyTorch. Medians after warm-up; ratios are medians of "
                     "per-round ratios. See benchmarks/README.md for the columns.",
     )
-    p.add_argument("--configs", default="tiny,medium", help="comma-separated: tiny, medium (default: both)")
+    p.add_argument("--configs", default="tiny,medium",
+                   help="comma-separated: tiny, medium, gpt2 (default: tiny,medium)")
+    p.add_argument("--gpt2", action="store_true",
+                   help="minilora against transformers + PEFT at GPT-2-124M shape, random weights (the config "
+                        "gpt2; needs pip install -e '.[bench]'); alone unless --configs names others too")
+    p.add_argument("--no-memory", action="store_true", help="gpt2: skip the peak-memory runs (4 fresh processes)")
+    p.add_argument("--joint", action="store_true",
+                   help="joint multi-adapter training against separate runs on the same rows (1 BLAS thread, CPU "
+                        "time, best of --repeats rounds, default 2); alone unless --configs or --gpt2 ask for more")
+    p.add_argument("--joint-base", choices=JOINT_BASES, default="tiny",
+                   help="--joint: the shipped base (tiny) or GPT-2-124M's shape with random weights (gpt2)")
+    p.add_argument("--joint-steps", type=int, default=30, help="--joint: training steps of every run (default 30)")
     p.add_argument("--modes", default=",".join(MODES[:-1]),
                    help=f"comma-separated from {', '.join(MODES)} (default: all; mixed16 brings mixed16-loop along)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per runner (default 7; 2 with --quick)")
@@ -325,17 +367,30 @@ def main(argv=None, prog: str = "python -m benchmarks.bench") -> int:
     configs = [c for c in args.configs.split(",") if c]
     if args.quick and args.configs == "tiny,medium":
         configs = ["tiny"]
+    if args.gpt2:
+        configs = (configs if args.configs != "tiny,medium" else []) + ["gpt2"]
+        configs = list(dict.fromkeys(configs))
+    if args.joint and args.configs == "tiny,medium" and not args.gpt2:
+        configs = []  # --joint alone
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     try:
-        rows = run(configs, [m for m in args.modes.split(",") if m], repeats=repeats, warmup=warmup,
+        announce_blas()
+        rows = []
+        if args.joint:
+            rows += bench_joint(args.joint_base, steps=args.joint_steps,
+                                rounds=args.repeats if args.repeats is not None else 2, seed=args.seed)
+        rows += run(configs, [m for m in args.modes.split(",") if m], repeats=repeats, warmup=warmup,
                    compare_torch=args.compare_torch, threads=args.threads, backend=args.backend,
-                   attention=args.torch_attention, seed=args.seed)
+                   attention=args.torch_attention, seed=args.seed, gpt2_memory=not args.no_memory,
+                   announce=False)
     except (BenchError, bk.BackendUnavailableError) as exc:
         print(f"minilora bench: {exc}", file=sys.stderr)
         return 2
     print()
-    print(format_table(rows))
+    plain = [r for r in rows if r["config"] in CONFIGS]
+    tables = [format_table(plain) if plain else "", format_gpt2_table(rows), format_joint_table(rows)]
+    print("\n\n".join(t for t in tables if t))
     if args.json:
         with open(args.json, "w") as f:
             f.writelines(json.dumps(row, default=_json_default) + "\n" for row in rows)

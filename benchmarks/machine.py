@@ -9,7 +9,11 @@ import sys
 
 import numpy as np
 
-__all__ = ["blas_threads", "machine_info", "set_blas_threads"]
+__all__ = ["BLAS_OVERRIDES", "blas_kernel", "blas_threads", "blas_warnings", "machine_info", "set_blas_threads"]
+
+# Environment variables that make OpenBLAS pick a kernel or a cache size other than the one it detects:
+# on a CPU newer than the named core type they slow sgemm down (this is what the warning says).
+BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def blas_threads() -> dict:
@@ -76,12 +80,77 @@ def set_blas_threads(n: int) -> bool:
     return True
 
 
+def blas_kernel() -> dict:
+    """Which BLAS NumPy runs and which of its kernels: {'library', 'version', 'kernel', 'source', ...}.
+
+    The kernel (OpenBLAS's core type, e.g. 'Haswell', 'SkylakeX', 'Zen') is what decides the sgemm
+    speed. Read from threadpoolctl when it is installed, else from OpenBLAS's own C API
+    (``openblas_get_corename``), else from the build information of ``numpy.show_config``
+    (which names the library but not the kernel chosen at run time).
+    """
+    try:
+        import threadpoolctl
+    except ImportError:
+        threadpoolctl = None
+    if threadpoolctl is not None:
+        for pool in threadpoolctl.threadpool_info():
+            if pool.get("user_api") == "blas":
+                return {"library": pool.get("internal_api"), "version": pool.get("version"),
+                        "kernel": pool.get("architecture"), "threads": pool.get("num_threads"),
+                        "source": "threadpoolctl"}
+    lib = _openblas()
+    if lib is not None:
+        info = {"library": "openblas", "source": "OpenBLAS C API"}
+        for key, what in (("kernel", "get_corename"), ("config", "get_config")):
+            fn = _openblas_fn(lib, what)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                info[key] = fn().decode(errors="replace").strip()
+        if "config" in info:
+            info["version"] = info["config"].split()[1] if len(info["config"].split()) > 1 else None
+        return info
+    info = {"library": None, "version": None, "kernel": None, "source": "numpy.show_config"}
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        info.update(library=blas.get("name"), version=blas.get("version"))
+    except Exception:  # older NumPy without mode="dicts": the library stays unknown
+        pass
+    return info
+
+
+def blas_warnings() -> list[str]:
+    """One line per BLAS override in the environment (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE) that is set."""
+    lines = []
+    for var in BLAS_OVERRIDES:
+        if os.environ.get(var):
+            lines.append(f"warning: {var}={os.environ[var]} is set: OpenBLAS then uses that instead of what it "
+                         "detects, which can slow sgemm down on a newer CPU (both set: about half speed on the 2-core "
+                         "development machine); run with "
+                         f"`env -u {var} ...` to measure what a user's machine gives")
+    return lines
+
+
 def machine_info() -> dict:
-    """Python, NumPy, platform, cores, BLAS threads (and torch's, when it is loaded)."""
+    """Python, NumPy, platform, cores, BLAS threads and kernel (and torch's threads, when it is loaded)."""
+    blas = blas_threads()
+    blas["kernel"] = blas_kernel()
+    blas["overrides"] = {var: os.environ[var] for var in BLAS_OVERRIDES if os.environ.get(var)}
     info = {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "blas": blas_threads()}
+            "cpu_count": os.cpu_count(), "blas": blas, "cpu": _cpu_model()}
     torch = sys.modules.get("torch")
     if torch is not None:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
     return info
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None

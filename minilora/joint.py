@@ -7,8 +7,13 @@
 A serving system already runs mixed batches (``lora.mixed``); the same Function has a
 hand-written backward, so one step can also TRAIN every adapter in the batch. Each step
 takes ``batch_size`` rows of every task (the rows a separate run of that task would take at
-that step), pads them to one width and runs one forward/backward pass through the frozen
-W₀ with row i routed through adapter ``task(i)``.
+that step) and runs them through the frozen W₀ with row i routed through adapter ``task(i)``.
+
+Rows of different tasks have different lengths (classify's ≈ 36 tokens, e2e's and parse's ≈ 47),
+and one batch is one width: padding them all to the widest (``joint_batches``) computes on
+padding. ``joint_groups`` keeps each task's rows at their own width and stacks tasks into one
+batch only where that adds little padding (``max_padding``); a step is then one forward/backward
+per width group, each group's graph freed before the next, and one optimizer step for all.
 
 The loss. Let L_t be the mean token NLL over the y tokens of task t's rows (what a separate
 run of task t minimises, eq. 2). The joint loss is their SUM, L = Σ_t L_t: every row is
@@ -42,7 +47,12 @@ from .recipes import FAST, RunResult, batch_rows, target_loss
 from .tensor import no_grad
 from .train import History, Progress
 
-__all__ = ["JointResult", "joint_loss", "joint_batches", "joint_model", "train_joint", "finetune_joint", "decode"]
+__all__ = ["JointResult", "joint_loss", "joint_batches", "joint_groups", "joint_model", "train_joint", "finetune_joint",
+           "decode"]
+
+
+# finetune_joint's width groups: merge tasks only where that pads at most this fraction of the group
+JOINT_MAX_PADDING = 0.0
 
 
 def _logits(model, idx, adapter_ids):
@@ -83,19 +93,58 @@ def joint_batches(examples: dict, tokenizer: Tokenizer, batch_size: int, seed: i
     rows = {task: batch_rows(ex, tokenizer, batch_size, seed, length_group) for task, ex in examples.items()}
 
     def get_batch(step):
-        parts = {task: collate([ex[i] for i in rows[task](step)], tokenizer, block_size=block_size)
-                 for task, ex in examples.items()}
-        width = max(b.idx.shape[1] for b in parts.values())
-        idx, targets, mask, ids = [], [], [], []
-        for task, b in parts.items():
-            pad = width - b.idx.shape[1]
-            idx.append(np.pad(b.idx, ((0, 0), (0, pad)), constant_values=tokenizer.pad_id))
-            targets.append(np.pad(b.targets, ((0, 0), (0, pad)), constant_values=tokenizer.pad_id))
-            mask.append(np.pad(b.mask, ((0, 0), (0, pad))))
-            ids += [task] * b.idx.shape[0]
-        return np.concatenate(idx), np.concatenate(targets), np.concatenate(mask), ids
+        return _stack([(task, collate([ex[i] for i in rows[task](step)], tokenizer, block_size=block_size))
+                       for task, ex in examples.items()], tokenizer.pad_id)
 
     return get_batch
+
+
+def joint_groups(examples: dict, tokenizer: Tokenizer, batch_size: int, seed: int, block_size: int,
+                 length_group: int = 1, max_padding: float = 0.0):
+    """``get_batch(step) -> [(idx, targets, mask, adapter_ids), ...]``: the step's rows in width groups.
+
+    Task t contributes the rows a separate run would train on at ``step``, collated at their own
+    width (the widest of them, as the separate run pads them). Tasks are taken widest first; a task
+    joins the current group when padding it (and the group) to one width leaves at most
+    ``max_padding`` of the group's token slots as padding added by the merge, else it starts a new
+    group. ``max_padding=0`` merges only tasks of equal width; ``max_padding=1`` stacks every task in
+    one batch, padded to the widest (the rows of ``joint_batches``, in width order).
+    """
+    if not 0.0 <= max_padding <= 1.0:
+        raise ValueError(f"joint_groups: max_padding is a fraction of a group's token slots in [0, 1], got {max_padding}")
+    rows = {task: batch_rows(ex, tokenizer, batch_size, seed, length_group) for task, ex in examples.items()}
+
+    def get_batch(step):
+        parts = [(task, collate([ex[i] for i in rows[task](step)], tokenizer, block_size=block_size))
+                 for task, ex in examples.items()]
+        parts.sort(key=lambda tb: -tb[1].idx.shape[1])  # widest first (a stable sort: ties keep task order)
+        groups, current = [], []
+        for task, b in parts:
+            if current:
+                width = current[0][1].idx.shape[1]  # the group's width: its first (widest) member's
+                n_rows = sum(m.idx.shape[0] for _, m in current) + b.idx.shape[0]
+                own = sum(m.idx.size for _, m in current) + b.idx.size
+                if (width * n_rows - own) / (width * n_rows) > max_padding:
+                    groups.append(current)
+                    current = []
+            current.append((task, b))
+        groups.append(current)
+        return [_stack(group, tokenizer.pad_id) for group in groups]
+
+    return get_batch
+
+
+def _stack(members, pad_id: int):
+    """[(task, Batch)] -> (idx, targets, mask, adapter_ids), right-padded to the widest member."""
+    width = max(b.idx.shape[1] for _, b in members)
+    idx, targets, mask, ids = [], [], [], []
+    for task, b in members:
+        pad = width - b.idx.shape[1]
+        idx.append(np.pad(b.idx, ((0, 0), (0, pad)), constant_values=pad_id))
+        targets.append(np.pad(b.targets, ((0, 0), (0, pad)), constant_values=pad_id))
+        mask.append(np.pad(b.mask, ((0, 0), (0, pad))))
+        ids += [task] * b.idx.shape[0]
+    return np.concatenate(idx), np.concatenate(targets), np.concatenate(mask), ids
 
 
 @dataclass
@@ -127,7 +176,13 @@ def joint_model(base: GPT, tasks, r: int = 4, alpha: float | None = None, target
 
 def train_joint(model, tasks, get_batch, steps: int, lr: float, weight_decay: float = 0.0, warmup: int | None = None,
                 grad_clip: float | None = 1.0, progress: bool = True, desc: str = "joint") -> History:
-    """The joint training loop: one AdamW step per mixed batch, clipping each adapter on its own."""
+    """The joint training loop: one AdamW step per mixed batch, clipping each adapter on its own.
+
+    ``get_batch(step)`` gives one mixed batch ``(idx, targets, mask, adapter_ids)`` (``joint_batches``)
+    or a list of them (``joint_groups``): each is a forward and a backward, the gradients add up
+    (every task sits in one group, so each adapter's gradient comes from its own group alone), and
+    the step's loss is the sum of the groups' losses.
+    """
     groups = {task: _adapter_params(model, task) for task in tasks}
     optimizer = optim.AdamW([p for ps in groups.values() for p in ps], lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10) if warmup is None else warmup
@@ -136,13 +191,18 @@ def train_joint(model, tasks, get_batch, steps: int, lr: float, weight_decay: fl
     model.train()
     started = time.perf_counter()
     for step in range(steps):
-        idx, targets, mask, adapter_ids = get_batch(step)
-        loss = joint_loss(model, idx, targets, mask, adapter_ids)
-        value = float(loss.item())
-        if not math.isfinite(value):
-            raise RuntimeError(f"joint training: loss became {value} at step {step}; lower the learning rate")
+        batches = get_batch(step)
+        if isinstance(batches, tuple):  # one mixed batch
+            batches = [batches]
         optimizer.zero_grad()
-        loss.backward()
+        value, tokens = 0.0, 0
+        for idx, targets, mask, adapter_ids in batches:  # a width group: its graph is freed after its backward
+            loss = joint_loss(model, idx, targets, mask, adapter_ids)
+            value += float(loss.item())
+            if not math.isfinite(value):
+                raise RuntimeError(f"joint training: loss became {value} at step {step}; lower the learning rate")
+            loss.backward()
+            tokens += int(np.asarray(mask).sum())
         if grad_clip:
             for params in groups.values():  # per adapter: as a separate run of that task clips it
                 optim.clip_grad_norm_(params, grad_clip)
@@ -151,7 +211,7 @@ def train_joint(model, tasks, get_batch, steps: int, lr: float, weight_decay: fl
         history.steps.append(step)
         history.losses.append(value)
         history.lrs.append(float(optimizer.lr))
-        history.tokens += int(np.asarray(mask).sum())
+        history.tokens += tokens
         history.seconds = time.perf_counter() - started
         bar.update(step + 1, value, history)
     bar.close()
@@ -163,7 +223,7 @@ def finetune_joint(tasks=DEMO_TASKS, *, base: GPT | None = None, steps: int | No
                    lr: float | None = None, weight_decay: float | None = None, r: int | None = None,
                    alpha: float | None = None, targets=None, seed: int = 0, n_train: int | None = None,
                    n_eval: int | None = None, eval_split: str = "test", progress: bool = True,
-                   tokenizer: Tokenizer | None = None) -> JointResult:
+                   tokenizer: Tokenizer | None = None, max_padding: float = JOINT_MAX_PADDING) -> JointResult:
     """LoRA on every task of ``tasks`` at once: ``batch_size`` rows per task in each mixed batch.
 
     Settings default to ``HYPERPARAMS["lora"]``, the method's common row: one step count and one
@@ -172,6 +232,7 @@ def finetune_joint(tasks=DEMO_TASKS, *, base: GPT | None = None, steps: int | No
     step cannot; with the same settings and rows a joint run equals the separate runs. Returns the shared model (one
     adapter per task) and, per task, a RunResult whose metric comes from decoding that task's
     ``eval_split`` prompts through its own adapter, all tasks in ONE mixed generation batch.
+    The training batches are ``joint_groups(..., max_padding)``.
     """
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in TASKS]
@@ -188,7 +249,7 @@ def finetune_joint(tasks=DEMO_TASKS, *, base: GPT | None = None, steps: int | No
     model = joint_model(base if base is not None else load_base(), tasks, r, alpha, targets, seed)
     train = {task: load_task(task, "train", n_train) for task in tasks}
     length_group = hp.get("length_group", 1)
-    get_batch = joint_batches(train, tokenizer, batch_size, seed, model.config.block_size, length_group)
+    get_batch = joint_groups(train, tokenizer, batch_size, seed, model.config.block_size, length_group, max_padding)
     history = train_joint(model, tasks, get_batch, steps, lr, weight_decay, progress=progress,
                           desc="+".join(tasks) + "/lora-joint")
     started = time.perf_counter()

@@ -8,7 +8,7 @@ from minilora import functional as F
 from minilora import lora, optim
 from minilora.data import DEMO_TASKS as TASKS
 from minilora.data import Tokenizer, collate, load_task
-from minilora.joint import _logits, finetune_joint, joint_batches, joint_loss, joint_model, train_joint
+from minilora.joint import _logits, finetune_joint, joint_batches, joint_groups, joint_loss, joint_model, train_joint
 from minilora.models import GPT, GPTConfig
 from minilora.recipes import finetune, task_batches
 from minilora.train import fit
@@ -110,6 +110,75 @@ def test_joint_batches_hold_the_rows_of_the_separate_runs():
         np.testing.assert_array_equal(idx[4 * j:4 * j + 4, :w], b.idx)
         np.testing.assert_array_equal(mask[4 * j:4 * j + 4, :w], b.mask)
         assert not mask[4 * j:4 * j + 4, w:].any()  # the padding up to the widest task counts nothing
+
+
+def _padding_added(members):
+    """The fraction of a stacked group's token slots that stacking adds as padding."""
+    width = max(w for w, _ in members)
+    rows = sum(n for _, n in members)
+    return (width * rows - sum(w * n for w, n in members)) / (width * rows)
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 0.1, 0.3, 1.0])
+def test_joint_groups_hold_each_tasks_rows_at_its_own_width(max_padding):
+    tok = Tokenizer.default()
+    examples = {t: load_task(t, "train", 40) for t in TASKS}
+    from minilora.train import epoch_batches
+
+    get_batch = joint_groups(examples, tok, batch_size=4, seed=3, block_size=64, max_padding=max_padding)
+    for step in (0, 5, 9):
+        groups = get_batch(step)
+        seen, members = [], []
+        for idx, targets, mask, ids in groups:
+            tasks = list(dict.fromkeys(ids))
+            assert ids == [t for t in tasks for _ in range(4)]  # every task whole, in one group
+            seen += tasks
+            widths = []
+            for j, task in enumerate(tasks):
+                b = collate([examples[task][i] for i in epoch_batches(40, 4, 3)(step)], tok, block_size=64)
+                w = b.idx.shape[1]
+                np.testing.assert_array_equal(idx[4 * j:4 * j + 4, :w], b.idx)
+                np.testing.assert_array_equal(targets[4 * j:4 * j + 4, :w], b.targets)
+                np.testing.assert_array_equal(mask[4 * j:4 * j + 4, :w], b.mask)
+                assert not mask[4 * j:4 * j + 4, w:].any()
+                widths.append((w, 4))
+            assert idx.shape[1] == max(w for w, _ in widths)  # the group's width: its widest task's
+            assert _padding_added(widths) <= max_padding + 1e-12
+            members.append(widths)
+        assert sorted(seen) == sorted(TASKS)
+        for before, after in zip(members, members[1:]):  # the next group's first task did not fit in
+            assert _padding_added(before + after[:1]) > max_padding
+        if max_padding == 1.0:
+            assert len(groups) == 1
+    if max_padding == 0.0:  # each task alone (unless two widths are equal), at its own width
+        assert all(len(set(w for w, _ in m)) == 1 for m in members)
+
+
+def test_joint_groups_refuse_a_padding_fraction_outside_0_1():
+    with pytest.raises(ValueError, match="max_padding"):
+        joint_groups({}, Tokenizer.default(), 4, 0, 64, max_padding=1.5)
+
+
+def test_a_joint_run_on_width_groups_equals_one_on_padded_batches():
+    ml.manual_seed(5)
+    base = GPT(TINY).to(dtype="float64")
+    tok = Tokenizer.default()
+    train = {t: load_task(t, "train", 12) for t in TASKS}
+    runs = []
+    for get_batch in (joint_batches(train, tok, 3, 0, 64), joint_groups(train, tok, 3, 0, 64, max_padding=0.0)):
+        model = joint_model(base, TASKS, r=2, seed=0)
+        rng = np.random.default_rng(0)
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:  # B != 0: the first step's gradients of A are not zero either
+                p.data[...] = rng.normal(0.0, 0.3, p.shape)
+        history = train_joint(model, TASKS, get_batch, 4, lr=5e-3, progress=False)
+        runs.append((history, {n: p.data.copy() for n, p in model.named_parameters() if ".lora_" in n}))
+    (h_pad, padded), (h_groups, grouped) = runs
+    assert len(joint_groups(train, tok, 3, 0, 64)(0)) > 1  # the groups really split the step
+    np.testing.assert_allclose(h_groups.losses, h_pad.losses, rtol=1e-10)
+    assert h_groups.tokens == h_pad.tokens
+    for name, value in padded.items():
+        np.testing.assert_allclose(grouped[name], value, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
 def test_a_joint_run_equals_three_separate_runs():
