@@ -71,10 +71,11 @@ PREDICT = [
      "No. Each row gets W₀x + b plus its own adapter's s·B(Ax) (nothing for '__base__'); tutorial 05 runs every "
      "row again with its adapter alone and compares the generations."),
     ("06", "Does quality keep rising from r = 1 to r = 64 on these tasks?",
-     "No: it saturates at a small rank. The step from the base model to any rank is far larger than the "
-     "differences between ranks, and tutorial 06 reads the three-seed verdict of `minilora experiment rank` "
-     "to say whether r = 1 and r = 64 differ beyond the spread over seeds (Table 6: on GPT-3, r = 1 on Wq and "
-     "Wv is as good as r = 64)."),
+     "No: it rises over the first few ranks and then stays flat, at a rank still tiny next to d = 128. On "
+     "sql, whose two new keywords need more than one direction of update, r = 1 is not enough; tutorial 06 "
+     "prints the three-seed verdict of `minilora experiment rank` and the smallest rank within noise of "
+     "r = 64 (Table 6: on GPT-3, r = 1 on Wq and Wv is already as good as r = 64). In the test NLL, the step "
+     "from the base model to any rank is far larger than the differences between ranks."),
     ("06", "φ between two random 8-dimensional subspaces of R^128: close to 0, close to 1, or in between?",
      "Close to 0: E[φ] = max(i, j) / k = 8 / 128 = 0.0625 (exercise 06.2). Any trained φ well above that is "
      "shared structure, not chance."),
