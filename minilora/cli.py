@@ -22,6 +22,7 @@ from .experiments import EXPERIMENTS, render_report, run_experiment
 from .generate import DECODING_METHODS, generate
 from .hf import commands as hf_commands
 from .joint import finetune_joint
+from .methods import HYPERPARAMS, lora_alpha
 from .models import load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
 from .recipes import PRETRAIN_SETTINGS, finetune, pretrain
@@ -164,7 +165,7 @@ def _check_lora_flags(args) -> None:
     """--r and --alpha within the limits every adapter reader shares, checked before anything is loaded."""
     if args.method != "lora":
         return
-    alpha = args.alpha if args.alpha is not None else 2.0 * args.r
+    alpha = lora_alpha(args.r, args.alpha)
     try:
         lora.config.check_scaling(alpha, args.r, where=f"--r {args.r} --alpha {alpha:g}")
     except ValueError as exc:
@@ -312,10 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--joint", action="store_true",
                    help="LoRA only: one adapter per task, trained together in mixed batches (rows of every task)")
     p.add_argument("--method", default="lora", choices=("lora", "full"))
-    p.add_argument("--r", type=_int_at_least(1), default=4, help="LoRA rank (default 4)")
+    lora_hp = HYPERPARAMS["lora"]  # LoRA's defaults: r, targets, and alpha = methods.lora_alpha(r) = 2r
+    p.add_argument("--r", type=_int_at_least(1), default=lora_hp["r"], help=f"LoRA rank (default {lora_hp['r']})")
     p.add_argument("--alpha", type=_positive_float(), default=None, help="LoRA alpha (default 2r)")
-    p.add_argument("--targets", type=_targets, default=("q", "v"),
-                   help="comma-separated module names to adapt (default q,v)")
+    p.add_argument("--targets", type=_targets, default=tuple(lora_hp["targets"]),
+                   help=f"comma-separated module names to adapt (default {','.join(lora_hp['targets'])})")
     p.add_argument("--steps", type=_int_at_least(1), default=None)
     p.add_argument("--batch-size", type=_int_at_least(1), default=16)
     p.add_argument("--lr", type=_positive_float(1.0), default=None, help="learning rate in (0, 1]")

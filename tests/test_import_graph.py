@@ -114,6 +114,20 @@ def test_the_graph_has_the_expected_edges():
     assert "minilora.generate" not in graph["minilora.models.gpt"]
 
 
+def test_the_methods_package_imports_no_private_name_of_another_module():
+    """minilora/methods/ reaches the rest of the package through public names only."""
+    folder = os.path.join(PACKAGE, "methods")
+    private = []
+    for file in sorted(os.listdir(folder)):
+        if file.endswith(".py"):
+            with open(os.path.join(folder, file), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and not (node.level == 1 and node.module):  # ``from .table``: its own
+                    private += [f"{file}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert "minilora.methods.apply" in _import_graph() and not private, private
+
+
 def test_no_module_level_import_cycle():
     assert _cycles(_import_graph()) == []
 

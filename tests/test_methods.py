@@ -116,6 +116,44 @@ def test_apply_method_rejects_unknown_methods_and_hyperparameters():
         apply_method(apply_method(GPT(TINY), "preembed", sep_id=SEP), "lora")
 
 
+def test_the_options_each_method_takes_are_read_from_its_function_and_cover_its_row_of_the_table():
+    """``OPTIONS`` comes from the per-method functions of ``APPLY``; the unknown-option error lists them."""
+    from minilora.methods import APPLY, OPTIONS, TRAINING_KEYS
+
+    assert set(APPLY) == set(METHODS) == set(OPTIONS) == set(HYPERPARAMS)
+    for method in METHODS:
+        own = {k for k in HYPERPARAMS[method] if k not in TRAINING_KEYS}
+        assert own <= set(OPTIONS[method]), method
+    assert OPTIONS["lora"] == ("adapter_name", "alpha", "dropout", "init", "r", "targets")
+    assert OPTIONS["adapter_h"] == ("r", "train_layer_norms") and OPTIONS["full"] == OPTIONS["bitfit"] == ()
+    with pytest.raises(TypeError, match=r"unknown hyper-parameters \['rank'\]; it takes \['adapter_name', 'alpha', "
+                                        r"'dropout', 'init', 'r', 'targets'\]"):
+        apply_method(GPT(TINY), "lora", rank=4)
+    with pytest.raises(TypeError, match=r"apply_method\('bitfit'\): unknown hyper-parameters \['r'\]; it takes none"):
+        apply_method(GPT(TINY), "bitfit", r=4, lr=0.1)  # a training key is accepted and ignored
+
+
+def test_lora_defaults_have_one_home_the_table_and_the_cli_reads_it(monkeypatch):
+    """r and targets from ``HYPERPARAMS["lora"]``, alpha = ``lora_alpha(r)`` = 2r: in apply_method and the CLI."""
+    from minilora import cli
+    from minilora.methods import lora_alpha
+
+    assert lora_alpha(4) == 8.0 and lora_alpha(4, 3) == 3.0 and isinstance(lora_alpha(4), float)
+    model = apply_method(GPT(TINY), "lora")
+    layers = ml.lora.lora_layers(model)
+    assert [p.rsplit(".", 1)[1] for p, _ in layers] == list(HYPERPARAMS["lora"]["targets"]) * TINY.n_layer
+    assert all(layer.scaling("default") == lora_alpha(HYPERPARAMS["lora"]["r"]) / HYPERPARAMS["lora"]["r"]
+               for _, layer in layers)
+    args = cli.build_parser().parse_args(["finetune", "--task", "e2e"])
+    assert (args.r, args.targets, args.alpha) == (HYPERPARAMS["lora"]["r"], HYPERPARAMS["lora"]["targets"], None)
+    monkeypatch.setitem(HYPERPARAMS, "lora", {**HYPERPARAMS["lora"], "r": 6, "targets": ("k",)})
+    args = cli.build_parser().parse_args(["finetune", "--task", "e2e"])
+    assert (args.r, args.targets) == (6, ("k",))
+    model = apply_method(GPT(TINY), "lora")
+    assert {p.rsplit(".", 1)[1] for p, _ in ml.lora.lora_layers(model)} == {"k"}
+    assert model.num_parameters(trainable_only=True) == 2 * TINY.n_layer * TINY.d_model * 6
+
+
 # ----------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_gradchecks_on_a_tiny_gpt(method):
