@@ -41,7 +41,7 @@ from . import functional as F
 from . import lora, optim
 from .data import DEMO_TASKS, TASKS, Tokenizer, collate, load_task, prompt_ids, task_metric
 from .generate import generate
-from .methods import HYPERPARAMS
+from .methods import HYPERPARAMS, lora_alpha
 from .models import GPT, load_base
 from .recipes import FAST, RunResult, batch_rows, target_loss
 from .tensor import no_grad
@@ -160,13 +160,16 @@ def _adapter_params(model, task):
     return [p for name, p in model.named_parameters() if name.endswith(f".lora_A.{task}") or name.endswith(f".lora_B.{task}")]
 
 
-def joint_model(base: GPT, tasks, r: int = 4, alpha: float | None = None, targets=("q", "v"), seed: int = 0) -> GPT:
+def joint_model(base: GPT, tasks, r: int | None = None, alpha: float | None = None, targets=None, seed: int = 0) -> GPT:
     """A copy of ``base`` with one trainable LoRA adapter per task (named after it), W₀ frozen.
 
-    Every adapter starts from the same seeded draw that a separate run of its task makes.
+    r, targets and alpha default to LoRA's (``HYPERPARAMS["lora"]``, ``lora_alpha``). Every
+    adapter starts from the same seeded draw that a separate run of its task makes.
     """
     model = copy.deepcopy(base)
-    config = lora.LoRAConfig(r=r, alpha=float(alpha if alpha is not None else 2 * r), target_modules=tuple(targets))
+    r = HYPERPARAMS["lora"]["r"] if r is None else r
+    targets = HYPERPARAMS["lora"]["targets"] if targets is None else targets
+    config = lora.LoRAConfig(r=r, alpha=lora_alpha(r, alpha), target_modules=tuple(targets))
     for task in tasks:
         bk.manual_seed(seed)
         lora.apply_lora(model, config, adapter_name=task)
