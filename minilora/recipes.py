@@ -257,19 +257,26 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
     get_batch = task_batches(train, tokenizer, batch_size, seed, block_size, length_group=length_group)
     peak = peak_step_memory(model, optimizer, get_batch) if measure_memory else 0
     history = fit(model, optimizer, get_batch, steps, scheduler=scheduler, progress=progress, desc=f"{task}/{method}")
-    evaluation = load_task(task, eval_split, n_eval if n_eval is not None else (40 if FAST else None))
-    model.eval()
-    metric_name, metric, preds = evaluate(model, task, evaluation, tokenizer, max_new_tokens=max_new_tokens)
+    scores = _score(model, task, eval_split, n_eval, tokenizer, max_new_tokens)
     return RunResult(
-        task=task, method=method, model=model, history=history, metric_name=metric_name, metric=metric,
+        task=task, method=method, model=model, history=history, **scores,
         trainable_params=model.num_parameters(trainable_only=True), total_params=model.num_parameters(),
         optimizer_state_bytes=optimizer.state_bytes(), train_seconds=history.seconds, peak_memory_bytes=peak,
-        eval_loss=target_loss(model, evaluation, tokenizer), skipped_train=len(train_all) - len(train),
+        skipped_train=len(train_all) - len(train),
         config={"method": method, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
                 "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
                 "length_group": length_group},
-        text_scores=text_metrics(preds, evaluation) if task == "e2e" else {},
     )
+
+
+def _score(model, task: str, eval_split: str, n_eval, tokenizer: Tokenizer, max_new_tokens) -> dict:
+    """A run's scores on ``n_eval`` examples of ``eval_split`` (None: all of it; 40 under MINILORA_FAST),
+    in eval mode: the metric of greedy decoding, the target NLL, and for e2e BLEU and ROUGE-L."""
+    evaluation = load_task(task, eval_split, n_eval if n_eval is not None else (40 if FAST else None))
+    model.eval()
+    metric_name, metric, preds = evaluate(model, task, evaluation, tokenizer, max_new_tokens=max_new_tokens)
+    return {"metric_name": metric_name, "metric": metric, "eval_loss": target_loss(model, evaluation, tokenizer),
+            "text_scores": text_metrics(preds, evaluation) if task == "e2e" else {}}
 
 
 def training_examples(task: str, n_train: int | None = None, subset_seed: int | None = None) -> list:
@@ -294,14 +301,11 @@ def zero_shot(task: str, *, base: GPT | None = None, n_eval: int | None = None, 
         raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS)}")
     tokenizer = tokenizer or Tokenizer.default()
     model = copy.deepcopy(base) if base is not None else load_base()
-    model.eval()
-    evaluation = load_task(task, eval_split, n_eval if n_eval is not None else (40 if FAST else None))
-    metric_name, metric, preds = evaluate(model, task, evaluation, tokenizer, max_new_tokens=max_new_tokens)
     return RunResult(
-        task=task, method="base", model=model, history=History(), metric_name=metric_name, metric=metric,
+        task=task, method="base", model=model, history=History(),
+        **_score(model, task, eval_split, n_eval, tokenizer, max_new_tokens),
         trainable_params=0, total_params=model.num_parameters(), optimizer_state_bytes=0, train_seconds=0.0,
-        eval_loss=target_loss(model, evaluation, tokenizer), config={"method": "base"},
-        text_scores=text_metrics(preds, evaluation) if task == "e2e" else {},
+        config={"method": "base"},
     )
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .. import backend as bk
 from .. import lora
 from ..data import SPLIT_SIZES
-from ..methods import hyperparams
+from ..methods import hyperparams, lora_alpha
 from ..models import GPT, GPTConfig, load_base
 from ..models.pretrained import base_sha256
 from ..recipes import finetune, zero_shot
@@ -108,7 +108,7 @@ class Context:
         """The run's full configuration: what ``finetune`` will use (so equal settings share one run)."""
         settings = {"eval_split": "test", **({} if method == "base" else hyperparams(method, task)), **hp}
         if method == "lora" and settings.get("alpha") is None:
-            settings["alpha"] = 2.0 * settings["r"]  # apply_method's default
+            settings["alpha"] = lora_alpha(settings["r"])  # apply_method's default
         if method == "base" or settings.get("n_train") in (None, self.settings.n_train, SPLIT_SIZES["train"]):
             settings.pop("n_train", None)  # the settings' number of examples (or the whole split): one run
         if method == "base":
