@@ -41,7 +41,7 @@ from . import amplification, baselines, latency, lowdata, rank, subspace, target
 from .page import render_page
 from .report import Page, section, write_markdown
 from .runs import Context
-from .settings import FAST_SETTINGS, FULL_SETTINGS, Settings
+from .settings import FAST_SETTINGS, FULL_SETTINGS, Settings, plain
 
 __all__ = ["EXPERIMENTS", "FAST_SETTINGS", "FULL_SETTINGS", "Context", "Settings", "render_report", "run_experiment"]
 
@@ -71,8 +71,8 @@ def run_experiment(name: str, out_dir="minilora-out/experiments", fast: bool = F
         "command": f"minilora experiment {name}{' --fast' if fast else ''}",
         "version": __version__, "base_sha256": ctx.base_sha256, "base_note": ctx.base_note, "fast": fast,
         "settings": ctx.settings.to_json(), "seeds": list(ctx.settings.seeds),
-        "hyperparams": {"methods": {m: _plain(hp) for m, hp in HYPERPARAMS.items()},
-                        "task_departures": [{"method": m, "task": t, **_plain(hp)}
+        "hyperparams": {"methods": {m: plain(hp) for m, hp in HYPERPARAMS.items()},
+                        "task_departures": [{"method": m, "task": t, **plain(hp)}
                                             for (m, t), hp in TASK_HYPERPARAMS.items()]},
         "experiments": data, "runs": [run.to_json() for run in ctx.runs()],
         "seconds": ctx.elapsed(), "workers": ctx.workers,
@@ -100,9 +100,8 @@ def read_results(path) -> dict:
         return json.load(f)
 
 
-def render_results(results: dict, out_dir, figure_dir: str = "figures", per_experiment: bool = False,
-                   page_name: str = "results") -> dict:
-    """Render ``results`` into ``out_dir``: ``<page_name>.md`` (every section) and the figures.
+def render_results(results: dict, out_dir, figure_dir: str = "figures", per_experiment: bool = False) -> dict:
+    """Render ``results`` into ``out_dir``: ``results.md`` (every section) and the figures.
 
     ``per_experiment`` also writes one ``<experiment>.md`` per section. Returns
     {experiment: {"markdown", "figures"}}.
@@ -117,7 +116,7 @@ def render_results(results: dict, out_dir, figure_dir: str = "figures", per_expe
         sections[n] = {"markdown": section(page, MODULES[n].TITLE, body, figures), "figures": figures}
         if per_experiment:
             write_markdown(page, n, sections[n]["markdown"])
-    write_markdown(page, page_name, render_page(results, {n: v["markdown"] for n, v in sections.items()}))
+    write_markdown(page, "results", render_page(results, {n: v["markdown"] for n, v in sections.items()}))
     return sections
 
 
@@ -127,10 +126,6 @@ def render_report(results_path="docs/results.json", out_dir="docs") -> str:
     render_results(results, out_dir, figure_dir="figures")
     with open(os.path.join(out_dir, "results.md"), encoding="utf-8") as f:
         return f.read()
-
-
-def _plain(hp: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()}
 
 
 def _load_average():

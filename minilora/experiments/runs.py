@@ -33,7 +33,7 @@ from ..methods import hyperparams, lora_alpha
 from ..models import GPT, GPTConfig, load_base
 from ..models.pretrained import base_sha256
 from ..recipes import finetune, zero_shot
-from .settings import FAST_SETTINGS, FULL_SETTINGS, Settings
+from .settings import FAST_SETTINGS, FULL_SETTINGS, Settings, plain
 
 __all__ = ["Context", "Run", "train_run"]
 
@@ -65,7 +65,7 @@ class Run:
         out = {k: getattr(self, k) for k in ("task", "method", "seed", "n_train", "eval_split", "metric_name",
                                              "metric", "eval_loss", "trainable_params", "total_params",
                                              "train_seconds", "final_loss", "skipped_train")}
-        out["hp"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hp.items()}
+        out["hp"] = plain(self.hp)
         out.update(self.text_scores)
         return out
 

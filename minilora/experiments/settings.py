@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["FAST_SETTINGS", "FULL_SETTINGS", "LORA_ALPHA", "Settings"]
+__all__ = ["FAST_SETTINGS", "FULL_SETTINGS", "LORA_ALPHA", "Settings", "plain"]
 
 LORA_ALPHA = 8.0  # α is fixed while r varies, as in the paper ("we simply set α to the first r we try")
+
+
+def plain(settings: dict) -> dict:
+    """``settings`` as results.json holds it: tuples become lists (what a JSON reader gets back)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class Settings:
                 + f", seeds {', '.join(str(s) for s in self.seeds)}")
 
     def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        return plain(asdict(self))
 
 
 FULL_SETTINGS = Settings(steps=None, batch_size=16, n_train=None, n_eval=None, max_new_tokens=None,
