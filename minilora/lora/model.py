@@ -104,14 +104,6 @@ def resolve_targets(model: Module, config: LoRAConfig) -> list:
     return list(chosen.items())
 
 
-def _replace_child(model: Module, path: str, new: Module) -> None:
-    """Put ``new`` at ``path``, keeping the parent's child order (so parameter order is unchanged)."""
-    parent_path, _, attr = path.rpartition(".")
-    parent = dict(model.named_modules())[parent_path] if parent_path else model
-    parent._modules[attr] = new  # an existing key keeps its place in the OrderedDict
-    object.__setattr__(parent, attr, new)
-
-
 def _check_unmerged(model: Module, what: str) -> None:
     merged = [p for p, layer in lora_layers(model) if layer.merged]
     if merged:
@@ -151,7 +143,7 @@ def apply_lora(model: Module, config: LoRAConfig, adapter_name: str = "default",
             if deltas is not None:  # bias deltas of other adapters (bias="all") move with the layer
                 module.lora_bias = deltas
                 module.register_forward_hook(deltas)
-            _replace_child(model, path, module)
+            model.replace_submodule(path, module)
         module.add_adapter(adapter_name, config, activate=False)
         wrapped.append((path, module))
     for _, module in bias_targets(model, config.bias, wrapped):
@@ -425,6 +417,6 @@ def merge_and_unload(model: Module, adapter_names=None, safe: bool = True) -> Mo
         del module.lora_bias
         module.remove_forward_hook(deltas)
     for path, layer in layers:
-        _replace_child(model, path, _plain_linear(layer))
+        model.replace_submodule(path, _plain_linear(layer))
     return model
 

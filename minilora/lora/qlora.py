@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from .. import quant
 from ..nn import Linear, Module, Parameter
 from .layer import LoRALinear
-from .model import _replace_child
 from .quantized import DequantBuffer, NF4Linear, QuantizedWeight
 
 __all__ = ["QUANT_METHODS", "QuantizationReport", "quantize_base"]
@@ -100,7 +99,7 @@ def quantize_base(model: Module, method: str = "nf4", block_size: int = 64, doub
         if isinstance(module, LoRALinear):
             module.weight = weight  # Module.__setattr__ drops the Parameter "weight"
         else:
-            _replace_child(model, path, NF4Linear(module, weight))
+            model.replace_submodule(path, NF4Linear(module, weight))
         report.layers.append(path)
         report.values += q.size
         report.original_bytes += q.size * q.dtype.itemsize

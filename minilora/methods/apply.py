@@ -26,14 +26,6 @@ def _trainable(params) -> None:
         p.requires_grad = True
 
 
-def _put_child(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at ``path``, keeping the parent's child order (so parameter order is unchanged)."""
-    parent_path, _, attr = path.rpartition(".")
-    parent = dict(model.named_modules())[parent_path] if parent_path else model
-    parent._modules[attr] = new  # an existing key keeps its place in the OrderedDict
-    object.__setattr__(parent, attr, new)
-
-
 def _full(model):
     model.requires_grad_(True)
     return model
@@ -67,7 +59,7 @@ def _adapters(model, method: str, r, train_layer_norms: bool):
                 raise TypeError(f"{method}: {site} is a {type(linear).__name__}, not a plain Linear (was a method applied already?)")
             adapter = Adapter(cfg.d_model, r, layer_norm=not houlsby, eps=cfg.layer_norm_eps, dtype=dtype)
             adapter.to(backend=linear.weight.backend)
-            _put_child(model, f"blocks.{i}.{site}", AdaptedLinear(linear, adapter))  # parameter order stays GPT-2's
+            model.replace_submodule(f"blocks.{i}.{site}", AdaptedLinear(linear, adapter))  # parameter order stays GPT-2's
             _trainable(adapter.parameters())
         if houlsby and train_layer_norms:
             _trainable(block.ln1.parameters() + block.ln2.parameters())

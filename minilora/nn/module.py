@@ -87,6 +87,13 @@ class Module:
     def modules(self):
         return (m for _, m in self.named_modules())
 
+    def replace_submodule(self, path: str, new: "Module") -> None:
+        """Put ``new`` at dotted ``path``, keeping the parent's child order (so parameter order is unchanged)."""
+        parent_path, _, attr = path.rpartition(".")
+        parent = dict(self.named_modules())[parent_path] if parent_path else self
+        parent._modules[attr] = new  # an existing key keeps its place in the OrderedDict
+        object.__setattr__(parent, attr, new)
+
     def children(self):
         return iter(self._modules.values())
 
