@@ -77,7 +77,7 @@ def _remove_stale_temps(folder: str, base: str) -> None:
             stale = full not in _in_progress and (not pid.isdigit() or not _pid_alive(int(pid))
                                                  or int(pid) == os.getpid())
         elif name.startswith(_TMP) and name.endswith(base) and len(name) > len(_TMP) + len(base):
-            stale = True  # the naming of minilora <= 0.1 (mkstemp: ".tmp-XXXXXXXX<name>")
+            stale = True  # the other temporary naming, mkstemp's ".tmp-XXXXXXXX<name>"
         if stale:
             with contextlib.suppress(OSError):
                 os.remove(full)
@@ -263,8 +263,8 @@ def save_arrays(path, arrays: dict, meta: dict | None = None) -> None:
 def load_arrays(path, require_digest: bool = False, error=FileFormatError) -> tuple[dict, dict]:
     """Read a file written by ``save_arrays``: ({name: numpy array}, meta), the SHA-256 checked (and removed).
 
-    A file without a "sha256" (written by minilora <= 0.1, or by another program) loads
-    unchecked unless ``require_digest``.
+    A file without a "sha256" (one another program wrote) loads unchecked unless
+    ``require_digest``.
     """
     path = os.fspath(path)
     arrays, metadata = read_safetensors(path, error)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import time
 from dataclasses import dataclass
 
@@ -45,9 +44,9 @@ from .methods import HYPERPARAMS, lora_alpha
 from .models import GPT, load_base
 from .recipes import FAST, RunResult, batch_rows, target_loss
 from .tensor import no_grad
-from .train import History, Progress
+from .train import History, fit
 
-__all__ = ["JointResult", "joint_loss", "joint_batches", "joint_groups", "joint_model", "train_joint", "finetune_joint",
+__all__ = ["JointResult", "joint_loss", "mixed_loss", "joint_batches", "joint_groups", "joint_model", "train_joint", "finetune_joint",
            "decode"]
 
 
@@ -179,47 +178,25 @@ def joint_model(base: GPT, tasks, r: int | None = None, alpha: float | None = No
 
 def train_joint(model, tasks, get_batch, steps: int, lr: float, weight_decay: float = 0.0, warmup: int | None = None,
                 grad_clip: float | None = 1.0, progress: bool = True, desc: str = "joint") -> History:
-    """The joint training loop: one AdamW step per mixed batch, clipping each adapter on its own.
+    """Joint training on ``train.fit``: one AdamW step per mixed batch, clipping each adapter on its own.
 
     ``get_batch(step)`` gives one mixed batch ``(idx, targets, mask, adapter_ids)`` (``joint_batches``)
     or a list of them (``joint_groups``): each is a forward and a backward, the gradients add up
     (every task sits in one group, so each adapter's gradient comes from its own group alone), and
-    the step's loss is the sum of the groups' losses.
+    the step's loss is the sum of the groups' losses. The loss, ``joint_loss``, routes each row
+    through its adapter; ``fit`` brings the NaN guard, the progress bar and the history.
     """
     groups = {task: _adapter_params(model, task) for task in tasks}
     optimizer = optim.AdamW([p for ps in groups.values() for p in ps], lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10) if warmup is None else warmup
     scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=warmup))
-    history, bar = History(), Progress(steps, desc, progress)
-    model.train()
-    started = time.perf_counter()
-    for step in range(steps):
-        batches = get_batch(step)
-        if isinstance(batches, tuple):  # one mixed batch
-            batches = [batches]
-        optimizer.zero_grad()
-        value, tokens = 0.0, 0
-        for idx, targets, mask, adapter_ids in batches:  # a width group: its graph is freed after its backward
-            loss = joint_loss(model, idx, targets, mask, adapter_ids)
-            value += float(loss.item())
-            if not math.isfinite(value):
-                raise RuntimeError(f"joint training: loss became {value} at step {step}; lower the learning rate")
-            loss.backward()
-            tokens += int(np.asarray(mask).sum())
-        if grad_clip:
-            for params in groups.values():  # per adapter: as a separate run of that task clips it
-                optim.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        scheduler.step()
-        history.steps.append(step)
-        history.losses.append(value)
-        history.lrs.append(float(optimizer.lr))
-        history.tokens += tokens
-        history.seconds = time.perf_counter() - started
-        bar.update(step + 1, value, history)
-    bar.close()
-    history.seconds = time.perf_counter() - started
-    return history
+    return fit(model, optimizer, get_batch, steps, loss_fn=mixed_loss, scheduler=scheduler, grad_clip=grad_clip,
+               clip_groups=groups.values(), progress=progress, desc=desc)
+
+
+def mixed_loss(model, batch):
+    """``fit``'s loss for a mixed batch ``(idx, targets, mask, adapter_ids)``: ``joint_loss`` of it."""
+    return joint_loss(model, *batch)
 
 
 def finetune_joint(tasks=DEMO_TASKS, *, base: GPT | None = None, steps: int | None = None, batch_size: int = 16,

@@ -151,7 +151,7 @@ def test_crafted_checkpoints_are_refused_before_anything_changes(lora_checkpoint
         "step_text": "not a step number", "step_negative": "not a step number", "no_history": "history is malformed",
         "history_garbage": "history is malformed", "rng_garbage": "RNG state is invalid", "lr_nan": "not a valid value",
         "lr_text": "not a valid value", "no_format": "not a minilora checkpoint", "format_version": "format_version 999",
-        "missing_optim_array": "is missing from the checkpoint", "scheduler_garbage": "no valid scheduler state",
+        "missing_optim_array": "are missing from the saved state", "scheduler_garbage": "no valid scheduler state",
         "param_shape": "has shape (16, 3)", "optim_entry_shape": "is for shape",
         "scope_garbage": "not 'trainable' or 'all'",
     }[case]
@@ -208,7 +208,7 @@ def test_crafted_checkpoints_are_refused_before_anything_changes(lora_checkpoint
 
 
 def test_a_full_fine_tuning_checkpoint_does_not_half_load_into_a_lora_run(tmp_path):
-    """H2: before, 68 of 84 parameters were overwritten before the optimizer state raised."""
+    """A load that the optimizer state refuses changes no parameter: every check runs before the first write."""
     model, opt, sched, get_batch = _setup("full")
     fit(model, opt, get_batch, 2, scheduler=sched, progress=False, checkpoint_dir=tmp_path, save_every=2)
     message = _load_refused(tmp_path / "last.safetensors", method="lora")
@@ -294,7 +294,7 @@ def test_a_nan_update_after_a_finite_loss_never_reaches_the_checkpoint(tmp_path)
 
 
 def test_a_huge_lr_stops_at_the_first_bad_update_and_resume_can_lower_it(tmp_path):
-    """H1: lr = 1e39 wrote non-finite weights to last.safetensors, and resume restored lr = 1e39."""
+    """A non-finite update never reaches last.safetensors, and resume with restore_hyperparameters=False keeps the new lr."""
     model, opt, sched, get_batch = _setup(lr=1e39)  # the warm-up gives lr = 0 at step 0, 5e38 at step 1
     with pytest.raises(TrainingDivergedError, match="NaN or inf at step 1") as err:
         fit(model, opt, get_batch, 12, scheduler=sched, progress=False, checkpoint_dir=tmp_path, save_every=1)

@@ -1,5 +1,7 @@
 """Joint training of several LoRA adapters in one mixed batch (minilora.joint)."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -201,6 +203,12 @@ def test_a_joint_run_equals_three_separate_runs():
     np.testing.assert_allclose(joint.history.losses, np.sum([runs[t].history.losses for t in TASKS], axis=0), rtol=1e-10)
 
 
+def _routed_loss(model, batch, adapter_ids):
+    """model.loss with row i through adapter adapter_ids[i]."""
+    with lora.mixed_batch(model, adapter_ids):
+        return model.loss(*batch)
+
+
 def test_joint_training_clips_each_adapter_like_its_separate_run():
     """With a clip threshold that binds (the tiny model's adapter gradients have norms ~0.005)."""
     ml.manual_seed(5)
@@ -230,7 +238,7 @@ def test_joint_training_clips_each_adapter_like_its_separate_run():
         opt = optim.AdamW(alone.parameters(trainable_only=True), lr=5e-3, weight_decay=0.0)
         sched = optim.LRScheduler(opt, lambda s: optim.warmup_linear(s, total=steps, warmup=1))
         h = fit(alone, opt, task_batches(train[task], tok, 3, 0, 64), steps, scheduler=sched, grad_clip=clip,
-                progress=False, adapter_ids=[task] * 3)
+                progress=False, loss_fn=functools.partial(_routed_loss, adapter_ids=[task] * 3))
         total += h.losses
         for name, p in alone.named_parameters():
             if ".lora_" in name:
@@ -244,3 +252,17 @@ def test_finetune_joint_rejects_unknown_or_repeated_tasks():
         finetune_joint(("e2e", "e2e"), base=GPT(TINY), steps=1)
     with pytest.raises(ValueError, match="distinct"):
         finetune_joint(("e2e", "wikisql"), base=GPT(TINY), steps=1)
+
+
+def test_joint_training_has_the_nan_guard_of_fit():
+    """train_joint runs on train.fit: a diverging update stops it with TrainingDivergedError, naming the step."""
+    from minilora.train import TrainingDivergedError
+
+    ml.manual_seed(5)
+    base = GPT(TINY)
+    tok = Tokenizer.default()
+    tasks = ("e2e", "classify")
+    train = {t: load_task(t, "train", 12) for t in tasks}
+    model = joint_model(base, tasks, r=2, seed=0)
+    with pytest.raises(TrainingDivergedError, match="at step"):
+        train_joint(model, tasks, joint_batches(train, tok, 3, 0, 64), 4, lr=1e38, grad_clip=None, progress=False)

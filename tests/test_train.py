@@ -155,3 +155,109 @@ def test_length_grouped_batches_see_every_example_once_per_epoch_with_less_paddi
     assert padded < 0.85 * padded_plain
     same = length_grouped_batches(lengths, 8, seed=3, group=1)  # group 1: the plain shuffled batches
     assert all(np.array_equal(same(s), plain(s)) for s in range(30))
+
+
+def test_a_list_of_batches_is_one_step_whose_gradients_add_up():
+    """get_batch may return several batches: one optimizer step on their summed gradients, their losses summed."""
+    config = GPTConfig(vocab_size=96, block_size=64, n_layer=1, n_head=2, d_model=16, dropout=0.0)
+    examples, tok = load_task("classify", "train", 32), Tokenizer.default()
+    halves = [task_batches(examples[:16], tok, 4, 0, 64), task_batches(examples[16:], tok, 4, 0, 64)]
+
+    def fresh():
+        ml.manual_seed(0)
+        model = GPT(config).to(dtype="float64")
+        return model, optim.AdamW(model.parameters(), lr=3e-3)
+
+    model, opt = fresh()
+    history = fit(model, opt, lambda s: [h(s) for h in halves], 4, progress=False)
+    by_hand, by_hand_opt = fresh()
+    losses, tokens = [], 0
+    for step in range(4):  # the same steps written out
+        by_hand_opt.zero_grad()
+        total = 0.0
+        for h in halves:
+            batch = h(step)
+            loss = by_hand.loss(*batch)
+            total += float(loss.item())
+            loss.backward()
+            tokens += int(batch[2].sum())
+        optim.clip_grad_norm_(by_hand.parameters(trainable_only=True), 1.0)
+        by_hand_opt.step()
+        losses.append(total)
+    assert history.losses == losses and history.tokens == tokens
+    for (name, p), q in zip(model.named_parameters(), by_hand.parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
+
+
+def test_clip_groups_clip_each_group_on_its_own():
+    ml.manual_seed(0)
+    model = GPT(TINY)
+    opt = optim.AdamW(model.parameters(), lr=3e-3)
+    seen = []
+    spy = optim.clip_grad_norm_
+
+    def recording(params, max_norm, **kw):
+        seen.append(len(params))
+        return spy(params, max_norm, **kw)
+
+    head, rest = model.parameters()[:2], model.parameters()[2:]
+    optim.clip_grad_norm_ = recording
+    try:
+        fit(model, opt, task_batches(load_task("classify", "train", 16), Tokenizer.default(), 4, 0, 64), 2,
+            clip_groups=[head, rest], progress=False)
+    finally:
+        optim.clip_grad_norm_ = spy
+    assert seen == [2, len(rest)] * 2
+
+
+def test_the_training_loop_knows_nothing_of_lora():
+    """train.py, checkpoint.py, progress.py and history.py import no module of minilora.lora."""
+    import ast
+
+    import minilora
+
+    folder = os.path.dirname(minilora.__file__)
+    for file in ("train.py", "checkpoint.py", "progress.py", "history.py"):
+        with open(os.path.join(folder, file), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in modules if m.split(".")[0] == "lora" or m.startswith("minilora.lora")], (file, modules)
+
+
+def test_the_samplers_and_the_checkpoint_format_keep_their_train_names():
+    from minilora import checkpoint, data, progress, train
+    from minilora.data import samplers
+
+    assert train.epoch_batches is samplers.epoch_batches is data.epoch_batches
+    assert train.length_grouped_batches is samplers.length_grouped_batches
+    assert train.save_checkpoint is checkpoint.save_checkpoint and train.load_checkpoint is checkpoint.load_checkpoint
+    assert train.Progress is progress.Progress
+
+
+def test_the_optimizer_checks_a_saved_state_before_it_changes_anything():
+    ml.manual_seed(0)
+    model, opt, _, get_batch = _setup()
+    fit(model, opt, get_batch, 2, progress=False)
+    meta, arrays = opt.state_meta(), opt.state_arrays()
+    first = meta["params"][0]["name"]
+    cases = {
+        "negative values": (meta, {**arrays, f"{first}.exp_avg_sq": -np.abs(arrays[f"{first}.exp_avg_sq"]) - 1}),
+        "NaN or inf": (meta, {**arrays, f"{first}.exp_avg": arrays[f"{first}.exp_avg"] * np.nan}),
+        "float64": (meta, {**arrays, f"{first}.exp_avg": arrays[f"{first}.exp_avg"].astype(np.float64)}),
+        "not a valid value": ({**meta, "hyperparameters": {**meta["hyperparameters"], "eps": -1.0}}, arrays),
+        "malformed parameter entry": ({**meta, "params": [{"name": first}] + meta["params"][1:]}, arrays),
+        "is for shape": ({**meta, "params": [{**meta["params"][0], "shape": [7, 7]}] + meta["params"][1:]}, arrays),
+        "saved by 'SGD'": ({**meta, "optimizer": "SGD"}, arrays),
+    }
+    ml.manual_seed(1)
+    fresh = optim.AdamW(GPT(TINY).parameters(), lr=1e-2)
+    for message, (bad_meta, bad_arrays) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            fresh.load_state_dict(bad_meta, bad_arrays)
+        assert fresh.steps[0] == 0 and not np.any(fresh.state[0]["exp_avg"]) and fresh.lr == 1e-2, message
+    fresh.load_state_dict(meta, arrays, restore_hyperparameters=False)
+    assert fresh.steps[0] == 2 and fresh.lr == 1e-2
+    np.testing.assert_array_equal(fresh.state[0]["exp_avg"], arrays[first + ".exp_avg"])
+    fresh.load_state_dict(meta, arrays)
+    assert fresh.lr == opt.lr

@@ -21,6 +21,7 @@ from .metrics import (
     task_metric,
     text_metrics,
 )
+from .samplers import epoch_batches, length_grouped_batches
 from .tasks import DEMO_TASKS, LABELS, N_REFERENCES, SPLIT_SIZES, SPLITS, TASKS, Example, load_task, pretrain_corpus
 from .tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, Tokenizer
 from .world import (
@@ -58,9 +59,11 @@ __all__ = [
     "bleu",
     "collate",
     "describe",
+    "epoch_batches",
     "encode_example",
     "exact_match",
     "find_slot_values",
+    "length_grouped_batches",
     "linearise",
     "lm_collate",
     "load_task",

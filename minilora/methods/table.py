@@ -18,7 +18,7 @@ PAPER_NAMES = {
 
 # THE hyper-parameter table, for the shipped 4-layer, d = 128 model: ``lr`` and ``weight_decay``
 # go to AdamW, ``steps`` is the run's length (batch 16, linear warm-up over the first 10 %),
-# ``length_group`` > 1 batches examples of similar length together (train.length_grouped_batches),
+# ``length_group`` > 1 batches examples of similar length together (data.samplers.length_grouped_batches),
 # the rest goes to ``apply_method``. LoRA's alpha defaults to 2r (``lora_alpha``). FT's and LoRA's learning rates
 # are chosen on the val split (docs/results.md, "Choosing the learning rates"); the other methods'
 # rows are fixed settings that the experiments do not tune. Budgets are close to LoRA's r = 4 on Wq, Wv.
