@@ -23,7 +23,7 @@ import numpy as np
 from . import backend as bk
 from .backend import dropout_mask, get_array_module  # dropout_mask: F.dropout_mask, also LoRA's
 from .function import Function
-from .tensor import Tensor
+from .tensor import RowGradient, Tensor
 
 __all__ = [
     "linear",
@@ -364,7 +364,8 @@ def cross_entropy(logits, targets, mask=None, ignore_index=None, label_smoothing
 # The backward's path, by a measured rule (1 BLAS thread, D = 128; the figures are in
 # docs/performance.md): the one-hot matmul one_hotᵀ·g beats the scatter-add while V ≤ 256, loses
 # from V ≈ 400-500 on, and costs an N × V array; so it is used only for a small V AND a small N·V.
-# Otherwise (GPT-2's V = 50,257 always) a scatter-add into the (V, D) gradient.
+# Otherwise (GPT-2's V = 50,257 always) the rows and their gradients (tensor.RowGradient): the autograd
+# adds them into the touched rows of the table's gradient.
 _ONE_HOT_MAX_VOCAB = 256
 _ONE_HOT_MAX_ELEMENTS = 1 << 22  # N·V: at most 16 MB of float32 one-hot
 
@@ -390,9 +391,7 @@ class Embedding(Function):
             one_hot = xp.zeros((flat_ids.shape[0], V), dtype=grad.dtype)
             one_hot[xp.arange(flat_ids.shape[0]), flat_ids] = 1.0
             return None, one_hot.T @ g
-        dw = xp.zeros(self.weight_shape, dtype=grad.dtype)
-        bk.scatter_add(dw, flat_ids, g)
-        return None, dw
+        return None, RowGradient(flat_ids, g, self.weight_shape)  # the rows it touches, not a dense (V, D) array
 
 
 def embedding(ids, weight):

@@ -44,9 +44,9 @@ from .methods import HYPERPARAMS, lora_alpha
 from .models import GPT, load_base
 from .recipes import FAST, RunResult, batch_rows, target_loss
 from .tensor import no_grad
-from .train import History, fit
+from .train import History, fit, model_loss
 
-__all__ = ["JointResult", "joint_loss", "mixed_loss", "joint_batches", "joint_groups", "joint_model", "train_joint", "finetune_joint",
+__all__ = ["JointResult", "joint_loss", "mixed_loss", "routed_loss", "joint_batches", "joint_groups", "joint_model", "train_joint", "finetune_joint",
            "decode"]
 
 
@@ -192,6 +192,15 @@ def train_joint(model, tasks, get_batch, steps: int, lr: float, weight_decay: fl
     scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=warmup))
     return fit(model, optimizer, get_batch, steps, loss_fn=mixed_loss, scheduler=scheduler, grad_clip=grad_clip,
                clip_groups=groups.values(), progress=progress, desc=desc)
+
+
+def routed_loss(adapter_ids):
+    """A ``fit`` loss: ``model.loss`` of the batch with row i through adapter ``adapter_ids[i]`` (``lora.mixed_batch``)."""
+    def loss(model, batch):
+        with lora.mixed_batch(model, adapter_ids):
+            return model_loss(model, batch)
+
+    return loss
 
 
 def mixed_loss(model, batch):

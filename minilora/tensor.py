@@ -20,7 +20,7 @@ import numpy as np
 
 from . import backend as bk
 
-__all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "install_ops"]
+__all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "install_ops", "RowGradient"]
 
 _grad_enabled = True
 _ops = None  # the primitive ops (minilora.ops), set by install_ops
@@ -182,13 +182,18 @@ class Tensor:
                 if x.creator is None:
                     x._accumulate(gx)
                 else:
+                    if isinstance(gx, RowGradient):  # a Function's backward takes dense arrays only
+                        gx = gx.dense()
                     key = id(x.creator)
                     previous = grads.get(key)
                     grads[key] = gx if previous is None else previous + gx
 
     def _accumulate(self, g) -> None:
         # A new array on accumulation: ``g`` may be shared with another input's gradient.
-        self.grad = g if self.grad is None else self.grad + g
+        if isinstance(g, RowGradient):
+            self.grad = g.dense() if self.grad is None else g.added_to(self.grad)
+        else:
+            self.grad = g if self.grad is None else self.grad + g
 
     # ------------------------------------------------------------------ operators
     def __add__(self, other):
@@ -270,6 +275,38 @@ class Tensor:
 
     def relu(self):
         return _ops.relu(self)
+
+
+class RowGradient:
+    """A gradient that is zero but on some rows: row ``rows[i]`` gets ``values[i]`` (repeats add up).
+
+    What an embedding's backward returns for its (V, D) table. Written out dense it is a V × D
+    array of zeros but for the looked-up rows: 154 MB for GPT-2's wte, of which a batch of 512
+    tokens touches at most 512 rows, and for a tied table the autograd would then add it to the
+    LM head's dW, a third array of that size. ``added_to`` reads and writes only the touched
+    rows of a copy of the dense gradient instead; its result is bit for bit ``dense + self.dense()``
+    (each row's values are summed in the order ``dense`` sums them, from zero).
+    """
+
+    def __init__(self, rows, values, shape):
+        self.rows, self.values = rows, values
+        self.shape, self.dtype = tuple(shape), values.dtype
+
+    def dense(self):
+        """The (V, D) array: zeros, and each row's values added in order (``backend.scatter_add``)."""
+        out = bk.get_array_module(self.values).zeros(self.shape, dtype=self.dtype)
+        bk.scatter_add(out, self.rows, self.values)
+        return out
+
+    def added_to(self, grad):
+        """``grad + self.dense()``, touching only the rows in ``self.rows``; a new array (``grad`` is not changed)."""
+        xp = bk.get_array_module(self.values)
+        touched, where = xp.unique(self.rows, return_inverse=True)
+        sums = xp.zeros((touched.shape[0],) + self.shape[1:], dtype=self.dtype)
+        bk.scatter_add(sums, where.reshape(-1), self.values)  # each touched row's sum, as dense() forms it
+        out = grad.copy()
+        out[touched] += sums  # the rows are unique: one addition per element, as in grad + dense
+        return out
 
 
 def _topological_order(root) -> list:

@@ -580,6 +580,46 @@ def test_embedding_backward_at_gpt2_vocab_never_builds_an_n_by_v_array():
     assert_close(weight.grad, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("order", ["head-first", "lookup-first"])
+def test_a_tied_table_gets_the_lookup_rows_added_to_the_heads_gradient_bit_for_bit(order, backend):
+    """W used by an embedding and a matmul (GPT-2's tied wte): W.grad is exactly dW_head + the scatter-add.
+
+    The embedding's backward hands the autograd only its rows (``tensor.RowGradient``); added onto
+    the head's dense dW they must give the bits that the dense sum gives, whichever comes first.
+    """
+    rng = np.random.default_rng(4)
+    V, D = 300, 5
+    ids = rng.integers(0, V, size=(3, 9))
+    ids[1, :4] = ids[0, 2]  # repeats
+    table, xs = rng.standard_normal((V, D)), rng.standard_normal((3, D))
+    g_lookup, g_head = rng.standard_normal((3, 9, D)), rng.standard_normal((3, V))
+    W, x = T(table, backend), T(xs, backend)
+    (x @ W.T).backward(g_head)
+    head = to_np(W.grad).copy()  # the head's dW alone
+    W, x = T(table, backend), T(xs, backend)
+    looked_up, logits = F.embedding(ids, W), x @ W.T
+    if order == "lookup-first":  # the lookup's gradient reaches W before the head's
+        looked_up.backward(g_lookup)
+        logits.backward(g_head)
+    else:  # one graph: the head's gradient arrives first
+        ((looked_up * T(g_lookup, backend)).sum() + (logits * T(g_head, backend)).sum()).backward()
+    dense = np.zeros((V, D))
+    np.add.at(dense, ids.reshape(-1), g_lookup.reshape(-1, D))
+    np.testing.assert_array_equal(to_np(W.grad), head + dense)
+    assert isinstance(W.grad, type(x.data))  # .grad is always a dense array of the backend
+
+
+def test_a_row_gradient_through_an_op_is_made_dense():
+    """A table that is not a leaf (here W * 1) passes its gradient on to the op that made it as an array."""
+    rng = np.random.default_rng(5)
+    W = ml.tensor(rng.standard_normal((400, 3)), requires_grad=True)
+    ids = np.array([[5, 7, 5]])
+    F.embedding(ids, W * 1.0).backward(np.ones((1, 3, 3)))
+    expected = np.zeros((400, 3))
+    expected[5], expected[7] = 2.0, 1.0
+    np.testing.assert_array_equal(W.grad, expected)
+
+
 def test_dropout_identity_when_not_training_or_p_zero(backend):
     x = T(np.arange(6.0).reshape(2, 3), backend)
     for out in (F.dropout(x, 0.5, training=False), F.dropout(x, 0.0, training=True)):

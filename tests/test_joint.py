@@ -1,7 +1,5 @@
 """Joint training of several LoRA adapters in one mixed batch (minilora.joint)."""
 
-import functools
-
 import numpy as np
 import pytest
 
@@ -10,7 +8,8 @@ from minilora import functional as F
 from minilora import lora, optim
 from minilora.data import DEMO_TASKS as TASKS
 from minilora.data import Tokenizer, collate, load_task
-from minilora.joint import _logits, finetune_joint, joint_batches, joint_groups, joint_loss, joint_model, train_joint
+from minilora.joint import (_logits, finetune_joint, joint_batches, joint_groups, joint_loss, joint_model, routed_loss,
+                            train_joint)
 from minilora.models import GPT, GPTConfig
 from minilora.recipes import finetune, task_batches
 from minilora.train import fit
@@ -203,12 +202,6 @@ def test_a_joint_run_equals_three_separate_runs():
     np.testing.assert_allclose(joint.history.losses, np.sum([runs[t].history.losses for t in TASKS], axis=0), rtol=1e-10)
 
 
-def _routed_loss(model, batch, adapter_ids):
-    """model.loss with row i through adapter adapter_ids[i]."""
-    with lora.mixed_batch(model, adapter_ids):
-        return model.loss(*batch)
-
-
 def test_joint_training_clips_each_adapter_like_its_separate_run():
     """With a clip threshold that binds (the tiny model's adapter gradients have norms ~0.005)."""
     ml.manual_seed(5)
@@ -238,7 +231,7 @@ def test_joint_training_clips_each_adapter_like_its_separate_run():
         opt = optim.AdamW(alone.parameters(trainable_only=True), lr=5e-3, weight_decay=0.0)
         sched = optim.LRScheduler(opt, lambda s: optim.warmup_linear(s, total=steps, warmup=1))
         h = fit(alone, opt, task_batches(train[task], tok, 3, 0, 64), steps, scheduler=sched, grad_clip=clip,
-                progress=False, loss_fn=functools.partial(_routed_loss, adapter_ids=[task] * 3))
+                progress=False, loss_fn=routed_loss([task] * 3))
         total += h.losses
         for name, p in alone.named_parameters():
             if ".lora_" in name:

@@ -672,8 +672,9 @@ def test_mixed_batch_nests_and_restores():
 
 
 def test_fit_trains_several_adapters_in_one_mixed_batch():
-    """train.fit(adapter_ids=...): one loss, one backward per step, every named adapter learns from its rows."""
+    """fit with joint.routed_loss: one loss, one backward per step, every named adapter learns from its rows."""
     from minilora import optim
+    from minilora.joint import routed_loss
     from minilora.train import fit
 
     model = tiny_gpt()
@@ -695,7 +696,8 @@ def test_fit_trains_several_adapters_in_one_mixed_batch():
 
     before = row_losses()
     opt = optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.0)
-    history = fit(model, opt, lambda step: (idx, targets, None), steps=30, progress=False, grad_clip=None, adapter_ids=ids)
+    history = fit(model, opt, lambda step: (idx, targets, None), steps=30, progress=False, grad_clip=None,
+                  loss_fn=routed_loss(ids))
     after = row_losses()
     assert history.losses[-1] < history.losses[0]
     trained = [i for i, n in enumerate(ids) if n != "__base__"]

@@ -469,3 +469,23 @@ def test_step_allocates_no_arrays(make):
     finally:
         tracemalloc.stop()
     assert peak < 16 * 1024, f"step() allocated {peak} bytes; the update should run in preallocated buffers"
+
+
+def test_adamw_in_cache_sized_pieces_is_bit_for_bit_the_whole_update(monkeypatch):
+    """A large parameter is updated piece by piece on NumPy: the same elementwise passes, the same bits."""
+    shapes = [(37, 11), (5,), (64, 3)]
+    results = []
+    for piece in (1 << 30, 16):  # one piece; pieces of 16 values (the last one short)
+        monkeypatch.setattr(optim, "_PIECE", piece)
+        rng = np.random.default_rng(3)
+        params = [ml.tensor(rng.standard_normal(s).astype(np.float32), requires_grad=True) for s in shapes]
+        opt = optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        for _ in range(3):
+            for p in params:
+                p.grad = rng.standard_normal(p.shape).astype(np.float32)
+            opt.step()
+        results.append([p.data.copy() for p in params] + [s["exp_avg_sq"].copy() for s in opt.state])
+    for whole, pieces in zip(*results):
+        np.testing.assert_array_equal(whole.view(np.uint32), pieces.view(np.uint32))
+    assert optim._in_pieces(*(np.zeros((64, 3), np.float32),) * 4)
+    assert not optim._in_pieces(np.zeros((64, 3), np.float32).T, *(np.zeros((3, 64), np.float32),) * 3)
