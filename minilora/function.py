@@ -31,6 +31,9 @@ class Function:
     inputs: tuple = ()
     needs_input_grad: tuple = ()
     saved: tuple = ()
+    # True where every array ``backward`` returns is new and referenced by nothing else (a matmul's
+    # output, say): the autograd may then add a later gradient into it in place.
+    fresh_grads: bool = False
 
     @classmethod
     def apply(cls, *inputs, **params):

@@ -60,6 +60,8 @@ def _check_features(name, x, weight, bias=None):
 class Linear(Function):
     """y = x Wᵀ + b.   dx = g W,   dW = gᵀ x,   db = Σ_rows g."""
 
+    fresh_grads = True  # three new arrays: two matmul outputs and a sum
+
     def forward(self, x, weight, bias=None):
         _check_features("linear", x, weight, bias)
         self.save_for_backward(x, weight)

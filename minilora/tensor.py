@@ -164,6 +164,7 @@ class Tensor:
             self._accumulate(grad)
             return
         grads = {id(self.creator): grad}  # one output per Function: its grad is keyed by the Function
+        owned = {}  # id(leaf) -> the .grad array this sweep made or was handed fresh: safe to add into in place
         for fn in _topological_order(self.creator):
             g = grads.pop(id(fn), None)
             if g is None:
@@ -180,7 +181,7 @@ class Tensor:
                         f"{gx.dtype} for an input of shape {x.data.shape} and dtype {x.data.dtype}"
                     )
                 if x.creator is None:
-                    x._accumulate(gx)
+                    x._accumulate(gx, owned, fn.fresh_grads)
                 else:
                     if isinstance(gx, RowGradient):  # a Function's backward takes dense arrays only
                         gx = gx.dense()
@@ -188,12 +189,33 @@ class Tensor:
                     previous = grads.get(key)
                     grads[key] = gx if previous is None else previous + gx
 
-    def _accumulate(self, g) -> None:
-        # A new array on accumulation: ``g`` may be shared with another input's gradient.
+    def _accumulate(self, g, owned: dict | None = None, fresh: bool = False) -> None:
+        """``.grad`` += ``g``, as a new array unless this backward sweep owns ``.grad`` (``owned``).
+
+        ``g`` may be shared with another input's gradient, and an earlier ``.grad`` with the
+        caller, so only an array made in this sweep, or handed to it fresh (``fresh``:
+        ``Function.fresh_grads``), is added into in place: the LM head's dW, into which the tied
+        embedding's rows (a ``RowGradient``) go without a copy of the (V, D) array.
+        """
+        owned = {} if owned is None else owned
+        mine = self.grad is not None and owned.get(id(self)) is self.grad
         if isinstance(g, RowGradient):
-            self.grad = g.dense() if self.grad is None else g.added_to(self.grad)
+            if self.grad is None:
+                self.grad = g.dense()
+            elif mine:
+                g.add_into(self.grad)
+            else:
+                self.grad = g.added_to(self.grad)
+            owned[id(self)] = self.grad
+        elif self.grad is None:
+            self.grad = g
+            if fresh:
+                owned[id(self)] = g
+        elif mine:
+            self.grad += g
         else:
-            self.grad = g if self.grad is None else self.grad + g
+            self.grad = self.grad + g
+            owned[id(self)] = self.grad
 
     # ------------------------------------------------------------------ operators
     def __add__(self, other):
@@ -283,9 +305,9 @@ class RowGradient:
     What an embedding's backward returns for its (V, D) table. Written out dense it is a V × D
     array of zeros but for the looked-up rows: 154 MB for GPT-2's wte, of which a batch of 512
     tokens touches at most 512 rows, and for a tied table the autograd would then add it to the
-    LM head's dW, a third array of that size. ``added_to`` reads and writes only the touched
-    rows of a copy of the dense gradient instead; its result is bit for bit ``dense + self.dense()``
-    (each row's values are summed in the order ``dense`` sums them, from zero).
+    LM head's dW, a third array of that size. ``add_into`` reads and writes only the touched rows
+    of the dense gradient instead; the result is bit for bit ``dense + self.dense()`` (each row's
+    values are summed in the order ``dense()`` sums them, from zero).
     """
 
     def __init__(self, rows, values, shape):
@@ -298,14 +320,18 @@ class RowGradient:
         bk.scatter_add(out, self.rows, self.values)
         return out
 
-    def added_to(self, grad):
-        """``grad + self.dense()``, touching only the rows in ``self.rows``; a new array (``grad`` is not changed)."""
+    def add_into(self, grad) -> None:
+        """``grad += self.dense()`` in place, reading and writing only the rows in ``self.rows``."""
         xp = bk.get_array_module(self.values)
         touched, where = xp.unique(self.rows, return_inverse=True)
         sums = xp.zeros((touched.shape[0],) + self.shape[1:], dtype=self.dtype)
         bk.scatter_add(sums, where.reshape(-1), self.values)  # each touched row's sum, as dense() forms it
+        grad[touched] += sums  # the rows are unique: one addition per element, as in grad + dense
+
+    def added_to(self, grad):
+        """``grad + self.dense()`` as a new array (``grad`` is not changed)."""
         out = grad.copy()
-        out[touched] += sums  # the rows are unique: one addition per element, as in grad + dense
+        self.add_into(out)
         return out
 
 

@@ -609,6 +609,42 @@ def test_a_tied_table_gets_the_lookup_rows_added_to_the_heads_gradient_bit_for_b
     assert isinstance(W.grad, type(x.data))  # .grad is always a dense array of the backend
 
 
+def test_the_tied_tables_gradient_is_built_once_and_an_earlier_grad_is_never_changed():
+    """GPT-2's V: the lookup's rows go into the head's fresh dW in place (one (V, D) array at the peak);
+    a .grad from an earlier backward, which the caller may hold, is added to as a new array."""
+    V, D = 50_257, 32  # the (V, D) gradient (6.4 MB) well above the (4, V) arrays of the head (0.8 MB)
+    rng = np.random.default_rng(6)
+    W = ml.tensor(rng.standard_normal((V, D)).astype(np.float32), requires_grad=True)
+    x = ml.tensor(rng.standard_normal((4, D)).astype(np.float32))
+    ids = rng.integers(0, V, size=(4, 16))
+    g_lookup = rng.standard_normal((4, 16, D)).astype(np.float32)
+    g_head = rng.standard_normal((4, V)).astype(np.float32)
+
+    def tied_loss():  # as in the GPT: the lookup first, the head on what it led to
+        pooled = F.embedding(ids, W).sum(axis=1) * ml.tensor(g_lookup[:, 0])
+        return (F.linear(pooled, W) * ml.tensor(g_head)).sum()
+
+    loss = tied_loss()
+    tracemalloc.start()
+    try:
+        loss.backward()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * V * D * 4, f"the backward peaked at {peak:,} bytes: the (V, D) gradient was copied"
+    pooled = W.data[ids].sum(axis=1) * g_lookup[:, 0]
+    dense = np.zeros((V, D), np.float32)
+    np.add.at(dense, ids.reshape(-1), np.repeat((g_head @ W.data) * g_lookup[:, 0], 16, axis=0))
+    np.testing.assert_allclose(W.grad, g_head.T @ pooled + dense, rtol=1e-4, atol=1e-4)
+    first, kept = W.grad, W.grad.copy()
+    F.embedding(ids, W).backward(g_lookup)  # a second sweep: accumulates onto the caller's array
+    np.testing.assert_array_equal(first, kept)
+    assert W.grad is not first
+    again = np.zeros((V, D), np.float32)
+    np.add.at(again, ids.reshape(-1), g_lookup.reshape(-1, D))
+    np.testing.assert_array_equal(W.grad, kept + again)
+
+
 def test_a_row_gradient_through_an_op_is_made_dense():
     """A table that is not a leaf (here W * 1) passes its gradient on to the op that made it as an array."""
     rng = np.random.default_rng(5)
