@@ -151,7 +151,7 @@ def apply_lora(model: Module, config: LoRAConfig, adapter_name: str = "default",
     wrapped = []
     for path, module in targets:
         if isinstance(module, Linear):
-            deltas = module._modules.get("lora_bias")
+            deltas = getattr(module, "lora_bias", None)
             module = LoRALinear(module, layer_name=path)
             if deltas is not None:  # bias deltas of other adapters (bias="all") move with the layer
                 module.lora_bias = deltas
