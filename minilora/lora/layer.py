@@ -37,12 +37,13 @@ from .. import backend as bk
 from .. import functional as F
 from ..nn import Linear, Module, Parameter
 from ..io import tensor_fingerprint
+from ..quant import QuantizedWeight
 from ..tensor import is_grad_enabled
 from .config import ADAPTER_PARTS, LoRAConfig, as_adapter_names, check_adapter_name, check_rank
 from .dora import DORA
 from .function import delta_weight
 from .mixed_op import mixed_lora_linear
-from .quantized import QuantizedWeight, nf4_linear
+from .quantized import nf4_linear
 from .variant import LORA
 
 _VARIANTS = (DORA,)  # an adapter whose config one of these applies to uses its parts; the others are plain LoRA
