@@ -1,17 +1,7 @@
 """The Function base class: one node of the autograd graph.
 
-An op is a subclass with ``forward`` and ``backward`` side by side::
-
-    class Exp(Function):
-        def forward(self, x):
-            y = get_array_module(x).exp(x)
-            self.save_for_backward(y)
-            return y
-
-        def backward(self, grad):
-            (y,) = self.saved
-            return grad * y
-
+An op is a subclass with ``forward`` and ``backward`` side by side; ``Exp`` in
+``ops/elementwise.py`` is the shortest (forward saves y = eˣ, backward returns grad · y).
 ``forward`` receives raw arrays (and keyword parameters) and returns one array;
 ``backward`` receives the gradient of the output and returns one gradient per
 positional input (or ``None`` where no gradient is needed). Both work on raw

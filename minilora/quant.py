@@ -24,6 +24,12 @@ float32 absmax, giving 8/64 + 32/(64·256) ≈ 0.127 bits per value instead of 0
 all). The paper quantizes c_b to 8-bit *floats*; here the 8-bit codes are linear (round to one of
 the 255 integers −127..127 times absmax/127), which is simpler to read and has the same storage.
 
+The frozen W₀ of a QLoRA layer is only *read*, so it is stored in 4 bits and dequantized on
+the fly: ``QuantizedWeight`` computes x Ŵ₀ᵀ and g Ŵ₀ a chunk of rows at a time, in ONE buffer
+(``DequantBuffer``) shared by all the quantized layers of a model, so the full-precision Ŵ₀ never
+exists for more than one chunk at a time. ``lora.quantize_base`` puts such weights into a model;
+``check_not_quantized`` refuses to write a model holding one (its W₀ is in no state_dict).
+
 Everything runs on NumPy or CuPy (``bk.get_array_module``); the quantized weight lives on the
 backend of the weight it came from.
 """
@@ -39,7 +45,8 @@ import numpy as np
 from . import backend as bk
 from .tensor import Tensor
 
-__all__ = ["NF4_LEVELS", "NF4Tensor", "QuantizationError", "dequantize", "dequantize_range", "quantize_nf4"]
+__all__ = ["NF4_LEVELS", "DequantBuffer", "NF4Tensor", "QuantizationError", "QuantizedWeight", "check_block_size",
+           "check_not_quantized", "dequantize", "dequantize_range", "nf4_nbytes", "quantize_nf4", "quantized_layers"]
 
 # The 16 NF4 values, exactly as published (QLoRA, Appendix E; the float32 table of bitsandbytes).
 NF4_LEVELS = (
@@ -97,9 +104,7 @@ class NF4Tensor:
     @property
     def nbytes(self) -> int:
         """Bytes held: the packed codes plus the scales (8-bit codes + their float32 scales when double quantized)."""
-        if self.double_quant:
-            return int(self.codes.nbytes + self.absmax_codes.nbytes + self.absmax_scales.nbytes + 4)
-        return int(self.codes.nbytes + self.absmax.nbytes)
+        return nf4_nbytes(self.size, self.block_size, self.double_quant, self.dq_block_size)
 
     def block_scales(self):
         """The c_b used to dequantize: ``absmax``, or its reconstruction from the 8-bit codes (float32)."""
@@ -125,7 +130,20 @@ class NF4Tensor:
                 f"{self.nbytes:,} bytes)")
 
 
-def _check_block_size(block_size, what: str = "block_size") -> int:
+def nf4_nbytes(size: int, block_size: int = 64, double_quant: bool = False, dq_block_size: int = 256) -> int:
+    """Bytes of ``size`` values in NF4, as ``quantize_nf4`` stores them (``NF4Tensor.nbytes``).
+
+    4-bit codes, padded to whole blocks, plus a float32 absmax per block; double quantized, an
+    8-bit absmax per block, a float32 scale per ``dq_block_size`` blocks and the float32 offset.
+    """
+    n_blocks = -(-size // block_size)
+    codes = n_blocks * block_size // 2
+    if double_quant:
+        return codes + n_blocks + 4 * -(-n_blocks // dq_block_size) + 4
+    return codes + 4 * n_blocks
+
+
+def check_block_size(block_size, what: str = "block_size") -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 2 or block_size % 2:
         raise QuantizationError(
             f"quantize_nf4: {what} must be an even integer >= 2 (two 4-bit codes share a byte, and a block "
@@ -159,9 +177,9 @@ def quantize_nf4(W, block_size: int = 64, double_quant: bool = False, dq_block_s
         raise QuantizationError(f"quantize_nf4: the weight must hold floats, got dtype {data.dtype}")
     if data.size == 0:
         raise QuantizationError(f"quantize_nf4: the weight of shape {tuple(data.shape)} is empty; nothing to quantize")
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     if double_quant:
-        dq_block_size = _check_block_size(dq_block_size, "dq_block_size")
+        dq_block_size = check_block_size(dq_block_size, "dq_block_size")
     if not bool(xp.isfinite(data).all()):
         bad = int((~xp.isfinite(data)).sum())
         raise QuantizationError(f"quantize_nf4: the weight of shape {tuple(data.shape)} has {bad} NaN/inf values; "
@@ -238,3 +256,126 @@ def dequantize(q: NF4Tensor, out=None):
         raise ValueError(f"dequantize: out has shape {tuple(out.shape)}, the weight {q.shape}")
     dequantize_range(q, 0, q.size, out=out)
     return out
+
+
+# ----------------------------------------------------------------------------- an NF4 W₀ that computes
+class DequantBuffer:
+    """One scratch array shared by every quantized layer of a model: Ŵ₀ is rebuilt here, chunk by chunk."""
+
+    def __init__(self, chunk_values: int = 1 << 16):
+        if isinstance(chunk_values, bool) or not isinstance(chunk_values, numbers.Integral) or chunk_values < 1:
+            raise ValueError(f"quantize_base: chunk_values must be an integer >= 1, got {chunk_values!r}")
+        self.chunk_values = int(chunk_values)
+        self._arrays: dict = {}
+
+    def rows(self, n_rows: int, k: int, dtype, backend: str):
+        """A (n_rows, k) view of the shared array (its contents are whatever was written last)."""
+        key = (backend, np.dtype(dtype))
+        flat = self._arrays.get(key)
+        if flat is None or flat.size < n_rows * k:
+            flat = bk.module_for(backend).empty(max(n_rows * k, self.chunk_values), dtype=dtype)
+            self._arrays[key] = flat
+        return flat[: n_rows * k].reshape(n_rows, k)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self._arrays.values()))
+
+
+class QuantizedWeight:
+    """A frozen (d, k) weight stored as NF4; ``x Ŵᵀ`` and ``g Ŵ`` dequantize a chunk of rows at a time.
+
+    Has ``shape``, ``dtype`` and ``backend`` like the Parameter it replaces, so shape checks
+    and ``add_adapter`` work on it; it has no ``data`` and no gradient. Its ``matmul_t`` and
+    ``matmul`` are the weight protocol of ``lora/function.py``: the LoRA and DoRA ops compute
+    with it as with an array W₀, without knowing it is NF4.
+    """
+
+    requires_grad = False
+
+    def __init__(self, q: NF4Tensor, buffer: DequantBuffer):
+        if len(q.shape) != 2:
+            raise ValueError(f"QuantizedWeight holds a (out, in) Linear weight, got shape {q.shape}")
+        self.q, self.buffer = q, buffer
+        self.shape, self.dtype = q.shape, q.dtype
+        self._scales = q.block_scales()  # rebuilt once (double quantization): (n_blocks,) float32
+
+    @property
+    def backend(self) -> str:
+        return self.q.backend
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows of Ŵ₀ dequantized at a time: as many as ``chunk_values`` holds, at least one."""
+        return max(1, self.buffer.chunk_values // self.shape[1])
+
+    def _chunks(self):
+        """(first row, last row + 1, Ŵ[rows] in the shared buffer) for consecutive chunks of rows."""
+        d, k = self.shape
+        step = self.chunk_rows
+        for r0 in range(0, d, step):
+            r1 = min(d, r0 + step)
+            rows = self.buffer.rows(r1 - r0, k, self.dtype, self.backend)
+            dequantize_range(self.q, r0 * k, r1 * k, out=rows, scales=self._scales)
+            yield r0, r1, rows
+
+    def row_norms_sq(self):
+        """‖Ŵ₀_i‖² for every row (d,), computed once: the constant part of DoRA's row norms."""
+        if getattr(self, "_row_norms_sq", None) is None:
+            xp = bk.module_for(self.backend)
+            out = xp.empty(self.shape[0], dtype=self.dtype)
+            for r0, r1, rows in self._chunks():
+                out[r0:r1] = (rows * rows).sum(axis=1)
+            self._row_norms_sq = out
+        return self._row_norms_sq
+
+    def dequantize(self):
+        """Ŵ₀ as a new (d, k) array (for checks and for merging into a float copy)."""
+        return dequantize(self.q)
+
+    def _check(self, x):
+        if bk.backend_of(x) != self.backend:
+            raise bk.BackendMismatchError(
+                f"a {self.backend} NF4 weight {self.shape} got a {bk.backend_of(x)} input; quantize the base after "
+                "model.to(backend=...) (model.to does not move quantized weights)"
+            )
+
+    def matmul_t(self, x2):
+        """x Ŵᵀ for rows x2 (N, k) -> (N, d)."""
+        self._check(x2)
+        xp = bk.get_array_module(x2)
+        d, _ = self.shape
+        out = xp.empty((x2.shape[0], d), dtype=np.result_type(x2.dtype, self.dtype))
+        for r0, r1, rows in self._chunks():
+            out[:, r0:r1] = x2 @ rows.T
+        return out
+
+    def matmul(self, g2):
+        """g Ŵ for rows g2 (N, d) -> (N, k): the input gradient through the dequantized weight."""
+        self._check(g2)
+        xp = bk.get_array_module(g2)
+        out = xp.zeros((g2.shape[0], self.shape[1]), dtype=np.result_type(g2.dtype, self.dtype))
+        for r0, r1, rows in self._chunks():
+            out += g2[:, r0:r1] @ rows
+        return out
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.q!r})"
+
+
+def quantized_layers(model) -> list:
+    """Paths of the modules of ``model`` that hold a ``QuantizedWeight`` (their W₀, after ``lora.quantize_base``)."""
+    return [p for p, m in model.named_modules() if any(isinstance(v, QuantizedWeight) for v in vars(m).values())]
+
+
+def check_not_quantized(model, what: str) -> None:
+    """Raise before ``what`` writes a model whose base is NF4: its W₀ is no Parameter, so it is in no state_dict."""
+    paths = quantized_layers(model)
+    if paths:
+        raise ValueError(f"{what}: the base is NF4-quantized ({paths[0]} and {len(paths) - 1} more layers store W0 in "
+                         "4 bits, outside state_dict()), so the file would lack their weights: save the model before "
+                         "lora.quantize_base(model), or save the adapters alone (lora.save_adapter)")

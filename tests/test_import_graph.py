@@ -178,3 +178,50 @@ def test_the_lora_layer_does_not_branch_on_dora():
         tree = ast.parse(f.read())
     read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     assert not read & {"use_dora", "dora_detach_norm"}, read & {"use_dora", "dora_detach_norm"}
+
+
+def _imports(path: str) -> list:
+    """Every ``from X import a, b`` of a file, at any depth: [(X with its leading dots, a)]."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    return [("." * node.level + (node.module or ""), a.name) for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) for a in node.names]
+
+
+def test_the_models_know_nothing_of_lora():
+    """models/ (the GPT and its files) imports nothing of lora/, not even inside a function."""
+    folder = os.path.join(PACKAGE, "models")
+    found = [f"{file}: from {module} import {name}" for file in sorted(os.listdir(folder)) if file.endswith(".py")
+             for module, name in _imports(os.path.join(folder, file))
+             if "lora" in module.split(".") or (module.strip(".") == "" and name == "lora")]
+    assert not found, found
+    graph = _import_graph()
+    assert not {t for name in graph if name.startswith("minilora.models") for t in graph[name]
+                if t.startswith("minilora.lora")}
+
+
+@pytest.mark.parametrize("module", ["quant", "function", "models/gpt", "models/pretrained", "lora/model", "lora/layer",
+                                    "lora/mixed", "lora/mixed_op", "lora/quantized", "lora/qlora", "lora/config",
+                                    "lora/__init__", "ops/elementwise", "ops/linalg", "ops/reduce", "ops/shape"])
+def test_a_module_imports_no_private_name_of_another(module):
+    private = [f"from {m} import {name}" for m, name in _imports(os.path.join(PACKAGE, module + ".py"))
+               if name.startswith("_") and m != "__future__"]
+    assert not private, private
+
+
+def test_nf4_is_written_once():
+    """The NF4 format, its byte count and the weight that computes from it live in minilora/quant.py alone.
+
+    lora's names for them (``lora.quantized.QuantizedWeight``, ...) are the same objects.
+    """
+    from minilora import lora, quant
+    from minilora.lora import qlora, quantized
+
+    for name in ("DequantBuffer", "QuantizedWeight", "check_not_quantized", "quantized_layers"):
+        assert getattr(quantized, name) is getattr(quant, name), name
+    assert lora.QuantizedWeight is quant.QuantizedWeight
+    for module in (quantized, qlora):
+        with open(module.__file__, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        defined = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        assert not defined & {"nearest_level", "dequantize_range", "quantize_nf4", "nf4_nbytes", "QuantizedWeight"}

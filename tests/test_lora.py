@@ -232,6 +232,12 @@ def test_apply_lora_errors_name_the_layers():
         lora.apply_lora(model, CFG, "a")
     with pytest.raises(ValueError, match=r"no adapter 'zz'; its adapters are \['a'\]"):
         lora.set_adapter(model, "zz")
+    with pytest.raises(ValueError, match=r"^merge: the model has no adapter 'zz'; its adapters are \['a'\]$"):
+        lora.merge(model, ["a", "zz"])
+    for ask in (lora.get_adapter_config, lora.lora_state_dict, lora.adapter_unchanged):
+        with pytest.raises(ValueError, match=r"^the model has no adapter 'zz'; its adapters are \['a'\]$"):
+            ask(model, "zz")
+    assert not any(layer.merged for _, layer in lora.lora_layers(model))
     with pytest.raises(ValueError, match=r"r=9 is larger than min\(d, k\) = 8 of LoRALinear \(weight \(8, 20\)\)"):
         lora.LoRALinear(nn.Linear(20, 8)).add_adapter("x", lora.LoRAConfig(r=9, alpha=1, target_modules="q"))
 

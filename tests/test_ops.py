@@ -469,7 +469,7 @@ def test_reduction_axis_out_of_range_raises():
 
 
 def test_empty_concatenate_and_stack_raise():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^concatenate needs at least one tensor$"):
         ml.concatenate([])
-    with pytest.raises(ValueError):
-        ml.stack([])
+    with pytest.raises(ValueError, match="^stack needs at least one tensor$"):
+        ml.stack(iter([]))

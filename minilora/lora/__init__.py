@@ -18,7 +18,8 @@ grouping rows by adapter, ``mixed_batch``) and ``mixed_op`` (their op, one adapt
 Beyond the paper: DoRA (``LoRAConfig(use_dora=True)``; ``dora``: its op, and ``DoRAVariant``, the
 parts a layer asks of a DoRA adapter through the interface in ``variant``), PiSSA
 (``init="pissa"``; ``variants.pissa_to_lora``), rsLoRA (``use_rslora``), and a 4-bit NF4 base
-(``qlora.quantize_base``, QLoRA; the NF4 weight and layer in ``quantized``).
+(``qlora.quantize_base``, QLoRA; the NF4 format and weight in ``minilora.quant``, the layers on it in
+``quantized``).
 """
 
 from .bias import BiasDeltas  # noqa: F401

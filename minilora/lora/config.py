@@ -18,8 +18,8 @@ import numbers
 import re
 from dataclasses import dataclass, fields
 
-__all__ = ["BASE_ADAPTER", "BIAS_MODES", "INIT_MODES", "MAX_DROPOUT", "MAX_SCALING", "LoRAConfig", "check_adapter_name",
-           "check_scaling"]
+__all__ = ["ADAPTER_PARTS", "BASE_ADAPTER", "BIAS_MODES", "INIT_MODES", "MAX_DROPOUT", "MAX_SCALING", "LoRAConfig",
+           "as_adapter_names", "check_adapter_name", "check_rank", "check_scaling"]
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian", "pissa")
@@ -40,6 +40,19 @@ def check_scaling(alpha, r: int, use_rslora: bool = False, where: str = "LoRACon
     return s
 
 
+def check_rank(r: int, shape, where: str) -> None:
+    """ValueError unless a rank-r update fits the (d, k) weight ``shape`` of the layer ``where`` names."""
+    d, k = shape
+    if r > min(d, k):
+        raise ValueError(
+            f"LoRAConfig.r={r} is larger than min(d, k) = {min(d, k)} of {where}: "
+            f"a rank-r update of a {d}x{k} matrix needs r <= {min(d, k)}"
+        )
+
+
+# The parameters an adapter adds to a layer: ``<layer>.<part>.<adapter>`` (lora_magnitude: DoRA adapters only).
+ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude")
+
 # The name a mixed-task batch uses for "no adapter: the base model" (``lora.mixed_batch(model, [...])``).
 BASE_ADAPTER = "__base__"
 
@@ -55,6 +68,11 @@ def check_adapter_name(name) -> str:
             "uses for the base model"
         )
     return name
+
+
+def as_adapter_names(names) -> list:
+    """One adapter name, or a sequence of them, as a list of names."""
+    return [names] if isinstance(names, str) else list(names)
 
 
 @dataclass(frozen=True)

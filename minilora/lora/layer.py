@@ -37,12 +37,13 @@ from .. import backend as bk
 from .. import functional as F
 from ..nn import Linear, Module, Parameter
 from ..io import tensor_fingerprint
+from ..quant import QuantizedWeight
 from ..tensor import is_grad_enabled
-from .config import LoRAConfig, check_adapter_name
+from .config import ADAPTER_PARTS, LoRAConfig, as_adapter_names, check_adapter_name, check_rank
 from .dora import DORA
 from .function import delta_weight
 from .mixed_op import mixed_lora_linear
-from .quantized import QuantizedWeight, nf4_linear
+from .quantized import nf4_linear
 from .variant import LORA
 
 _VARIANTS = (DORA,)  # an adapter whose config one of these applies to uses its parts; the others are plain LoRA
@@ -94,10 +95,6 @@ class AdapterDict(Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {tuple(p.shape)}" for n, p in self._parameters.items())
-
-
-def _as_names(names) -> list:
-    return [names] if isinstance(names, str) else list(names)
 
 
 class LoRALinear(Module):
@@ -195,12 +192,8 @@ class LoRALinear(Module):
             raise TypeError(f"add_adapter needs a LoRAConfig, got {type(config).__name__}")
         if name in self.lora_A:
             raise ValueError(f"{self.layer_name} already has an adapter {name!r}; delete_adapter({name!r}) first or pick another name")
+        check_rank(config.r, self.weight.shape, self._where())
         d, k = self.weight.shape
-        if config.r > min(d, k):
-            raise ValueError(
-                f"LoRAConfig.r={config.r} is larger than min(d, k) = {min(d, k)} of {self._where()}: "
-                f"a rank-r update of a {d}x{k} matrix needs r <= {min(d, k)}"
-            )
         if activate and self.merged:
             raise RuntimeError(self._merged_message(f"activate the new adapter {name!r}"))
         dtype, backend = self.weight.dtype, self.weight.backend
@@ -258,7 +251,7 @@ class LoRALinear(Module):
 
     def set_adapter(self, names) -> None:
         """Make ``names`` (one name or a list: their updates add up) the active adapter(s)."""
-        names = _as_names(names)
+        names = as_adapter_names(names)
         for name in names:
             self._require(name)
         if self.merged and names != self.active_adapters:
@@ -293,8 +286,8 @@ class LoRALinear(Module):
         """Loading into the weight, or into a merged adapter, while merged would mix W₀ + ΔW with new values."""
         if not self.merged:
             return None
-        parts = ("lora_A", "lora_B", "lora_magnitude")
-        touched = [n for n in names if n == "weight" or any(n == f"{p}.{a}" for p in parts for a in self.merged_adapters)]
+        touched = [n for n in names if n == "weight"
+                   or any(n == f"{p}.{a}" for p in ADAPTER_PARTS for a in self.merged_adapters)]
         if not touched:
             return None
         return (f"{self.layer_name}: cannot load {touched[0]} while adapters {self.merged_adapters} are merged into the "
@@ -371,7 +364,7 @@ class LoRALinear(Module):
         """ΔW = Σ s·B A over ``names``, formed in float64 (an array of shape (d, k))."""
         xp = bk.module_for(self.weight.backend)
         delta = xp.zeros(self.weight.shape, dtype=np.float64)
-        for name in _as_names(names):
+        for name in as_adapter_names(names):
             delta += delta_weight(self.lora_A[name].data, self.lora_B[name].data, self.lora_config[name].scaling)
         return delta
 
@@ -381,7 +374,7 @@ class LoRALinear(Module):
         The adapters' variant checks the merge and makes the weight from W₀ + ΔW (DoRA: the plain
         matrix m ⊙ (W₀ + ΔW) / ‖W₀ + ΔW‖_row, no extra latency either, merged alone into an unmerged W₀).
         """
-        names = _as_names(names)
+        names = as_adapter_names(names)
         for name in names:
             self._require(name)
             if self.training and self.lora_config[name].dropout > 0.0:
@@ -417,12 +410,13 @@ class LoRALinear(Module):
 
     def commit_merge(self, names, merged_weight, keep_original: bool = True) -> None:
         """Write a planned W₀ + ΔW into the weight, in place (references to it stay valid)."""
+        names = as_adapter_names(names)
         original = self.weight.data.copy() if keep_original else None
         # the variant's state is kept in either case: a merged weight changed after the merge is unmerged with it
-        state = self._merge_variant(_as_names(names)).unmerge_state(self, _as_names(names))
+        state = self._merge_variant(names).unmerge_state(self, names)
         self.weight.data[...] = merged_weight
-        self._merge_records.append((tuple(_as_names(names)), original, state, tensor_fingerprint(self.weight.data)))
-        self.merged_adapters.extend(_as_names(names))
+        self._merge_records.append((tuple(names), original, state, tensor_fingerprint(self.weight.data)))
+        self.merged_adapters.extend(names)
 
     def _change_since_merge(self, names, original) -> float:
         """max |W − (W₀ + ΔW)| of the newest merge, recomputed from its pre-merge copy; nan without one."""

@@ -37,7 +37,7 @@ from .. import backend as bk
 from ..nn import Module
 from .bias import bias_hosts
 from .config import BASE_ADAPTER
-from .model import _check_unmerged, list_adapters, lora_layers
+from .model import check_unmerged, list_adapters, lora_layers
 
 __all__ = ["RowGroups", "group_rows", "mixed_batch"]
 
@@ -119,7 +119,7 @@ def mixed_batch(model: Module, adapter_ids):
             f"(and {BASE_ADAPTER!r} for the base model)"
         )
     if any(layer.merged for layer in layers):
-        _check_unmerged(model, "run a mixed-task batch (it needs the unmerged W0)")  # raises, naming a layer
+        check_unmerged(model, "run a mixed-task batch (it needs the unmerged W0)")  # raises, naming a layer
     layers += [deltas for _, _, deltas in bias_hosts(model)]  # per-adapter bias deltas: row i adds its own Δb
     previous = [layer.row_groups for layer in layers]
     for layer in layers:

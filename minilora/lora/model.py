@@ -16,9 +16,9 @@ from collections import OrderedDict
 from .. import backend as bk
 from ..nn import Linear, Module
 from .bias import add_bias_delta, bias_hosts, bias_targets
-from .config import BIAS_MODES, LoRAConfig, check_adapter_name
+from .config import ADAPTER_PARTS, BIAS_MODES, LoRAConfig, as_adapter_names, check_adapter_name, check_rank
 from .dora import dora_norms
-from .layer import LoRALinear, _as_names
+from .layer import LoRALinear
 
 __all__ = [
     "MergeWarning",
@@ -26,9 +26,12 @@ __all__ = [
     "adapter_unchanged",
     "apply_lora",
     "bias_delta_names",
+    "check_adapters",
+    "check_unmerged",
     "delete_adapter",
     "disable_adapters",
     "get_adapter_config",
+    "layers_with",
     "list_adapters",
     "load_base_state_dict",
     "lora_layers",
@@ -58,15 +61,26 @@ def list_adapters(model: Module) -> list:
     return list(dict.fromkeys(n for _, layer in lora_layers(model) for n in layer.lora_A))
 
 
-def _layers_with(model: Module, name: str) -> list:
-    found = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora_A]
-    if not found:
-        raise ValueError(f"the model has no adapter {name!r}; its adapters are {list_adapters(model)}")
-    return found
+def check_adapters(model: Module, names, what: str = "") -> list:
+    """The model's adapters (``list_adapters``); ValueError for the first of ``names`` that is not one of them.
+
+    ``what`` (e.g. "merge") opens the message.
+    """
+    known = list_adapters(model)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"{what + ': ' if what else ''}the model has no adapter {name!r}; its adapters are {known}")
+    return known
+
+
+def layers_with(model: Module, name: str) -> list:
+    """[(dotted path, LoRALinear)] of the layers that adapter ``name`` adapts; ValueError if none does."""
+    check_adapters(model, [name])
+    return [(p, layer) for p, layer in lora_layers(model) if name in layer.lora_A]
 
 
 def get_adapter_config(model: Module, name: str) -> LoRAConfig:
-    return _layers_with(model, name)[0][1].lora_config[name]
+    return layers_with(model, name)[0][1].lora_config[name]
 
 
 def _matches(path: str, target: str) -> bool:
@@ -95,21 +109,20 @@ def resolve_targets(model: Module, config: LoRAConfig) -> list:
         for p, m in hits:
             chosen[p] = m
     for p, m in chosen.items():
-        d, k = m.weight.shape
-        if config.r > min(d, k):
-            raise ValueError(
-                f"LoRAConfig.r={config.r} is larger than min(d, k) = {min(d, k)} of {p} (weight {(d, k)}): "
-                f"a rank-r update of a {d}x{k} matrix needs r <= {min(d, k)}"
-            )
+        check_rank(config.r, m.weight.shape, f"{p} (weight {tuple(m.weight.shape)})")
     return list(chosen.items())
 
 
-def _check_unmerged(model: Module, what: str) -> None:
+def check_unmerged(model: Module, what: str) -> None:
+    """RuntimeError, naming a merged layer, when ``what`` would run while adapters are merged into the weights."""
     merged = [p for p, layer in lora_layers(model) if layer.merged]
     if merged:
         raise RuntimeError(
             f"cannot {what} while adapters are merged into the weights (e.g. {merged[0]}); call lora.unmerge(model) first"
         )
+
+
+_check_unmerged, _layers_with = check_unmerged, layers_with  # the names lora.files and lora.variants import
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -134,11 +147,11 @@ def apply_lora(model: Module, config: LoRAConfig, adapter_name: str = "default",
             f"the model already has an adapter {adapter_name!r}; pick another adapter_name or "
             f"lora.delete_adapter(model, {adapter_name!r}) first"
         )
-    _check_unmerged(model, f"add adapter {adapter_name!r}")
+    check_unmerged(model, f"add adapter {adapter_name!r}")
     wrapped = []
     for path, module in targets:
         if isinstance(module, Linear):
-            deltas = module._modules.get("lora_bias")
+            deltas = getattr(module, "lora_bias", None)
             module = LoRALinear(module, layer_name=path)
             if deltas is not None:  # bias deltas of other adapters (bias="all") move with the layer
                 module.lora_bias = deltas
@@ -158,12 +171,9 @@ def set_adapter(model: Module, names) -> None:
 
     Layers that a named adapter does not adapt use only the others (or act as the base layer).
     """
-    names = _as_names(names)
-    known = list_adapters(model)
-    for name in names:
-        if name not in known:
-            raise ValueError(f"the model has no adapter {name!r}; its adapters are {known}")
-    _check_unmerged(model, f"set the active adapter to {names}")
+    names = as_adapter_names(names)
+    check_adapters(model, names)
+    check_unmerged(model, f"set the active adapter to {names}")
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in dict.fromkeys(names) if n in layer.lora_A]
     for _, _, deltas in bias_hosts(model):
@@ -177,7 +187,7 @@ def delete_adapter(model: Module, name: str) -> None:
     adapters: unmerging would silently unmerge them too. Deleting the only active adapter
     leaves the model computing the base model's outputs, and a warning says so.
     """
-    layers = _layers_with(model, name)
+    layers = layers_with(model, name)
     for path, layer in layers:
         others = [a for a in layer.merged_adapters if a != name]
         if name in layer.merged_adapters and others:
@@ -204,7 +214,7 @@ def delete_adapter(model: Module, name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: Module):
     """``with lora.disable_adapters(model):`` the model computes the base model's outputs."""
-    _check_unmerged(model, "disable the adapters")
+    check_unmerged(model, "disable the adapters")
     hosts = [deltas for _, _, deltas in bias_hosts(model)]
     with contextlib.ExitStack() as stack:
         for _, layer in lora_layers(model):
@@ -216,9 +226,6 @@ def disable_adapters(model: Module):
 
 
 # ----------------------------------------------------------------------------- training
-ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude")  # lora_magnitude: DoRA adapters only
-
-
 def lora_parameter_names(model: Module) -> list:
     """Names of every lora_A / lora_B (and DoRA lora_magnitude) parameter (all adapters)."""
     return [f"{path}.{part}.{name}" for path, layer in lora_layers(model)
@@ -263,7 +270,7 @@ def lora_state_dict(model: Module, adapter_name: str = "default") -> OrderedDict
 
     Names are the model's own (``blocks.0.attn.q.lora_A.<adapter>``); the arrays are not copies.
     """
-    layers = _layers_with(model, adapter_name)
+    layers = layers_with(model, adapter_name)
     wanted = {f"{path}.{part}.{adapter_name}" for path, _ in layers for part in ADAPTER_PARTS}
     wanted |= set(bias_delta_names(model, adapter_name))
     return OrderedDict((n, p.data) for n, p in model.named_parameters() if n in wanted)
@@ -276,7 +283,7 @@ def adapter_unchanged(model: Module, adapter_name: str) -> bool:
     and a DoRA magnitude still the row norms of W₀.
     """
     xp_of = bk.get_array_module
-    for _, layer in _layers_with(model, adapter_name):
+    for _, layer in layers_with(model, adapter_name):
         A, B = layer.lora_A[adapter_name].data, layer.lora_B[adapter_name].data
         config = layer.lora_config[adapter_name]
         if adapter_name in layer.pissa_init:
@@ -314,7 +321,7 @@ def trainable_summary(model: Module) -> TrainableSummary:
 
 def load_base_state_dict(model: Module, state: dict, source: str = "base checkpoint"):
     """Load a base model's state dict into a LoRA model: every non-LoRA name must match, LoRA ones may be absent."""
-    _check_unmerged(model, "load base weights")
+    check_unmerged(model, "load base weights")
     lora_names = set(lora_parameter_names(model)) | set(bias_delta_names(model))
     params = [n for n, _ in model.named_parameters()]
     missing = [n for n in params if n not in state and n not in lora_names]
@@ -339,11 +346,8 @@ def merge(model: Module, adapter_names=None, safe: bool = True, keep_original: b
     if not layers:
         raise ValueError("the model has no LoRA layers; call lora.apply_lora(model, config) first")
     if adapter_names is not None:
-        adapter_names = _as_names(adapter_names)
-        known = list_adapters(model)
-        for name in adapter_names:
-            if name not in known:
-                raise ValueError(f"merge: the model has no adapter {name!r}; its adapters are {known}")
+        adapter_names = as_adapter_names(adapter_names)
+        check_adapters(model, adapter_names, "merge")
     todo = []
     for _, layer in layers:
         names = adapter_names if adapter_names is not None else layer.active_adapters
@@ -410,7 +414,7 @@ def merge_and_unload(model: Module, adapter_names=None, safe: bool = True) -> Mo
         warnings.simplefilter("ignore", MergeWarning)
         merge(model, adapter_names, safe=safe, keep_original=False)
     for _, module, deltas in bias_hosts(model):  # fold the merged adapters' Δb into b, then drop the deltas
-        folded = deltas.active if adapter_names is None else [n for n in _as_names(adapter_names) if n in deltas]
+        folded = deltas.active if adapter_names is None else [n for n in as_adapter_names(adapter_names) if n in deltas]
         if not deltas.disabled:
             for name in folded:
                 module.bias.data += deltas[name].data

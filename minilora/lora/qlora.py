@@ -5,8 +5,9 @@
     report.original_bytes, report.nf4_bytes, report.nf4_double_quant_bytes
     loss = model.loss(idx, targets); loss.backward()          # A and B learn; W0 stays 4-bit
 
-The weight and its layers are in ``quantized.py`` (below ``layer.py``, which computes with a
-``QuantizedWeight``); this module walks a model and swaps them in, so it imports both.
+The NF4 format and the weight that computes from it (``QuantizedWeight``) are in ``minilora/quant.py``,
+the layers on it in ``quantized.py`` (below ``layer.py``, which computes with a ``QuantizedWeight``
+too); this module walks a model and swaps them in, so it imports both.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass, field
 
 from .. import quant
 from ..nn import Linear, Module, Parameter
+from ..quant import DequantBuffer, QuantizedWeight
 from .layer import LoRALinear
-from .quantized import DequantBuffer, NF4Linear, QuantizedWeight
+from .quantized import NF4Linear
 
 __all__ = ["QUANT_METHODS", "QuantizationReport", "quantize_base"]
 
@@ -43,14 +45,6 @@ class QuantizationReport:
                 f"({8 * self.nf4_double_quant_bytes / max(1, self.values):.3f} bits/value)")
 
 
-def _nf4_nbytes(size: int, block_size: int, double_quant: bool, dq_block_size: int = 256) -> int:
-    n_blocks = -(-size // block_size)
-    codes = n_blocks * block_size // 2
-    if double_quant:
-        return codes + n_blocks + 4 * -(-n_blocks // dq_block_size) + 4
-    return codes + 4 * n_blocks
-
-
 def quantize_base(model: Module, method: str = "nf4", block_size: int = 64, double_quant: bool = False,
                   chunk_values: int = 1 << 16) -> QuantizationReport:
     """Store every frozen Linear weight of ``model`` in NF4 (QLoRA); returns a QuantizationReport.
@@ -63,7 +57,7 @@ def quantize_base(model: Module, method: str = "nf4", block_size: int = 64, doub
     if method not in QUANT_METHODS:
         raise ValueError(f"quantize_base: unknown quantization {method!r}; the methods are {QUANT_METHODS} "
                          "(4-bit NormalFloat, QLoRA)")
-    quant._check_block_size(block_size)
+    quant.check_block_size(block_size)
     buffer = DequantBuffer(chunk_values)
     users: dict[int, int] = {}
     for _, module in model.named_modules():
@@ -94,8 +88,10 @@ def quantize_base(model: Module, method: str = "nf4", block_size: int = 64, doub
     quantized = [(path, module, quant.quantize_nf4(module.weight.data, block_size, double_quant=double_quant))
                  for path, module in plan]
     # All checked and quantized: now change the model.
+    weights = []
     for path, module, q in quantized:
         weight = QuantizedWeight(q, buffer)
+        weights.append(weight)
         if isinstance(module, LoRALinear):
             module.weight = weight  # Module.__setattr__ drops the Parameter "weight"
         else:
@@ -103,9 +99,8 @@ def quantize_base(model: Module, method: str = "nf4", block_size: int = 64, doub
         report.layers.append(path)
         report.values += q.size
         report.original_bytes += q.size * q.dtype.itemsize
-        report.nf4_bytes += _nf4_nbytes(q.size, block_size, False)
-        report.nf4_double_quant_bytes += _nf4_nbytes(q.size, block_size, True)
-    report.buffer_bytes = max(min(q.shape[0], max(1, buffer.chunk_values // q.shape[1])) * q.shape[1]
-                              * q.dtype.itemsize for _, _, q in quantized)
+        report.nf4_bytes += quant.nf4_nbytes(q.size, block_size, False)
+        report.nf4_double_quant_bytes += quant.nf4_nbytes(q.size, block_size, True)
+    report.buffer_bytes = max(min(w.shape[0], w.chunk_rows) * w.shape[1] * w.dtype.itemsize for w in weights)
     return report
 

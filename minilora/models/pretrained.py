@@ -12,7 +12,7 @@ import hashlib
 import os
 
 from ..io import FileFormatError, load_arrays, load_json, save_arrays, save_json
-from ..lora.quantized import check_not_quantized
+from ..quant import check_not_quantized
 from .gpt import GPT, GPTConfig
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")

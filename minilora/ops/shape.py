@@ -140,20 +140,21 @@ def _same_dtype(op, tensors):
         )
 
 
-def concatenate(tensors, axis=0):
+def _join(op, fn, tensors, axis):
+    """``fn`` (Concatenate or Stack) on one or more tensors of one dtype."""
     tensors = list(tensors)
     if not tensors:
-        raise ValueError("concatenate needs at least one tensor")
-    _same_dtype("concatenate", tensors)
-    return Concatenate.apply(*tensors, axis=axis)
+        raise ValueError(f"{op} needs at least one tensor")
+    _same_dtype(op, tensors)
+    return fn.apply(*tensors, axis=axis)
+
+
+def concatenate(tensors, axis=0):
+    return _join("concatenate", Concatenate, tensors, axis)
 
 
 def stack(tensors, axis=0):
-    tensors = list(tensors)
-    if not tensors:
-        raise ValueError("stack needs at least one tensor")
-    _same_dtype("stack", tensors)
-    return Stack.apply(*tensors, axis=axis)
+    return _join("stack", Stack, tensors, axis)
 
 
 def split(x, indices_or_sections, axis=0):
