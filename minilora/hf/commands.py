@@ -7,7 +7,7 @@
 
 ``analyze`` runs the paper's Sec. 7 analyses on any adapter, minilora's or PEFT's: per adapted
 matrix the singular values of ΔW = s·B·A (for PiSSA and DoRA the real change of the weight,
-W − W0, from the base weights: see ``weight_change``), the amplification factor ‖ΔW‖_F / ‖UᵀWVᵀ‖_F of
+W − W0, from the base weights: see ``analysis.weight_change``), the amplification factor ‖ΔW‖_F / ‖UᵀWVᵀ‖_F of
 Table 7 (when the base weights are at hand) and, with ``--against``, the subspace similarity φ
 of Sec. 7.2 between the two adapters' A matrices; a table on stdout, means by module kind and by
 depth, a PNG and a JSON file. GPT-2 adapters (minilora's files, GPT-2 PEFT folders) are read into
