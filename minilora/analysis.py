@@ -13,6 +13,8 @@ arrays or Tensors.
   ``projection_norm`` and ``random_projection_norm``, and ``amplification_report`` returns
   the whole Table 7 row. ``low_rank_amplification(lora_B, lora_A, scaling, W)`` gives the same
   factor from B and A, reading W in row blocks (a 4096-wide W costs one copy of W, no d × k SVD).
+- ``weight_change(lora_A, lora_B, scaling, W0, init, magnitude)`` gives the dense ΔW = W − W0 that
+  an adapter makes: s·B·A for plain LoRA, the real change for PiSSA and DoRA, where s·B·A is not it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import operator
 import numpy as np
 
 from . import backend as bk
+from .lora.dora import dora_weight
 
 __all__ = [
     "amplification_factor",
@@ -36,6 +39,7 @@ __all__ = [
     "right_singular_vectors",
     "subspace_similarity",
     "subspace_similarity_grid",
+    "weight_change",
 ]
 
 
@@ -272,3 +276,25 @@ def low_rank_amplification(lora_B, lora_A, scaling, W) -> float:
     """
     u, s, vh = low_rank_svd(lora_B, lora_A, scaling)
     return _factor(float(np.linalg.norm(s)), low_rank_projection_norm(u, vh, W))
+
+
+# ----------------------------------------------------------------------------- the change of the weight
+def weight_change(lora_A, lora_B, scaling: float, W0, init: str = "kaiming", magnitude=None) -> np.ndarray:
+    """The change ΔW = W − W0 of the original weight W0 that the adapter makes (dense, float64).
+
+    Plain LoRA: s·B·A. PiSSA (``init="pissa"``) trains on the residual W_res = W0 − U_r S_r V_rᵀ
+    (the top-r SVD of W0 is where A and B start), so ΔW = W_res + s·B·A − W0 = s·B·A − U_r S_r V_rᵀ,
+    rank ≤ 2r and 0 for an untrained adapter (the same update as ``lora.pissa_to_lora``'s rank-2r
+    LoRA). DoRA (``magnitude`` m per output row): W = m·V/‖V‖_row with V = W_base + s·B·A, so
+    ΔW = m·V/‖V‖_row − W0, in general of full rank.
+    """
+    w0 = np.asarray(W0, np.float64)
+    used = w0
+    if init == "pissa":
+        U, S, Vt = np.linalg.svd(w0, full_matrices=False)
+        r = lora_A.shape[0]
+        used = w0 - (U[:, :r] * S[:r]) @ Vt[:r]
+    V = used + scaling * (np.asarray(lora_B, np.float64) @ np.asarray(lora_A, np.float64))
+    if magnitude is not None:
+        V = dora_weight(V, np.asarray(magnitude))
+    return V - w0

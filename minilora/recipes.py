@@ -9,6 +9,8 @@ task with any method of ``minilora.methods`` — full fine-tuning (eq. 1: every 
 LoRA (eq. 2: only A and B train), or a baseline (FT^Top2, BitFit, Adapter^H/L, PreEmbed) — with
 the settings of ``HYPERPARAMS[method]`` unless ``hp`` overrides them; ``evaluate`` decodes the
 test prompts and scores them with the task's metric; ``target_loss`` is eq. 2's loss on them.
+``finetune_text(model, ids, block_size=...)`` is LoRA on one long text (``minilora finetune --base
+HF_DIR --text FILE``); both train through ``fit_with_warmup``, the optimizer and schedule of every fine-tune.
 """
 
 from __future__ import annotations
@@ -48,14 +50,20 @@ __all__ = [
     "FAST",
     "HYPERPARAMS",
     "RunResult",
+    "TEXT_HYPERPARAMS",
+    "TextRun",
     "evaluate",
     "finetune",
+    "finetune_text",
+    "fit_with_warmup",
     "lm_loss",
     "peak_step_memory",
     "pretrain",
     "target_loss",
     "task_batches",
+    "text_batches",
     "training_examples",
+    "window_loss",
     "zero_shot",
 ]
 
@@ -211,6 +219,22 @@ def peak_step_memory(model: GPT, optimizer, get_batch) -> int:
     return int(peak)
 
 
+def fit_with_warmup(model, get_batch, steps: int, *, lr: float, weight_decay: float, progress: bool = True,
+                    desc: str = "finetune", measure_memory: bool = False) -> tuple[optim.AdamW, History, int]:
+    """Train ``model``'s trainable parameters for ``steps``: the optimizer and schedule of every fine-tune.
+
+    AdamW (``lr``, ``weight_decay``) on the trainable parameters, the learning rate ramped up
+    linearly over the first 10 % of the steps and down to 0 at the last (``optim.warmup_linear``),
+    then ``fit`` on ``get_batch``. ``measure_memory``: the peak bytes of one extra, undone step
+    first (``peak_step_memory``; 0 without it). Returns (optimizer, history, peak bytes).
+    """
+    optimizer = optim.AdamW(model.parameters(trainable_only=True), lr=lr, weight_decay=weight_decay)
+    scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=max(1, steps // 10)))
+    peak = peak_step_memory(model, optimizer, get_batch) if measure_memory else 0
+    history = fit(model, optimizer, get_batch, steps, scheduler=scheduler, progress=progress, desc=desc)
+    return optimizer, history, peak
+
+
 def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps: int | None = None,
              batch_size: int = 16, lr: float | None = None, weight_decay: float | None = None, seed: int = 0,
              n_train: int | None = None, n_eval: int | None = None, eval_split: str = "test",
@@ -247,16 +271,14 @@ def finetune(task: str, method: str = "lora", *, base: GPT | None = None, steps:
     model = apply_method(model, method, **settings)
     if on_start is not None:
         on_start(model)
-    optimizer = optim.AdamW(model.parameters(trainable_only=True), lr=lr, weight_decay=weight_decay)
-    scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=max(1, steps // 10)))
     train_all = training_examples(task, n_train, subset_seed)
     block_size = model.config.block_size
     train = [ex for ex in train_all if len(encode_example(tokenizer, ex)[0]) <= block_size]
     if not train:
         raise ValueError(f"{method}: no training example of {task} fits in {block_size} tokens")
     get_batch = task_batches(train, tokenizer, batch_size, seed, block_size, length_group=length_group)
-    peak = peak_step_memory(model, optimizer, get_batch) if measure_memory else 0
-    history = fit(model, optimizer, get_batch, steps, scheduler=scheduler, progress=progress, desc=f"{task}/{method}")
+    optimizer, history, peak = fit_with_warmup(model, get_batch, steps, lr=lr, weight_decay=weight_decay,
+                                               progress=progress, desc=f"{task}/{method}", measure_memory=measure_memory)
     scores = _score(model, task, eval_split, n_eval, tokenizer, max_new_tokens)
     return RunResult(
         task=task, method=method, model=model, history=history, **scores,
@@ -307,6 +329,80 @@ def zero_shot(task: str, *, base: GPT | None = None, n_eval: int | None = None, 
         trainable_params=0, total_params=model.num_parameters(), optimizer_state_bytes=0, train_seconds=0.0,
         config={"method": "base"},
     )
+
+
+# ----------------------------------------------------------------------------- a text file
+# ``minilora finetune --base HF_DIR --text FILE``: the settings a text fine-tune takes unless told otherwise
+TEXT_HYPERPARAMS = {"lr": 1e-3, "weight_decay": 0.01, "steps": 100}
+
+
+@dataclass
+class TextRun:
+    model: GPT
+    history: History
+    loss_before: float  # held-out LM loss before the first step (the base model's: every B starts at 0)
+    loss_after: float  # held-out LM loss after the last step
+    config: dict = field(default_factory=dict)  # the settings the run used
+
+
+def text_batches(ids, block_size: int, batch_size: int, seed: int):
+    """``get_batch(step)`` for ``fit``: ``batch_size`` windows of ``block_size + 1`` tokens of the stream ``ids``,
+    drawn at random by (seed, step); the targets are the next tokens, every position scored (mask None)."""
+
+    def get_batch(step):
+        rng = np.random.default_rng([seed, step])
+        starts = rng.integers(0, len(ids) - block_size, batch_size)
+        window = np.stack([ids[s:s + block_size + 1] for s in starts])
+        return window[:, :-1], window[:, 1:], None
+
+    return get_batch
+
+
+def window_loss(model, ids, block_size: int, n_windows: int = 8) -> float:
+    """Mean LM loss of the first ``n_windows`` consecutive windows of ``block_size`` tokens of ``ids``
+    (each window's mean NLL of its next tokens), in eval mode, no graph; the mode is restored afterwards."""
+    starts = range(0, len(ids) - block_size, block_size)[:n_windows]
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            losses = [float(model.loss(ids[None, s:s + block_size], ids[None, s + 1:s + block_size + 1]).item())
+                      for s in starts]
+    finally:
+        model.train(was_training)
+    return float(np.mean(losses))
+
+
+def finetune_text(model: GPT, ids, *, block_size: int, adapter_name: str = "text", r: int = HYPERPARAMS["lora"]["r"],
+                  alpha: float | None = None, targets=HYPERPARAMS["lora"]["targets"], steps: int | None = None,
+                  batch_size: int = 16, lr: float | None = None, weight_decay: float | None = None, seed: int = 0,
+                  progress: bool = True, on_start=None) -> TextRun:
+    """LoRA on one long text (the token ids ``ids``), in ``model`` itself: the causal LM loss on every token (eq. 2).
+
+    The last tenth of ``ids`` (at least one window) is held out, the rest gives random windows of
+    ``block_size`` tokens (``text_batches``). The steps are ``finetune``'s: seed, ``apply_method``
+    with LoRA (alpha 2r unless given), ``on_start(model)``, then ``fit_with_warmup``; the held-out
+    ``window_loss`` is taken before and after. ``lr``, ``weight_decay`` and ``steps`` left None
+    come from ``TEXT_HYPERPARAMS``.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if not 1 <= block_size <= model.config.block_size or len(ids) < 2 * (block_size + 1):
+        raise ValueError(f"finetune_text: windows of {block_size} tokens need 1 <= block_size <= the model's "
+                         f"{model.config.block_size} and at least {2 * (block_size + 1)} tokens; got {len(ids)}")
+    given = {"lr": lr, "weight_decay": weight_decay, "steps": steps}
+    settings = {**TEXT_HYPERPARAMS, **{k: v for k, v in given.items() if v is not None}}
+    n_val = max(block_size + 1, len(ids) // 10)
+    train_ids, val_ids = ids[:-n_val], ids[-n_val:]
+    bk.manual_seed(seed)
+    model = apply_method(model, "lora", r=r, alpha=alpha, targets=tuple(targets), adapter_name=adapter_name)
+    if on_start is not None:
+        on_start(model)
+    before = window_loss(model, val_ids, block_size)
+    _, history, _ = fit_with_warmup(model, text_batches(train_ids, block_size, batch_size, seed), settings["steps"],
+                                    lr=settings["lr"], weight_decay=settings["weight_decay"], progress=progress)
+    config = {"method": "lora", "r": r, "alpha": alpha, "targets": list(targets), "adapter_name": adapter_name,
+              "block_size": block_size, "batch_size": batch_size, "seed": seed, **settings}
+    return TextRun(model, history, before, window_loss(model, val_ids, block_size), config)
 
 
 # The shipped base's pretraining (``minilora pretrain`` with no options reproduces it), in two

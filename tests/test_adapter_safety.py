@@ -98,20 +98,56 @@ def test_one_flipped_bit_in_the_stored_alpha_is_refused(adapter_file):
     refused(adapter_file, tiny_gpt(), "the tensor data is corrupt or the metadata was changed")
 
 
-@pytest.mark.parametrize("change, message", [
+CRAFTED = [
     (lambda m: m["config"].update(dropout=0.99), "dropout 0.99, outside [0, 0.9]"),
     (lambda m: m["config"].update(alpha=1e308), "outside (0, 10000]"),
     (lambda m: m.update(format_version=999), "format_version 999; this minilora reads versions [1, 2, 3]"),
     (lambda m: m.update(format_version=True), "format_version True"),
     (lambda m: m["config"].update(r="2"), "the stored LoRAConfig is invalid"),
     (lambda m: m.update(adapter_name="a.b"), "the stored adapter name is invalid"),
-])
+]
+
+
+@pytest.mark.parametrize("change, message", CRAFTED)
 def test_crafted_configs_are_refused(adapter_file, change, message):
     arrays, meta = read(adapter_file)
     change(meta)
     craft(adapter_file, arrays, meta)
     for model in (tiny_gpt(), trained()):
         refused(adapter_file, model, message)
+
+
+@pytest.mark.parametrize("change, message", CRAFTED)
+def test_readers_without_a_model_refuse_crafted_files_as_load_adapter_does(adapter_file, change, message):
+    """``minilora analyze`` reads A and B through lora.files.read_adapter: the same checks, no model needed."""
+    from minilora.hf.commands import adapter_updates
+
+    arrays, meta = read(adapter_file)
+    change(meta)
+    craft(adapter_file, arrays, meta)
+    for reader in (lora.files.read_adapter, adapter_updates):
+        with pytest.raises(lora.AdapterFileError, match=re.escape(str(adapter_file))) as err:
+            reader(adapter_file)
+        assert message in str(err.value), str(err.value)
+
+
+def test_readers_without_a_model_refuse_a_flipped_byte_and_a_missing_partner(adapter_file):
+    from minilora.hf.commands import adapter_updates
+
+    assert sorted(adapter_updates(adapter_file)[0]) == [f"blocks.{i}.attn.{p}" for i in range(2) for p in "qv"]
+    good = adapter_file.read_bytes()
+    data = bytearray(good)
+    data[-1] ^= 0x01  # one bit of the last tensor's data
+    adapter_file.write_bytes(bytes(data))
+    with pytest.raises(lora.AdapterFileError, match="the tensor data is corrupt or the metadata was changed"):
+        adapter_updates(adapter_file)
+    adapter_file.write_bytes(good)
+    arrays, meta = read(adapter_file)
+    del arrays["blocks.1.attn.v.lora_B.default"]
+    craft(adapter_file, arrays, meta)
+    with pytest.raises(lora.AdapterFileError, match=r"blocks\.1\.attn\.v\.lora_A\.default has no "
+                                                    r"blocks\.1\.attn\.v\.lora_B\.default beside it"):
+        adapter_updates(adapter_file)
 
 
 def test_a_non_string_sha256_is_a_clear_error_not_a_type_error(adapter_file):

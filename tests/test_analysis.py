@@ -197,3 +197,29 @@ def test_amplification_report_and_edge_cases():
         analysis.projection_norm(np.ones((3, 4)), np.ones((3, 4)), 5)
     with pytest.raises(ValueError, match="r=0"):
         analysis.random_projection_norm(np.ones((3, 4)), 0)
+
+
+# ----------------------------------------------------------------------------- the change of the weight
+@pytest.mark.parametrize("variant", [{}, {"init": "pissa"}, {"use_dora": True}])
+def test_weight_change_is_what_merging_the_adapter_does_to_the_original_weight(variant):
+    """ΔW = W_merged − W0 for LoRA (s·B·A), PiSSA (s·B·A − U_r S_r V_rᵀ) and DoRA (m·V/‖V‖_row − W0)."""
+    from minilora import lora
+    from minilora.hf.commands import weight_change as from_hf
+    from minilora.models import GPT, GPTConfig
+
+    ml.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, d_model=8)).to(dtype="float64")
+    W0 = ml.backend.to_numpy(model.blocks[0].attn.q.weight.data).copy()
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=3.0, target_modules=("q",), **variant))
+    layer = model.blocks[0].attn.q
+    rng = np.random.default_rng(4)
+    layer.lora_B["default"].data[...] = rng.standard_normal(layer.lora_B["default"].shape)  # "trained"
+    if "use_dora" in variant:
+        layer.lora_magnitude["default"].data[...] *= 1.0 + 0.1 * rng.standard_normal(W0.shape[0])
+    a, b = (ml.backend.to_numpy(p["default"].data) for p in (layer.lora_A, layer.lora_B))
+    magnitude = ml.backend.to_numpy(layer.lora_magnitude["default"].data) if "use_dora" in variant else None
+    scaling = lora.get_adapter_config(model, "default").scaling  # alpha / r = 1.5
+    delta = analysis.weight_change(a, b, scaling, W0, variant.get("init", "kaiming"), magnitude)
+    lora.merge(model)
+    np.testing.assert_allclose(delta, ml.backend.to_numpy(layer.weight.data) - W0, rtol=0, atol=1e-12)
+    assert from_hf is analysis.weight_change

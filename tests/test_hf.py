@@ -638,11 +638,10 @@ def test_cli_analyze_refuses_pissa_and_dora_without_the_base_weights(tmp_path):
             _row("blocks.0.attn.q", A, B, 2.0, {}, None, info)
 
 
-def test_cli_finetune_on_a_text_file_with_an_imported_gpt2(tmp_path, capsys):
+def _gpt2_with_a_text(tmp_path) -> tuple[str, str]:
+    """A tiny GPT-2 folder with a BPE tokenizer.json trained on a text, and that text in notes.txt."""
     tokenizers = pytest.importorskip("tokenizers", reason="finetune --text needs the tokenizers package (extra hf)")
     from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from minilora.cli import main
 
     text = "the eagle is a french restaurant near the river. " * 30
     tok = tokenizers.Tokenizer(models.BPE())
@@ -654,15 +653,47 @@ def test_cli_finetune_on_a_text_file_with_an_imported_gpt2(tmp_path, capsys):
     hf.save_gpt2(tmp_path / "gpt2", model)
     tok.save(str(tmp_path / "gpt2" / "tokenizer.json"))
     (tmp_path / "notes.txt").write_text(text)
-    assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--text", str(tmp_path / "notes.txt"), "--r", "2",
+    return str(tmp_path / "gpt2"), text
+
+
+def test_cli_finetune_on_a_text_file_with_an_imported_gpt2(tmp_path, capsys):
+    from minilora.cli import main
+
+    folder, _ = _gpt2_with_a_text(tmp_path)
+    assert main(["finetune", "--base", folder, "--text", str(tmp_path / "notes.txt"), "--r", "2",
                  "--steps", "3", "--batch-size", "2", "--block-size", "8", "--lr", "1e-2", "--no-progress",
                  "--out", str(tmp_path / "out")]) == 0
     assert "held-out LM loss" in capsys.readouterr().out
-    adapted = hf.load_gpt2(tmp_path / "gpt2")
+    adapted = hf.load_gpt2(folder)
     assert lora.load_adapter(tmp_path / "out" / "text.safetensors", adapted) == "text"
     layer = dict(lora.lora_layers(adapted))["blocks.0.attn.q"]
     assert np.any(layer.lora_B["text"].data != 0)  # it trained
-    assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--no-progress"]) == 2  # --text missing
+    assert main(["finetune", "--base", folder, "--no-progress"]) == 2  # --text missing
+
+
+def test_cli_finetune_on_a_text_file_is_the_recipe_and_trains_with_the_task_schedule(tmp_path, capsys):
+    """The CLI's adapter is recipes.finetune_text's, bit for bit, and that trains on fit_with_warmup's schedule."""
+    from minilora import optim, recipes
+    from minilora.cli import main
+
+    folder, text = _gpt2_with_a_text(tmp_path)
+    assert main(["finetune", "--base", folder, "--text", str(tmp_path / "notes.txt"), "--r", "2", "--alpha", "3",
+                 "--steps", "10", "--batch-size", "2", "--block-size", "8", "--lr", "1e-2", "--seed", "3",
+                 "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    ids = hf.load_tokenizer(folder).encode(text)
+    run = recipes.finetune_text(hf.load_gpt2(folder), ids, block_size=8, r=2, alpha=3.0, steps=10, batch_size=2,
+                                lr=1e-2, seed=3, progress=False)
+    from_cli = hf.load_gpt2(folder)
+    lora.load_adapter(tmp_path / "out" / "text.safetensors", from_cli)
+    direct = lora.lora_state_dict(run.model, "text")
+    assert sorted(lora.lora_state_dict(from_cli, "text")) == sorted(direct)
+    for key, value in lora.lora_state_dict(from_cli, "text").items():
+        np.testing.assert_array_equal(value, direct[key], err_msg=key)
+    assert f"held-out LM loss {run.loss_before:.4f} -> {run.loss_after:.4f}" in printed
+    # a task fine-tune's schedule: warm-up over 10 % of the steps, linear decay (History.lrs: the rate after each step)
+    assert run.history.lrs == pytest.approx(
+        [1e-2 * optim.warmup_linear(step, total=10, warmup=1) for step in range(1, 11)], rel=1e-12, abs=0)
 
 
 @pytest.mark.slow

@@ -38,13 +38,11 @@ from ..analysis import (effective_rank, energy_share, low_rank_amplification, lo
 from ..lora.dora import dora_weight
 from .checkpoint import INDEX, HFFormatError, _no_pickles, dora_magnitude, read_json_object, read_safetensors, resolve_dir
 from .checkpoint import WEIGHTS as BASE_WEIGHTS
+from .peft import CONFIG, PREFIX, matching_pattern, peft_weights_file
 
 __all__ = ["AdaptedMatrix", "BaseWeights", "LoRAFolder", "REWRITES_BASE", "analyze_adapter", "analyze_matrix",
            "complete_row", "read_lora_adapter", "summarize"]
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 REWRITES_BASE = ("pissa", "olora", "corda", "loftq")  # PEFT inits that replace W0 by a residual
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 _MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
@@ -111,25 +109,6 @@ def _order(module: str):
             _KIND_ORDER.index(last) if last in _KIND_ORDER else 0, kind)
 
 
-def _matching_pattern(patterns: dict, module: str):
-    """PEFT's rule: the first pattern P with re.match(rf"(.*\\.)?({P})$", module) names the module's own value."""
-    for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return pattern
-    return None
-
-
-def _weights_file(folder: str) -> str:
-    weights = os.path.join(folder, WEIGHTS)
-    if os.path.exists(weights):
-        return weights
-    if os.path.exists(os.path.join(folder, "adapter_model.bin")):
-        raise HFFormatError(f"{os.path.join(folder, 'adapter_model.bin')}: a pickle, which minilora never unpickles "
-                            f"(loading one can run code), and no {WEIGHTS}. Convert it once with PEFT: "
-                            "PeftModel.from_pretrained(base, folder).save_pretrained(folder) writes safetensors")
-    raise HFFormatError(f"{folder}: no {WEIGHTS} next to {CONFIG}")
-
-
 def read_lora_adapter(path) -> LoRAFolder:
     """Read and check a PEFT LoRA folder on linear layers, any architecture: json + safetensors only.
 
@@ -141,6 +120,22 @@ def read_lora_adapter(path) -> LoRAFolder:
     """
     folder = resolve_dir(path, what="PEFT adapter folder")
     cfg_path, cfg = read_json_object(folder, CONFIG, "a PEFT adapter folder")
+    r, alpha, patterns = _check_lora_config(cfg_path, cfg)
+    dora = bool(cfg.get("use_dora", False))
+    weights = peft_weights_file(folder)
+    arrays = read_safetensors(weights)  # an adapter is small: A and B of every module
+    pairs, magnitudes, skipped = _sort_tensors(weights, arrays, cfg)
+    matrices = {module: _adapted_matrix(weights, cfg_path, cfg, module, pairs[module], r, alpha, patterns, magnitudes)
+                for module in sorted(pairs, key=_order)}
+    orphans = sorted(set(magnitudes) - set(matrices)) if dora else sorted(magnitudes)
+    if orphans:
+        raise HFFormatError(f"{weights}: {magnitudes[orphans[0]][0]} "
+                            + ("has no lora_A / lora_B" if dora else f"is a DoRA magnitude, but {cfg_path} has no use_dora"))
+    return LoRAFolder(folder, cfg, matrices, sorted(skipped))
+
+
+def _check_lora_config(cfg_path: str, cfg: dict) -> tuple[int, float, dict]:
+    """A LoRA whose update is s·B·A: (r, lora_alpha, {"rank_pattern": ..., "alpha_pattern": ...}), else HFFormatError."""
     if cfg.get("peft_type") != "LORA":
         raise HFFormatError(f"{cfg_path}: peft_type = {cfg.get('peft_type')!r}; analyze reads LoRA adapters "
                             "(peft_type 'LORA', ΔW = s·B·A) only")
@@ -160,9 +155,11 @@ def read_lora_adapter(path) -> LoRAFolder:
                                                   for v in value.values()):
             raise HFFormatError(f"{cfg_path}: {name} = {value!r}; expected {{module pattern: positive number}}")
         patterns[name] = value
-    rslora, dora = bool(cfg.get("use_rslora", False)), bool(cfg.get("use_dora", False))
-    weights = _weights_file(folder)
-    arrays = read_safetensors(weights)  # an adapter is small: A and B of every module
+    return r, alpha, patterns
+
+
+def _sort_tensors(weights: str, arrays: dict, cfg: dict) -> tuple[dict, dict, list]:
+    """The file's tensors by role: {module: {"A"/"B": (key, array)}}, {module: (key, m)}, skipped keys."""
     pairs, magnitudes, skipped = {}, {}, []
     extras = [str(m) for m in (cfg.get("modules_to_save") or [])]
     for key, array in arrays.items():
@@ -182,40 +179,38 @@ def read_lora_adapter(path) -> LoRAFolder:
                                 "a bias nor a modules_to_save tensor")
     if not pairs:
         raise HFFormatError(f"{weights}: no LoRA matrices (no <module>.lora_A.weight / .lora_B.weight tensors)")
-    matrices = {}
-    for module in sorted(pairs, key=_order):
-        parts = pairs[module]
-        if set(parts) != {"A", "B"}:
-            (have, (key, _)), = parts.items()
-            raise HFFormatError(f"{weights}: {key} has no lora_{'B' if have == 'A' else 'A'} partner; a LoRA module "
-                                "needs both lora_A (r, in) and lora_B (out, r)")
-        (key_a, a), (key_b, b) = parts["A"], parts["B"]
-        for key, x in ((key_a, a), (key_b, b)):
-            if x.ndim != 2:
-                raise HFFormatError(f"{weights}: {key} has shape {tuple(x.shape)}; analyze reads LoRA on linear layers "
-                                    "(2-D lora_A (r, in) and lora_B (out, r)), not on convolutions")
-            if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
-                raise HFFormatError(f"{weights}: {key} ({x.dtype}) is not a finite float matrix")
-        R = a.shape[0]
-        if b.shape[1] != R:
-            raise HFFormatError(f"{weights}: {key_a} {tuple(a.shape)} and {key_b} {tuple(b.shape)} disagree on the "
-                                "rank (lora_A is (r, in), lora_B (out, r))")
-        rank_key = _matching_pattern(patterns["rank_pattern"], module)
-        expected = patterns["rank_pattern"][rank_key] if rank_key is not None else r
-        if R != expected:
-            which = f"rank_pattern[{rank_key!r}] = {expected}" if rank_key is not None else f"r = {r}"
-            raise HFFormatError(f"{weights}: {key_a} has rank {R}, but {cfg_path} gives {module} {which}")
-        alpha_key = _matching_pattern(patterns["alpha_pattern"], module)
-        module_alpha = float(patterns["alpha_pattern"][alpha_key] if alpha_key is not None else alpha)
-        magnitude = dora_magnitude(magnitudes, module, b.shape[0], weights, cfg_path) if dora else None
-        layer, kind = _where(module)
-        matrices[module] = AdaptedMatrix(module, layer, kind, a, b,
-                                         module_alpha / (math.sqrt(R) if rslora else R), magnitude)
-    orphans = sorted(set(magnitudes) - set(matrices)) if dora else sorted(magnitudes)
-    if orphans:
-        raise HFFormatError(f"{weights}: {magnitudes[orphans[0]][0]} "
-                            + ("has no lora_A / lora_B" if dora else f"is a DoRA magnitude, but {cfg_path} has no use_dora"))
-    return LoRAFolder(folder, cfg, matrices, sorted(skipped))
+    return pairs, magnitudes, skipped
+
+
+def _adapted_matrix(weights: str, cfg_path: str, cfg: dict, module: str, parts: dict, r: int, alpha: float,
+                    patterns: dict, magnitudes: dict) -> AdaptedMatrix:
+    """One module's A, B, scaling (its own r and alpha from the patterns) and DoRA magnitude, checked."""
+    if set(parts) != {"A", "B"}:
+        (have, (key, _)), = parts.items()
+        raise HFFormatError(f"{weights}: {key} has no lora_{'B' if have == 'A' else 'A'} partner; a LoRA module "
+                            "needs both lora_A (r, in) and lora_B (out, r)")
+    (key_a, a), (key_b, b) = parts["A"], parts["B"]
+    for key, x in ((key_a, a), (key_b, b)):
+        if x.ndim != 2:
+            raise HFFormatError(f"{weights}: {key} has shape {tuple(x.shape)}; analyze reads LoRA on linear layers "
+                                "(2-D lora_A (r, in) and lora_B (out, r)), not on convolutions")
+        if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
+            raise HFFormatError(f"{weights}: {key} ({x.dtype}) is not a finite float matrix")
+    R = a.shape[0]
+    if b.shape[1] != R:
+        raise HFFormatError(f"{weights}: {key_a} {tuple(a.shape)} and {key_b} {tuple(b.shape)} disagree on the "
+                            "rank (lora_A is (r, in), lora_B (out, r))")
+    rank_key = matching_pattern(patterns["rank_pattern"], module)
+    expected = patterns["rank_pattern"][rank_key] if rank_key is not None else r
+    if R != expected:
+        which = f"rank_pattern[{rank_key!r}] = {expected}" if rank_key is not None else f"r = {r}"
+        raise HFFormatError(f"{weights}: {key_a} has rank {R}, but {cfg_path} gives {module} {which}")
+    alpha_key = matching_pattern(patterns["alpha_pattern"], module)
+    module_alpha = float(patterns["alpha_pattern"][alpha_key] if alpha_key is not None else alpha)
+    rslora = bool(cfg.get("use_rslora", False))
+    magnitude = dora_magnitude(magnitudes, module, b.shape[0], weights, cfg_path) if cfg.get("use_dora", False) else None
+    layer, kind = _where(module)
+    return AdaptedMatrix(module, layer, kind, a, b, module_alpha / (math.sqrt(R) if rslora else R), magnitude)
 
 
 # ----------------------------------------------------------------------------- the base weights

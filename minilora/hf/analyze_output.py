@@ -79,9 +79,7 @@ def _by_layer(rows, kind, value):
 
 def _figure(report: dict, path: str):
     try:
-        from matplotlib import colormaps
         from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     rows = report["rows"]
@@ -94,10 +92,30 @@ def _figure(report: dict, path: str):
             phi_rows.append(cands[len(cands) // 2])
     panels = 2 + with_amp + len(phi_rows)
     fig = Figure(figsize=(3.9 * panels, 3.4), layout="constrained")
+    _spectra_panel(fig.add_subplot(1, panels, 1), rows)
+    _by_layer_panel(fig.add_subplot(1, panels, 2), rows, kinds, lambda r: r["energy_share"][0] if r["energy_share"] else None,
+                    "share of ‖ΔW‖² in σ_1", "top direction's share by depth", ylim=(0, 1.05))
+    n = 3
+    if with_amp:
+        _by_layer_panel(fig.add_subplot(1, panels, n), rows, kinds,
+                        lambda r: r.get("amplification") if np.isfinite(r.get("amplification", np.nan)) else None,
+                        "‖ΔW‖_F / ‖UᵀW0Vᵀ‖_F", "amplification by depth (Table 7)")
+        n += 1
+    for row in phi_rows:
+        _phi_panel(fig, fig.add_subplot(1, panels, n), row, report)
+        n += 1
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _spectra_panel(ax, rows) -> None:
+    """σ_i / σ_1 of every matrix's ΔW, coloured by depth."""
+    from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+
     layers = [r["layer"] for r in rows if r["layer"] is not None]
     depth = colormaps["viridis"]
     top = max(layers) if layers else 0
-    ax = fig.add_subplot(1, panels, 1)
     for row in rows:
         sv = np.asarray(row["singular_values"])
         if sv.size and sv[0] > 0:
@@ -107,40 +125,34 @@ def _figure(report: dict, path: str):
     ax.set_xlabel("i")
     ax.set_ylabel("σ_i / σ_1 of ΔW")
     ax.set_title("spectra (colour: depth, dark = first layer)", fontsize=9)
-    ax = fig.add_subplot(1, panels, 2)
+
+
+def _by_layer_panel(ax, rows, kinds, value, ylabel: str, title: str, ylim=None) -> None:
+    """One line per module kind: ``value(row)`` against the layer."""
+    from matplotlib.ticker import MaxNLocator
+
     for kind in kinds:
-        x, y = _by_layer(rows, kind, lambda r: r["energy_share"][0] if r["energy_share"] else None)
+        x, y = _by_layer(rows, kind, value)
         ax.plot(x, y, marker="o", label=kind)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
-    ax.set_ylabel("share of ‖ΔW‖² in σ_1")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("top direction's share by depth", fontsize=9)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6)
-    n = 3
-    if with_amp:
-        ax = fig.add_subplot(1, panels, n)
-        for kind in kinds:
-            x, y = _by_layer(rows, kind, lambda r: r.get("amplification") if np.isfinite(r.get("amplification", np.nan))
-                             else None)
-            ax.plot(x, y, marker="o", label=kind)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("layer")
-        ax.set_ylabel("‖ΔW‖_F / ‖UᵀW0Vᵀ‖_F")
-        ax.set_title("amplification by depth (Table 7)", fontsize=9)
-        ax.legend(fontsize=6)
-        n += 1
-    for row in phi_rows:
-        grid = np.asarray(row["phi_grid"])
-        ax = fig.add_subplot(1, panels, n)
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                          extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
-        fig.colorbar(image, ax=ax, shrink=0.85)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel(f"j ({os.path.basename(os.path.normpath(report['against']))})", fontsize=8)
-        ax.set_ylabel(f"i ({os.path.basename(os.path.normpath(report['adapter']))})", fontsize=8)
-        ax.set_title(f"φ(i, j), {row['kind']}, layer {row['layer']} (Sec. 7.2)", fontsize=9)
-        n += 1
-    fig.savefig(path, dpi=110)
-    return path
+
+
+def _phi_panel(fig, ax, row, report) -> None:
+    """The φ(i, j) grid of one matrix against the other adapter's (Figs. 3 / 4)."""
+    from matplotlib.ticker import MaxNLocator
+
+    grid = np.asarray(row["phi_grid"])
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto",
+                      extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
+    fig.colorbar(image, ax=ax, shrink=0.85)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"j ({os.path.basename(os.path.normpath(report['against']))})", fontsize=8)
+    ax.set_ylabel(f"i ({os.path.basename(os.path.normpath(report['adapter']))})", fontsize=8)
+    ax.set_title(f"φ(i, j), {row['kind']}, layer {row['layer']} (Sec. 7.2)", fontsize=9)

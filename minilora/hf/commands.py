@@ -7,7 +7,7 @@
 
 ``analyze`` runs the paper's Sec. 7 analyses on any adapter, minilora's or PEFT's: per adapted
 matrix the singular values of ΔW = s·B·A (for PiSSA and DoRA the real change of the weight,
-W − W0, from the base weights: see ``weight_change``), the amplification factor ‖ΔW‖_F / ‖UᵀWVᵀ‖_F of
+W − W0, from the base weights: see ``analysis.weight_change``), the amplification factor ‖ΔW‖_F / ‖UᵀWVᵀ‖_F of
 Table 7 (when the base weights are at hand) and, with ``--against``, the subspace similarity φ
 of Sec. 7.2 between the two adapters' A matrices; a table on stdout, means by module kind and by
 depth, a PNG and a JSON file. GPT-2 adapters (minilora's files, GPT-2 PEFT folders) are read into
@@ -25,14 +25,13 @@ import numpy as np
 from safetensors import safe_open
 
 from .. import backend as bk
-from .. import lora, optim
-from ..analysis import amplification_factor, low_rank_svd, subspace_similarity_grid
-from ..io import load_arrays, save_json
+from .. import lora
+from ..analysis import amplification_factor, low_rank_svd, subspace_similarity_grid, weight_change
+from ..io import save_json
 from ..lora.config import check_adapter_name
-from ..lora.dora import dora_weight
+from ..lora.files import AdapterFileError, read_adapter
 from ..models import load_base
-from ..tensor import no_grad
-from ..train import fit
+from ..recipes import finetune_text
 from .checkpoint import HFFormatError, load_gpt2, save_gpt2
 from .analyze import REWRITES_BASE, analyze_adapter, complete_row, summarize
 from .analyze_output import print_report, write_figure
@@ -129,67 +128,54 @@ def adapter_updates(path) -> tuple[dict, dict]:
 
     A PEFT ``c_attn`` is split into q, k and v (``split_c_attn``). Also returns a small info dict
     (kind, name, base_model_name_or_path, init ("pissa" or not), and for DoRA ``magnitudes``
-    {matrix: m}): for those two, s·B·A is not the change of the weight (see ``weight_change``).
+    {matrix: m}): for those two, s·B·A is not the change of the weight (see ``analysis.weight_change``).
+    A file is read by ``lora.files.read_adapter`` (every check that needs no model), a folder by
+    ``read_peft_adapter``.
     """
-
     path = os.fspath(path)
-    if os.path.isdir(path):
-        cfg, modules, _ = read_peft_adapter(path)
-        init = cfg.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().startswith(REWRITES_BASE):
-            raise HFFormatError(f"{path}: init_lora_weights = {init!r} rewrites the base weights, so s·B·A is not the "
-                                "adapter's change of the original W0; analyze cannot rebuild that base from the folder")
-        out, magnitudes = {}, {}
-        for hf, (a, b, s, m) in sorted(modules.items(), key=lambda kv: (int(kv[0].split(".")[1]), kv[0])):
-            i, kind = hf.split(".", 2)[1:]
-            if kind == "attn.c_attn":
-                d = b.shape[0] // 3
-                for p, (a_p, b_p) in split_c_attn(a, b, (cfg.get(LAYOUT_KEY) or {}).get(hf)).items():
-                    out[f"blocks.{i}.attn.{p}"] = (a_p, b_p, s)
-                    if m is not None:  # c_attn's magnitude is [m_q; m_k; m_v]
-                        n = "qkv".index(p)
-                        magnitudes[f"blocks.{i}.attn.{p}"] = m[n * d:(n + 1) * d]
-            else:
-                out[f"blocks.{i}.{OURS_OF[kind]}"] = (a, b, s)
-                if m is not None:
-                    magnitudes[f"blocks.{i}.{OURS_OF[kind]}"] = m
-        return out, {"kind": "PEFT", "base": cfg.get("base_model_name_or_path"), "init": "kaiming",
-                     "magnitudes": magnitudes if cfg.get("use_dora") else None}
-    arrays, meta = load_arrays(path)
-    if meta.get("format") != "minilora-lora-adapter":
-        raise HFFormatError(f"{path}: neither a PEFT adapter folder nor a minilora adapter file")
-    config, name = lora.LoRAConfig.from_dict(meta["config"]), meta["adapter_name"]
+    return _peft_updates(path) if os.path.isdir(path) else _minilora_updates(path)
+
+
+def _peft_updates(path: str) -> tuple[dict, dict]:
+    cfg, modules, _ = read_peft_adapter(path)
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(REWRITES_BASE):
+        raise HFFormatError(f"{path}: init_lora_weights = {init!r} rewrites the base weights, so s·B·A is not the "
+                            "adapter's change of the original W0; analyze cannot rebuild that base from the folder")
+    out, magnitudes = {}, {}
+    for hf, (a, b, s, m) in sorted(modules.items(), key=lambda kv: (int(kv[0].split(".")[1]), kv[0])):
+        i, kind = hf.split(".", 2)[1:]
+        if kind == "attn.c_attn":
+            d = b.shape[0] // 3
+            for p, (a_p, b_p) in split_c_attn(a, b, (cfg.get(LAYOUT_KEY) or {}).get(hf)).items():
+                out[f"blocks.{i}.attn.{p}"] = (a_p, b_p, s)
+                if m is not None:  # c_attn's magnitude is [m_q; m_k; m_v]
+                    n = "qkv".index(p)
+                    magnitudes[f"blocks.{i}.attn.{p}"] = m[n * d:(n + 1) * d]
+        else:
+            out[f"blocks.{i}.{OURS_OF[kind]}"] = (a, b, s)
+            if m is not None:
+                magnitudes[f"blocks.{i}.{OURS_OF[kind]}"] = m
+    return out, {"kind": "PEFT", "base": cfg.get("base_model_name_or_path"), "init": "kaiming",
+                 "magnitudes": magnitudes if cfg.get("use_dora") else None}
+
+
+def _minilora_updates(path: str) -> tuple[dict, dict]:
+    arrays, meta, config = read_adapter(path)
+    name = meta["adapter_name"]
     out, magnitudes = {}, {}
     for key in arrays:
         if key.endswith(f".lora_A.{name}"):
             layer = key[: -len(f".lora_A.{name}")]
-            out[layer] = (arrays[key], arrays[f"{layer}.lora_B.{name}"], config.scaling)
+            partners = [f"{layer}.lora_B.{name}"] + ([f"{layer}.lora_magnitude.{name}"] if config.use_dora else [])
+            missing = [p for p in partners if p not in arrays]
+            if missing:
+                raise AdapterFileError(f"{path}: {key} has no {missing[0]} beside it; the file is corrupt or crafted")
+            out[layer] = (arrays[key], arrays[partners[0]], config.scaling)
             if config.use_dora:
-                magnitudes[layer] = arrays[f"{layer}.lora_magnitude.{name}"]
+                magnitudes[layer] = arrays[partners[1]]
     return out, {"kind": "minilora", "name": name, "base": None, "init": config.init,
                  "magnitudes": magnitudes if config.use_dora else None}
-
-
-
-def weight_change(a, b, s, W0, init: str = "kaiming", magnitude=None) -> np.ndarray:
-    """The change ΔW = W − W0 of the original weight W0 that the adapter makes (dense, float64).
-
-    Plain LoRA: s·B·A. PiSSA (``init="pissa"``) trains on the residual W_res = W0 − U_r S_r V_rᵀ
-    (the top-r SVD of W0 is where A and B start), so ΔW = W_res + s·B·A − W0 = s·B·A − U_r S_r V_rᵀ,
-    rank ≤ 2r and 0 for an untrained adapter (the same update as ``lora.pissa_to_lora``'s rank-2r
-    LoRA). DoRA (``magnitude`` m per output row): W = m·V/‖V‖_row with V = W_base + s·B·A, so
-    ΔW = m·V/‖V‖_row − W0, in general of full rank.
-    """
-    w0 = np.asarray(W0, np.float64)
-    used = w0
-    if init == "pissa":
-        U, S, Vt = np.linalg.svd(w0, full_matrices=False)
-        r = a.shape[0]
-        used = w0 - (U[:, :r] * S[:r]) @ Vt[:r]
-    V = used + s * (np.asarray(b, np.float64) @ np.asarray(a, np.float64))
-    if magnitude is not None:
-        V = dora_weight(V, np.asarray(magnitude))
-    return V - w0
 
 
 def _row(name, a, b, s, weights, other, info=None):
@@ -300,7 +286,33 @@ def cmd_analyze(args) -> int:
 
 # ----------------------------------------------------------------------------- finetune --base --text
 def cmd_finetune_text(args) -> int:
-    """LoRA on a text file with the folder's tokenizer: the causal LM loss on every token (eq. 2)."""
+    """LoRA on a text file with the folder's tokenizer: the causal LM loss on every token (eq. 2).
+
+    The training is ``recipes.finetune_text``: the optimizer, schedule and steps of a task fine-tune.
+    """
+    name = _check_text_flags(args)
+    model = load_gpt2(args.base, dtype="float32")
+    ids = _read_text_ids(args, load_tokenizer(args.base), model.config)
+
+    def announce(adapted):
+        print(f"{args.base}: {adapted.config.n_layer} layers, d {adapted.config.d_model}, {len(ids):,} tokens of "
+              f"{args.text}; {lora.trainable_summary(adapted)}")
+
+    run = finetune_text(model, ids, block_size=args.block_size or min(128, model.config.block_size),
+                        adapter_name=name, r=args.r, alpha=args.alpha, targets=tuple(args.targets), steps=args.steps,
+                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress,
+                        on_start=announce)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{name}.safetensors")
+    lora.save_adapter(path, run.model, adapter_name=name)
+    print(f"{len(run.history.steps)} steps in {run.history.seconds:.1f} s; held-out LM loss {run.loss_before:.4f} -> "
+          f"{run.loss_after:.4f}")
+    print(f"wrote {path} ({os.path.getsize(path) / 1e3:.1f} kB)")
+    return untrained_exit(run.model, [name], run.history)
+
+
+def _check_text_flags(args) -> str:
+    """The flags of ``finetune --base HF_DIR --text FILE``, checked before anything is loaded: the adapter's name."""
     if not (args.base and args.text):
         raise ValueError("finetune on a text file needs both --base HF_DIR (a GPT-2 folder with its tokenizer) "
                          "and --text FILE")
@@ -318,8 +330,11 @@ def cmd_finetune_text(args) -> int:
     except ValueError as exc:
         raise ValueError(f"--name: {exc}") from None
     check_output_folder("--out", args.out)
-    model = load_gpt2(args.base, dtype="float32")
-    tokenizer = load_tokenizer(args.base)
+    return name
+
+
+def _read_text_ids(args, tokenizer, config) -> np.ndarray:
+    """The token ids of ``--text``, checked against the windows (``--block-size``) and the model's vocabulary."""
     try:
         with open(args.text, encoding="utf-8") as f:
             text = f.read()
@@ -327,48 +342,16 @@ def cmd_finetune_text(args) -> int:
         raise ValueError(f"--text {args.text}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as "
                          "UTF-8") from None
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-    T = args.block_size or min(128, model.config.block_size)
-    if T > model.config.block_size:
-        raise ValueError(f"--block-size {T} is longer than the model's n_positions = {model.config.block_size}")
+    T = args.block_size or min(128, config.block_size)
+    if T > config.block_size:
+        raise ValueError(f"--block-size {T} is longer than the model's n_positions = {config.block_size}")
     if len(ids) < 2 * (T + 1):
         raise ValueError(f"{args.text}: {len(ids)} tokens, too short for windows of {T} tokens (need {2 * (T + 1)}); "
                          "use a longer text or a smaller --block-size")
-    if int(ids.max()) >= model.config.vocab_size:
+    if int(ids.max()) >= config.vocab_size:
         raise ValueError(f"the tokenizer of {args.base} gives id {int(ids.max())}, outside the model's vocabulary "
-                         f"of {model.config.vocab_size}")
-    n_val = max(T + 1, len(ids) // 10)
-    train_ids, val_ids = ids[:-n_val], ids[-n_val:]
-    targets = tuple(args.targets)  # parsed by the CLI: comma-separated names, spaces tolerated
-    config = lora.LoRAConfig(r=args.r, alpha=args.alpha or 2.0 * args.r, target_modules=targets)
-    lora.apply_lora(model, config, adapter_name=name)
-    lora.mark_only_lora_as_trainable(model)
-    print(f"{args.base}: {model.config.n_layer} layers, d {model.config.d_model}, {len(ids):,} tokens of {args.text}; "
-          f"{lora.trainable_summary(model)}")
-
-    def get_batch(step):
-        rng = np.random.default_rng([args.seed, step])
-        starts = rng.integers(0, len(train_ids) - T, args.batch_size)
-        window = np.stack([train_ids[s:s + T + 1] for s in starts])
-        return window[:, :-1], window[:, 1:], None  # next-token targets; every position scored
-
-    def val_loss():
-        model.eval()
-        starts = range(0, len(val_ids) - T, T)[:8]
-        with no_grad():
-            losses = [float(model.loss(val_ids[None, s:s + T], val_ids[None, s + 1:s + T + 1]).item()) for s in starts]
-        model.train()
-        return float(np.mean(losses))
-
-    before = val_loss()
-    optimizer = optim.AdamW(model.parameters(), lr=args.lr or 1e-3)
-    history = fit(model, optimizer, get_batch, steps=args.steps or 100, progress=not args.no_progress, desc="finetune")
-    after = val_loss()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{name}.safetensors")
-    lora.save_adapter(path, model, adapter_name=name)
-    print(f"{len(history.steps)} steps in {history.seconds:.1f} s; held-out LM loss {before:.4f} -> {after:.4f}")
-    print(f"wrote {path} ({os.path.getsize(path) / 1e3:.1f} kB)")
-    return untrained_exit(model, [name], history)
+                         f"of {config.vocab_size}")
+    return ids
 
 
 def untrained_exit(model, names, history=None) -> int:

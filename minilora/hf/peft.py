@@ -97,6 +97,27 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     inside PEFT trains the whole c_attn block — its zero blocks and the k rows too — a superset
     of minilora's structure on q and v.
     """
+    layers, configs, dora = _exported_layers(model, adapter_name)
+    modules = _hf_modules(layers, configs, adapter_name, dora)
+    tensors, ranks, layout = _peft_tensors(model, modules, dora, rslora=configs[0].use_rslora)
+    bias = configs[0].bias
+    if bias != "none":
+        for key, a in _trained_biases(model, adapter_name).items():
+            module = key[len(PREFIX):-len(".bias")]
+            if bias == "all" or module in modules:
+                # PEFT keeps an adapted layer's own bias on its wrapped ``base_layer``
+                tensors[f"{PREFIX}{module}.base_layer.bias" if module in modules else key] = a
+    config = _peft_config(model, modules, ranks, configs[0], dora, base_model_name_or_path)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    metadata = {"format": "pt", **({LAYOUT_KEY: json.dumps(layout, sort_keys=True)} if layout else {})}
+    save_safetensors(os.path.join(path, WEIGHTS), tensors, metadata)
+    save_json(os.path.join(path, CONFIG), config)
+    return path
+
+
+def _exported_layers(model: GPT, adapter_name: str) -> tuple[list, list, bool]:
+    """The (path, layer) pairs adapter ``adapter_name`` adapts, their LoRAConfigs and whether it is DoRA, checked."""
     if not isinstance(model, GPT):
         raise TypeError(f"save_peft_adapter exports adapters of a minilora GPT, got {type(model).__name__}")
     layers = [(p, layer) for p, layer in lora.lora_layers(model) if adapter_name in layer.lora_A]
@@ -114,8 +135,12 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
         if not _OUR_PATH.match(p):
             raise ValueError(f"{p}: adapter {adapter_name!r} adapts a layer with no GPT-2 counterpart "
                              "(expected blocks.N.attn.q/k/v/o or blocks.N.mlp.fc/proj)")
-    rslora = configs[0].use_rslora
-    modules = {}  # HF module path -> [(our part, A, B, scaling)]
+    return layers, configs, dora
+
+
+def _hf_modules(layers: list, configs: list, adapter_name: str, dora: bool) -> dict:
+    """{HF module path: [(our part, A, B, scaling, DoRA magnitude or None)]}; PiSSA as a rank-2r LoRA on W0."""
+    modules = {}
     for (p, layer), cfg in zip(layers, configs):
         i, part = _OUR_PATH.match(p).groups()
         hf = f"transformer.h.{i}." + ("attn.c_attn" if part in ("attn.q", "attn.k", "attn.v") else HF_OF[part])
@@ -130,41 +155,54 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
             a = np.concatenate([a, _host(a0)], axis=0)
             b = np.concatenate([b, -_host(b0)], axis=1)
         modules.setdefault(hf, []).append((part, a, b, cfg.scaling, m))
-    d = model.config.d_model
+    return modules
+
+
+def _peft_tensors(model: GPT, modules: dict, dora: bool, rslora: bool) -> tuple[dict, dict, dict]:
+    """PEFT's tensors of ``modules``, {HF module: (rank, lora_alpha)} and the q/k/v columns of each c_attn."""
     tensors, ranks, layout = {}, {}, {}
     for hf, members in modules.items():
         if hf.endswith("c_attn"):
-            members.sort(key=lambda m: "qkv".index(m[0][-1]))
-            scaling = members[0][3]
-            lora_A = np.concatenate([m[1] for m in members], axis=0)  # (R, d): A_q over A_v ...
-            lora_B = np.zeros((3 * d, lora_A.shape[0]), dtype=lora_A.dtype)  # block-structured (3d, R)
-            col = 0
-            for part, a, b, s, _ in members:
-                row = "qkv".index(part[-1]) * d
-                # another scaling in the same block is folded into its B (exact up to one rounding)
-                lora_B[row:row + d, col:col + a.shape[0]] = b if s == scaling else b * (s / scaling)
-                layout.setdefault(hf[len("transformer."):], {})[part[-1]] = [col, col + a.shape[0]]
-                col += a.shape[0]
-            if dora:  # a row's magnitude; q, k, v not adapted keep W0's row norms (m / ‖W0‖ = 1)
-                own = {m[0][-1]: m[4] for m in members}
-                params = dict(model.named_parameters())
-                parts = [own[p] if p in own else _row_norms(params[hf_to_ours(hf, p) + ".weight"].data, lora_A.dtype)
-                         for p in "qkv"]
-                tensors[f"{PREFIX}{hf}.lora_magnitude_vector"] = np.ascontiguousarray(np.concatenate(parts))
+            lora_A, lora_B, scaling, magnitude = _c_attn_lora(model, hf, members, dora, layout)
         else:
             (_, lora_A, lora_B, scaling, magnitude), = members
-            if dora:
-                tensors[f"{PREFIX}{hf}.lora_magnitude_vector"] = np.ascontiguousarray(magnitude)
+        if dora:
+            tensors[f"{PREFIX}{hf}.lora_magnitude_vector"] = np.ascontiguousarray(magnitude)
         tensors[f"{PREFIX}{hf}.lora_A.weight"] = np.ascontiguousarray(lora_A)
         tensors[f"{PREFIX}{hf}.lora_B.weight"] = np.ascontiguousarray(lora_B)
         ranks[hf] = (lora_A.shape[0], _alpha_for(scaling, lora_A.shape[0], rslora))
-    bias = configs[0].bias
-    if bias != "none":
-        for key, a in _trained_biases(model, adapter_name).items():
-            module = key[len(PREFIX):-len(".bias")]
-            if bias == "all" or module in modules:
-                # PEFT keeps an adapted layer's own bias on its wrapped ``base_layer``
-                tensors[f"{PREFIX}{module}.base_layer.bias" if module in modules else key] = a
+    return tensors, ranks, layout
+
+
+def _c_attn_lora(model: GPT, hf: str, members: list, dora: bool, layout: dict) -> tuple:
+    """One c_attn LoRA (A stacked, B block-structured, the first part's scaling, [m_q; m_k; m_v]) from its q/k/v parts.
+
+    The columns each part gets are recorded in ``layout`` ({"h.N.attn.c_attn": {"q": [lo, hi], ...}}).
+    """
+    d = model.config.d_model
+    members.sort(key=lambda m: "qkv".index(m[0][-1]))
+    scaling = members[0][3]
+    lora_A = np.concatenate([m[1] for m in members], axis=0)  # (R, d): A_q over A_v ...
+    lora_B = np.zeros((3 * d, lora_A.shape[0]), dtype=lora_A.dtype)  # block-structured (3d, R)
+    col = 0
+    for part, a, b, s, _ in members:
+        row = "qkv".index(part[-1]) * d
+        # another scaling in the same block is folded into its B (exact up to one rounding)
+        lora_B[row:row + d, col:col + a.shape[0]] = b if s == scaling else b * (s / scaling)
+        layout.setdefault(hf[len("transformer."):], {})[part[-1]] = [col, col + a.shape[0]]
+        col += a.shape[0]
+    magnitude = None
+    if dora:  # a row's magnitude; q, k, v not adapted keep W0's row norms (m / ‖W0‖ = 1)
+        own = {m[0][-1]: m[4] for m in members}
+        params = dict(model.named_parameters())
+        parts = [own[p] if p in own else _row_norms(params[hf_to_ours(hf, p) + ".weight"].data, lora_A.dtype)
+                 for p in "qkv"]
+        magnitude = np.concatenate(parts)
+    return lora_A, lora_B, scaling, magnitude
+
+
+def _peft_config(model: GPT, modules: dict, ranks: dict, first, dora: bool, base_model_name_or_path) -> dict:
+    """adapter_config.json: the most common (rank, alpha) as r and lora_alpha, the others as patterns."""
     counts = Counter(ranks.values())  # the most common (rank, alpha) is the default; ties: the smaller rank
     r, alpha = max(counts, key=lambda ra: (counts[ra], -ra[0]))
     rank_pattern = {re.escape(hf): R for hf, (R, _) in ranks.items() if R != r}
@@ -172,20 +210,14 @@ def save_peft_adapter(path, model: GPT, adapter_name: str = "default", base_mode
     kinds = sorted({hf.split(".", 3)[3] for hf in modules})
     every_block = all(f"transformer.h.{i}.{k}" in modules for i in range(model.config.n_layer) for k in kinds)
     targets = kinds if every_block else sorted(modules)
-    config = {
+    return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True, "r": int(r), "lora_alpha": float(alpha),
-        "lora_dropout": float(configs[0].dropout), "target_modules": targets, "fan_in_fan_out": True,
-        "bias": bias, "use_rslora": bool(rslora), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "use_dora": dora,
+        "lora_dropout": float(first.dropout), "target_modules": targets, "fan_in_fan_out": True,
+        "bias": first.bias, "use_rslora": bool(first.use_rslora), "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern, "init_lora_weights": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "use_dora": dora,
     }
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    metadata = {"format": "pt", **({LAYOUT_KEY: json.dumps(layout, sort_keys=True)} if layout else {})}
-    save_safetensors(os.path.join(path, WEIGHTS), tensors, metadata)
-    save_json(os.path.join(path, CONFIG), config)
-    return path
 
 
 def _hf_bias_slot(name: str, d: int) -> tuple:
@@ -225,12 +257,30 @@ def _row_norms(weight, dtype) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- import
+def matching_pattern(patterns: dict, module: str):
+    """PEFT's rule: the first pattern P with re.match(rf"(.*\\.)?({P})$", module) names the module's own value."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return pattern
+    return None
+
+
 def _pattern_value(patterns: dict, key: str, default):
-    """PEFT's rule: the first pattern P with re.match(rf"(.*\\.)?({P})$", key) wins."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return default
+    """The value ``rank_pattern`` / ``alpha_pattern`` gives ``key`` (``matching_pattern``), else ``default``."""
+    pattern = matching_pattern(patterns, key)
+    return default if pattern is None else patterns[pattern]
+
+
+def peft_weights_file(folder: str) -> str:
+    """The folder's adapter_model.safetensors; a folder with only adapter_model.bin (a pickle) is refused, saying so."""
+    weights = os.path.join(folder, WEIGHTS)
+    if os.path.exists(weights):
+        return weights
+    if os.path.exists(os.path.join(folder, "adapter_model.bin")):
+        raise HFFormatError(f"{os.path.join(folder, 'adapter_model.bin')}: a pickle, which minilora never unpickles "
+                            f"(loading one can run code), and no {WEIGHTS}. Convert it once with PEFT: "
+                            "PeftModel.from_pretrained(base, folder).save_pretrained(folder) writes safetensors")
+    raise HFFormatError(f"{folder}: no {WEIGHTS} next to {CONFIG}")
 
 
 def _targeted(cfg: dict, module: str) -> bool:
@@ -300,6 +350,20 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
     """
     folder = resolve_dir(path, what="PEFT adapter folder")
     cfg_path, cfg = read_json_object(folder, CONFIG, "a PEFT adapter folder")
+    r, alpha = _check_peft_config(cfg_path, cfg)
+    weights = peft_weights_file(folder)
+    arrays = read_safetensors(weights)
+    cfg[LAYOUT_KEY] = _c_attn_layout(weights)
+    found, biases, magnitudes = _sort_peft_tensors(weights, arrays, cfg)
+    modules = {hf: _checked_module(weights, cfg_path, cfg, hf, parts, r, alpha, magnitudes) for hf, parts in found.items()}
+    extra = sorted(set(magnitudes) - set(modules))
+    if extra:
+        raise HFFormatError(f"{weights}: a lora_magnitude_vector for {extra[0]}, which has no lora_A / lora_B")
+    return cfg, modules, biases
+
+
+def _check_peft_config(cfg_path: str, cfg: dict) -> tuple[int, float]:
+    """adapter_config.json describes a LoRA that minilora represents exactly: (r, lora_alpha), else HFFormatError."""
     if cfg.get("peft_type") != "LORA":
         raise HFFormatError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} — minilora reads LoRA adapters only")
     for field, what in _UNSUPPORTED:
@@ -322,21 +386,21 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
         raise HFFormatError(f"{cfg_path}: lora_dropout = {dropout!r}, outside [0, {MAX_DROPOUT}]")
     if cfg.get("bias", "none") not in lora.BIAS_MODES:
         raise HFFormatError(f"{cfg_path}: bias = {cfg.get('bias')!r}, expected one of {lora.BIAS_MODES}")
-    weights = os.path.join(folder, WEIGHTS)
-    if not os.path.exists(weights):
-        if os.path.exists(os.path.join(folder, "adapter_model.bin")):
-            raise HFFormatError(
-                f"{folder} holds only adapter_model.bin (a pickle, which minilora never unpickles). Convert it "
-                "once with PEFT: PeftModel.from_pretrained(base, folder).save_pretrained(folder) writes safetensors")
-        raise HFFormatError(f"{folder}: no {WEIGHTS}")
-    arrays = read_safetensors(weights)
+    return r, alpha
+
+
+def _c_attn_layout(weights: str) -> dict:
+    """The q/k/v columns of each c_attn that ``save_peft_adapter`` wrote into the safetensors metadata, or {}."""
     with safe_open(weights, framework="numpy") as f:  # readable: read_safetensors opened it
         raw = (f.metadata() or {}).get(LAYOUT_KEY)
     try:
-        cfg[LAYOUT_KEY] = json.loads(raw) if raw else {}
+        return json.loads(raw) if raw else {}
     except json.JSONDecodeError:
-        cfg[LAYOUT_KEY] = {}  # only a hint: split_c_attn then reads the layout from B
-    rslora = bool(cfg.get("use_rslora", False))
+        return {}  # only a hint: split_c_attn then reads the layout from B
+
+
+def _sort_peft_tensors(weights: str, arrays: dict, cfg: dict) -> tuple[dict, dict, dict]:
+    """The file's tensors by role: {HF module: {"A"/"B": (key, array)}}, {HF bias: array}, {HF module: (key, m)}."""
     found, biases, magnitudes = {}, {}, {}
     for key, a in arrays.items():
         if not key.startswith(PREFIX + "transformer."):
@@ -357,38 +421,39 @@ def read_peft_adapter(path) -> tuple[dict, dict, dict]:
                                 "or mlp.c_proj (another target, such as embeddings or lm_head, is not supported)")
     if not found:
         raise HFFormatError(f"{weights}: no LoRA matrices in the file")
-    modules = {}
-    for hf, parts in found.items():
-        if set(parts) != {"A", "B"}:
-            raise HFFormatError(f"{weights}: {hf} has lora_{''.join(parts)} but not both lora_A and lora_B")
-        (key_a, a), (key_b, b) = parts["A"], parts["B"]
-        for key, x in ((key_a, a), (key_b, b)):
-            if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
-                raise HFFormatError(f"{weights}: {key} has shape {x.shape} and dtype {x.dtype}; expected a float matrix")
-            if not np.isfinite(x).all():
-                raise HFFormatError(f"{weights}: {key} holds NaN or inf values")
-        R = a.shape[0]
-        if b.shape[1] != R:
-            raise HFFormatError(f"{weights}: {key_a} {a.shape} and {key_b} {b.shape} disagree on the rank")
-        full = "transformer." + hf
-        expected_r = _pattern_value(cfg.get("rank_pattern") or {}, full, r)
-        if R != expected_r:
-            raise HFFormatError(f"{weights}: {key_a} has rank {R} but {CONFIG} gives {hf} rank {expected_r}")
-        module_alpha = _pattern_value(cfg.get("alpha_pattern") or {}, full, alpha)
-        if not _targeted(cfg, full):
-            raise HFFormatError(f"{weights}: {key_a} adapts {full}, which {CONFIG} does not target (target_modules "
-                                f"{cfg.get('target_modules')!r}, layers_to_transform {cfg.get('layers_to_transform')!r}); "
-                                "PEFT would drop it. The config and the tensors contradict each other")
-        try:
-            scaling = check_scaling(float(module_alpha), R, rslora, where=f"{cfg_path}: {hf}")
-        except (TypeError, ValueError) as exc:
-            raise HFFormatError(str(exc)) from None
-        magnitude = dora_magnitude(magnitudes, hf, b.shape[0], weights, CONFIG) if cfg.get("use_dora") else None
-        modules[hf] = (a, b, scaling, magnitude)
-    extra = sorted(set(magnitudes) - set(modules))
-    if extra:
-        raise HFFormatError(f"{weights}: a lora_magnitude_vector for {extra[0]}, which has no lora_A / lora_B")
-    return cfg, modules, biases
+    return found, biases, magnitudes
+
+
+def _checked_module(weights: str, cfg_path: str, cfg: dict, hf: str, parts: dict, r: int, alpha: float,
+                    magnitudes: dict) -> tuple:
+    """One module's (lora_A, lora_B, scaling, DoRA magnitude or None), checked against the config."""
+    if set(parts) != {"A", "B"}:
+        raise HFFormatError(f"{weights}: {hf} has lora_{''.join(parts)} but not both lora_A and lora_B")
+    (key_a, a), (key_b, b) = parts["A"], parts["B"]
+    for key, x in ((key_a, a), (key_b, b)):
+        if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+            raise HFFormatError(f"{weights}: {key} has shape {x.shape} and dtype {x.dtype}; expected a float matrix")
+        if not np.isfinite(x).all():
+            raise HFFormatError(f"{weights}: {key} holds NaN or inf values")
+    R = a.shape[0]
+    if b.shape[1] != R:
+        raise HFFormatError(f"{weights}: {key_a} {a.shape} and {key_b} {b.shape} disagree on the rank")
+    full = "transformer." + hf
+    expected_r = _pattern_value(cfg.get("rank_pattern") or {}, full, r)
+    if R != expected_r:
+        raise HFFormatError(f"{weights}: {key_a} has rank {R} but {CONFIG} gives {hf} rank {expected_r}")
+    module_alpha = _pattern_value(cfg.get("alpha_pattern") or {}, full, alpha)
+    if not _targeted(cfg, full):
+        raise HFFormatError(f"{weights}: {key_a} adapts {full}, which {CONFIG} does not target (target_modules "
+                            f"{cfg.get('target_modules')!r}, layers_to_transform {cfg.get('layers_to_transform')!r}); "
+                            "PEFT would drop it. The config and the tensors contradict each other")
+    rslora = bool(cfg.get("use_rslora", False))
+    try:
+        scaling = check_scaling(float(module_alpha), R, rslora, where=f"{cfg_path}: {hf}")
+    except (TypeError, ValueError) as exc:
+        raise HFFormatError(str(exc)) from None
+    magnitude = dora_magnitude(magnitudes, hf, b.shape[0], weights, CONFIG) if cfg.get("use_dora") else None
+    return a, b, scaling, magnitude
 
 
 def _split(model: GPT, modules: dict, biases: dict, source: str, layout=None):
@@ -513,6 +578,35 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
     Tensors are converted to the model's dtype. Everything is checked before the model changes;
     what minilora cannot represent (other PEFT types, lora_bias, modules_to_save, ...) raises naming it.
     """
+    _check_loadable(model, adapter_name)
+    cfg, modules, biases = read_peft_adapter(path)
+    source = os.fspath(path)
+    if cfg.get("init_lora_weights") == "pissa":  # A and B act on PEFT's residual: make them a LoRA on W0
+        weights = _hf_weights(model, modules)
+        modules = {**modules, **pissa_as_lora({hf: m for hf, m in modules.items() if hf in weights}, weights)}
+    ours, our_biases = _split(model, modules, biases, source, cfg.get(LAYOUT_KEY))
+    config, scaling = _imported_config(model, cfg, ours, source)
+    dtype = np.dtype(model.wte.weight.dtype)
+    padded = _padded(ours, config.r, scaling, dtype, source)
+    bias_deltas = _bias_deltas(model, our_biases, config, ours, adapter_name, source)
+    # ---- every check passed: now change the model
+    lora.apply_lora(model, config, adapter_name=adapter_name, activate=False)
+    layers = dict(lora.lora_layers(model))
+    for p, (A, B, mag) in padded.items():
+        layer = layers[p]
+        layer.lora_A[adapter_name].data[...] = bk.asarray(A, dtype=dtype, backend=layer.weight.backend)
+        layer.lora_B[adapter_name].data[...] = bk.asarray(B, dtype=dtype, backend=layer.weight.backend)
+        if mag is not None:
+            layer.lora_magnitude[adapter_name].data[...] = bk.asarray(mag, dtype=dtype, backend=layer.weight.backend)
+    params = dict(model.named_parameters())
+    for n, delta in bias_deltas.items():  # the base biases stay as they are
+        params[n].data[...] = bk.asarray(delta, dtype=params[n].dtype, backend=params[n].backend)
+    lora.set_adapter(model, adapter_name)
+    return adapter_name
+
+
+def _check_loadable(model: GPT, adapter_name: str) -> None:
+    """``model`` can take a new adapter ``adapter_name``: a minilora GPT, a free valid name, nothing merged."""
     if not isinstance(model, GPT):
         raise TypeError(f"load_peft_adapter loads into a minilora GPT, got {type(model).__name__}")
     check_adapter_name(adapter_name)
@@ -523,12 +617,10 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
     if merged:
         raise ValueError(f"cannot load adapter {adapter_name!r} while adapters are merged (e.g. {merged[0]}); "
                          "call lora.unmerge(model) first")
-    cfg, modules, biases = read_peft_adapter(path)
-    source = os.fspath(path)
-    if cfg.get("init_lora_weights") == "pissa":  # A and B act on PEFT's residual: make them a LoRA on W0
-        weights = _hf_weights(model, modules)
-        modules = {**modules, **pissa_as_lora({hf: m for hf, m in modules.items() if hf in weights}, weights)}
-    ours, our_biases = _split(model, modules, biases, source, cfg.get(LAYOUT_KEY))
+
+
+def _imported_config(model: GPT, cfg: dict, ours: dict, source: str) -> tuple:
+    """(the LoRAConfig of the imported adapter, its scaling): the largest rank, the most common scaling."""
     rslora = bool(cfg.get("use_rslora", False))
     r = max(a.shape[0] for a, _, _, _ in ours.values())
     (scaling, _), = Counter(s for _, _, s, _ in ours.values()).most_common(1)
@@ -544,7 +636,12 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
         lora.resolve_targets(model, config)
     except ValueError as exc:
         raise HFFormatError(f"{source}: the adapter does not fit this model: {exc}") from None
-    dtype = np.dtype(model.wte.weight.dtype)
+    return config, scaling
+
+
+def _padded(ours: dict, r: int, scaling: float, dtype, source: str) -> dict:
+    """{our layer: (A (r, in), B (out, r), magnitude)} in ``dtype``: a smaller rank padded with zeros, another
+    scaling folded into B; a matrix that overflows ``dtype`` raises."""
     padded = {}
     for p, (a, b, s, mag) in ours.items():
         A = np.zeros((r, a.shape[1]), dtype=np.float64)
@@ -555,8 +652,13 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
             raise HFFormatError(f"{source}: the LoRA matrices of {p} overflow in {dtype}")
         padded[p] = (A, B, None if mag is None else mag.astype(dtype))
+    return padded
+
+
+def _bias_deltas(model: GPT, our_biases: dict, config, ours: dict, adapter_name: str, source: str) -> dict:
+    """{<module>.lora_bias.<adapter>: Δb = b_PEFT − b}: PEFT trained b itself, minilora keeps b frozen."""
     params = dict(model.named_parameters())
-    bias_deltas = {}  # PEFT trained b itself; minilora keeps b frozen and gives the adapter Δb = b_PEFT − b
+    bias_deltas = {}
     for n, v in our_biases.items():
         base = params[n]
         delta = (np.asarray(v, dtype=np.float64) - np.asarray(bk.to_numpy(base.data), dtype=np.float64)).astype(base.dtype)
@@ -569,17 +671,4 @@ def load_peft_adapter(path, model: GPT, adapter_name: str = "default") -> str:
         if not np.isfinite(delta).all():
             raise HFFormatError(f"{source}: the trained bias of {n} minus the model's overflows in {base.dtype}")
         bias_deltas[f"{module}.lora_bias.{adapter_name}"] = delta
-    # ---- every check passed: now change the model
-    lora.apply_lora(model, config, adapter_name=adapter_name, activate=False)
-    layers = dict(lora.lora_layers(model))
-    for p, (A, B, mag) in padded.items():
-        layer = layers[p]
-        layer.lora_A[adapter_name].data[...] = bk.asarray(A, dtype=dtype, backend=layer.weight.backend)
-        layer.lora_B[adapter_name].data[...] = bk.asarray(B, dtype=dtype, backend=layer.weight.backend)
-        if mag is not None:
-            layer.lora_magnitude[adapter_name].data[...] = bk.asarray(mag, dtype=dtype, backend=layer.weight.backend)
-    params = dict(model.named_parameters())
-    for n, delta in bias_deltas.items():  # the base biases stay as they are
-        params[n].data[...] = bk.asarray(delta, dtype=params[n].dtype, backend=params[n].backend)
-    lora.set_adapter(model, adapter_name)
-    return adapter_name
+    return bias_deltas

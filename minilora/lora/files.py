@@ -43,21 +43,15 @@ from .model import (
 )
 
 __all__ = ["FORMAT", "AdapterFileError", "adapter_nbytes", "base_fingerprint", "base_tensor_fingerprints", "load_adapter",
-           "save_adapter"]
+           "read_adapter", "save_adapter"]
 
 FORMAT = "minilora-lora-adapter"
 FORMAT_VERSION = 3  # 3: the base fingerprint covers every base tensor (the Linear weights too), one hash each
 READS_VERSIONS = (1, 2, 3)  # 1: SHA-256 over the tensors only, no base fingerprint; 2: no Linear weights in it
 
 
-
 class AdapterFileError(FileFormatError):
     """An adapter file is unreadable, corrupt, or does not fit the model it is loaded into."""
-
-
-def _digest(arrays: dict) -> str:
-    """SHA-256 over (name, dtype, shape, bytes) of every tensor, in name order (format_version 1)."""
-    return digest(arrays)
 
 
 def base_tensor_fingerprints(model: Module, exclude=()) -> dict:
@@ -282,6 +276,28 @@ def _check_base(path: str, model: Module, meta: dict, version: int, renamed: dic
         f"other values). {fix}")
 
 
+def read_adapter(path) -> tuple[dict, dict, LoRAConfig]:
+    """(arrays, metadata, config) of an adapter file, after every check that needs no model.
+
+    The format, its version, the SHA-256 over the tensors and the metadata, a valid LoRAConfig in
+    the ranges adapter files hold, and a valid stored adapter name: each fault raises
+    AdapterFileError naming the file. ``load_adapter`` reads through it, and so does whatever
+    reads an adapter's A and B without a model (``minilora analyze``).
+    """
+    path = os.fspath(path)
+    arrays, meta = _read(path)
+    try:
+        config = LoRAConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise AdapterFileError(f"{path}: the stored LoRAConfig is invalid ({exc})") from None
+    _check_ranges(path, config)
+    try:
+        check_adapter_name(meta["adapter_name"])
+    except ValueError as exc:
+        raise AdapterFileError(f"{path}: the stored adapter name is invalid ({exc})") from None
+    return arrays, meta, config
+
+
 def load_adapter(path, model: Module, adapter_name: str | None = None, activate: bool = True,
                  check_base: bool = True) -> str:
     """Load an adapter file into ``model``; returns the adapter's name in the model.
@@ -299,32 +315,49 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
     another base is intended (e.g. a base you trained further).
     """
     path = os.fspath(path)
-    arrays, meta = _read(path)
-    try:
-        config = LoRAConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as exc:
-        raise AdapterFileError(f"{path}: the stored LoRAConfig is invalid ({exc})") from None
-    _check_ranges(path, config)
+    arrays, meta, config = read_adapter(path)
     stored_name = meta["adapter_name"]
-    try:
-        check_adapter_name(stored_name)
-    except ValueError as exc:
-        raise AdapterFileError(f"{path}: the stored adapter name is invalid ({exc})") from None
     name = stored_name if adapter_name is None else check_adapter_name(adapter_name)
     _check_unmerged(model, f"load adapter {name!r}")
-    exists = name in list_adapters(model)
-    if exists:
-        current = get_adapter_config(model, name)
-        if current != config:
-            diff = [k for k, v in config.to_dict().items() if current.to_dict()[k] != v]
-            raise AdapterFileError(
-                f"{path}: the model's adapter {name!r} has a different config ({', '.join(f'{k}: model {current.to_dict()[k]!r}, file {config.to_dict()[k]!r}' for k in diff)}); "
-                f"load it under another adapter_name or lora.delete_adapter(model, {name!r}) first"
-            )
+    exists = _check_same_config(path, model, name, config)
     try:
         expected = _expected(model, config, name)
     except ValueError as exc:
         raise AdapterFileError(f"{path}: the adapter does not fit this model: {exc}") from None
+    renamed = _renamed(arrays, stored_name, name)
+    _check_tensors(path, expected, renamed)
+    _check_delta(path, renamed, resolve_targets(model, config), name, config.scaling)
+    if check_base:
+        _check_base(path, model, meta, version=meta["format_version"], renamed=renamed, config=config,
+                    exclude=[k for k in expected if ".lora_" not in k])
+    # ---- every check passed: now change the model
+    if not exists:
+        apply_lora(model, config, adapter_name=name, activate=False)
+    params = dict(model.named_parameters())
+    for key, (_, a) in renamed.items():
+        p = params[key]
+        p.data[...] = bk.asarray(a, dtype=p.dtype, backend=p.backend)
+    if activate:
+        set_adapter(model, name)
+    return name
+
+
+def _check_same_config(path: str, model: Module, name: str, config: LoRAConfig) -> bool:
+    """Whether ``model`` has adapter ``name`` already; if it has, its config must be the file's."""
+    if name not in list_adapters(model):
+        return False
+    current = get_adapter_config(model, name)
+    if current != config:
+        diff = [k for k, v in config.to_dict().items() if current.to_dict()[k] != v]
+        raise AdapterFileError(
+            f"{path}: the model's adapter {name!r} has a different config ({', '.join(f'{k}: model {current.to_dict()[k]!r}, file {config.to_dict()[k]!r}' for k in diff)}); "
+            f"load it under another adapter_name or lora.delete_adapter(model, {name!r}) first"
+        )
+    return True
+
+
+def _renamed(arrays: dict, stored_name: str, name: str) -> dict:
+    """{the model's parameter name: (the file's tensor name, array)}: the file's adapter name becomes ``name``."""
 
     def model_key(file_key: str) -> str:
         for part in ("lora_A", "lora_B", "lora_magnitude", "lora_bias"):
@@ -333,7 +366,11 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
                 return file_key[: -len(suffix)] + f".{part}.{name}"
         return file_key
 
-    renamed = {model_key(k): (k, a) for k, a in arrays.items()}
+    return {model_key(k): (k, a) for k, a in arrays.items()}
+
+
+def _check_tensors(path: str, expected: dict, renamed: dict) -> None:
+    """The file holds exactly the tensors the model expects, each of its shape and dtype, and finite."""
     for key in sorted(set(expected) | set(renamed)):
         if key not in renamed:
             shape, dtype = expected[key]
@@ -356,17 +393,3 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
             )
         if not np.isfinite(a).all():
             raise AdapterFileError(f"{path}: {file_key} holds NaN or inf values")
-    _check_delta(path, renamed, resolve_targets(model, config), name, config.scaling)
-    if check_base:
-        _check_base(path, model, meta, version=meta["format_version"], renamed=renamed, config=config,
-                    exclude=[k for k in expected if ".lora_" not in k])
-    # ---- every check passed: now change the model
-    if not exists:
-        apply_lora(model, config, adapter_name=name, activate=False)
-    params = dict(model.named_parameters())
-    for key, (_, a) in renamed.items():
-        p = params[key]
-        p.data[...] = bk.asarray(a, dtype=p.dtype, backend=p.backend)
-    if activate:
-        set_adapter(model, name)
-    return name
