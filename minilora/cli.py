@@ -266,6 +266,7 @@ def _bench(argv) -> int:
 
 
 def _add_demo(sub) -> None:
+    """``minilora demo``: full fine-tuning vs LoRA on every demo task, end to end."""
     p = sub.add_parser("demo", help="the main job: full fine-tuning vs LoRA on 3 tasks, merge, mixed-task batch")
     p.add_argument("--fast", action="store_true", help="a short run (for tests, ~30 s)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -277,6 +278,7 @@ def _add_demo(sub) -> None:
 
 
 def _add_pretrain(sub) -> None:
+    """``minilora pretrain``: train the base GPT that ships as minilora/assets/."""
     p = sub.add_parser("pretrain", help="train the base GPT on the free-description corpus (the shipped asset)")
     # One option per setting of recipes.PRETRAIN_SETTINGS ("--second-lr" sets "second_lr"), its
     # default the shipped one.
@@ -303,6 +305,7 @@ def _add_pretrain(sub) -> None:
 
 
 def _add_finetune(sub) -> None:
+    """``minilora finetune``: one task (LoRA or full), several adapters (--joint), or a Hugging Face base."""
     p = sub.add_parser("finetune", help="adapt the base model to one task (LoRA or full fine-tuning), "
                                         "or several LoRA adapters together (--joint)")
     p.add_argument("--task", type=_task_list, metavar="TASK[,TASK...]",
@@ -326,6 +329,7 @@ def _add_finetune(sub) -> None:
 
 
 def _add_generate(sub) -> None:
+    """``minilora generate``: decode one prompt, with or without an adapter file."""
     p = sub.add_parser("generate", help="continue a prompt with the base model (and an adapter file)")
     p.add_argument("prompt", help='e.g. "name[the eagle] food[french]"')
     p.add_argument("--adapter", help="a LoRA adapter file written by `minilora finetune`")
@@ -339,6 +343,7 @@ def _add_generate(sub) -> None:
 
 
 def _add_experiment(sub) -> None:
+    """``minilora experiment NAME|all|report``: run the paper's experiments, or render their page."""
     p = sub.add_parser("experiment", help="the paper's experiments in miniature (results.json, tables, PNGs)",
                        description="Run an experiment (or all) into OUT/results.json and its Markdown and PNGs; "
                                    "`report` renders docs/results.md and docs/figures/ from a results.json.")
@@ -351,6 +356,7 @@ def _add_experiment(sub) -> None:
 
 
 def _add_exercises(sub) -> None:
+    """``minilora exercises``: the course's exercise table, or the teacher's key."""
     p = sub.add_parser("exercises", help="the course's exercises; --solutions: the teacher's key")
     p.add_argument("--solutions", action="store_true",
                    help="print every solution and the answers to the syllabus's 'predict before you run' questions")
