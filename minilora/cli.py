@@ -265,14 +265,8 @@ def _bench(argv) -> int:
     return importlib.import_module("benchmarks.bench").main(argv, prog="minilora bench")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="minilora",
-        description="Learn LoRA (Hu et al. 2021) by building it: demo, pretraining, fine-tuning, generation, "
-                    "the paper's experiments in miniature, and benchmarks.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo(sub) -> None:
+    """``minilora demo``: full fine-tuning vs LoRA on every demo task, end to end."""
     p = sub.add_parser("demo", help="the main job: full fine-tuning vs LoRA on 3 tasks, merge, mixed-task batch")
     p.add_argument("--fast", action="store_true", help="a short run (for tests, ~30 s)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -282,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning runs at a time, each in its own process (default: one per CPU core, at most 6)")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_pretrain(sub) -> None:
+    """``minilora pretrain``: train the base GPT that ships as minilora/assets/."""
     p = sub.add_parser("pretrain", help="train the base GPT on the free-description corpus (the shipped asset)")
     # One option per setting of recipes.PRETRAIN_SETTINGS ("--second-lr" sets "second_lr"), its
     # default the shipped one.
@@ -306,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_pretrain)
 
+
+def _add_finetune(sub) -> None:
+    """``minilora finetune``: one task (LoRA or full), several adapters (--joint), or a Hugging Face base."""
     p = sub.add_parser("finetune", help="adapt the base model to one task (LoRA or full fine-tuning), "
                                         "or several LoRA adapters together (--joint)")
     p.add_argument("--task", type=_task_list, metavar="TASK[,TASK...]",
@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     hf_commands.add_finetune_flags(p)
     p.set_defaults(func=_cmd_finetune)
 
+
+def _add_generate(sub) -> None:
+    """``minilora generate``: decode one prompt, with or without an adapter file."""
     p = sub.add_parser("generate", help="continue a prompt with the base model (and an adapter file)")
     p.add_argument("prompt", help='e.g. "name[the eagle] food[french]"')
     p.add_argument("--adapter", help="a LoRA adapter file written by `minilora finetune`")
@@ -338,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=48)
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_experiment(sub) -> None:
+    """``minilora experiment NAME|all|report``: run the paper's experiments, or render their page."""
     p = sub.add_parser("experiment", help="the paper's experiments in miniature (results.json, tables, PNGs)",
                        description="Run an experiment (or all) into OUT/results.json and its Markdown and PNGs; "
                                    "`report` renders docs/results.md and docs/figures/ from a results.json.")
@@ -348,11 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="shrink every run (for tests)")
     p.set_defaults(func=_cmd_experiment)
 
+
+def _add_exercises(sub) -> None:
+    """``minilora exercises``: the course's exercise table, or the teacher's key."""
     p = sub.add_parser("exercises", help="the course's exercises; --solutions: the teacher's key")
     p.add_argument("--solutions", action="store_true",
                    help="print every solution and the answers to the syllabus's 'predict before you run' questions")
     p.set_defaults(func=_cmd_exercises)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """``minilora``'s parser: one sub-parser per command, in the order ``--help`` lists them."""
+    parser = argparse.ArgumentParser(
+        prog="minilora",
+        description="Learn LoRA (Hu et al. 2021) by building it: demo, pretraining, fine-tuning, generation, "
+                    "the paper's experiments in miniature, and benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_pretrain, _add_finetune, _add_generate, _add_experiment, _add_exercises):
+        add(sub)
     hf_commands.add_parsers(sub)  # export, import-peft, analyze
 
     # `minilora bench ...` is forwarded to `python -m benchmarks.bench ...` by main(); listed here for --help

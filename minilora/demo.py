@@ -127,25 +127,8 @@ def train_all(base, steps: dict, n_eval, progress: bool = True, workers: int = 1
     return {task: {m: runs[task][m] for m in ("base", "full", "lora")} for task in TASKS}
 
 
-def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: str = "minilora-out",
-             progress: bool = True, workers: int | None = None) -> dict:
-    """The demo; ``workers``: fine-tuning runs at a time (default: one per CPU core, at most 6)."""
-    fast = FAST if fast is None else fast
-    workers = min(6, os.cpu_count() or 1) if workers is None else int(workers)
-    started = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
-    tokenizer = Tokenizer.default()
-    base = load_base()
-    steps = {(task, method): (15 if fast else hyperparams(method, task)["steps"]) for task in TASKS for method in ("full", "lora")}
-    n_eval = 16 if fast else None  # None: the whole test split (200 examples)
-    print("minilora demo: LoRA (Hu et al. 2021, arXiv 2106.09685) in miniature")
-    print(f"base model: {base.num_parameters():,} parameters, {base.config.n_layer} layers, "
-          f"d_model {base.config.d_model}, backend {bk.get_backend()}{' (fast mode)' if fast else ''}\n")
-
-    # ---------------------------------------------------------------- 1. full FT vs LoRA
-    print("[1/4] fine-tune every task with full fine-tuning and with LoRA (r = 4 on q, v)"
-          + (f", {workers} runs at a time" if workers > 1 else ""))
-    runs = train_all(base, steps, n_eval, progress, workers)
+def _print_runs(runs: dict) -> dict:
+    """The table of step 1 (one row per task and method) and LoRA's metric over full fine-tuning's."""
     header = f"{'task':<9}{'method':<7}{'trainable':>11}{'% total':>9}{'optim state':>13}{'peak mem':>11}{'time':>8}  metric"
     print(header)
     print("-" * len(header) + "-" * 14)
@@ -157,14 +140,11 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     print("(base: the shipped model with no fine-tuning, scored the same way)")
     ratios = {t: (r["lora"].metric / r["full"].metric if r["full"].metric > 0 else float("nan")) for t, r in runs.items()}
     print("LoRA / full fine-tuning metric: " + ", ".join(f"{t} {100 * v:.1f} %" for t, v in ratios.items()))
-    curves = os.path.join(out_dir, "loss_curves.png")
-    plot_loss_curves(runs, curves)
-    print(f"wrote {curves}\n")
+    return ratios
 
-    # ---------------------------------------------------------------- 2. merge
-    print("[2/4] merge W = W0 + (alpha/r) B A: the same outputs, the base model's latency")
-    probe = load_task("e2e", "test", 8)
-    probe_ids = np.array([(prompt_ids(tokenizer, ex.prompt) + [tokenizer.pad_id] * 64)[:32] for ex in probe])
+
+def _merge_differences(runs: dict, probe_ids: np.ndarray) -> dict:
+    """Merge every task's adapter: the largest logit difference to the unmerged model, per task."""
     merge_report = {}
     for task in TASKS:
         model = runs[task]["lora"].model
@@ -176,7 +156,12 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
         diff = float(np.max(np.abs(after - before)))
         merge_report[task] = {"max_abs_logit_diff": diff}
         print(f"  {task:<9} max |merged - unmerged| logit difference {diff:.2e}")
-    merged = runs["e2e"]["lora"].model
+    return merge_report
+
+
+def _batch1_latency(base, merged, probe_ids: np.ndarray, fast: bool) -> dict:
+    """Median batch-1 forward time (ms) of the base, the merged adapter, merge_and_unload and the
+    unmerged adapter, timed interleaved."""
     unmerged = copy.deepcopy(merged)
     lora.unmerge(unmerged)
     served = lora.merge_and_unload(copy.deepcopy(unmerged)).eval()  # plain Linears holding W0 + s·BA
@@ -193,9 +178,12 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
 
     print(f"  batch-1 forward latency: base {lat['base']:.2f} ms; merge_and_unload {over_base('merged_and_unloaded')}; "
           f"merged LoRALinear {over_base('merged')}; unmerged {over_base('unmerged')}\n")
+    return lat
 
-    # ---------------------------------------------------------------- 3. adapter files
-    print("[3/4] adapters on disk vs a full fine-tuned checkpoint")
+
+def _save_adapters(runs: dict, out_dir: str) -> tuple[dict, dict, int]:
+    """Every task's adapter file and e2e's full checkpoint: the adapter paths, their sizes and the
+    checkpoint's size (bytes)."""
     adapter_paths = {}
     for task in TASKS:
         model = runs[task]["lora"].model
@@ -210,10 +198,12 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     for task, size in sizes.items():
         print(f"  {adapter_paths[task]}: {_mb(size)}  ({full_size / size:.0f}x smaller than {_mb(full_size)})")
     print()
+    return adapter_paths, sizes, full_size
 
-    # ---------------------------------------------------------------- 4. one mixed batch
-    print("[4/4] one batch, three tasks: each row routed through its own adapter "
-          "(the first test example of each task)")
+
+def _serve_mixed_batch(adapter_paths: dict, tokenizer) -> tuple[dict, bool]:
+    """The first test example of every task in ONE batch, each row through its own adapter: the
+    answers, and whether they equal serving one task at a time."""
     server = load_base()
     for task, path in adapter_paths.items():
         lora.load_adapter(path, server, adapter_name=task)
@@ -241,6 +231,44 @@ def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: st
     agree = all(list(a) == list(b) for a, b in zip(outputs, separately))
     print(f"  {sum(m['correct'] for m in mixed.values())}/{len(mixed)} correct; "
           f"mixed batch == one adapter at a time: {agree}")
+    return mixed, agree
+
+
+def run_demo(fast: bool | None = None, json_path: str | None = None, out_dir: str = "minilora-out",
+             progress: bool = True, workers: int | None = None) -> dict:
+    """The demo; ``workers``: fine-tuning runs at a time (default: one per CPU core, at most 6)."""
+    fast = FAST if fast is None else fast
+    workers = min(6, os.cpu_count() or 1) if workers is None else int(workers)
+    started = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = Tokenizer.default()
+    base = load_base()
+    steps = {(task, method): (15 if fast else hyperparams(method, task)["steps"]) for task in TASKS for method in ("full", "lora")}
+    n_eval = 16 if fast else None  # None: the whole test split (200 examples)
+    print("minilora demo: LoRA (Hu et al. 2021, arXiv 2106.09685) in miniature")
+    print(f"base model: {base.num_parameters():,} parameters, {base.config.n_layer} layers, "
+          f"d_model {base.config.d_model}, backend {bk.get_backend()}{' (fast mode)' if fast else ''}\n")
+
+    print("[1/4] fine-tune every task with full fine-tuning and with LoRA (r = 4 on q, v)"
+          + (f", {workers} runs at a time" if workers > 1 else ""))
+    runs = train_all(base, steps, n_eval, progress, workers)
+    ratios = _print_runs(runs)
+    curves = os.path.join(out_dir, "loss_curves.png")
+    plot_loss_curves(runs, curves)
+    print(f"wrote {curves}\n")
+
+    print("[2/4] merge W = W0 + (alpha/r) B A: the same outputs, the base model's latency")
+    probe = load_task("e2e", "test", 8)
+    probe_ids = np.array([(prompt_ids(tokenizer, ex.prompt) + [tokenizer.pad_id] * 64)[:32] for ex in probe])
+    merge_report = _merge_differences(runs, probe_ids)
+    lat = _batch1_latency(base, runs["e2e"]["lora"].model, probe_ids, fast)
+
+    print("[3/4] adapters on disk vs a full fine-tuned checkpoint")
+    adapter_paths, sizes, full_size = _save_adapters(runs, out_dir)
+
+    print("[4/4] one batch, three tasks: each row routed through its own adapter "
+          "(the first test example of each task)")
+    mixed, agree = _serve_mixed_batch(adapter_paths, tokenizer)
 
     wall = time.perf_counter() - started
     print(f"\ndone in {wall:.1f} s; outputs in {out_dir}/")

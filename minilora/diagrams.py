@@ -80,6 +80,44 @@ def draw_reparametrisation(d: int = 8, k: int = 6, r: int = 2):
     return fig
 
 
+def _draw_attention_half(ax, linear, targets) -> None:
+    """The block's left half: x, ln1, q / k / v, the causal attention, o and the first residual."""
+    _box(ax, 0.3, 0.3, 3.6, 0.45, "x  (B, T, d_model)", PLAIN, fontsize=9)
+    _box(ax, 0.9, 1.1, 2.4, 0.45, "ln1 (LayerNorm)", PLAIN, fontsize=8)
+    for i, name in enumerate(("q", "k", "v")):
+        linear(0.05 + i * 1.3, 2.0, name, w=1.2)
+    _box(ax, 0.6, 3.05, 3.0, 0.5, "softmax(q kᵀ/√h_d) v, causal", PLAIN, fontsize=8)
+    linear(1.35, 3.85, "o")
+    ax.text(4.05, 4.45, "+", fontsize=16, ha="center", va="center")
+    _arrow(ax, (2.1, 0.75), (2.1, 1.1))
+    for i in range(3):
+        _arrow(ax, (2.1, 1.55), (0.65 + i * 1.3, 2.0))
+        _arrow(ax, (0.65 + i * 1.3, 2.5 + (0.12 if ("q", "k", "v")[i] in targets else 0)), (2.1, 3.05))
+    _arrow(ax, (2.1, 3.55), (2.1, 3.85))
+    _arrow(ax, (2.1, 4.45), (3.85, 4.45))
+    ax.annotate("", xy=(4.05, 4.3), xytext=(3.9, 0.55),
+                arrowprops=dict(arrowstyle="->", color="#888888", linestyle="--", connectionstyle="arc3,rad=-0.3"))
+    ax.text(4.25, 2.2, "residual", fontsize=8, color="#666666", rotation=90)
+
+
+def _draw_mlp_half(ax, linear, targets) -> None:
+    """The block's right half: ln2, fc, GELU, proj, the second residual and the way out."""
+    _box(ax, 5.0, 1.1, 2.4, 0.45, "ln2 (LayerNorm)", PLAIN, fontsize=8)
+    linear(5.45, 2.0, "fc")
+    _box(ax, 5.6, 3.05, 1.2, 0.45, "GELU", PLAIN, fontsize=8)
+    linear(5.45, 3.85, "proj")
+    ax.text(7.9, 4.45, "+", fontsize=16, ha="center", va="center")
+    _arrow(ax, (4.15, 4.3), (5.0, 1.33))
+    ax.annotate("", xy=(7.8, 4.6), xytext=(4.15, 4.6),
+                arrowprops=dict(arrowstyle="->", color="#888888", linestyle="--", connectionstyle="arc3,rad=-0.12"))
+    ax.text(6.0, 4.95, "residual", fontsize=8, color="#666666", ha="center")
+    _arrow(ax, (6.2, 2.5 + (0.12 if "fc" in targets else 0)), (6.2, 3.05))
+    _arrow(ax, (6.2, 3.5), (6.2, 3.85))
+    _arrow(ax, (6.95, 4.45), (7.75, 4.45))
+    _arrow(ax, (7.9, 4.6), (7.9, 5.15))
+    ax.text(7.9, 5.25, "to the next block", fontsize=8, ha="center")
+
+
 def draw_block(targets=("q", "v"), r: int = 4, d_model: int = 128):
     """One pre-norm GPT-2 block of minilora's model, its Linear layers labelled by module name.
 
@@ -102,37 +140,8 @@ def draw_block(targets=("q", "v"), r: int = 4, d_model: int = 128):
         _box(ax, x, y, w, 0.62 if adapted else 0.5, label, TRAINED if adapted else FROZEN, fontsize=8)
 
     # attention half (left), MLP half (right); data flows bottom to top
-    _box(ax, 0.3, 0.3, 3.6, 0.45, "x  (B, T, d_model)", PLAIN, fontsize=9)
-    _box(ax, 0.9, 1.1, 2.4, 0.45, "ln1 (LayerNorm)", PLAIN, fontsize=8)
-    for i, name in enumerate(("q", "k", "v")):
-        linear(0.05 + i * 1.3, 2.0, name, w=1.2)
-    _box(ax, 0.6, 3.05, 3.0, 0.5, "softmax(q kᵀ/√h_d) v, causal", PLAIN, fontsize=8)
-    linear(1.35, 3.85, "o")
-    ax.text(4.05, 4.45, "+", fontsize=16, ha="center", va="center")
-    _arrow(ax, (2.1, 0.75), (2.1, 1.1))
-    for i in range(3):
-        _arrow(ax, (2.1, 1.55), (0.65 + i * 1.3, 2.0))
-        _arrow(ax, (0.65 + i * 1.3, 2.5 + (0.12 if ("q", "k", "v")[i] in targets else 0)), (2.1, 3.05))
-    _arrow(ax, (2.1, 3.55), (2.1, 3.85))
-    _arrow(ax, (2.1, 4.45), (3.85, 4.45))
-    ax.annotate("", xy=(4.05, 4.3), xytext=(3.9, 0.55),
-                arrowprops=dict(arrowstyle="->", color="#888888", linestyle="--", connectionstyle="arc3,rad=-0.3"))
-    ax.text(4.25, 2.2, "residual", fontsize=8, color="#666666", rotation=90)
-    # MLP half
-    _box(ax, 5.0, 1.1, 2.4, 0.45, "ln2 (LayerNorm)", PLAIN, fontsize=8)
-    linear(5.45, 2.0, "fc")
-    _box(ax, 5.6, 3.05, 1.2, 0.45, "GELU", PLAIN, fontsize=8)
-    linear(5.45, 3.85, "proj")
-    ax.text(7.9, 4.45, "+", fontsize=16, ha="center", va="center")
-    _arrow(ax, (4.15, 4.3), (5.0, 1.33))
-    ax.annotate("", xy=(7.8, 4.6), xytext=(4.15, 4.6),
-                arrowprops=dict(arrowstyle="->", color="#888888", linestyle="--", connectionstyle="arc3,rad=-0.12"))
-    ax.text(6.0, 4.95, "residual", fontsize=8, color="#666666", ha="center")
-    _arrow(ax, (6.2, 2.5 + (0.12 if "fc" in targets else 0)), (6.2, 3.05))
-    _arrow(ax, (6.2, 3.5), (6.2, 3.85))
-    _arrow(ax, (6.95, 4.45), (7.75, 4.45))
-    _arrow(ax, (7.9, 4.6), (7.9, 5.15))
-    ax.text(7.9, 5.25, "to the next block", fontsize=8, ha="center")
+    _draw_attention_half(ax, linear, targets)
+    _draw_mlp_half(ax, linear, targets)
     ax.text(0.05, 5.55, f"blocks.i.attn.{{q,k,v,o}} and blocks.i.mlp.{{fc,proj}};  adapted: {', '.join(targets) or 'none'}"
                        f" (r = {r})", fontsize=9)
     ax.set_xlim(0, 8.4)

@@ -39,6 +39,45 @@ def forward_flops(cfg: GPTConfig, batch: int, lora_targets=(), r: int = 0, seq_l
     return L * (per_layer + lora) + 2 * N * d * V
 
 
+def _linear_flops(name: str, i: int, o: int, input_grad: bool, N: int, d: int, r: int, targets) -> tuple[int, bool]:
+    """One Linear (d_in = i·d → d_out = o·d) of a LoRA step: forward + dx (if its input needs a
+    gradient) + the adapter's products; returns (flops, output needs grad)."""
+    base = 2 * N * (i * d) * (o * d)
+    flops = base * (2 if input_grad else 1)
+    adapted = name in targets
+    if adapted:
+        low = 2 * N * r * d  # one of the thin products, for d_in = i·d, d_out = o·d
+        xa, ub = low * i, low * o
+        flops += xa + ub  # forward
+        flops += ub + ub + xa  # g B (N×d_out @ d_out×r), dB = gᵀ u, dA = (gB)ᵀ x
+        if input_grad:
+            flops += xa  # (g B) A for dx
+    return flops, input_grad or adapted
+
+
+def _lora_block_flops(x_grad: bool, N: int, T: int, d: int, r: int, targets) -> tuple[int, bool]:
+    """One transformer block of a LoRA step, its input needing a gradient or not (``x_grad``):
+    returns (flops, the residual stream leaving the block needs grad)."""
+    att = 2 * N * T * d  # one attention product (q kᵀ, P v, or one of their gradients)
+
+    def linear(name, i, o, input_grad):
+        return _linear_flops(name, i, o, input_grad, N, d, r, targets)
+
+    fl_q, q_g = linear("q", 1, 1, x_grad)
+    fl_k, k_g = linear("k", 1, 1, x_grad)
+    fl_v, v_g = linear("v", 1, 1, x_grad)
+    total = fl_q + fl_k + fl_v
+    total += 2 * att  # forward: scores and P v
+    total += att * (int(q_g or k_g) + int(v_g) + int(q_g) + int(k_g))  # dP, dv, dq, dk
+    y_g = q_g or k_g or v_g
+    fl_o, o_g = linear("o", 1, 1, y_g)
+    x_grad = x_grad or o_g
+    fl_fc, fc_g = linear("fc", 1, 4, x_grad)
+    fl_proj, proj_g = linear("proj", 4, 1, fc_g)
+    total += fl_o + fl_fc + fl_proj
+    return total, x_grad or proj_g
+
+
 def step_flops(cfg: GPTConfig, batch: int, lora_targets=None, r: int = 0, seq_len: int | None = None) -> int:
     """Matmul FLOPs of one training step: forward + backward (the AdamW update is elementwise: 0).
 
@@ -78,37 +117,10 @@ def step_flops(cfg: GPTConfig, batch: int, lora_targets=None, r: int = 0, seq_le
     unknown = targets - {name for name, _, _ in _LAYER_LINEARS}
     if unknown:
         raise ValueError(f"step_flops: unknown LoRA targets {sorted(unknown)}")
-    att = 2 * N * T * d  # one attention product (q kᵀ, P v, or one of their gradients)
     total = 0
     x_grad = False  # does the residual stream entering this layer need a gradient? (embeddings frozen)
-
-    def linear(name, i, o, input_grad):
-        """forward + dx (if needed) + the adapter's products; returns (flops, output needs grad)."""
-        base = 2 * N * (i * d) * (o * d)
-        flops = base * (2 if input_grad else 1)
-        adapted = name in targets
-        if adapted:
-            low = 2 * N * r * d  # one of the thin products, for d_in = i·d, d_out = o·d
-            xa, ub = low * i, low * o
-            flops += xa + ub  # forward
-            flops += ub + ub + xa  # g B (N×d_out @ d_out×r), dB = gᵀ u, dA = (gB)ᵀ x
-            if input_grad:
-                flops += xa  # (g B) A for dx
-        return flops, input_grad or adapted
-
     for _ in range(L):
-        fl_q, q_g = linear("q", 1, 1, x_grad)
-        fl_k, k_g = linear("k", 1, 1, x_grad)
-        fl_v, v_g = linear("v", 1, 1, x_grad)
-        total += fl_q + fl_k + fl_v
-        total += 2 * att  # forward: scores and P v
-        total += att * (int(q_g or k_g) + int(v_g) + int(q_g) + int(k_g))  # dP, dv, dq, dk
-        y_g = q_g or k_g or v_g
-        fl_o, o_g = linear("o", 1, 1, y_g)
-        x_grad = x_grad or o_g
-        fl_fc, fc_g = linear("fc", 1, 4, x_grad)
-        fl_proj, proj_g = linear("proj", 4, 1, fc_g)
-        total += fl_o + fl_fc + fl_proj
-        x_grad = x_grad or proj_g
+        flops, x_grad = _lora_block_flops(x_grad, N, T, d, r, targets)
+        total += flops
     total += 2 * N * d * V * (2 if x_grad else 1)  # tied head: dx only (wte frozen)
     return total

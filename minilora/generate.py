@@ -156,6 +156,64 @@ def _decode_bucket(step: _Step, n_rows: int, max_new: int, method, temperature, 
 
 
 # ----------------------------------------------------------------------------- beam search
+class _Finished:
+    """The best finished hypothesis of each prompt, score(y) = Σ log p / |y| ** length_penalty."""
+
+    def __init__(self, n_prompts: int, length_penalty: float):
+        self.lp = length_penalty
+        self.best: list[tuple[float, list[int]]] = [(-np.inf, [])] * n_prompts
+
+    def add(self, prompt: int, total: float, tokens: list[int], length: int) -> None:
+        score = total / length**self.lp
+        if score > self.best[prompt][0]:  # among equal scores the one found first stays
+            self.best[prompt] = (score, tokens)
+
+    def decided(self, prompt: int, best_live: float, length: int, max_new: int) -> bool:
+        """True when no live beam (best sum ``best_live`` at ``length`` tokens) can still win."""
+        reach = best_live / (max_new if self.lp > 0 else length) ** self.lp  # the best any live beam can still score
+        return self.best[prompt][0] >= reach
+
+    def answers(self) -> list[list[int]]:
+        return [tokens for _, tokens in self.best]
+
+
+def _best_continuations(a: int, prompt: int, candidates, order, generated, K: int, V: int, eos_id,
+                        finished: _Finished, length: int) -> list[tuple[int, int, float]]:
+    """Prompt ``a``'s candidates best first: eos ones become finished hypotheses, the first K
+    others are returned as the next live beams (row, token, summed log-probability)."""
+    chosen = []
+    for c in order[a]:
+        total = candidates[a, c]
+        if total == -np.inf:
+            break
+        beam, token = divmod(int(c), V)
+        row = a * K + beam
+        if eos_id is not None and token == eos_id:
+            finished.add(prompt, total, generated[row].tolist(), length)
+            continue
+        chosen.append((row, token, total))
+        if len(chosen) == K:
+            break
+    return chosen
+
+
+def _next_beams(chosen: list, prompt: int, generated, K: int, finished: _Finished, length: int, max_new: int):
+    """The K live beams a prompt keeps for the next step, or None when it leaves the search
+    (the last step finishes its live beams, or none is alive, or none can win any more)."""
+    if length == max_new:
+        for row, token, total in chosen:
+            finished.add(prompt, total, generated[row].tolist() + [token], length)
+        return None
+    best_live = max((s for _, _, s in chosen), default=-np.inf)
+    if best_live == -np.inf:
+        return None  # nothing left alive
+    if finished.decided(prompt, best_live, length, max_new):
+        return None  # decided: no live beam can win any more
+    while len(chosen) < K:  # fewer than K candidates (tiny vocabulary): pad with dead beams
+        chosen.append((chosen[0][0], chosen[0][1], -np.inf))
+    return chosen
+
+
 def _beam_bucket(step: _Step, n_prompts: int, max_new: int, num_beams: int, length_penalty: float, eos_id):
     """Beam search for one bucket: ``num_beams`` rows per prompt, all prompts in one batch.
 
@@ -171,7 +229,7 @@ def _beam_bucket(step: _Step, n_prompts: int, max_new: int, num_beams: int, leng
     reachable score is s / max_new ** lp for lp > 0 and at most s / |y| ** lp for lp ≤ 0.
     Stopping early therefore never changes the answer.
     """
-    K, lp = num_beams, float(length_penalty)
+    K = num_beams
     logp = _log_softmax(step.start(), axis=-1)  # (n, V): the prompt is read once per prompt...
     V = logp.shape[-1]
     step.keep(np.repeat(np.arange(n_prompts), K))  # ...then copied to K beam rows
@@ -179,65 +237,90 @@ def _beam_bucket(step: _Step, n_prompts: int, max_new: int, num_beams: int, leng
     scores = np.full((n_prompts, K), -np.inf)
     scores[:, 0] = 0.0  # the K copies are identical: let only the first one propose at step 1
     generated = np.zeros((n_prompts * K, 0), dtype=np.int64)  # (rows, t): new tokens per beam row
-    best: list[tuple[float, list[int]]] = [(-np.inf, [])] * n_prompts  # best finished hypothesis per prompt
+    finished = _Finished(n_prompts, float(length_penalty))
     active = np.arange(n_prompts)  # bucket prompts still searching, in batch order
-
-    def add_hypothesis(prompt: int, total: float, tokens: list[int], length: int) -> None:
-        score = total / length**lp
-        if score > best[prompt][0]:  # among equal scores the one found first stays
-            best[prompt] = (score, tokens)
-
     for t in range(max_new):
         length = t + 1  # new tokens in every candidate of this step
         n_active = len(active)
         candidates = (scores[:, :, None] + logp.reshape(n_active, K, V)).reshape(n_active, K * V)
         n_best = min(2 * K, K * V)  # at most K of them are eos, so ≥ K others remain when V > 1
         order = np.argsort(-candidates, axis=-1, kind="stable")[:, :n_best]
-        last = t == max_new - 1
-        rows, tokens, new_scores, still_active = [], [], [], []
+        beams, still_active = [], []  # (row, token, sum) of every kept beam, in batch order
         for a, prompt in enumerate(active):
-            chosen = []  # (row, token, score) of the next live beams
-            for c in order[a]:
-                total = candidates[a, c]
-                if total == -np.inf:
-                    break
-                beam, token = divmod(int(c), V)
-                row = a * K + beam
-                if eos_id is not None and token == eos_id:
-                    add_hypothesis(prompt, total, generated[row].tolist(), length)
-                    continue
-                chosen.append((row, token, total))
-                if len(chosen) == K:
-                    break
-            best_live = max((s for _, _, s in chosen), default=-np.inf)
-            if last:
-                for row, token, total in chosen:
-                    add_hypothesis(prompt, total, generated[row].tolist() + [token], length)
-                continue
-            if best_live == -np.inf:
-                continue  # nothing left alive
-            reach = best_live / (max_new if lp > 0 else length) ** lp  # the best any live beam can still score
-            if best[prompt][0] >= reach:
-                continue  # decided: no live beam can win any more
-            while len(chosen) < K:  # fewer than K candidates (tiny vocabulary): pad with dead beams
-                chosen.append((chosen[0][0], chosen[0][1], -np.inf))
-            still_active.append(prompt)
-            for row, token, total in chosen:
-                rows.append(row)
-                tokens.append(token)
-                new_scores.append(total)
+            chosen = _best_continuations(a, prompt, candidates, order, generated, K, V, eos_id, finished, length)
+            kept = _next_beams(chosen, prompt, generated, K, finished, length, max_new)
+            if kept is not None:
+                still_active.append(prompt)
+                beams += kept
         if not still_active:
             break
-        rows = np.asarray(rows)
+        rows = np.asarray([row for row, _, _ in beams])
+        tokens = [token for _, token, _ in beams]
         step.keep(rows)
         generated = np.concatenate([generated[rows], np.asarray(tokens, dtype=np.int64)[:, None]], axis=1)
-        scores = np.asarray(new_scores).reshape(len(still_active), K)
+        scores = np.asarray([total for _, _, total in beams]).reshape(len(still_active), K)
         active = np.asarray(still_active)
         logp = _log_softmax(step.advance(np.asarray(tokens)), axis=-1)
-    return [tokens for _, tokens in best]
+    return finished.answers()
 
 
 # ----------------------------------------------------------------------------- entry point
+def _check_arguments(model, method, max_new_tokens, temperature, top_k, num_beams, eos_id) -> tuple[int, int | None]:
+    """Clear errors for bad decoding settings; ``max_new_tokens`` and ``top_k`` as ints."""
+    if method not in DECODING_METHODS:
+        raise ValueError(f"generate: method must be one of {DECODING_METHODS}, got {method!r}")
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if method == "sample":
+        if not temperature > 0:
+            raise ValueError(f"generate: temperature must be > 0 for sampling, got {temperature} (use method='greedy' for argmax)")
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+            raise ValueError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
+        top_k = None if top_k is None else int(top_k)
+    if method == "beam" and (int(num_beams) != num_beams or num_beams < 1):
+        raise ValueError(f"generate: num_beams must be a positive integer, got {num_beams!r}")
+    vocab_size = model.config.vocab_size
+    if eos_id is not None and not 0 <= int(eos_id) < vocab_size:
+        raise ValueError(f"generate: eos_id={eos_id} is not a token id of this model (0..{vocab_size - 1})")
+    return int(max_new_tokens), top_k
+
+
+def _checked_prompts(prompts, cfg) -> list[np.ndarray]:
+    """The prompts as 1-D int64 arrays, each one no longer than the model's context."""
+    prompt_list = _as_prompt_list(prompts)
+    for i, p in enumerate(prompt_list):
+        if len(p) > cfg.block_size:
+            raise ValueError(
+                f"generate: prompt {i} has {len(p)} tokens but the model reads at most block_size={cfg.block_size}; "
+                "shorten the prompt or use a model with a larger GPTConfig.block_size"
+            )
+    return prompt_list
+
+
+def _checked_adapter_ids(adapter_ids, n_prompts: int):
+    """``adapter_ids`` as an object array (one adapter name per prompt), or None."""
+    if adapter_ids is None:
+        return None
+    if isinstance(adapter_ids, str) or len(adapter_ids) != n_prompts:
+        raise ValueError(
+            f"generate: adapter_ids must hold one adapter name per prompt ({n_prompts}), got {adapter_ids!r}"
+        )
+    return np.array(list(adapter_ids), dtype=object)
+
+
+@contextlib.contextmanager
+def _eval_without_grad(model):
+    """The model in eval mode under ``no_grad``; each module's previous mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            object.__setattr__(m, "training", training)
+
+
 def generate(
     model,
     prompts,
@@ -268,67 +351,29 @@ def generate(
     Runs under ``no_grad`` with the model in eval mode (dropout off); each module's previous
     mode is restored afterwards.
     """
-    if method not in DECODING_METHODS:
-        raise ValueError(f"generate: method must be one of {DECODING_METHODS}, got {method!r}")
-    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    max_new_tokens = int(max_new_tokens)
+    max_new_tokens, top_k = _check_arguments(model, method, max_new_tokens, temperature, top_k, num_beams, eos_id)
     cfg = model.config
-    if method == "sample":
-        if not temperature > 0:
-            raise ValueError(f"generate: temperature must be > 0 for sampling, got {temperature} (use method='greedy' for argmax)")
-        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
-            raise ValueError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
-        top_k = None if top_k is None else int(top_k)
-    if method == "beam" and (int(num_beams) != num_beams or num_beams < 1):
-        raise ValueError(f"generate: num_beams must be a positive integer, got {num_beams!r}")
-    if eos_id is not None and not 0 <= int(eos_id) < cfg.vocab_size:
-        raise ValueError(f"generate: eos_id={eos_id} is not a token id of this model (0..{cfg.vocab_size - 1})")
-
-    prompt_list = _as_prompt_list(prompts)
-    for i, p in enumerate(prompt_list):
-        if len(p) > cfg.block_size:
-            raise ValueError(
-                f"generate: prompt {i} has {len(p)} tokens but the model reads at most block_size={cfg.block_size}; "
-                "shorten the prompt or use a model with a larger GPTConfig.block_size"
-            )
-    if adapter_ids is not None:
-        if isinstance(adapter_ids, str) or len(adapter_ids) != len(prompt_list):
-            raise ValueError(
-                f"generate: adapter_ids must hold one adapter name per prompt ({len(prompt_list)}), got {adapter_ids!r}"
-            )
-        adapter_ids = np.array(list(adapter_ids), dtype=object)
+    prompt_list = _checked_prompts(prompts, cfg)
+    adapter_ids = _checked_adapter_ids(adapter_ids, len(prompt_list))
     generator = np.random.default_rng(seed) if seed is not None else bk.rng("numpy")
 
     results: list[list[int] | None] = [None] * len(prompt_list)
-    buckets: dict[int, list[int]] = {}
+    buckets: dict[int, list[int]] = {}  # prompt length -> the prompts of that length
     for i, p in enumerate(prompt_list):
         buckets.setdefault(len(p), []).append(i)
-
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with no_grad():
-            for length in sorted(buckets):
-                members = buckets[length]
-                max_new = min(max_new_tokens, cfg.block_size - length)  # prompt + new ≤ block_size
-                if max_new == 0:
-                    for i in members:
-                        results[i] = []
-                    continue
-                step = _Step(
-                    model,
-                    np.stack([prompt_list[i] for i in members]),
-                    None if adapter_ids is None else adapter_ids[members],
-                    use_cache,
-                )
+    with _eval_without_grad(model):
+        for length in sorted(buckets):
+            members = buckets[length]
+            max_new = min(max_new_tokens, cfg.block_size - length)  # prompt + new ≤ block_size
+            if max_new == 0:
+                outs = [[] for _ in members]
+            else:
+                step = _Step(model, np.stack([prompt_list[i] for i in members]),
+                             None if adapter_ids is None else adapter_ids[members], use_cache)
                 if method == "beam":
                     outs = _beam_bucket(step, len(members), max_new, int(num_beams), length_penalty, eos_id)
                 else:
                     outs = _decode_bucket(step, len(members), max_new, method, temperature, top_k, eos_id, generator)
-                for i, out in zip(members, outs):
-                    results[i] = out
-    finally:
-        for m, training in modes:
-            object.__setattr__(m, "training", training)
+            for i, out in zip(members, outs):
+                results[i] = out
     return results

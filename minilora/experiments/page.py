@@ -43,11 +43,9 @@ def _size(results: dict) -> str:
     return f" and {totals[0]:,} parameters" if totals else ""
 
 
-def render_page(results: dict, sections: dict) -> str:
-    s, machine = results["settings"], results["machine"]
-    minutes = results["seconds"] / 60
-    load = machine.get("load_average_start"), machine.get("load_average_end")
-    lines = [
+def _introduction(results: dict) -> list[str]:
+    """The title, what the page holds, and the commands that remake it."""
+    return [
         "# The paper's experiments in miniature: results",
         "",
         "This page holds Tables 1–7, Figs. 2–4, the low-data study (Table 16) and the variants that came after "
@@ -71,14 +69,28 @@ def render_page(results: dict, sections: dict) -> str:
         "minilora experiment report                               # docs/results.md and docs/figures/",
         "```",
         "",
+    ]
+
+
+def _run_cost(results: dict) -> str:
+    """How long the run took, on what machine, and its CPU-minutes of training."""
+    machine = results["machine"]
+    minutes = results["seconds"] / 60
+    load = machine.get("load_average_start"), machine.get("load_average_end")
+    return (
         f"`{results['command']}` took **{minutes:.1f} min** on this run's machine ({machine['cpus']} CPUs, "
         f"{results['workers']} worker process{'es' if results['workers'] != 1 else ''} with one BLAS thread each; load average "
         f"{load[0][0] if load[0] else '–'} at the start and {load[1][0] if load[1] else '–'} at the end). Every "
         "run seeds itself, so a second run gives the same training numbers to the last digit; only the timings "
         "(latency, seconds, ms per step) change. The training steps of the fine-tuning runs alone add up to "
         f"{_train_minutes(results):.0f} CPU-minutes (the sum of their `train_seconds`, one core each). `--fast` "
-        "shrinks everything to a few steps and examples (the test suite runs it); its numbers mean nothing.",
-        "",
+        "shrinks everything to a few steps and examples (the test suite runs it); its numbers mean nothing."
+    )
+
+
+def _setup(results: dict) -> list[str]:
+    """The Set-up section: seeds, hyper-parameters, evaluation and how verdicts are given."""
+    return [
         "## Set-up",
         "",
         f"- **Seeds.** Every comparison runs with seeds {', '.join(str(x) for x in results['seeds'])}: the seed "
@@ -86,7 +98,8 @@ def render_page(results: dict, sections: dict) -> str:
         "the mean ± the sample standard deviation over seeds; the test split (200 examples) is the same for "
         "every seed, so the ± is the training noise, not the test sample's.",
         "- **Hyper-parameters** come from one table, `minilora.methods.HYPERPARAMS` (AdamW, batch "
-        f"{s['batch_size']}, linear warm-up over the first 10 % of the steps and decay, gradient clipping 1.0); "
+        f"{results['settings']['batch_size']}, linear warm-up over the first 10 % of the steps and decay, "
+        "gradient clipping 1.0); "
         "the learning rates of FT and LoRA are chosen on the val split (section below), the test split only "
         "reports:",
         "",
@@ -103,6 +116,11 @@ def render_page(results: dict, sections: dict) -> str:
         "ceiling, LoRA against full fine-tuning is judged on the NLL.",
         "",
     ]
+
+
+def render_page(results: dict, sections: dict) -> str:
+    """The whole page: introduction, run cost, set-up, the Summary of findings, then every section."""
+    lines = _introduction(results) + [_run_cost(results), ""] + _setup(results)
     rows = findings(results["experiments"])
     if rows:
         lines += ["## Summary", "", markdown_table(["Finding of the paper", "Here (mean ± std over seeds)", "Verdict"],
