@@ -239,7 +239,7 @@ def _softmax(x, axis):
     return e
 
 
-def _log_softmax(x, axis):
+def log_softmax_array(x, axis):
     xp = get_array_module(x)
     shifted = x - x.max(axis=axis, keepdims=True)
     shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
@@ -267,7 +267,7 @@ class LogSoftmax(Function):
 
     def forward(self, x, axis=-1):
         self.axis = axis
-        y = _log_softmax(x, axis)
+        y = log_softmax_array(x, axis)
         self.save_for_backward(y)
         return y
 
@@ -304,7 +304,7 @@ class CrossEntropy(Function):
         total = w.sum()
         if float(total) <= 0:
             raise ValueError("cross_entropy: no token is counted (the mask / ignore_index removes every position)")
-        logp = _log_softmax(z, axis=-1)
+        logp = log_softmax_array(z, axis=-1)
         rows = xp.arange(t.shape[0])
         t_safe = xp.where(w != 0, t, 0)  # ignored positions may hold any id (e.g. -100)
         nll = -logp[rows, t_safe]

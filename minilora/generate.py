@@ -35,7 +35,7 @@ import contextlib
 import numpy as np
 
 from . import backend as bk
-from .functional import _log_softmax  # on the host's float64 next-token logits (rows, V)
+from .functional import log_softmax_array  # on the host's float64 next-token logits (rows, V)
 from .lora import mixed_batch
 from .models.gpt import KVCache
 from .tensor import Tensor, no_grad
@@ -230,7 +230,7 @@ def _beam_bucket(step: _Step, n_prompts: int, max_new: int, num_beams: int, leng
     Stopping early therefore never changes the answer.
     """
     K = num_beams
-    logp = _log_softmax(step.start(), axis=-1)  # (n, V): the prompt is read once per prompt...
+    logp = log_softmax_array(step.start(), axis=-1)  # (n, V): the prompt is read once per prompt...
     V = logp.shape[-1]
     step.keep(np.repeat(np.arange(n_prompts), K))  # ...then copied to K beam rows
     logp = np.repeat(logp, K, axis=0)  # (n·K, V)
@@ -260,7 +260,7 @@ def _beam_bucket(step: _Step, n_prompts: int, max_new: int, num_beams: int, leng
         generated = np.concatenate([generated[rows], np.asarray(tokens, dtype=np.int64)[:, None]], axis=1)
         scores = np.asarray([total for _, _, total in beams]).reshape(len(still_active), K)
         active = np.asarray(still_active)
-        logp = _log_softmax(step.advance(np.asarray(tokens)), axis=-1)
+        logp = log_softmax_array(step.advance(np.asarray(tokens)), axis=-1)
     return finished.answers()
 
 

@@ -55,7 +55,7 @@ def enable_grad():
     return _grad_mode(True)
 
 
-def _is_float(dtype) -> bool:
+def is_float_dtype(dtype) -> bool:
     return np.issubdtype(dtype, np.floating)
 
 
@@ -70,9 +70,9 @@ class Tensor:
             data = data.data
         if dtype is None and not hasattr(data, "dtype"):
             probe = np.asarray(data)  # Python lists/scalars: floats become float32, as in PyTorch
-            dtype = np.float32 if _is_float(probe.dtype) else probe.dtype
+            dtype = np.float32 if is_float_dtype(probe.dtype) else probe.dtype
         self.data = bk.asarray(data, dtype=dtype, backend=backend)  # backend None: the current one
-        if requires_grad and not _is_float(self.data.dtype):
+        if requires_grad and not is_float_dtype(self.data.dtype):
             raise TypeError(f"only floating tensors can require grad, got dtype {self.data.dtype}")
         self.grad = None
         self.requires_grad = bool(requires_grad)

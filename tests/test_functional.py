@@ -615,7 +615,6 @@ def test_the_tied_tables_gradient_is_built_once_and_an_earlier_grad_is_never_cha
     V, D = 50_257, 32  # the (V, D) gradient (6.4 MB) well above the (4, V) arrays of the head (0.8 MB)
     rng = np.random.default_rng(6)
     W = ml.tensor(rng.standard_normal((V, D)).astype(np.float32), requires_grad=True)
-    x = ml.tensor(rng.standard_normal((4, D)).astype(np.float32))
     ids = rng.integers(0, V, size=(4, 16))
     g_lookup = rng.standard_normal((4, 16, D)).astype(np.float32)
     g_head = rng.standard_normal((4, V)).astype(np.float32)

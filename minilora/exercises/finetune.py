@@ -42,7 +42,7 @@ register(
     ''')
 
 
-def _tiny_gpt(dtype="float32", seed=0):
+def tiny_gpt(dtype="float32", seed=0):
     bk.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, d_model=16))
     return model.to(dtype=dtype)
@@ -57,7 +57,7 @@ def check_optimizer_state_bytes(fn) -> str:
     """
     for dtype in ("float32", "float64"):
         for method in ("full", "lora"):
-            model = _tiny_gpt(dtype)
+            model = tiny_gpt(dtype)
             if method == "lora":
                 lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q", "v")))
                 lora.mark_only_lora_as_trainable(model)

@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import backend as bk
 from ..tensor import Tensor, no_grad
-from .finetune import _tiny_gpt
+from .finetune import tiny_gpt
 from .harness import Wrong, call, compare, exercise, register, rng
 
 __all__ = ["check_softmax_any_backend", "check_host_logits"]
@@ -87,7 +87,7 @@ def check_host_logits(fn) -> str:
 
     Tried with a NumPy model, a strict copy (and a CuPy copy where a GPU is present); compared with model(idx).
     """
-    model = _tiny_gpt("float32")
+    model = tiny_gpt("float32")
     model.eval()
     idx = rng(0).integers(0, 20, size=(2, 5))
     with no_grad():

@@ -51,7 +51,7 @@ register(
 _ARGS = ("x", "lora_A", "lora_B", "grad_h", "scaling")
 
 
-def _lora_problem(seed: int, n=5, k=6, d=4, r=3):
+def lora_problem(seed: int, n=5, k=6, d=4, r=3):
     g = rng(seed)
     return (g.standard_normal((n, k)), g.standard_normal((d, k)) * 0.5, g.standard_normal(d) * 0.1,
             g.standard_normal((r, k)) * 0.5, g.standard_normal((d, r)) * 0.5)
@@ -79,7 +79,7 @@ def _student_lora_function(fn, which: str):
 def _check_lora_gradient(fn, which: str) -> str:
     StudentLoRA = _student_lora_function(fn, which)
     for seed, scaling in ((0, 2.5), (1, 0.5)):
-        x, weight, bias, lora_A, lora_B = _lora_problem(seed)
+        x, weight, bias, lora_A, lora_B = lora_problem(seed)
         # first: your formula against the library's fused backward, with a known upstream gradient
         A_lib = tensor(lora_A, requires_grad=True, dtype="float64")
         B_lib = tensor(lora_B, requires_grad=True, dtype="float64")

@@ -10,7 +10,7 @@ from .. import nn
 from ..lora import BASE_ADAPTER, LoRAConfig, LoRALinear, mixed_batch
 from ..tensor import no_grad, tensor
 from .harness import Wrong, as_array, call, compare, exercise, register
-from .lora_layer import _lora_problem
+from .lora_layer import lora_problem
 
 __all__ = ["check_merge", "check_switch", "check_mixed_batch"]
 
@@ -59,7 +59,7 @@ def check_merge(fn) -> str:
 
     Checked two ways: equal to W₀ + s·B A, and F.linear with it gives F.lora_linear's output.
     """
-    x, W0, bias, A, B = _lora_problem(3)
+    x, W0, bias, A, B = lora_problem(3)
     s = 2.0
     merged = as_array(call(fn, {"W0": W0.copy(), "lora_A": A.copy(), "lora_B": B.copy(), "scaling": s}),
                       "merged weight", W0.shape)
@@ -117,8 +117,8 @@ def check_switch(fn) -> str:
 
     old and new are (lora_A, lora_B, scaling) triples of the same layer.
     """
-    _, W0, _, A1, B1 = _lora_problem(4)
-    _, _, _, A2, B2 = _lora_problem(5)
+    _, W0, _, A1, B1 = lora_problem(4)
+    _, _, _, A2, B2 = lora_problem(5)
     s1, s2 = 2.0, 0.5
     W = W0 + s1 * B1 @ A1
     got = as_array(call(fn, {"W": W.copy(), "old": (A1.copy(), B1.copy(), s1), "new": (A2.copy(), B2.copy(), s2)}),
@@ -144,8 +144,8 @@ def check_mixed_batch(fn) -> str:
     adapters: {name: (lora_A, lora_B, scaling)}; the name ``"__base__"`` means "no adapter".
     Compared with a ``lora.LoRALinear`` holding the same adapters, called in ``lora.mixed_batch(layer, adapter_ids)``.
     """
-    x, W0, bias, A1, B1 = _lora_problem(6, n=6)
-    _, _, _, A2, B2 = _lora_problem(7, n=6)
+    x, W0, bias, A1, B1 = lora_problem(6, n=6)
+    _, _, _, A2, B2 = lora_problem(7, n=6)
     adapters = {"e2e": (A1, B1, 2.0), "parse": (A2, B2, 0.5)}
     layer = LoRALinear(nn.Linear(W0.shape[1], W0.shape[0], dtype=np.float64))
     layer.weight.data[...] = W0

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from ..analysis import (effective_rank, energy_share, low_rank_amplification, low_rank_svd,
                         subspace_similarity_grid)
 from ..lora.dora import dora_weight
-from .checkpoint import INDEX, HFFormatError, _no_pickles, dora_magnitude, read_json_object, read_safetensors, resolve_dir
+from .checkpoint import INDEX, HFFormatError, no_pickles, dora_magnitude, read_json_object, read_safetensors, resolve_dir
 from .checkpoint import WEIGHTS as BASE_WEIGHTS
 from .peft import CONFIG, PREFIX, matching_pattern, peft_weights_file
 
@@ -102,7 +102,7 @@ def _where(module: str) -> tuple[int | None, str]:
     return int(m.group(1)), f".{module}."[m.end():].strip(".") or module
 
 
-def _order(module: str):
+def module_order(module: str):
     layer, kind = _where(module)
     last = kind.rsplit(".", 1)[-1]
     return (layer if layer is not None else math.inf, last not in _KIND_ORDER,
@@ -126,7 +126,7 @@ def read_lora_adapter(path) -> LoRAFolder:
     arrays = read_safetensors(weights)  # an adapter is small: A and B of every module
     pairs, magnitudes, skipped = _sort_tensors(weights, arrays, cfg)
     matrices = {module: _adapted_matrix(weights, cfg_path, cfg, module, pairs[module], r, alpha, patterns, magnitudes)
-                for module in sorted(pairs, key=_order)}
+                for module in sorted(pairs, key=module_order)}
     orphans = sorted(set(magnitudes) - set(matrices)) if dora else sorted(magnitudes)
     if orphans:
         raise HFFormatError(f"{weights}: {magnitudes[orphans[0]][0]} "
@@ -259,7 +259,7 @@ class BaseWeights:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise HFFormatError(f"{index}: not a safetensors index with a 'weight_map' ({exc})") from None
         else:
-            _no_pickles(self.folder, "safetensors weights")
+            no_pickles(self.folder, "safetensors weights")
         for file in ([single] if shards is None else sorted({os.path.join(self.folder, s) for s in shards.values()})):
             try:
                 with safe_open(file, framework="numpy") as f:
@@ -455,7 +455,7 @@ def summarize(rows, by: str) -> list[dict]:
     groups = {}
     for row in rows:
         groups.setdefault(row[by], []).append(row)
-    keys = sorted(groups, key=lambda k: (k is None, k if by == "layer" else _order(f"x.0.{k}")))
+    keys = sorted(groups, key=lambda k: (k is None, k if by == "layer" else module_order(f"x.0.{k}")))
     out = []
     for key in keys:
         g = groups[key]

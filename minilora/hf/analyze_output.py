@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from .analyze import _order
+from .analyze import module_order
 
 __all__ = ["print_report", "write_figure"]
 
@@ -69,7 +69,7 @@ def write_figure(report: dict, path: str) -> str | None:
 
 
 def _kinds(rows) -> list:
-    return sorted({r["kind"] for r in rows}, key=lambda k: _order(f"x.0.{k}"))
+    return sorted({r["kind"] for r in rows}, key=lambda k: module_order(f"x.0.{k}"))
 
 
 def _by_layer(rows, kind, value):

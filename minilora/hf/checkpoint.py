@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from .. import backend as bk
 from ..io import FileFormatError, save_json, save_safetensors
-from ..lora.quantized import check_not_quantized
+from ..quant import check_not_quantized
 from ..models.gpt import GPT, GPTConfig
 
 __all__ = ["HFFormatError", "load_gpt2", "read_safetensors", "resolve_dir", "save_gpt2", "to_hf_state", "from_hf_state"]
@@ -70,7 +70,7 @@ def resolve_dir(path, cache_dir=None, what: str = "GPT-2 directory") -> str:
         ) from None
 
 
-def _no_pickles(folder: str, wanted: str) -> None:
+def no_pickles(folder: str, wanted: str) -> None:
     pickles = [p for p in _PICKLES if os.path.exists(os.path.join(folder, p))]
     if pickles:
         raise HFFormatError(
@@ -118,7 +118,7 @@ def _read_weights(folder: str) -> dict:
     if os.path.exists(single):
         return read_safetensors(single)
     if not os.path.exists(index):
-        _no_pickles(folder, "safetensors weights")
+        no_pickles(folder, "safetensors weights")
     try:
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]

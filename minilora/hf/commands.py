@@ -35,9 +35,7 @@ from ..recipes import finetune_text
 from .checkpoint import HFFormatError, load_gpt2, save_gpt2
 from .analyze import REWRITES_BASE, analyze_adapter, complete_row, summarize
 from .analyze_output import print_report, write_figure
-from .peft import _BIAS_KEY as GPT2_BIAS_KEY
-from .peft import _LORA_KEY as GPT2_LORA_KEY
-from .peft import _MAGNITUDE_KEY as GPT2_MAGNITUDE_KEY
+from .peft import PEFT_BIAS_KEY, PEFT_LORA_KEY, PEFT_MAGNITUDE_KEY
 from .peft import LAYOUT_KEY, OURS_OF, load_peft_adapter, read_peft_adapter, save_peft_adapter, split_c_attn
 from .peft import PREFIX as PEFT_PREFIX
 from .peft import WEIGHTS as PEFT_WEIGHTS
@@ -227,8 +225,8 @@ def _is_gpt2_adapter(path) -> bool:
 
     def gpt2(key):
         name = key.removeprefix(PEFT_PREFIX).removeprefix("transformer.")
-        return bool(GPT2_LORA_KEY.match(name) or GPT2_MAGNITUDE_KEY.match(name)
-                    or GPT2_BIAS_KEY.match(name.replace(".base_layer.bias", ".bias")))
+        return bool(PEFT_LORA_KEY.match(name) or PEFT_MAGNITUDE_KEY.match(name)
+                    or PEFT_BIAS_KEY.match(name.replace(".base_layer.bias", ".bias")))
 
     return bool(keys) and all(gpt2(k) for k in keys)
 

@@ -46,10 +46,10 @@ LAYOUT_KEY = "minilora_c_attn_parts"
 HF_OF = {"attn.o": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}  # and q, k, v -> attn.c_attn
 OURS_OF = {v: k for k, v in HF_OF.items()}
 _OUR_PATH = re.compile(r"^blocks\.(\d+)\.(attn\.[qkvo]|mlp\.fc|mlp\.proj)$")
-_LORA_KEY = re.compile(r"^h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
-_MAGNITUDE_KEY = re.compile(r"^h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_magnitude_vector"
+PEFT_LORA_KEY = re.compile(r"^h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+PEFT_MAGNITUDE_KEY = re.compile(r"^h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_magnitude_vector"
                             r"(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
-_BIAS_KEY = re.compile(r"^(h\.\d+\.(?:ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)|ln_f)\.bias$")
+PEFT_BIAS_KEY = re.compile(r"^(h\.\d+\.(?:ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)|ln_f)\.bias$")
 # PEFT inits that leave W0 as it is (A and B in the file are the whole adapter); "pissa" is converted on load
 KEEPS_BASE = ("gaussian", "eva", "orthogonal")
 # PEFT LoRA options that change what the adapter computes and that minilora cannot represent
@@ -408,13 +408,13 @@ def _sort_peft_tensors(weights: str, arrays: dict, cfg: dict) -> tuple[dict, dic
                                 "writes for a GPT-2 adapter; PEFT would not load it into the model (is the folder "
                                 "for another model, or edited by hand?)")
         name = key[len(PREFIX + "transformer."):]
-        m = _LORA_KEY.match(name)
-        mag = _MAGNITUDE_KEY.match(name)
+        m = PEFT_LORA_KEY.match(name)
+        mag = PEFT_MAGNITUDE_KEY.match(name)
         if m:
             found.setdefault(f"h.{m.group(1)}.{m.group(2)}", {})[m.group(3)] = (key, a)
         elif mag and cfg.get("use_dora"):
             magnitudes[f"h.{mag.group(1)}.{mag.group(2)}"] = (key, a)
-        elif _BIAS_KEY.match(name.replace(".base_layer.bias", ".bias")) and cfg.get("bias", "none") != "none":
+        elif PEFT_BIAS_KEY.match(name.replace(".base_layer.bias", ".bias")) and cfg.get("bias", "none") != "none":
             biases[name[:-len(".bias")].removesuffix(".base_layer")] = a
         else:
             raise HFFormatError(f"{weights}: {key} — not a LoRA matrix of a GPT-2 attn.c_attn, attn.c_proj, mlp.c_fc "

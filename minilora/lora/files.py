@@ -31,9 +31,9 @@ from .bias import bias_targets
 from .config import MAX_DROPOUT, MAX_SCALING, LoRAConfig, check_adapter_name
 from .layer import LoRALinear
 from .model import (
-    _check_unmerged,
     apply_lora,
     bias_delta_names,
+    check_unmerged,
     get_adapter_config,
     list_adapters,
     lora_parameter_names,
@@ -318,7 +318,7 @@ def load_adapter(path, model: Module, adapter_name: str | None = None, activate:
     arrays, meta, config = read_adapter(path)
     stored_name = meta["adapter_name"]
     name = stored_name if adapter_name is None else check_adapter_name(adapter_name)
-    _check_unmerged(model, f"load adapter {name!r}")
+    check_unmerged(model, f"load adapter {name!r}")
     exists = _check_same_config(path, model, name, config)
     try:
         expected = _expected(model, config, name)

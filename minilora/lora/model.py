@@ -122,8 +122,6 @@ def check_unmerged(model: Module, what: str) -> None:
         )
 
 
-_check_unmerged, _layers_with = check_unmerged, layers_with  # the names lora.files and lora.variants import
-
 
 # ----------------------------------------------------------------------------- adapters
 def apply_lora(model: Module, config: LoRAConfig, adapter_name: str = "default", activate: bool = True) -> Module:

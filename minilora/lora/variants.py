@@ -29,7 +29,7 @@ import math
 
 from .. import backend as bk
 from ..nn import Module
-from .model import _check_unmerged, _layers_with
+from .model import check_unmerged, layers_with
 
 __all__ = ["pissa_to_lora"]
 
@@ -39,12 +39,12 @@ def pissa_to_lora(model: Module, adapter_name: str = "default", new_name: str | 
 
     The copy computes the same outputs, to rounding (W₀ + s·(B·A − B₀·A₀) against W_res + s·B·A).
     """
-    layers = _layers_with(model, adapter_name)
+    layers = layers_with(model, adapter_name)
     config = layers[0][1].lora_config[adapter_name]
     if config.init != "pissa":
         raise ValueError(f"pissa_to_lora: adapter {adapter_name!r} was made with init={config.init!r}, not 'pissa'; "
                          "it already acts on the original W0")
-    _check_unmerged(model, f"convert the PiSSA adapter {adapter_name!r}")
+    check_unmerged(model, f"convert the PiSSA adapter {adapter_name!r}")
     missing = [path for path, layer in layers if adapter_name not in layer.pissa_init]
     if missing:
         raise ValueError(f"pissa_to_lora: {missing[0]} has no record of A0, B0 for {adapter_name!r}")
@@ -52,7 +52,7 @@ def pissa_to_lora(model: Module, adapter_name: str = "default", new_name: str | 
     new_config = dataclasses.replace(config, r=2 * config.r, alpha=alpha, init="kaiming")
     new_name = new_name or adapter_name
     out = copy.deepcopy(model)
-    for path, layer in _layers_with(out, adapter_name):
+    for path, layer in layers_with(out, adapter_name):
         d, k = layer.weight.shape
         if 2 * config.r > min(d, k):
             raise ValueError(f"pissa_to_lora: {path} ({d}x{k}) cannot hold the rank-{2 * config.r} LoRA 2r of the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend as bk
-from ..tensor import Tensor, _is_float
+from ..tensor import Tensor, is_float_dtype
 
 
 def operands(a, b):
@@ -19,14 +19,14 @@ def operands(a, b):
     a, b = _operand(a, ref), _operand(b, ref)
     da, db = _dtype(a), _dtype(b)
     if da != db:
-        if _is_float(da) and _is_float(db):
+        if is_float_dtype(da) and is_float_dtype(db):
             raise TypeError(
                 f"dtype mismatch: {da} and {db}; minilora never upcasts silently, convert one side "
                 "first (tensor.astype(...) or model.to(dtype=...))"
             )
-        if _is_float(da):
+        if is_float_dtype(da):
             b = _data(b).astype(da)
-        elif _is_float(db):
+        elif is_float_dtype(db):
             a = _data(a).astype(db)
     bk.get_array_module(_data(a), _data(b))  # raises BackendMismatchError for host + device operands
     return a, b
@@ -46,7 +46,7 @@ def _operand(x, ref: Tensor):
     if isinstance(x, Tensor) or hasattr(x, "shape"):
         return x  # tensors and arrays as they are (mixing backends is caught by the op)
     xp = bk.module_for(ref.backend)
-    if isinstance(x, (bool, int, float)) and _is_float(ref.dtype):
+    if isinstance(x, (bool, int, float)) and is_float_dtype(ref.dtype):
         return xp.asarray(x, dtype=ref.dtype)  # a Python number takes the tensor's float dtype
     return xp.asarray(x)
 
