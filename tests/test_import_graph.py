@@ -225,3 +225,22 @@ def test_nf4_is_written_once():
             tree = ast.parse(f.read())
         defined = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
         assert not defined & {"nearest_level", "dequantize_range", "quantize_nf4", "nf4_nbytes", "QuantizedWeight"}
+
+
+def test_the_peft_import_half_answers_from_hf_peft_too():
+    """``minilora.hf.peft`` writes adapters, ``peft_import`` reads them; the old import path keeps working."""
+    from minilora import hf
+    from minilora.hf import peft, peft_import
+
+    for name in ("load_peft_adapter", "read_peft_adapter", "split_c_attn", "pissa_as_lora", "matching_pattern",
+                 "peft_weights_file"):
+        assert getattr(peft, name) is getattr(peft_import, name), name
+    assert hf.load_peft_adapter is peft_import.load_peft_adapter and hf.save_peft_adapter is peft.save_peft_adapter
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        peft.no_such_name  # noqa: B018
+
+
+def test_no_file_of_the_package_is_over_600_lines():
+    long = {name: n for name, (path, _) in _modules().items()
+            if (n := sum(1 for _ in open(path, encoding="utf-8"))) > 600}
+    assert not long, long

@@ -9,12 +9,13 @@
     report = hf.analyze_adapter("llama-adapter", base="llama-dir")  # Sec. 7 on a PEFT LoRA of any architecture
 
 NumPy + safetensors + json only: nothing here imports torch or transformers, and no pickle is
-ever read. Files: ``checkpoint`` (GPT-2 folders), ``peft`` (adapters), ``tokenizer``,
+ever read. Files: ``checkpoint`` (GPT-2 folders), ``peft`` and ``peft_import`` (adapters out and in), ``tokenizer``,
 ``analyze`` (Sec. 7 on a PEFT LoRA folder of any architecture, read by tensor name), ``commands`` (the ``export``, ``import-peft``, ``analyze`` and ``finetune --base`` commands);
 tutorial 08's checks live in ``minilora.exercises.interop``.
 """
 
 from .analyze import analyze_adapter, read_lora_adapter  # noqa: F401
 from .checkpoint import HFFormatError, load_gpt2, save_gpt2  # noqa: F401
-from .peft import load_peft_adapter, read_peft_adapter, save_peft_adapter  # noqa: F401
+from .peft import save_peft_adapter  # noqa: F401
+from .peft_import import load_peft_adapter, read_peft_adapter  # noqa: F401
 from .tokenizer import HFTokenizer, load_tokenizer  # noqa: F401

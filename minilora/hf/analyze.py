@@ -38,7 +38,8 @@ from ..analysis import (effective_rank, energy_share, low_rank_amplification, lo
 from ..lora.dora import dora_weight
 from .checkpoint import INDEX, HFFormatError, no_pickles, dora_magnitude, read_json_object, read_safetensors, resolve_dir
 from .checkpoint import WEIGHTS as BASE_WEIGHTS
-from .peft import CONFIG, PREFIX, matching_pattern, peft_weights_file
+from .peft import CONFIG, PREFIX
+from .peft_import import matching_pattern, peft_weights_file
 
 __all__ = ["AdaptedMatrix", "BaseWeights", "LoRAFolder", "REWRITES_BASE", "analyze_adapter", "analyze_matrix",
            "complete_row", "read_lora_adapter", "summarize"]

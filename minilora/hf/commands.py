@@ -36,7 +36,8 @@ from .checkpoint import HFFormatError, load_gpt2, save_gpt2
 from .analyze import REWRITES_BASE, analyze_adapter, complete_row, summarize
 from .analyze_output import print_report, write_figure
 from .peft import PEFT_BIAS_KEY, PEFT_LORA_KEY, PEFT_MAGNITUDE_KEY
-from .peft import LAYOUT_KEY, OURS_OF, load_peft_adapter, read_peft_adapter, save_peft_adapter, split_c_attn
+from .peft import LAYOUT_KEY, OURS_OF, save_peft_adapter
+from .peft_import import load_peft_adapter, read_peft_adapter, split_c_attn
 from .peft import PREFIX as PEFT_PREFIX
 from .peft import WEIGHTS as PEFT_WEIGHTS
 from .tokenizer import load_tokenizer
