@@ -170,14 +170,19 @@ def test_no_module_sets_another_modules_names_at_import_time():
                                   lora.lora_linear(x, W, None, A, Bm, 0.5).data)
 
 
-def test_the_lora_layer_does_not_branch_on_dora():
-    """lora/layer.py reads no DoRA flag: each adapter's variant (lora/dora.py for DoRA) supplies its parts."""
-    from minilora.lora import layer
-
-    with open(layer.__file__, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
-    assert not read & {"use_dora", "dora_detach_norm"}, read & {"use_dora", "dora_detach_norm"}
+def test_the_lora_package_does_not_branch_on_dora_outside_its_module():
+    """No file of lora/ but dora.py (and config.py, which defines the flag) reads a DoRA flag: each
+    adapter's variant supplies what differs (its parts, their shapes, its merge, its initial state)."""
+    folder = os.path.join(PACKAGE, "lora")
+    reads = {}
+    for file in sorted(os.listdir(folder)):
+        if file.endswith(".py") and file not in ("dora.py", "config.py"):
+            with open(os.path.join(folder, file), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            found = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+            if found & {"use_dora", "dora_detach_norm"}:
+                reads[file] = sorted(found & {"use_dora", "dora_detach_norm"})
+    assert "layer.py" in os.listdir(folder) and not reads, reads
 
 
 def _imports(path: str) -> list:

@@ -178,14 +178,28 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout=0.0
 class DoRAVariant(LoRAVariant):
     """DoRA's parts of a ``LoRALinear``: the magnitude m, the fused op, and the merge m ⊙ V / ‖V‖_row."""
 
+    merges_as_sum = False  # m ⊙ V / ‖V‖_row
+
     def applies(self, config) -> bool:
         return config.use_dora
 
     def add_parts(self, layer, name, config, lora_A, lora_B) -> None:
+        layer.lora_magnitude[name] = Parameter(self._initial_magnitude(layer, lora_A, lora_B, config.scaling),
+                                               backend=layer.weight.backend)
+
+    @staticmethod
+    def _initial_magnitude(layer, lora_A, lora_B, scaling):
         # m = ‖W₀ + s·B·A‖ row by row, computed as the forward does: c = m/n = 1 exactly
         weight = layer.weight if layer.quantized else layer.weight.data
-        layer.lora_magnitude[name] = Parameter(dora_norms(weight, lora_A, lora_B, config.scaling)[0],
-                                               backend=layer.weight.backend)
+        return dora_norms(weight, lora_A, lora_B, scaling)[0]
+
+    def part_shapes(self, layer, config) -> dict:
+        return {"lora_magnitude": (layer.weight.shape[0],)}
+
+    def at_init(self, layer, name) -> bool:
+        start = self._initial_magnitude(layer, layer.lora_A[name].data, layer.lora_B[name].data,
+                                        layer.lora_config[name].scaling)
+        return bool(bk.get_array_module(start).array_equal(start, layer.lora_magnitude[name].data))
 
     def linear(self, layer, x, name):
         cfg = layer.lora_config[name]

@@ -29,7 +29,7 @@ from ..io import FileFormatError, check_digest, digest, read_safetensors, save_s
 from ..nn import Linear, Module
 from .bias import bias_targets
 from .config import MAX_DROPOUT, MAX_SCALING, LoRAConfig, check_adapter_name
-from .layer import LoRALinear
+from .layer import LoRALinear, variant_for
 from .model import (
     apply_lora,
     bias_delta_names,
@@ -204,8 +204,8 @@ def _expected(model: Module, config: LoRAConfig, name: str) -> dict:
         d, k = layer.weight.shape
         out[f"{path}.lora_A.{name}"] = ((config.r, k), np.dtype(layer.weight.dtype))
         out[f"{path}.lora_B.{name}"] = ((d, config.r), np.dtype(layer.weight.dtype))
-        if config.use_dora:
-            out[f"{path}.lora_magnitude.{name}"] = ((d,), np.dtype(layer.weight.dtype))
+        for part, shape in variant_for(config).part_shapes(layer, config).items():  # DoRA: the magnitude
+            out[f"{path}.{part}.{name}"] = (shape, np.dtype(layer.weight.dtype))
     for path, module in bias_targets(model, config.bias, targets):
         out[f"{path}.lora_bias.{name}"] = (tuple(module.bias.shape), np.dtype(module.bias.dtype))
     return out
@@ -223,7 +223,7 @@ def _merged_into(model: Module, samples: dict, renamed: dict, config: LoRAConfig
         entries = samples.get(name)
         a_key, b_key = f"{path}.lora_A.{stored_name}", f"{path}.lora_B.{stored_name}"
         pair = [(k, a) for k, a in renamed.values() if k in (a_key, b_key)]
-        if not isinstance(entries, list) or len(pair) != 2 or name not in params or config.use_dora:
+        if not isinstance(entries, list) or len(pair) != 2 or name not in params or not variant_for(config).merges_as_sum:
             return False
         A, B = (dict(pair)[a_key].astype(np.float64), dict(pair)[b_key].astype(np.float64))
         layer = layers.get(path)

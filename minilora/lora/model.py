@@ -17,8 +17,7 @@ from .. import backend as bk
 from ..nn import Linear, Module
 from .bias import add_bias_delta, bias_hosts, bias_targets
 from .config import ADAPTER_PARTS, BIAS_MODES, LoRAConfig, as_adapter_names, check_adapter_name, check_rank
-from .dora import dora_norms
-from .layer import LoRALinear
+from .layer import LoRALinear, variant_for
 
 __all__ = [
     "MergeWarning",
@@ -290,10 +289,8 @@ def adapter_unchanged(model: Module, adapter_name: str) -> bool:
                 return False
         elif bool(B.any()):
             return False
-        if config.use_dora:
-            start = dora_norms(layer.weight if layer.quantized else layer.weight.data, A, B, config.scaling)[0]
-            if not bool(xp_of(start).array_equal(start, layer.lora_magnitude[adapter_name].data)):
-                return False
+        if not variant_for(config).at_init(layer, adapter_name):  # DoRA: m as it started
+            return False
     params = dict(model.named_parameters())
     return not any(bool(params[n].data.any()) for n in bias_delta_names(model, adapter_name))
 

@@ -5,6 +5,9 @@ kind an adapter is: it asks the adapter's variant for the parts that differ, and
 (``dora.DoRAVariant``) overrides those it changes:
 
     add_parts(layer, name, config, A, B)   extra Parameters of a new adapter (DoRA: the magnitude m)
+    part_shapes(layer, config)             {part: shape} of those extra Parameters, for files to check
+    at_init(layer, name)                   True while the extra Parameters hold their initial values
+    merges_as_sum                          True when a merged weight is W₀ + s·B·A (DoRA's is rescaled)
     linear(layer, x, name)                 the fused op of one adapter on every row
     mixed_parts(layer, name)               what the mixed-batch op needs beyond A, B: (m or None, detach_norm)
     check_merge(layer, names)              raise if ``names`` cannot be merged into the layer now
@@ -31,8 +34,16 @@ class LoRAVariant:
     def applies(self, config) -> bool:
         return True
 
+    merges_as_sum = True
+
     def add_parts(self, layer, name, config, lora_A, lora_B) -> None:
         """A and B are all a LoRA adapter has."""
+
+    def part_shapes(self, layer, config) -> dict:
+        return {}
+
+    def at_init(self, layer, name) -> bool:
+        return True
 
     def linear(self, layer, x, name):
         cfg = layer.lora_config[name]
