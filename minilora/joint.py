@@ -29,7 +29,6 @@ the same rows; ``tests/test_joint.py`` checks both statements.
 from __future__ import annotations
 
 import copy
-import functools
 import time
 from dataclasses import dataclass
 
@@ -37,14 +36,14 @@ import numpy as np
 
 from . import backend as bk
 from . import functional as F
-from . import lora, optim
+from . import lora
 from .data import DEMO_TASKS, TASKS, Tokenizer, collate, load_task, prompt_ids, task_metric
 from .generate import generate
 from .methods import HYPERPARAMS, lora_alpha
 from .models import GPT, load_base
-from .recipes import FAST, RunResult, batch_rows, target_loss
+from .recipes import FAST, RunResult, batch_rows, fit_with_warmup, target_loss
 from .tensor import no_grad
-from .train import History, fit, model_loss
+from .train import History, model_loss
 
 __all__ = ["JointResult", "joint_loss", "mixed_loss", "routed_loss", "joint_batches", "joint_groups", "joint_model", "train_joint", "finetune_joint",
            "decode"]
@@ -178,20 +177,20 @@ def joint_model(base: GPT, tasks, r: int | None = None, alpha: float | None = No
 
 def train_joint(model, tasks, get_batch, steps: int, lr: float, weight_decay: float = 0.0, warmup: int | None = None,
                 grad_clip: float | None = 1.0, progress: bool = True, desc: str = "joint") -> History:
-    """Joint training on ``train.fit``: one AdamW step per mixed batch, clipping each adapter on its own.
+    """Joint training: one AdamW step per mixed batch, each adapter clipped on its own (``recipes.fit_with_warmup``).
 
     ``get_batch(step)`` gives one mixed batch ``(idx, targets, mask, adapter_ids)`` (``joint_batches``)
     or a list of them (``joint_groups``): each is a forward and a backward, the gradients add up
     (every task sits in one group, so each adapter's gradient comes from its own group alone), and
     the step's loss is the sum of the groups' losses. The loss, ``joint_loss``, routes each row
-    through its adapter; ``fit`` brings the NaN guard, the progress bar and the history.
+    through its adapter; the optimizer and schedule are every fine-tune's, and ``fit`` brings the NaN
+    guard, the progress bar and the history.
     """
     groups = {task: _adapter_params(model, task) for task in tasks}
-    optimizer = optim.AdamW([p for ps in groups.values() for p in ps], lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 10) if warmup is None else warmup
-    scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=warmup))
-    return fit(model, optimizer, get_batch, steps, loss_fn=mixed_loss, scheduler=scheduler, grad_clip=grad_clip,
-               clip_groups=groups.values(), progress=progress, desc=desc)
+    _, history, _ = fit_with_warmup(model, get_batch, steps, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                                    progress=progress, desc=desc, loss_fn=mixed_loss, grad_clip=grad_clip,
+                                    clip_groups=groups.values())
+    return history
 
 
 def routed_loss(adapter_ids):

@@ -219,19 +219,23 @@ def peak_step_memory(model: GPT, optimizer, get_batch) -> int:
     return int(peak)
 
 
-def fit_with_warmup(model, get_batch, steps: int, *, lr: float, weight_decay: float, progress: bool = True,
-                    desc: str = "finetune", measure_memory: bool = False) -> tuple[optim.AdamW, History, int]:
+def fit_with_warmup(model, get_batch, steps: int, *, lr: float, weight_decay: float, warmup: int | None = None,
+                    progress: bool = True, desc: str = "finetune", measure_memory: bool = False,
+                    **fit_options) -> tuple[optim.AdamW, History, int]:
     """Train ``model``'s trainable parameters for ``steps``: the optimizer and schedule of every fine-tune.
 
     AdamW (``lr``, ``weight_decay``) on the trainable parameters, the learning rate ramped up
-    linearly over the first 10 % of the steps and down to 0 at the last (``optim.warmup_linear``),
-    then ``fit`` on ``get_batch``. ``measure_memory``: the peak bytes of one extra, undone step
-    first (``peak_step_memory``; 0 without it). Returns (optimizer, history, peak bytes).
+    linearly over the first ``warmup`` steps (default: 10 % of them) and down to 0 at the last
+    (``optim.warmup_linear``), then ``fit`` on ``get_batch`` with ``fit_options`` (``loss_fn``,
+    ``clip_groups``, ``grad_clip``: joint training's). ``measure_memory``: the peak bytes of one
+    extra, undone step first (``peak_step_memory``; 0 without it). Returns (optimizer, history,
+    peak bytes).
     """
+    warmup = max(1, steps // 10) if warmup is None else warmup
     optimizer = optim.AdamW(model.parameters(trainable_only=True), lr=lr, weight_decay=weight_decay)
-    scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=max(1, steps // 10)))
+    scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=warmup))
     peak = peak_step_memory(model, optimizer, get_batch) if measure_memory else 0
-    history = fit(model, optimizer, get_batch, steps, scheduler=scheduler, progress=progress, desc=desc)
+    history = fit(model, optimizer, get_batch, steps, scheduler=scheduler, progress=progress, desc=desc, **fit_options)
     return optimizer, history, peak
 
 
