@@ -177,19 +177,19 @@ def joint_model(base: GPT, tasks, r: int | None = None, alpha: float | None = No
 
 def train_joint(model, tasks, get_batch, steps: int, lr: float, weight_decay: float = 0.0, warmup: int | None = None,
                 grad_clip: float | None = 1.0, progress: bool = True, desc: str = "joint") -> History:
-    """Joint training: one AdamW step per mixed batch, each adapter clipped on its own (``recipes.fit_with_warmup``).
+    """Joint training: one AdamW step per mixed batch on the tasks' adapters, each clipped on its own.
 
     ``get_batch(step)`` gives one mixed batch ``(idx, targets, mask, adapter_ids)`` (``joint_batches``)
     or a list of them (``joint_groups``): each is a forward and a backward, the gradients add up
     (every task sits in one group, so each adapter's gradient comes from its own group alone), and
     the step's loss is the sum of the groups' losses. The loss, ``joint_loss``, routes each row
-    through its adapter; the optimizer and schedule are every fine-tune's, and ``fit`` brings the NaN
-    guard, the progress bar and the history.
+    through its adapter. The optimizer and schedule are every fine-tune's (``recipes.fit_with_warmup``),
+    on the adapters of ``tasks`` alone; ``fit`` brings the NaN guard, the progress bar and the history.
     """
     groups = {task: _adapter_params(model, task) for task in tasks}
     _, history, _ = fit_with_warmup(model, get_batch, steps, lr=lr, weight_decay=weight_decay, warmup=warmup,
-                                    progress=progress, desc=desc, loss_fn=mixed_loss, grad_clip=grad_clip,
-                                    clip_groups=groups.values())
+                                    params=[p for ps in groups.values() for p in ps], progress=progress, desc=desc,
+                                    loss_fn=mixed_loss, grad_clip=grad_clip, clip_groups=groups.values())
     return history
 
 

@@ -92,6 +92,13 @@ def _layout(a) -> tuple:
     return bk.backend_of(a), a.dtype, a.shape
 
 
+def _nonnegative(what: str, value) -> float:
+    """``value`` as a float, if it is a finite number >= 0; else ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 class _GroupValue:
     """``opt.lr``, ``opt.weight_decay``, ...: the value of the first parameter group.
 
@@ -201,9 +208,7 @@ class Optimizer(SavedState):
     def _check_option(self, name: str, value):
         """Validate and normalise one hyperparameter (a subclass checks its own)."""
         if name == "lr":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{type(self).__name__}: lr must be a number >= 0, got {value!r}")
-            return float(value)
+            return _nonnegative(f"{type(self).__name__}: lr", value)
         return value
 
     # ------------------------------------------------------------------ the loop
@@ -287,11 +292,21 @@ class SGD(Optimizer):
         super().__init__(params, lr=lr, weight_decay=weight_decay)
 
     def _check_option(self, name, value):
-        if name == "weight_decay":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"SGD: weight_decay must be a number >= 0, got {value!r}")
-            return float(value)
+        if name in ("weight_decay", "momentum"):
+            return _nonnegative(f"SGD: {name}", value)
+        if name == "nesterov":
+            if not isinstance(value, bool):
+                raise ValueError(f"SGD: nesterov must be True or False, got {value!r}")
+            return value
         return super()._check_option(name, value)
+
+    def _check_layout(self, hyperparameters: dict, where: str) -> None:
+        """A saved momentum / nesterov must need the state arrays and scratch buffers this SGD has."""
+        momentum, nesterov = hyperparameters.get("momentum", self.momentum), hyperparameters.get("nesterov", self.nesterov)
+        if bool(momentum) != bool(self.momentum) or nesterov != self.nesterov:
+            raise ValueError(f"{where}: the state was saved with momentum={momentum!r}, nesterov={nesterov!r}; this SGD "
+                             f"has momentum={self.momentum!r}, nesterov={self.nesterov!r}. Build the SGD with the "
+                             "saved momentum (zero or not) and nesterov")
 
     def _update(self, i, param, grad, group):
         xp = bk.get_array_module(param)
@@ -353,9 +368,7 @@ class AdamW(Optimizer):
                 raise ValueError(f"AdamW: betas must lie in [0, 1), got {tuple(value)}")
             return beta1, beta2
         if name in ("eps", "weight_decay"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"AdamW: {name} must be a number >= 0, got {value!r}")
-            return float(value)
+            return _nonnegative(f"AdamW: {name}", value)
         return super()._check_option(name, value)
 
     def _update(self, i, param, grad, group):

@@ -16,7 +16,12 @@ __all__ = ["SavedState"]
 
 
 class SavedState:
-    """The checkpoint half of ``Optimizer``: it reads the optimizer's names, layouts, steps, state and groups."""
+    """The checkpoint half of ``Optimizer``.
+
+    It reads what ``Optimizer.__init__`` sets: ``names``, ``steps``, ``state``, ``param_groups``,
+    ``group_of``, ``_layouts`` (backend, dtype, shape per parameter), and the class's
+    ``_hyperparameters``, ``_group_options``, ``_nonnegative_state`` and ``_check_option``.
+    """
 
     def state_meta(self) -> dict:
         """The JSON-able part of the state: type, hyperparameters, groups, and per-parameter name, shape, dtype and step.
@@ -110,12 +115,16 @@ class SavedState:
                     self._check_option(key, tuple(value) if isinstance(value, list) else value)
                 except (TypeError, ValueError):
                     raise ValueError(f"{where}: the saved {key} = {value!r} is not a valid value") from None
+        self._check_layout(meta["hyperparameters"], where)
         self._check_saved_arrays(arrays, strict, where)
         try:
             group_options = self._saved_group_options(meta, where)
-        except TypeError as exc:
-            raise ValueError(f"{where}: the saved parameter groups are malformed ({exc})") from None
+        except (TypeError, KeyError) as exc:
+            raise ValueError(f"{where}: the saved parameter groups are malformed ({exc!r})") from None
         return saved, group_options
+
+    def _check_layout(self, hyperparameters: dict, where: str) -> None:
+        """Refuse saved hyperparameters that would need other state arrays or buffers (SGD: momentum, nesterov)."""
 
     def _check_saved_params(self, entries: list, where: str) -> dict:
         """{name: entry} of the saved per-parameter entries, each checked against this optimizer's parameters."""

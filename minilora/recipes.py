@@ -40,7 +40,7 @@ from .data import (
     text_metrics,
 )
 from .generate import generate
-from .methods import HYPERPARAMS, apply_method, hyperparams
+from .methods import HYPERPARAMS, apply_method, hyperparams, lora_alpha
 from .models import GPT, GPTConfig, load_base, save_model
 from .models.pretrained import BASE_CONFIG, BASE_WEIGHTS
 from .tensor import no_grad
@@ -220,19 +220,22 @@ def peak_step_memory(model: GPT, optimizer, get_batch) -> int:
 
 
 def fit_with_warmup(model, get_batch, steps: int, *, lr: float, weight_decay: float, warmup: int | None = None,
-                    progress: bool = True, desc: str = "finetune", measure_memory: bool = False,
+                    params=None, progress: bool = True, desc: str = "finetune", measure_memory: bool = False,
                     **fit_options) -> tuple[optim.AdamW, History, int]:
     """Train ``model``'s trainable parameters for ``steps``: the optimizer and schedule of every fine-tune.
 
-    AdamW (``lr``, ``weight_decay``) on the trainable parameters, the learning rate ramped up
+    AdamW (``lr``, ``weight_decay``) on ``params`` (default: the trainable ones), the learning rate ramped up
     linearly over the first ``warmup`` steps (default: 10 % of them) and down to 0 at the last
     (``optim.warmup_linear``), then ``fit`` on ``get_batch`` with ``fit_options`` (``loss_fn``,
     ``clip_groups``, ``grad_clip``: joint training's). ``measure_memory``: the peak bytes of one
     extra, undone step first (``peak_step_memory``; 0 without it). Returns (optimizer, history,
     peak bytes).
     """
+    if measure_memory and "loss_fn" in fit_options:
+        raise ValueError("fit_with_warmup: measure_memory measures one step of model.loss; it takes no loss_fn")
     warmup = max(1, steps // 10) if warmup is None else warmup
-    optimizer = optim.AdamW(model.parameters(trainable_only=True), lr=lr, weight_decay=weight_decay)
+    params = model.parameters(trainable_only=True) if params is None else list(params)
+    optimizer = optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = optim.LRScheduler(optimizer, functools.partial(optim.warmup_linear, total=steps, warmup=warmup))
     peak = peak_step_memory(model, optimizer, get_batch) if measure_memory else 0
     history = fit(model, optimizer, get_batch, steps, scheduler=scheduler, progress=progress, desc=desc, **fit_options)
@@ -404,7 +407,7 @@ def finetune_text(model: GPT, ids, *, block_size: int, adapter_name: str = "text
     before = window_loss(model, val_ids, block_size)
     _, history, _ = fit_with_warmup(model, text_batches(train_ids, block_size, batch_size, seed), settings["steps"],
                                     lr=settings["lr"], weight_decay=settings["weight_decay"], progress=progress)
-    config = {"method": "lora", "r": r, "alpha": alpha, "targets": list(targets), "adapter_name": adapter_name,
+    config = {"method": "lora", "r": r, "alpha": lora_alpha(r, alpha), "targets": list(targets), "adapter_name": adapter_name,
               "block_size": block_size, "batch_size": batch_size, "seed": seed, **settings}
     return TextRun(model, history, before, window_loss(model, val_ids, block_size), config)
 

@@ -97,7 +97,8 @@ class _Run:
     def save(self, path, with_optimizer: bool, step: int, grad_clip) -> None:
         opt = self.optimizer if with_optimizer else None
         try:
-            save_checkpoint(path, self.model, opt, step, self.history, scheduler=self.scheduler if opt else None)
+            save_checkpoint(path, self.model, opt, step, self.history,
+                            scheduler=self.scheduler if opt is not None else None)
         except FloatingPointError as exc:
             raise self.diverged(f"non-finite values reached the checkpoint ({exc})", step, True, grad_clip) from None
         if with_optimizer:

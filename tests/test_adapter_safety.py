@@ -166,7 +166,7 @@ def test_an_update_that_overflows_the_weight_dtype_is_refused(adapter_file):
 
 
 def test_format_version_1_files_still_load(adapter_file):
-    """Files written before this change: SHA-256 over the tensors only, no base fingerprint."""
+    """format_version 1: a SHA-256 over the tensors only, and no base fingerprint."""
     arrays, meta = read(adapter_file)
     meta["format_version"] = 1
     del meta["base_sha256"]

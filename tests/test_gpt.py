@@ -95,7 +95,7 @@ def test_default_init_is_unchanged_by_init_weights():
     """GPT(cfg) draws what it drew before ``init_weights`` existed (values recorded then, seed 7)."""
     ml.manual_seed(7)
     s = GPT(SMALL).state_dict()
-    recorded = {  # first three values and the sum, from the code before the change
+    recorded = {  # first three values and the sum of each, as recorded for seed 7
         "wte.weight": ([0.008124803192913532, -0.0228266641497612, -0.008789327926933765], 0.3238221190767945),
         "wpe.weight": ([-0.017342964187264442, 0.018466224893927574, 0.007762902416288853], -0.09059767734652269),
         "blocks.0.attn.q.weight": ([-0.03834425285458565, 0.017029589042067528, 0.009187169373035431],

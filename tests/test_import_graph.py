@@ -233,7 +233,7 @@ def test_nf4_is_written_once():
 
 
 def test_the_peft_import_half_answers_from_hf_peft_too():
-    """``minilora.hf.peft`` writes adapters, ``peft_import`` reads them; the old import path keeps working."""
+    """``minilora.hf.peft`` writes adapters, ``peft_import`` reads them; their names answer from ``hf.peft`` too."""
     from minilora import hf
     from minilora.hf import peft, peft_import
 

@@ -259,3 +259,18 @@ def test_joint_training_has_the_nan_guard_of_fit():
     model = joint_model(base, tasks, r=2, seed=0)
     with pytest.raises(TrainingDivergedError, match="at step"):
         train_joint(model, tasks, joint_batches(train, tok, 3, 0, 64), 4, lr=1e38, grad_clip=None, progress=False)
+
+
+def test_joint_training_updates_the_tasks_adapters_and_nothing_else():
+    """Another trainable parameter (here the final LayerNorm's bias) is left as it is, as before the optimizer saw it."""
+    ml.manual_seed(5)
+    tok = Tokenizer.default()
+    tasks = ("e2e", "classify")
+    train = {t: load_task(t, "train", 12) for t in tasks}
+    model = joint_model(GPT(TINY), tasks, r=2, seed=0)
+    bias = dict(model.named_parameters())["ln_f.bias"]
+    bias.requires_grad = True
+    before = bias.data.copy()
+    train_joint(model, tasks, joint_batches(train, tok, 3, 0, 64), 3, lr=1e-2, progress=False)
+    np.testing.assert_array_equal(bias.data, before)
+    assert any(np.abs(p.data).max() > 0 for n, p in model.named_parameters() if ".lora_B." in n)

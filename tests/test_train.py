@@ -246,6 +246,7 @@ def test_the_optimizer_checks_a_saved_state_before_it_changes_anything():
         "NaN or inf": (meta, {**arrays, f"{first}.exp_avg": arrays[f"{first}.exp_avg"] * np.nan}),
         "float64": (meta, {**arrays, f"{first}.exp_avg": arrays[f"{first}.exp_avg"].astype(np.float64)}),
         "not a valid value": ({**meta, "hyperparameters": {**meta["hyperparameters"], "eps": -1.0}}, arrays),
+        "lr = inf is not a valid": ({**meta, "hyperparameters": {**meta["hyperparameters"], "lr": float("inf")}}, arrays),
         "malformed parameter entry": ({**meta, "params": [{"name": first}] + meta["params"][1:]}, arrays),
         "is for shape": ({**meta, "params": [{**meta["params"][0], "shape": [7, 7]}] + meta["params"][1:]}, arrays),
         "saved by 'SGD'": ({**meta, "optimizer": "SGD"}, arrays),
@@ -261,3 +262,28 @@ def test_the_optimizer_checks_a_saved_state_before_it_changes_anything():
     np.testing.assert_array_equal(fresh.state[0]["exp_avg"], arrays[first + ".exp_avg"])
     fresh.load_state_dict(meta, arrays)
     assert fresh.lr == opt.lr
+
+
+def test_sgd_refuses_a_saved_momentum_or_nesterov_it_has_no_buffers_for():
+    ml.manual_seed(0)
+    model = GPT(TINY)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in opt.params:
+        p.grad = np.ones_like(p.data)
+    opt.step()
+    meta, arrays = opt.state_meta(), opt.state_arrays()
+    hyper = meta["hyperparameters"]
+    cases = {
+        "momentum = -1.0 is not a valid": {**hyper, "momentum": -1.0},
+        "momentum = 'x' is not a valid": {**hyper, "momentum": "x"},
+        "nesterov = 1 is not a valid": {**hyper, "nesterov": 1},
+        "nesterov=True; this SGD": {**hyper, "nesterov": True},
+    }
+    for message, bad in cases.items():
+        with pytest.raises(ValueError, match=message):
+            optim.SGD(GPT(TINY).parameters(), lr=0.1, momentum=0.9).load_state_dict({**meta, "hyperparameters": bad}, arrays)
+    with pytest.raises(ValueError, match="momentum=0.9"):  # saved with momentum: this SGD has no buffers for it
+        optim.SGD(GPT(TINY).parameters(), lr=0.1).load_state_dict(meta, arrays, strict=False)
+    fresh = optim.SGD(GPT(TINY).parameters(), lr=0.1, momentum=0.5)
+    fresh.load_state_dict(meta, arrays)  # another momentum > 0 needs the same buffers: restored as saved
+    assert fresh.momentum == 0.9

@@ -1,7 +1,7 @@
 """PEFT LoRA adapters for GPT-2, in and out: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
     save_peft_adapter("adapter-dir", model, adapter_name="e2e")   # PeftModel.from_pretrained(hf_gpt2, "adapter-dir")
-    load_peft_adapter("adapter-dir", model, adapter_name="peft")  # a PEFT adapter as a minilora adapter, active
+    load_peft_adapter("adapter-dir", model, adapter_name="peft")  # (hf.peft_import) a PEFT adapter, made active
 
 The one real difference: Hugging Face's GPT-2 computes q, k and v with ONE fused layer,
 ``c_attn`` (d → 3d). LoRA on minilora's q and v (rank r each, scaling s) is exactly one LoRA
@@ -34,9 +34,9 @@ from ..lora.bias import bias_hosts
 from ..models.gpt import GPT
 from .checkpoint import to_hf_state
 
-__all__ = ["save_peft_adapter", "hf_to_ours", "host_array", "peft_alpha", "row_norms"]
 _IMPORT_HALF = {"load_peft_adapter", "matching_pattern", "peft_weights_file", "pissa_as_lora", "read_peft_adapter",
                 "split_c_attn"}
+__all__ = ["save_peft_adapter", "hf_to_ours", "host_array", "peft_alpha", "row_norms", *sorted(_IMPORT_HALF)]
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

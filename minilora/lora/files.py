@@ -377,9 +377,10 @@ def _check_tensors(path: str, expected: dict, renamed: dict) -> None:
             raise AdapterFileError(f"{path}: the model expects {key} {shape} {dtype} but the file has no such tensor")
         file_key, a = renamed[key]
         if key not in expected:
-            legacy = (" (an adapter's trained biases are deltas <module>.lora_bias.<adapter>, never the base's own "
-                      "bias, which files of minilora 0.1 held: re-train or convert the file)") if key.endswith(".bias") else ""
-            raise AdapterFileError(f"{path}: the file has {file_key} {tuple(a.shape)}, which the model has no place for{legacy}")
+            bias = (" (an adapter's trained biases are deltas <module>.lora_bias.<adapter>, never the base's own "
+                    "bias: a file that holds the bias itself is of another format; re-train or convert it)"
+                    ) if key.endswith(".bias") else ""
+            raise AdapterFileError(f"{path}: the file has {file_key} {tuple(a.shape)}, which the model has no place for{bias}")
         shape, dtype = expected[key]
         if tuple(a.shape) != shape:
             raise AdapterFileError(

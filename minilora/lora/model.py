@@ -121,7 +121,6 @@ def check_unmerged(model: Module, what: str) -> None:
         )
 
 
-
 # ----------------------------------------------------------------------------- adapters
 def apply_lora(model: Module, config: LoRAConfig, adapter_name: str = "default", activate: bool = True) -> Module:
     """Add adapter ``adapter_name`` to the Linear layers ``config.target_modules`` names (in place).

@@ -29,7 +29,6 @@ import math
 
 from .. import backend as bk
 from ..nn import Module
-from .layer import variant_for
 from .model import check_unmerged, layers_with
 
 __all__ = ["pissa_to_lora"]
@@ -60,8 +59,7 @@ def pissa_to_lora(model: Module, adapter_name: str = "default", new_name: str | 
                              f"conversion (r <= min(d, k) = {min(d, k)})")
         A0, B0, original = layer.pissa_init[adapter_name]
         A, B = layer.lora_A[adapter_name].data, layer.lora_B[adapter_name].data
-        magnitude, _ = variant_for(config).mixed_parts(layer, adapter_name)  # DoRA's m, else None
-        magnitude = None if magnitude is None else magnitude.data.copy()
+        magnitude = layer.lora_magnitude[adapter_name].data.copy() if adapter_name in layer.lora_magnitude else None
         active = list(layer.active_adapters)
         trainable = layer.lora_A[adapter_name].requires_grad
         layer.delete_adapter(adapter_name)
