@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minilora import lora, optim
+from minilora import lora
 from minilora.flops import step_flops
 from minilora.generate import generate
 from minilora.hf import save_peft_adapter
@@ -65,7 +65,7 @@ from minilora.timing import interleaved, median, paired_ratio, quartiles
 
 from .config import LORA_ALPHA, LORA_B_STD, LORA_R, LORA_TARGETS, LR, BenchError
 from .machine import machine_info
-from .runners import Runner
+from .runners import Runner, adamw_step
 
 __all__ = ["GPT2_124M", "GPT2Setup", "GPT2_MODES", "bench_gpt2", "build_pair", "format_gpt2_table",
            "memory_child", "random_gpt"]
@@ -209,15 +209,10 @@ def build_pair(mode: str, setup: GPT2Setup, seed: int, torch, transformers, peft
         hf = hf_peft(ml, torch, transformers, peft) if mode == "lora" else hf_gpt2(ml, torch, transformers)
         ml.train()
         hf.train()
-        ml_opt = optim.AdamW(ml.named_parameters(), lr=LR, weight_decay=0.01)
+        ml_opt, ml_step = adamw_step(ml, data["idx"], data["targets"])
         hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
         idx, targets = data["idx"], data["targets"]
         idx_t, targets_t = torch.as_tensor(idx), torch.as_tensor(targets)
-
-        def ml_step():
-            ml_opt.zero_grad()
-            _ml_loss(ml, idx, targets).backward()
-            ml_opt.step()
 
         def hf_step():
             hf_opt.zero_grad(set_to_none=True)
@@ -376,12 +371,7 @@ def memory_child(impl: str, mode: str, setup: GPT2Setup, seed: int = 0) -> dict:
         ml = with_lora(ml, seed + 1)
     if impl == "minilora":
         ml.train()
-        opt = optim.AdamW(ml.named_parameters(), lr=LR, weight_decay=0.01)
-
-        def step():
-            opt.zero_grad()
-            ml.loss(idx, targets).backward()
-            opt.step()
+        opt, step = adamw_step(ml, idx, targets)
 
         weights = _param_bytes(p.data for _, p in ml.named_parameters())
         trainable = [p.data for p in opt.params]

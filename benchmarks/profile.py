@@ -23,11 +23,12 @@ import time
 
 import numpy as np
 
-from minilora import lora, optim
+from minilora import lora
 from minilora.methods import randomize_zero_init
 
-from .config import CONFIGS, LORA_ALPHA, LORA_B_STD, LORA_R, LORA_TARGETS, LR
+from .config import CONFIGS, LORA_ALPHA, LORA_B_STD, LORA_R, LORA_TARGETS
 from .machine import machine_info, set_blas_threads
+from .runners import adamw_step
 
 __all__ = ["OP_LABELS", "PARTS", "merge_small", "part_of", "profile_step"]
 
@@ -135,13 +136,7 @@ def profile_step(config: str = "gpt2", mode: str = "full", steps: int = 2, seed:
     """One row per (part, function): own seconds per step and share of the profiled time."""
     model, idx, targets = _model(config, mode, seed)
     model.train()
-    opt = optim.AdamW(model.named_parameters(), lr=LR, weight_decay=0.01)
-
-    def step():
-        opt.zero_grad()
-        model.loss(idx, targets).backward()
-        opt.step()
-
+    _, step = adamw_step(model, idx, targets)
     step()  # warm-up: AdamW's buffers, the allocator's heap
     wall = time.perf_counter()
     prof = cProfile.Profile()

@@ -48,6 +48,18 @@ def _sync(backend: str) -> None:
 PEAK_N, PEAK_MATMULS = 1024, 3  # the peak runner: 3 float32 (1024×1024)@(1024×1024) products per round
 
 
+def adamw_step(model, idx, targets):
+    """(AdamW on the model's trainable parameters, one minilora training step on (idx, targets)): every bench's step."""
+    opt = optim.AdamW(model.named_parameters(), lr=LR, weight_decay=0.01)
+
+    def step():
+        opt.zero_grad()
+        model.loss(idx, targets).backward()
+        opt.step()
+
+    return opt, step
+
+
 def peak_runner(backend: str) -> Runner:
     a = bk.random_normal((PEAK_N, PEAK_N), np.float32, backend=backend)
     b = bk.random_normal((PEAK_N, PEAK_N), np.float32, backend=backend)
@@ -193,13 +205,7 @@ def minilora_runners(bc: BenchConfig, modes, base: GPT, idx, targets, backend: s
         model.train()
         if mode == "lora":
             lora.mark_only_lora_as_trainable(model)
-        opt = optim.AdamW(model.named_parameters(), lr=LR, weight_decay=0.01)
-
-        def step():
-            opt.zero_grad()
-            loss = model.loss(idx, targets)
-            loss.backward()
-            opt.step()
+        opt, step = adamw_step(model, idx, targets)
 
         def loss_only():
             with no_grad():
