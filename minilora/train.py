@@ -60,16 +60,18 @@ def _tokens(batch) -> int:
 
 
 class _Run:
-    """What one ``fit`` call keeps beside the model: its history, its checkpoints, the NaN guard's way back."""
+    """What one ``fit`` call keeps beside the model: its history, its clipping, its checkpoints, the NaN guard's way back."""
 
-    def __init__(self, model, optimizer, scheduler, checkpoint_dir, history: History):
+    def __init__(self, model, optimizer, scheduler, checkpoint_dir, history: History, grad_clip, clip_groups):
         self.model, self.optimizer, self.scheduler, self.history = model, optimizer, scheduler, history
         self.params = model.parameters(trainable_only=True)
+        self.grad_clip = grad_clip
+        self.clip_groups = [self.params] if clip_groups is None else [list(group) for group in clip_groups]
         self.last_path = os.path.join(checkpoint_dir, "last.safetensors") if checkpoint_dir else None
         self.best_path = os.path.join(checkpoint_dir, "best.safetensors") if checkpoint_dir else None
         self.saved_step = None  # the step last.safetensors holds (None: no checkpoint of this run)
 
-    def diverged(self, what: str, step: int, applied: bool, grad_clip) -> TrainingDivergedError:
+    def diverged(self, what: str, step: int, applied: bool) -> TrainingDivergedError:
         """The error to raise, after putting the model, optimizer and scheduler back to the last checkpoint."""
         lr = float(self.optimizer.lr)  # the lr that diverged (restoring the checkpoint may change it)
         restored = None
@@ -88,23 +90,23 @@ class _Run:
         else:
             where = (" No checkpoint of this run exists (pass checkpoint_dir= and save_every= to keep one)"
                      + ("; the weights in memory are not finite." if applied else "."))
-        clip = "" if grad_clip else " or clip gradients (grad_clip=1.0)"
+        clip = "" if self.grad_clip else " or clip gradients (grad_clip=1.0)"
         return TrainingDivergedError(
             f"{what} at step {step}: training stopped {'after' if applied else 'before'} applying the update.{where} "
             f"Lower the learning rate (it was {lr:.3g}){clip}."
         )
 
-    def save(self, path, with_optimizer: bool, step: int, grad_clip) -> None:
+    def save(self, path, with_optimizer: bool, step: int) -> None:
         opt = self.optimizer if with_optimizer else None
         try:
             save_checkpoint(path, self.model, opt, step, self.history,
                             scheduler=self.scheduler if opt is not None else None)
         except FloatingPointError as exc:
-            raise self.diverged(f"non-finite values reached the checkpoint ({exc})", step, True, grad_clip) from None
+            raise self.diverged(f"non-finite values reached the checkpoint ({exc})", step, True) from None
         if with_optimizer:
             self.saved_step = step
 
-    def evaluate(self, step: int, eval_fn, best_key, higher_is_better: bool, grad_clip) -> None:
+    def evaluate(self, step: int, eval_fn, best_key, higher_is_better: bool) -> None:
         metrics = eval_fn(self.model)
         self.model.train()
         self.history.evals.append((step, dict(metrics)))
@@ -114,10 +116,10 @@ class _Run:
         if best is None or (value > best["value"] if higher_is_better else value < best["value"]):
             self.history.best = {"step": step, "value": value, "key": best_key}
             if self.best_path:
-                self.save(self.best_path, False, step, grad_clip)
+                self.save(self.best_path, False, step)
 
 
-def _step(run: _Run, batches, loss_fn, clip_groups, grad_clip, step: int) -> tuple[float, int]:
+def _step(run: _Run, batches, loss_fn, step: int) -> tuple[float, int]:
     """One optimizer step over ``batches`` (gradients add up): (the sum of their losses, their counted tokens)."""
     run.optimizer.zero_grad()
     value, tokens = 0.0, 0
@@ -125,18 +127,18 @@ def _step(run: _Run, batches, loss_fn, clip_groups, grad_clip, step: int) -> tup
         loss = loss_fn(run.model, batch)
         value += float(loss.item())
         if not math.isfinite(value):
-            raise run.diverged(f"loss became {value}", step, False, grad_clip)
+            raise run.diverged(f"loss became {value}", step, False)
         loss.backward()
         tokens += _tokens(batch)
-    if grad_clip:
-        for params in clip_groups:
-            norm = optim.clip_grad_norm_(params, grad_clip)
+    if run.grad_clip:
+        for params in run.clip_groups:
+            norm = optim.clip_grad_norm_(params, run.grad_clip)
             if not math.isfinite(norm):
-                raise run.diverged(f"the gradient norm became {norm}", step, False, grad_clip)
+                raise run.diverged(f"the gradient norm became {norm}", step, False)
     with np.errstate(over="ignore", invalid="ignore"):  # the guard just below reports it, with the step
         run.optimizer.step()
     if not _finite_params(run.params):
-        raise run.diverged("the update made a parameter NaN or inf", step, True, grad_clip)
+        raise run.diverged("the update made a parameter NaN or inf", step, True)
     if run.scheduler is not None:
         run.scheduler.step()
     return value, tokens
@@ -164,18 +166,16 @@ def fit(model, optimizer, get_batch, steps: int, *, loss_fn=model_loss, schedule
     """
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"fit: steps must be an integer >= 0, got {steps!r}")
-    run = _Run(model, optimizer, scheduler, checkpoint_dir, History())
+    run = _Run(model, optimizer, scheduler, checkpoint_dir, History(), grad_clip, clip_groups)
     start = _resume(run, steps, restore_hyperparameters) if resume else 0
     history = run.history
-    clip_groups = [run.params] if clip_groups is None else [list(group) for group in clip_groups]
     bar = Progress(steps, desc, progress, initial=start)
     model.train()
     t_start = time.perf_counter() - history.seconds
     try:
         for step in range(start, steps):
             batches = get_batch(step)
-            value, tokens = _step(run, batches if isinstance(batches, list) else [batches], loss_fn, clip_groups,
-                                  grad_clip, step)
+            value, tokens = _step(run, batches if isinstance(batches, list) else [batches], loss_fn, step)
             history.steps.append(step)
             history.losses.append(value)
             history.lrs.append(float(optimizer.lr))
@@ -184,16 +184,16 @@ def fit(model, optimizer, get_batch, steps: int, *, loss_fn=model_loss, schedule
             bar.update(step + 1, value, history)
             done = step + 1
             if eval_fn is not None and eval_every and done % eval_every == 0 and done < steps:
-                run.evaluate(done, eval_fn, best_key, higher_is_better, grad_clip)
+                run.evaluate(done, eval_fn, best_key, higher_is_better)
             if run.last_path and save_every and done % save_every == 0:
-                run.save(run.last_path, True, done, grad_clip)
+                run.save(run.last_path, True, done)
         if eval_fn is not None:
-            run.evaluate(steps, eval_fn, best_key, higher_is_better, grad_clip)
+            run.evaluate(steps, eval_fn, best_key, higher_is_better)
     finally:
         bar.close()
     history.seconds = time.perf_counter() - t_start
     if run.last_path and save_every:
-        run.save(run.last_path, True, steps, grad_clip)
+        run.save(run.last_path, True, steps)
     return history
 
 
